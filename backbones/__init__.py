@@ -1,0 +1,1 @@
+"""Backbones: where a generator's weights and prompts come from (built-in digits, diffusers folders)."""

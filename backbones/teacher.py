@@ -1,0 +1,130 @@
+"""The digits teacher: a class-conditional diffusers ``UNet2DModel`` (~1M parameters) with DDIM.
+
+Every digits baseline and both Un-0 generators are derived from this network. ``un0-bench train
+teacher`` reproduces the shipped weights from a seed.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from backbones.digits import IMAGE_SIZE, WEIGHTS_DIR, load_data
+from harness.checkpoints import load_checkpoint, save_checkpoint
+from harness.training import metered_training, progress, training_metadata
+
+#: UNet2DModel config. Three resolutions (16, 8, 4), attention at 8x8, 10 class embeddings.
+UNET_CONFIG: dict[str, Any] = {
+    "sample_size": IMAGE_SIZE,
+    "in_channels": 1,
+    "out_channels": 1,
+    "block_out_channels": [32, 64, 64],
+    "layers_per_block": 1,
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
+    "norm_num_groups": 8,
+    "attention_head_dim": 32,
+    "num_class_embeds": 10,
+}
+
+#: Noise schedule shared by training and sampling (DDIM, epsilon prediction, samples clipped to [-1, 1]).
+SCHEDULER_CONFIG: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_schedule": "squaredcos_cap_v2",
+    "prediction_type": "epsilon",
+    "clip_sample": True,
+    "set_alpha_to_one": True,
+}
+
+TRAIN_DEFAULTS = {"steps": 1500, "batch_size": 128, "lr": 2e-3, "ema_decay": 0.995, "seed": 0}
+TEACHER_FILE = WEIGHTS_DIR / "teacher.safetensors"
+
+
+def build_unet() -> torch.nn.Module:
+    from diffusers import UNet2DModel
+
+    return UNet2DModel(**copy.deepcopy(UNET_CONFIG))
+
+
+def make_scheduler() -> Any:
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(**SCHEDULER_CONFIG)
+
+
+def load_teacher(path: Path = TEACHER_FILE) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The trained teacher in eval mode, with its metadata. Refuses a file made for another config."""
+    state, meta = load_checkpoint(path, expected_config=UNET_CONFIG)
+    unet = build_unet()
+    unet.load_state_dict(state)
+    return unet.eval().requires_grad_(False), meta
+
+
+def diffusion_loss(unet: torch.nn.Module, scheduler: Any, x0: torch.Tensor, labels: torch.Tensor,
+                   g: torch.Generator) -> torch.Tensor:
+    """Epsilon-prediction loss at uniformly drawn timesteps."""
+    noise = torch.randn(x0.shape, generator=g)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), generator=g)
+    xt = scheduler.add_noise(x0, noise, t)
+    return F.mse_loss(unet(xt, t, class_labels=labels).sample, noise)
+
+
+def train_teacher(out: Path = TEACHER_FILE, steps: int = TRAIN_DEFAULTS["steps"],
+                  batch_size: int = TRAIN_DEFAULTS["batch_size"], seed: int = TRAIN_DEFAULTS["seed"],
+                  lr: float = TRAIN_DEFAULTS["lr"]) -> dict[str, Any]:
+    """Train the teacher from seed ``seed`` and write weights (EMA) and metadata to ``out``."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    data = load_data()
+    x, y = data.train_images, data.train_labels
+    unet = build_unet().train()
+    ema = copy.deepcopy(unet).requires_grad_(False)
+    scheduler = make_scheduler()
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+    decay = TRAIN_DEFAULTS["ema_decay"]
+    advance = progress(steps, "train teacher")
+    losses: list[float] = []
+
+    def train_step() -> float:
+        idx = torch.randint(0, len(y), (batch_size,), generator=g)
+        loss = diffusion_loss(unet, scheduler, x[idx], y[idx], g)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    with metered_training() as energy:
+        for step in range(steps):
+            losses.append(train_step())
+            sched.step()
+            with torch.no_grad():
+                for pe, p in zip(ema.parameters(), unet.parameters(), strict=True):
+                    pe.lerp_(p, 1.0 - decay)
+            if (step + 1) % 25 == 0 or step == steps - 1:
+                advance((step % 25) + 1, f"loss {sum(losses[-25:]) / len(losses[-25:]):.4f}")
+    # Count one more training step (forward, backward, optimizer) for the proxy figure. It changes
+    # only the raw weights, not the EMA weights that are saved; a step's cost does not depend on them.
+    from harness.counters.ops import OpCounter
+
+    with OpCounter() as counter:
+        train_step()
+    step_counts = counter.counts(images=batch_size)
+    energy.add_proxy(step_counts, steps)
+    meta = training_metadata(
+        kind="digits-teacher", config=UNET_CONFIG, energy=energy,
+        extra={
+            "command": f"un0-bench train teacher --steps {steps} --batch-size {batch_size} --seed {seed}",
+            "scheduler": SCHEDULER_CONFIG, "train": {"steps": steps, "batch_size": batch_size, "lr": lr,
+                                                   "ema_decay": decay, "seed": seed},
+            "final_loss": sum(losses[-50:]) / len(losses[-50:]), "data_sha256": data.sha256,
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        },
+    )
+    save_checkpoint(out, ema.state_dict(), meta)
+    return meta

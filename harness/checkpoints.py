@@ -1,0 +1,98 @@
+"""Weights files: safetensors plus a metadata JSON beside them. Never unpickles anything."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from harness.errors import CheckpointError
+
+# A safetensors file starts with an 8-byte little-endian header length, then a JSON header.
+_MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+def metadata_path(weights: Path) -> Path:
+    return weights.with_suffix(".json")
+
+
+def save_checkpoint(weights: Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
+    """Write ``weights`` (safetensors) and ``weights.json`` (metadata) atomically."""
+    from safetensors.torch import save_file
+
+    weights = Path(weights)
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    tmp = weights.with_suffix(".safetensors.tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, weights)
+    meta_tmp = metadata_path(weights).with_suffix(".json.tmp")
+    meta_tmp.write_text(json.dumps(metadata, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(meta_tmp, metadata_path(weights))
+
+
+def _check_header(weights: Path) -> None:
+    size = weights.stat().st_size
+    with weights.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{weights}: not a safetensors file (only {size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n > _MAX_HEADER_BYTES or 8 + n > size:
+            raise CheckpointError(
+                f"{weights}: not a safetensors file, or truncated (header claims {n} bytes, file has {size})"
+            )
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise CheckpointError(f"{weights}: not a safetensors file (header is not JSON)") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise CheckpointError(f"{weights}: truncated (tensors need {8 + n + end} bytes, file has {size})")
+
+
+def load_checkpoint(
+    weights: Path, expected_config: dict[str, Any] | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load ``(state_dict, metadata)``, refusing missing, truncated, foreign or mismatched files.
+
+    Args:
+        weights: Path to a ``.safetensors`` file with a ``.json`` metadata file beside it.
+        expected_config: If given, must equal ``metadata["config"]``; otherwise the file was made
+            for a different model and is refused, naming both configs' differences.
+    """
+    from safetensors.torch import load_file
+
+    weights = Path(weights)
+    if not weights.is_file():
+        raise CheckpointError(f"{weights}: no such weights file (run `un0-bench train` to make it)")
+    if weights.suffix != ".safetensors":
+        raise CheckpointError(f"{weights}: expected a .safetensors file (pickled checkpoints are refused)")
+    _check_header(weights)
+    meta_file = metadata_path(weights)
+    if not meta_file.is_file():
+        raise CheckpointError(f"{weights}: metadata file {meta_file.name} is missing")
+    try:
+        metadata = json.loads(meta_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{meta_file}: not valid JSON ({e})") from None
+    if expected_config is not None:
+        found = metadata.get("config")
+        if found != expected_config:
+            diff = sorted(
+                k for k in set(expected_config) | set(found or {})
+                if (found or {}).get(k) != expected_config.get(k)
+            )
+            shown = ", ".join(
+                f"{k}: model has {expected_config.get(k)!r}, file has {(found or {}).get(k)!r}" for k in diff[:5]
+            )
+            raise CheckpointError(f"{weights}: checkpoint config does not match the model ({shown})")
+    try:
+        state = load_file(str(weights))
+    except Exception as e:  # safetensors raises its own error types
+        raise CheckpointError(f"{weights}: cannot read safetensors data ({e})") from None
+    return state, metadata

@@ -1,0 +1,232 @@
+"""``un0-bench``: list, compare, report, train.
+
+Bad input (unknown names, bad numbers, unwritable folders) ends with one clear line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from harness.errors import UserError
+
+
+def _csv(kind: Callable[[str], Any]) -> Callable[[str], list[Any]]:
+    def parse(text: str) -> list[Any]:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError("expected a comma-separated list")
+        try:
+            return [kind(t) for t in items]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"bad value in {text!r}") from None
+
+    return parse
+
+
+def _models(text: str) -> list[str]:
+    # Commas separate models, but a spec's own parameters also use commas (un0-osc:n=1024,steps=32):
+    # an item with '=' and no ':' continues the previous spec.
+    out: list[str] = []
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            continue
+        if "=" in item and ":" not in item and out:
+            out[-1] += "," + item
+        else:
+            out.append(item)
+    if not out:
+        raise argparse.ArgumentTypeError("expected a comma-separated list of models")
+    return out
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _non_negative(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not v >= 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text}")
+    return v
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (argparse's convention too)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="un0-bench", description="Energy, FLOPs and quality per image, side by side.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    sub.add_parser("list", help="generators, backbones and meters (and whether each meter works here)")
+
+    c = sub.add_parser("compare", help="measure models side by side and write a report")
+    c.add_argument("--models", type=_models, required=True, help="comma-separated specs, e.g. sd,sd:steps=10")
+    c.add_argument("--backbone", default="digits", help="digits (default) or diffusers:PATH")
+    c.add_argument("--meters", type=_csv(str), default=["auto"], help="comma-separated meters, or auto")
+    c.add_argument("--images", type=_positive_int, default=16, help="images per metered window")
+    c.add_argument("--batch-size", type=_csv(_positive_int), default=[16], help="one or more batch sizes")
+    c.add_argument("--out", type=Path, default=None, help="output folder (default: runs/<UTC time>)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--min-repeats", type=_positive_int, default=3)
+    c.add_argument("--max-repeats", type=_positive_int, default=100)
+    c.add_argument("--min-duration", type=_non_negative, default=2.0, help="seconds of metered time at least")
+    c.add_argument("--warmup", type=int, default=1, help="unmetered calls before measuring")
+    c.add_argument("--idle", type=_non_negative, default=2.0, help="seconds of idle-power measurement")
+    c.add_argument("--no-report", action="store_true", help="write results only")
+
+    r = sub.add_parser("report", help="rebuild the report of a folder from its results.jsonl alone")
+    r.add_argument("dir", type=Path)
+
+    t = sub.add_parser("train", help="reproduce a shipped weights file from its seed")
+    t.add_argument("target", help="what to train (see `un0-bench list`), or all")
+    t.add_argument("--steps", type=_positive_int, default=None, help="training steps (default: the shipped run's)")
+    t.add_argument("--seed", type=int, default=None)
+    t.add_argument("--out", type=Path, default=None, help="weights file (default: the shipped location)")
+    return p
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from harness.registry import BACKBONES, GENERATORS, METERS, TRAINERS
+    from harness.runner import make_meter
+
+    console = Console()
+    for title, reg in (("generators", GENERATORS), ("backbones", BACKBONES), ("training targets", TRAINERS)):
+        table = Table(title=title, show_lines=False)
+        table.add_column("name")
+        table.add_column("what it is")
+        for e in reg:
+            table.add_row(e.name, e.summary)
+        console.print(table)
+    table = Table(title="meters on this host")
+    table.add_column("name")
+    table.add_column("status")
+    table.add_column("what it is")
+    for e in METERS:
+        m = make_meter(e.name)
+        status = m if isinstance(m, str) else "ok"
+        if not isinstance(m, str):
+            m.close()
+        table.add_row(e.name, status, e.summary)
+    console.print(table)
+    return 0
+
+
+def print_records(records: list[dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="results")
+    for col in ("model", "batch", "meter", "status", "J/image", "95% CI", "FLOPs/image", "bytes/image", "ms/image"):
+        table.add_column(col)
+    for r in records:
+        e = r.get("energy_j_per_image")
+        ci = r.get("energy_ci95_j")
+        d = r.get("duration_s_per_image")
+        table.add_row(
+            r["model"], str(r["batch_size"]), r["meter"], r["status"][:60],
+            "—" if e is None else f"{e:.4g}", "—" if not ci else f"{ci[0]:.3g}–{ci[1]:.3g}",
+            f"{r['flops_per_image']:.4g}", f"{r['bytes_per_image']:.4g}", "—" if d is None else f"{d * 1e3:.3g}",
+        )
+    Console().print(table)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from rich.progress import Progress
+
+    from harness.results import ResultStore
+    from harness.runner import RunConfig, Runner
+
+    out = args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    cfg = RunConfig(models=args.models, out=out, backbone=args.backbone, meters=args.meters, images=args.images,
+                    batch_sizes=args.batch_size, seed=args.seed, min_repeats=args.min_repeats,
+                    max_repeats=args.max_repeats, min_duration_s=args.min_duration, warmup=args.warmup,
+                    idle_s=args.idle)
+    with Progress(transient=True) as bar:
+        task = bar.add_task("measuring", total=None)
+
+        def on_event(kind: str, info: dict[str, Any]) -> None:
+            if kind == "plan":
+                bar.update(task, total=info["cells"])
+            elif kind == "cell":
+                bar.update(task, description=f"measuring {info['model']} (batch {info['batch_size']})")
+            elif kind == "done":
+                bar.advance(task)
+
+        runner = Runner(cfg, on_event=on_event)
+        try:
+            runner.run()
+        except KeyboardInterrupt:
+            kept = len(ResultStore(out).load())
+            print(f"interrupted: {kept} finished records kept in {out}; run the same command to resume",
+                  file=sys.stderr)
+            return 130
+    records = [r for r in ResultStore(out).load() if r["model"] in cfg.models and r["backbone"] == cfg.backbone]
+    print_records(records)
+    if not args.no_report:
+        from reports.build import build_report
+
+        path = build_report(out)
+        print(f"report: {path}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from reports.build import build_report
+
+    if not (args.dir / "results.jsonl").is_file():
+        raise UserError(f"{args.dir} has no results.jsonl")
+    print(f"report: {build_report(args.dir)}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from harness.registry import TRAINERS
+
+    if args.target == "all":
+        targets = TRAINERS.names_in_order()
+        if args.out is not None:
+            raise UserError("--out names one file; it cannot be used with 'train all'")
+    else:
+        TRAINERS.entry(args.target)  # "did you mean" for an unknown target
+        targets = [args.target]
+    for name in targets:
+        kwargs = {k: v for k, v in (("steps", args.steps), ("seed", args.seed), ("out", args.out)) if v is not None}
+        meta = TRAINERS.get(name)(**kwargs)
+        energy = ", ".join(f"{m}={v.get('energy_j')}" for m, v in meta["energy"].items() if "status" in v)
+        print(f"{name}: trained in {meta['duration_s']:.0f} s; energy (J): {energy}")
+    return 0
+
+
+COMMANDS = {"list": cmd_list, "compare": cmd_compare, "report": cmd_report, "train": cmd_train}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as e:
+        print(f"un0-bench: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

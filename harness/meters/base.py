@@ -1,0 +1,109 @@
+"""The meter interface: a measurement window with ``start()`` and ``stop() -> Reading``.
+
+A meter that cannot measure on this host says so with a reason (``status = "unavailable: ..."``)
+and never reports 0 J in place of a measurement.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class MeterUnavailable(RuntimeError):
+    """Raised by a meter's ``start()`` when it cannot measure on this host; the message is the reason."""
+
+
+@dataclass
+class Reading:
+    """What one measurement window saw.
+
+    Attributes:
+        meter: Name of the meter that produced the reading.
+        duration_s: Length of the window in seconds (monotonic clock).
+        energy_j: Energy per domain in joules, e.g. ``{"package-0": 12.5, "dram-0": 1.2}`` or
+            ``{"gpu:0": 30.1}``. Empty for meters that measure only time.
+        status: ``"ok"`` or ``"unavailable: <reason>"``.
+        details: Meter-specific facts a report should show (e.g. codecarbon's energy source,
+            emissions in kg, whether a figure is an estimate). JSON-serialisable.
+    """
+
+    meter: str
+    duration_s: float
+    energy_j: dict[str, float] = field(default_factory=dict)
+    status: str = "ok"
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    @property
+    def total_energy_j(self) -> float | None:
+        """Sum over domains in joules; ``None`` when unavailable or when the meter measures no energy."""
+        if not self.ok or not self.energy_j:
+            return None
+        return float(sum(self.energy_j.values()))
+
+
+class Meter(abc.ABC):
+    """A measurement window. Subclasses implement ``_start`` and ``_stop``.
+
+    Use as ``meter.start(); ...; reading = meter.stop()`` or as a context manager, which stops in
+    ``finally`` so an exception never leaves a meter running. ``probe()`` tells whether the meter
+    works on this host without measuring anything long.
+    """
+
+    #: Registry name of the meter (``"rapl"``, ``"nvml"``, ...).
+    name: str = "meter"
+    #: True for meters that see a whole device (CPU package, GPU), so idle power must be measured
+    #: and subtracted; False for meters that only count the work itself (wall, proxy).
+    sees_whole_device: bool = False
+
+    def __init__(self) -> None:
+        self._running = False
+        self.reading: Reading | None = None
+
+    def probe(self) -> str:
+        """Return ``"ok"`` or ``"unavailable: <reason>"`` for this host. Must not raise."""
+        return "ok"
+
+    def start(self) -> None:
+        """Open a window. Raises :class:`MeterUnavailable` with the reason if the meter cannot run."""
+        if self._running:
+            raise RuntimeError(f"meter {self.name!r} is already running")
+        self._start()
+        self._running = True
+
+    def stop(self) -> Reading:
+        """Close the window and return what it saw."""
+        if not self._running:
+            raise RuntimeError(f"meter {self.name!r} was not started")
+        self._running = False
+        return self._stop()
+
+    def record_work(self, counts: Any) -> None:
+        """Tell the meter what work ran in the open window (only the proxy meter uses this)."""
+
+    def close(self) -> None:
+        """Release resources held across windows (threads, library handles)."""
+
+    @abc.abstractmethod
+    def _start(self) -> None: ...
+
+    @abc.abstractmethod
+    def _stop(self) -> Reading: ...
+
+    def __enter__(self) -> Meter:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        # Stop in finally-semantics: an exception inside the window must not leave the meter running.
+        self.reading = self.stop()
+
+
+def unavailable(meter: str, reason: str) -> Reading:
+    """A reading that records why a meter could not measure (never a silent 0 J)."""
+    return Reading(meter=meter, duration_s=0.0, status=f"unavailable: {reason}")

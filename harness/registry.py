@@ -1,0 +1,115 @@
+"""Typed registries for generators, backbones and meters: lazy entries, no duplicates, "did you mean".
+
+This module is the one registration point for everything built in. Entries are ``"module:attr"``
+strings, imported only when chosen, so listing generators does not import diffusers or pynvml.
+Third-party generators register through the entry-point group ``un0_bench.generators``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any
+
+from harness.errors import UserError
+
+
+class UnknownNameError(UserError):
+    """A name that is not registered; the message suggests close matches and lists what exists."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    target: str | Callable[..., Any]
+    summary: str = ""
+
+
+class Registry:
+    """Name -> lazily imported object, for one kind of thing."""
+
+    def __init__(self, kind: str, entry_point_group: str | None = None) -> None:
+        self.kind = kind
+        self._entries: dict[str, Entry] = {}
+        self._group = entry_point_group
+        self._entry_points_loaded = entry_point_group is None
+
+    def register(self, name: str, target: str | Callable[..., Any], summary: str = "") -> None:
+        """Add ``name``; refuses a name that is already registered."""
+        if name in self._entries:
+            raise ValueError(f"{self.kind} {name!r} is already registered")
+        if isinstance(target, str) and ":" not in target:
+            raise ValueError(f"lazy target must be 'module:attr', got {target!r}")
+        self._entries[name] = Entry(name, target, summary)
+
+    def _load_entry_points(self) -> None:
+        if self._entry_points_loaded:
+            return
+        self._entry_points_loaded = True
+        for ep in metadata.entry_points(group=self._group):
+            if ep.name not in self._entries:
+                self._entries[ep.name] = Entry(ep.name, ep.value, f"(plugin from {ep.value})")
+
+    def names(self) -> list[str]:
+        self._load_entry_points()
+        return sorted(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        self._load_entry_points()
+        return name in self._entries
+
+    def names_in_order(self) -> list[str]:
+        """Names in registration order (training targets depend on earlier ones)."""
+        self._load_entry_points()
+        return list(self._entries)
+
+    def __iter__(self) -> Iterator[Entry]:
+        return iter(self._entries[n] for n in self.names())
+
+    def entry(self, name: str) -> Entry:
+        self._load_entry_points()
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise UnknownNameError(self.unknown_message(name)) from None
+
+    def get(self, name: str) -> Any:
+        """The registered object, importing its module on first use."""
+        target = self.entry(name).target
+        if isinstance(target, str):
+            module, _, attr = target.partition(":")
+            obj: Any = importlib.import_module(module)
+            for part in attr.split("."):
+                obj = getattr(obj, part)
+            return obj
+        return target
+
+    def unknown_message(self, name: str) -> str:
+        names = self.names()
+        close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+        hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        return f"unknown {self.kind} {name!r}.{hint} Available: {', '.join(names)}"
+
+
+GENERATORS = Registry("generator", entry_point_group="un0_bench.generators")
+BACKBONES = Registry("backbone")
+METERS = Registry("meter")
+#: ``un0-bench train TARGET``: functions taking ``steps``, ``seed``, ``out`` and returning metadata.
+TRAINERS = Registry("training target")
+
+# --- built-in entries: the one registration point ----------------------------------------------
+GENERATORS.register("sd", "baselines.diffusion:build", "teacher diffusion model, DDIM, 50 steps, fp32")
+
+BACKBONES.register("digits", "backbones.digits:DigitsBackbone", "sklearn handwritten digits, 16x16, CPU")
+
+METERS.register("wall", "harness.meters.wall:WallMeter", "monotonic clock; time only")
+METERS.register("proxy", "harness.meters.proxy:ProxyMeter", "counted ops x energy per op (deterministic)")
+METERS.register("rapl", "harness.meters.rapl:RaplMeter", "Linux powercap RAPL: CPU package and DRAM")
+METERS.register("nvml", "harness.meters.nvml:NvmlMeter", "NVIDIA GPU energy counter via pynvml")
+METERS.register("codecarbon", "harness.meters.codecarbon:CodecarbonMeter", "codecarbon offline tracker")
+
+# Registration order is training order: later targets derive from earlier ones.
+TRAINERS.register("teacher", "backbones.teacher:train_teacher", "the digits teacher UNet (everything derives from it)")

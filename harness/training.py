@@ -1,0 +1,117 @@
+"""Shared training plumbing: metering the energy a derivation spends, and its metadata.
+
+Every shipped model records what it cost to make (``derivation.energy`` per meter) so the ledger's
+"amortised training" boundary can charge it. The proxy figure is the counted cost of one training
+step times the number of steps, so it is deterministic like every proxy figure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+import shlex
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harness.environment import git_commit
+from harness.registry import METERS
+
+# Meters that can watch a long training run from outside (proxy is computed from counts instead).
+_TRAINING_METERS = ("wall", "rapl", "nvml", "codecarbon")
+
+
+@dataclass
+class TrainingEnergy:
+    """Energy spent deriving a model, by meter. Filled by :func:`metered_training`."""
+
+    by_meter: dict[str, dict[str, Any]] = field(default_factory=dict)
+    duration_s: float = 0.0
+
+    def add_proxy(self, step_counts: Any, steps: int, profile: str = "horowitz-45nm") -> None:
+        """Charge ``steps`` training steps at the proxy cost of one counted step."""
+        from harness.meters.proxy import load_profiles, proxy_energy
+
+        per_step = proxy_energy(step_counts, load_profiles()[profile])
+        self.by_meter["proxy"] = {
+            "status": "ok",
+            "energy_j": per_step.total_j * steps,
+            "flops": step_counts.flops() * steps,
+            "profile": profile,
+            "note": f"counted cost of one training step x {steps} steps",
+        }
+
+    def add_parent(self, name: str, parent: dict[str, Any] | None) -> None:
+        """Include the derivation energy of the model this one was derived from (e.g. the teacher)."""
+        if parent:
+            self.by_meter.setdefault("includes", {})[name] = parent.get("energy", {})
+
+
+@contextlib.contextmanager
+def metered_training() -> Iterator[TrainingEnergy]:
+    """Meter a training run with every whole-host meter that works here; unavailable ones say why."""
+    result = TrainingEnergy()
+    meters = []
+    for name in _TRAINING_METERS:
+        try:
+            meter = METERS.get(name)()
+            meter.start()
+            meters.append(meter)
+        except Exception as e:  # a meter that cannot run is recorded with its reason, not as 0 J
+            result.by_meter[name] = {"status": f"unavailable: {e}", "energy_j": None}
+    t0 = time.perf_counter()
+    try:
+        yield result
+    finally:
+        result.duration_s = time.perf_counter() - t0
+        for meter in meters:
+            try:
+                r = meter.stop()
+                result.by_meter[meter.name] = {
+                    "status": r.status,
+                    "energy_j": r.total_energy_j,
+                    "duration_s": r.duration_s,
+                    **{k: v for k, v in r.details.items() if isinstance(v, (str, int, float, bool))},
+                }
+            finally:
+                meter.close()
+
+
+def training_metadata(
+    *, kind: str, config: dict[str, Any], energy: TrainingEnergy, extra: dict[str, Any]
+) -> dict[str, Any]:
+    """Metadata JSON written beside a weights file."""
+    import torch
+
+    return {
+        "kind": kind,
+        "config": config,
+        "command": "un0-bench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        if Path(sys.argv[0]).name == "un0-bench" else " ".join(shlex.quote(a) for a in sys.argv),
+        "duration_s": energy.duration_s,
+        "energy": energy.by_meter,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "git_commit": git_commit(),
+        **extra,
+    }
+
+
+def progress(total: int, desc: str) -> Callable[[int, str], None]:
+    """A rich progress bar for training loops; returns ``advance(n, status_text)``."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                   TimeRemainingColumn(), TextColumn("{task.fields[status]}"), transient=False)
+    task = bar.add_task(desc, total=total, status="")
+    bar.start()
+
+    def advance(n: int, status: str = "") -> None:
+        bar.update(task, advance=n, status=status)
+        if bar.tasks[task].completed >= total:
+            bar.stop()
+
+    return advance

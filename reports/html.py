@@ -1,0 +1,43 @@
+"""Render the self-contained HTML report (jinja2, autoescaped: every user-supplied string is escaped)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jinja2
+
+_ENV = jinja2.Environment(
+    loader=jinja2.PackageLoader("reports", "templates"),
+    autoescape=True,  # model specs, prompts and paths come from users
+    undefined=jinja2.StrictUndefined,
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
+
+
+def fmt_j(value: float | None) -> str:
+    """Joules with an SI prefix (display only)."""
+    if value is None:
+        return "—"
+    for scale, unit in ((1.0, "J"), (1e-3, "mJ"), (1e-6, "µJ"), (1e-9, "nJ"), (1e-12, "pJ")):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g} {unit}"
+    return f"{value:.3g} J"
+
+
+def fmt_num(value: float | None) -> str:
+    if value is None:
+        return "—"
+    for scale, unit in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g}{unit}"
+    return f"{value:.3g}"
+
+
+_ENV.filters["joules"] = fmt_j
+_ENV.filters["num"] = fmt_num
+_ENV.filters["ms"] = lambda s: "—" if s is None else f"{s * 1e3:.3g} ms"
+
+
+def render(context: dict[str, Any]) -> str:
+    return _ENV.get_template("report.html.j2").render(**context)

@@ -1,0 +1,56 @@
+"""Result records -> pandas tables."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from harness.results import ResultStore
+
+#: Columns of ``results.csv`` (flat; nested fields stay in results.jsonl).
+CSV_COLUMNS = [
+    "model", "backbone", "batch_size", "meter", "status", "images", "repeats", "energy_j_per_image",
+    "energy_ci95_lo_j", "energy_ci95_hi_j", "energy_net_j_per_image", "idle_power_w", "flops_per_image",
+    "gating_flops_per_image", "bytes_per_image", "gating_bytes_per_image", "duration_s_per_image",
+    "uncounted_ops", "measured_at",
+]
+
+
+def load_records(out_dir: Path) -> list[dict[str, Any]]:
+    return ResultStore(out_dir).load()
+
+
+def results_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per record, flat columns (CI split into lo/hi; uncounted ops as ``op:calls`` text)."""
+    rows = []
+    for r in records:
+        ci = r.get("energy_ci95_j") or [None, None]
+        rows.append({
+            **{k: r.get(k) for k in CSV_COLUMNS if k in r},
+            "energy_ci95_lo_j": ci[0],
+            "energy_ci95_hi_j": ci[1],
+            "uncounted_ops": "; ".join(f"{k}:{v}" for k, v in (r.get("uncounted_ops") or {}).items()),
+        })
+    return pd.DataFrame(rows, columns=CSV_COLUMNS)
+
+
+def write_csv(records: list[dict[str, Any]], path: Path) -> None:
+    results_frame(records).to_csv(path, index=False)
+
+
+def meter_statuses(records: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """Each meter once, with its status (the first non-ok reason wins) and details worth showing."""
+    seen: dict[str, dict[str, str]] = {}
+    for r in records:
+        m = seen.setdefault(r["meter"], {"meter": r["meter"], "status": r["status"], "details": ""})
+        if r["status"] != "ok":
+            m["status"] = r["status"]
+        details = r.get("meter_details") or {}
+        shown = {k: v for k, v in details.items() if isinstance(v, (str, int, float, bool)) and k != "profile"
+                 or k == "profile"}
+        if shown and not m["details"]:
+            m["details"] = json.dumps(shown, sort_keys=True, default=str)
+    return list(seen.values())

@@ -1,0 +1,129 @@
+"""The protocol end to end on a generator and meters whose numbers are known by hand."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from backbones.base import Backbone
+from harness.meters.base import Meter, Reading
+from harness.registry import Registry
+from harness.results import ResultStore
+from harness.runner import RunConfig, Runner
+from tests.conftest import MatmulGenerator, SequenceMeter
+
+
+class TinyBackbone(Backbone):
+    kind = "tiny"
+
+    def __init__(self, arg=None):
+        self.name = "tiny"
+
+    def check_prompt(self, prompt):
+        pass
+
+    def default_prompts(self, n):
+        return [f"p{i}" for i in range(n)]
+
+    def describe(self) -> dict[str, Any]:
+        return {"backbone": "tiny"}
+
+
+class Unavailable(Meter):
+    name = "broken"
+
+    def probe(self):
+        return "unavailable: no such hardware here"
+
+    def _start(self):
+        raise AssertionError("never started")
+
+    def _stop(self) -> Reading:
+        raise AssertionError("never stopped")
+
+
+def registries(built: list[str], interrupt_on: str | None = None):
+    gens = Registry("generator")
+
+    def factory(name):
+        def build(backbone):
+            built.append(name)
+            if name == interrupt_on:
+                raise KeyboardInterrupt
+            return MatmulGenerator()
+        build.params = {}
+        return build
+
+    gens.register("mm", factory("mm"))
+    gens.register("mm2", factory("mm2"))
+    meters = Registry("meter")
+    # Idle window: 0 -> 2 J over 0 -> 1 s (2 W). Each of three windows: +12 J over 2 s.
+    seq = SequenceMeter(energy_j=[0, 2, 10, 22, 30, 42, 50, 62], times_s=[0, 1, 10, 12, 20, 22, 30, 32])
+    meters.register("seq", lambda: seq)
+    meters.register("wall", "harness.meters.wall:WallMeter")
+    meters.register("broken", Unavailable)
+    backbones = Registry("backbone")
+    backbones.register("tiny", TinyBackbone)
+    return dict(generators=gens, meters=meters, backbones=backbones)
+
+
+def config(tmp_path, models, meters=("seq", "wall", "broken"), **kw):
+    base = dict(models=list(models), out=tmp_path / "out", backbone="tiny", meters=list(meters), images=4,
+                batch_sizes=[2], min_repeats=3, max_repeats=3, min_duration_s=0.0, idle_s=0.01)
+    base.update(kw)
+    return RunConfig(**base)
+
+
+def test_exact_joules_idle_and_unavailable(tmp_path):
+    built: list[str] = []
+    records = Runner(config(tmp_path, ["mm"]), **registries(built)).run()
+    by_meter = {r["meter"]: r for r in records}
+    seq = by_meter["seq"]
+    # Each window: 12 J for 4 images = 3 J/image; idle 2 W x 2 s = 4 J -> (12 - 4) / 4 = 2 J/image.
+    assert seq["energy_j_per_image"] == 3.0
+    assert seq["energy_ci95_j"] == [3.0, 3.0]
+    assert seq["idle_power_w"] == 2.0
+    assert seq["energy_net_j_per_image"] == 2.0
+    assert seq["energy_j_per_image_by_domain"] == {"package-0": 3.0}
+    assert seq["repeats"] == 3
+    # The unavailable meter is recorded with its reason and null energy, never 0 J.
+    assert by_meter["broken"]["status"] == "unavailable: no such hardware here"
+    assert by_meter["broken"]["energy_j_per_image"] is None
+    # Wall measures time only: no energy.
+    assert by_meter["wall"]["energy_j_per_image"] is None and by_meter["wall"]["duration_s_per_image"] > 0
+    # Per image: one (1, 16) @ (16, 16) matmul = 2 * 16 * 16 = 512 FLOPs, counted in the counting pass.
+    assert seq["flops_per_image_by_dtype"]["float32"] >= 512
+    assert (tmp_path / "out" / "samples" / "mm.png").is_file()
+
+
+def test_resume_skips_finished_cells(tmp_path):
+    built: list[str] = []
+    cfg = config(tmp_path, ["mm", "mm2"], meters=["wall"])
+    Runner(cfg, **registries(built)).run()
+    assert built == ["mm", "mm2"]
+    again = Runner(cfg, **registries(built)).run()
+    assert again == [] and built == ["mm", "mm2"]  # nothing rebuilt, nothing re-measured
+    assert len(ResultStore(cfg.out).load()) == 2
+
+
+def test_interrupt_keeps_finished_cells_and_rerun_completes(tmp_path):
+    built: list[str] = []
+    cfg = config(tmp_path, ["mm", "mm2"], meters=["wall"])
+    with pytest.raises(KeyboardInterrupt):
+        Runner(cfg, **registries(built, interrupt_on="mm2")).run()
+    assert [r["model"] for r in ResultStore(cfg.out).load()] == ["mm"]
+    Runner(cfg, **registries(built)).run()
+    assert built == ["mm", "mm2", "mm2"]  # only the unfinished model was built again
+    assert sorted(r["model"] for r in ResultStore(cfg.out).load()) == ["mm", "mm2"]
+
+
+def test_bad_names_fail_before_any_work(tmp_path):
+    from harness.registry import UnknownNameError
+
+    built: list[str] = []
+    with pytest.raises(UnknownNameError, match="Did you mean 'mm'"):
+        Runner(config(tmp_path, ["mn"]), **registries(built))
+    with pytest.raises(UnknownNameError, match="unknown meter"):
+        Runner(config(tmp_path, ["mm"], meters=["seqq"]), **registries(built))
+    assert built == [] and not (tmp_path / "out" / "results.jsonl").exists()

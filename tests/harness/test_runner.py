@@ -70,7 +70,8 @@ def registries(built: list[str], interrupt_on: str | None = None):
 
 def config(tmp_path, models, meters=("seq", "wall", "broken"), **kw):
     base = dict(models=list(models), out=tmp_path / "out", backbone="tiny", meters=list(meters), images=4,
-                batch_sizes=[2], min_repeats=3, max_repeats=3, min_duration_s=0.0, idle_s=0.01)
+                batch_sizes=[2], min_repeats=3, max_repeats=3, min_duration_s=0.0, idle_s=0.01,
+                quality_samples=0)
     base.update(kw)
     return RunConfig(**base)
 

@@ -1,0 +1,149 @@
+import functools
+import json
+
+import pytest
+import torch
+
+from backbones.digits import DigitsBackbone
+from backbones.judge import JUDGE_FILE, build_judge
+from baselines.references import build_noise, build_real
+from harness.quality import (
+    QualityBand,
+    evaluate,
+    evaluate_generator,
+    features,
+    quality_matched,
+    real_images,
+)
+
+
+@functools.lru_cache(maxsize=1)
+def shipped_accuracy() -> float:
+    return json.loads(JUDGE_FILE.with_suffix(".json").read_text())["held_out_accuracy"]
+
+
+def test_real_against_itself_is_zero_distance():
+    images, labels = real_images()
+    q = evaluate(images, labels)
+    assert q["samples"] == 360 and q["real_samples"] == 360
+    # Identical feature sets: FID = 2 tr(S) - 2 tr(sqrt(S S)) = 0 up to float64 rounding.
+    assert abs(q["fid"]) < 1e-6
+    # KID compares random subsets of the same 360 images: unbiased, so it scatters around 0.
+    assert abs(q["kid"]) < 2 * q["kid_std"] + 1e-4
+    # The judge reads the held-out images exactly as when its accuracy was recorded.
+    assert q["accuracy"] == pytest.approx(shipped_accuracy(), abs=1e-12)
+
+
+def test_features_shape_and_dtype():
+    images, _ = real_images()
+    f = features(images[:7])
+    assert f.shape == (7, 64) and f.dtype == torch.float64
+
+
+def test_evaluate_is_deterministic_and_leaves_the_global_rng_alone():
+    images, labels = real_images()
+    torch.manual_seed(123)
+    before = torch.rand(3)
+    torch.manual_seed(123)
+    a = evaluate(images[:150], labels[:150])
+    after = torch.rand(3)
+    b = evaluate(images[:150], labels[:150])
+    assert a == b
+    assert torch.equal(before, after)  # KID's subset draws used their own seed
+
+
+def test_wrong_labels_cost_accuracy_not_fid():
+    images, labels = real_images()
+    right = evaluate(images, labels)
+    wrong = evaluate(images, (labels + 1) % 10)
+    assert wrong["fid"] == pytest.approx(right["fid"], abs=1e-9)
+    # A correct judge is never right when every label is off by one; it misreads a few images as
+    # exactly the next digit, so accuracy is near 0, not exactly 0.
+    assert wrong["accuracy"] < 0.05
+
+
+def test_noise_ranks_far_below_real():
+    backbone = DigitsBackbone()
+    noise = evaluate_generator(build_noise(backbone), n=200)
+    real = evaluate_generator(build_real(backbone), n=200)
+    assert noise["samples"] == real["samples"] == 200 and noise["seed"] == 500_000
+    assert noise["fid"] > 50 * max(real["fid"], 1e-3)
+    assert noise["kid"] > 50 * max(real["kid"], 1e-4)
+    assert noise["accuracy"] < 0.3
+    assert real["accuracy"] >= 0.95
+
+
+def test_custom_judge_is_used():
+    images, labels = real_images()
+    untrained = build_judge().eval()
+    q = evaluate(images[:100], labels[:100], judge=untrained)
+    # The same real images against themselves: FID stays ~0 in any feature space.
+    assert q["fid"] < 1e-6
+    assert q["accuracy"] < 0.5  # an untrained classifier is no judge
+
+
+@pytest.mark.parametrize(
+    ("images", "labels", "match"),
+    [
+        (torch.zeros(4, 1, 8, 8), torch.zeros(4, dtype=torch.long), "images must be a tensor"),
+        (torch.zeros(1, 1, 16, 16), torch.zeros(1, dtype=torch.long), "at least 2 images"),
+        (torch.full((4, 1, 16, 16), -1.0), torch.zeros(4, dtype=torch.long), r"in \[0, 1\]"),
+        (torch.full((4, 1, 16, 16), float("nan")), torch.zeros(4, dtype=torch.long), "finite"),
+        (torch.zeros(4, 1, 16, 16, dtype=torch.uint8), torch.zeros(4, dtype=torch.long), "floating point"),
+        (torch.zeros(4, 1, 16, 16), torch.zeros(3, dtype=torch.long), "one per image"),
+        (torch.zeros(4, 1, 16, 16), torch.full((4,), 10), "digits 0-9"),
+        (torch.zeros(4, 1, 16, 16), torch.zeros(4), "digits 0-9"),
+    ],
+)
+def test_bad_input_is_refused(images, labels, match):
+    with pytest.raises(ValueError, match=match):
+        evaluate(images, labels)
+
+
+def test_kid_subset_is_checked():
+    images, labels = real_images()
+    assert evaluate(images[:50], labels[:50], kid_subset=20)["kid_subset_size"] == 20
+    assert evaluate(images[:50], labels[:50])["kid_subset_size"] == 50
+    with pytest.raises(ValueError, match="kid_subset must be an integer from 2 to 50"):
+        evaluate(images[:50], labels[:50], kid_subset=51)
+
+
+def test_quality_band():
+    ref = {"fid": 2.0, "accuracy": 0.98}
+    assert quality_matched({"fid": 2.5, "accuracy": 0.95}, ref)  # at both edges: 1.25 x 2.0, 0.98 - 0.03
+    assert not quality_matched({"fid": 2.51, "accuracy": 0.99}, ref)
+    assert not quality_matched({"fid": 1.0, "accuracy": 0.949}, ref)
+    assert quality_matched({"fid": 3.0, "accuracy": 0.9}, ref, fid_ratio=1.5, accuracy_drop=0.1)
+    band = QualityBand()
+    assert band.describe() == {"fid_ratio": 1.25, "accuracy_drop": 0.03}
+    assert band.matched({"fid": 0.0, "accuracy": 1.0}, ref)
+    with pytest.raises(ValueError, match="fid_ratio"):
+        QualityBand(fid_ratio=0.5)
+    with pytest.raises(ValueError, match="accuracy_drop"):
+        QualityBand(accuracy_drop=-0.01)
+
+
+# --- sensitivity on the shipped teacher --------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def sd_quality(steps: int, n: int = 200) -> dict:
+    from baselines.diffusion import build
+
+    return evaluate_generator(build(DigitsBackbone(), steps=steps), n=n)
+
+
+def test_fid_ranks_noise_above_few_step_above_more_steps():
+    noise = evaluate_generator(build_noise(DigitsBackbone()), n=200)
+    two, many = sd_quality(2), sd_quality(10)
+    assert noise["fid"] > 5 * two["fid"]
+    assert two["fid"] > 1.25 * many["fid"]
+    assert many["accuracy"] >= 0.9
+
+
+@pytest.mark.slow
+def test_full_sampler_is_near_real():
+    real = evaluate_generator(build_real(DigitsBackbone()), n=200)
+    full, two = sd_quality(50), sd_quality(2)
+    assert full["fid"] < two["fid"]
+    assert full["accuracy"] >= real["accuracy"] - 0.05

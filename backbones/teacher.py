@@ -128,3 +128,50 @@ def train_teacher(out: Path = TEACHER_FILE, steps: int = TRAIN_DEFAULTS["steps"]
     )
     save_checkpoint(out, ema.state_dict(), meta)
     return meta
+
+
+#: Seeds of training pairs start here, far from the seeds benchmarks use (0 upwards).
+PAIRS_SEED_BASE = 1_000_000
+
+
+def _cache_dir() -> Path:
+    import os
+
+    return Path(os.environ.get("UN0_BENCH_CACHE", Path.home() / ".cache" / "un0-bench"))
+
+
+@torch.no_grad()
+def teacher_pairs(n: int, steps: int = 50, batch_size: int = 256, path: Path = TEACHER_FILE
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``n`` (noise, label, image) triples from the teacher's deterministic DDIM map.
+
+    Students (distilled, Un-0, oscillator) learn this map: the same noise to the same image. Labels
+    cycle over the ten digits; image ``i`` starts from ``image_noise(PAIRS_SEED_BASE, i)``. The result
+    is cached on disk (keyed by the teacher file's hash, ``n`` and ``steps``) because making it costs
+    ``n x steps`` teacher forwards.
+
+    Returns:
+        noise ``(n, 1, 16, 16)``, labels ``(n,)`` int64, images ``(n, 1, 16, 16)`` in [-1, 1].
+    """
+    import hashlib
+
+    from backbones.digits import IMAGE_SHAPE
+    from harness.generator import image_noise
+
+    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    cache = _cache_dir() / f"teacher-pairs-{digest}-n{n}-s{steps}.pt"
+    if cache.is_file():
+        blob = torch.load(cache, weights_only=True)
+        return blob["noise"], blob["labels"], blob["images"]
+    from baselines.diffusion import DiffusionGenerator
+
+    unet, _ = load_teacher(path)
+    gen = DiffusionGenerator(unet, steps=steps)
+    noise = image_noise(PAIRS_SEED_BASE, 0, n, IMAGE_SHAPE)
+    labels = torch.arange(n) % 10
+    images = torch.cat([gen.sample(noise[i : i + batch_size], labels[i : i + batch_size])
+                        for i in range(0, n, batch_size)])
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"noise": noise, "labels": labels, "images": images}, cache.with_suffix(".tmp"))
+    cache.with_suffix(".tmp").replace(cache)
+    return noise, labels, images

@@ -88,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--min-duration", type=_non_negative, default=2.0, help="seconds of metered time at least")
     c.add_argument("--warmup", type=int, default=1, help="unmetered calls before measuring")
     c.add_argument("--idle", type=_non_negative, default=2.0, help="seconds of idle-power measurement")
+    c.add_argument("--quality-samples", type=int, default=1000,
+                   help="images per model for FID/KID/accuracy (0: not measured)")
+    c.add_argument("--reference", default="sd", help="model whose quality sets the band and whose energy is 1x")
+    c.add_argument("--fid-ratio", type=float, default=1.25, help="quality band: FID at most this x the reference's")
+    c.add_argument("--accuracy-drop", type=float, default=0.03,
+                   help="quality band: accuracy at most this much (a fraction) below the reference's")
     c.add_argument("--no-report", action="store_true", help="write results only")
 
     r = sub.add_parser("report", help="rebuild the report of a folder from its results.jsonl alone")
@@ -159,7 +165,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     cfg = RunConfig(models=args.models, out=out, backbone=args.backbone, meters=args.meters, images=args.images,
                     batch_sizes=args.batch_size, seed=args.seed, min_repeats=args.min_repeats,
                     max_repeats=args.max_repeats, min_duration_s=args.min_duration, warmup=args.warmup,
-                    idle_s=args.idle)
+                    idle_s=args.idle, quality_samples=args.quality_samples, reference=args.reference,
+                    fid_ratio=args.fid_ratio, accuracy_drop=args.accuracy_drop)
     with Progress(transient=True) as bar:
         task = bar.add_task("measuring", total=None)
 
@@ -168,6 +175,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
                 bar.update(task, total=info["cells"])
             elif kind == "cell":
                 bar.update(task, description=f"measuring {info['model']} (batch {info['batch_size']})")
+            elif kind == "quality":
+                bar.update(task, description=f"quality of {info['model']}")
             elif kind == "done":
                 bar.advance(task)
 

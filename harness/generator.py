@@ -81,6 +81,13 @@ class Generator(abc.ABC):
         """
         return None
 
+    def reset_cache(self) -> None:
+        """Forget cached work (e.g. gathered sub-networks), so the next call runs cold. Default: none."""
+
+    def cache_stats(self) -> dict[str, Any] | None:
+        """Cache hits, misses and bytes held, for generators that cache work; ``None`` otherwise."""
+        return None
+
     def phases(self) -> tuple[str, ...]:
         """Names of the phases the generator can be metered by separately (empty: one phase)."""
         return ()

@@ -102,6 +102,17 @@ TRAINERS = Registry("training target")
 
 # --- built-in entries: the one registration point ----------------------------------------------
 GENERATORS.register("sd", "baselines.diffusion:build", "teacher diffusion model, DDIM, 50 steps, fp32")
+GENERATORS.register("sd-bf16", "baselines.quantized:build_bf16", "teacher in bfloat16 weights and activations")
+GENERATORS.register("sd-int8", "baselines.quantized:build_int8", "teacher with int8 convolutions and linears")
+GENERATORS.register("sd-pruned", "baselines.pruned:build_structured", "50% channel-pruned teacher, fine-tuned")
+GENERATORS.register("sd-pruned-unstructured", "baselines.pruned:build_unstructured",
+                    "50% magnitude-pruned teacher, dense kernels (zeros still multiplied)")
+GENERATORS.register("sd-distilled", "baselines.distilled:build", "few-step student distilled from the teacher")
+GENERATORS.register("sd-cached", "baselines.cached:build", "DeepCache-style reuse of deep UNet features")
+GENERATORS.register("noise", "baselines.references:build_noise", "uniform random images (quality floor)")
+GENERATORS.register("real", "baselines.references:build_real", "held-out real digits (quality ceiling)")
+GENERATORS.register("un0", "un0_impl.gated:build", "Un-0 reading 1: neuron-gated sparse few-step generator")
+GENERATORS.register("un0-osc", "un0_impl.oscillator:build", "Un-0 reading 2: coupled Kuramoto oscillators")
 
 BACKBONES.register("digits", "backbones.digits:DigitsBackbone", "sklearn handwritten digits, 16x16, CPU")
 
@@ -113,3 +124,9 @@ METERS.register("codecarbon", "harness.meters.codecarbon:CodecarbonMeter", "code
 
 # Registration order is training order: later targets derive from earlier ones.
 TRAINERS.register("teacher", "backbones.teacher:train_teacher", "the digits teacher UNet (everything derives from it)")
+TRAINERS.register("judge", "backbones.judge:train_judge", "digits classifier: FID/KID features and accuracy")
+TRAINERS.register("sd-int8", "baselines.quantized:calibrate_int8", "int8 scales calibrated on real digits")
+TRAINERS.register("sd-pruned", "baselines.pruned:train_pruned", "channel pruning + fine-tuning")
+TRAINERS.register("sd-distilled", "baselines.distilled:train_distilled", "few-step students (4 and 1 step)")
+TRAINERS.register("un0", "un0_impl.gated:train_un0", "gated sparse Un-0 student")
+TRAINERS.register("un0-osc", "un0_impl.oscillator:train_oscillator", "coupled-oscillator Un-0")

@@ -45,6 +45,10 @@ class RunConfig:
         max_repeats: Hard cap on windows.
         warmup: Unmetered generate calls before counting and measuring.
         idle_s: Length of the idle-power window for whole-device meters (0 disables it).
+        quality_samples: Images per model for FID/KID/accuracy (0: quality not measured).
+        reference: Model whose quality sets the band (and whose energy the ledger compares to).
+        fid_ratio: Quality-matched needs FID <= ``fid_ratio`` x the reference's FID ...
+        accuracy_drop: ... and accuracy at most this much (a fraction) below the reference's.
     """
 
     models: list[str]
@@ -59,6 +63,10 @@ class RunConfig:
     max_repeats: int = 100
     warmup: int = 1
     idle_s: float = 2.0
+    quality_samples: int = 1000
+    reference: str = "sd"
+    fid_ratio: float = 1.25
+    accuracy_drop: float = 0.03
 
     def validate(self) -> None:
         for name in ("images", "min_repeats", "max_repeats"):
@@ -66,6 +74,8 @@ class RunConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
         if any(b < 1 for b in self.batch_sizes) or not self.batch_sizes:
             raise UserError(f"--batch-size must be positive integers, got {self.batch_sizes}")
+        if self.quality_samples < 0 or self.fid_ratio <= 0 or not 0 <= self.accuracy_drop <= 1:
+            raise UserError("--quality-samples must be >= 0, --fid-ratio > 0, --accuracy-drop in [0, 1]")
         if self.warmup < 0 or self.min_duration_s < 0 or self.idle_s < 0:
             raise UserError("--warmup, --min-duration and --idle must not be negative")
         if self.min_repeats > self.max_repeats:
@@ -226,9 +236,16 @@ def summarise(meter_name: str, windows: list[Window], idle_w: float | None) -> d
     return out
 
 
-def counts_fields(counts: Counts) -> dict[str, Any]:
+def counts_fields(counts: Counts, profile: str, prefix: str = "") -> dict[str, Any]:
+    """Per-image figures of a counting pass (``prefix`` names a second pass, e.g. ``"cold_"``)."""
+    from harness.meters.proxy import proxy_energy
+
     n = counts.images
-    return {
+    b = proxy_energy(counts, profile)
+    fields = {
+        "proxy_profile": profile,
+        "proxy_j_per_image_by_part": {"compute": b.compute_j / n, "gating": b.gating_j / n,
+                                      "memory": b.memory_j / n, "gating_memory": b.gating_memory_j / n},
         "flops_per_image": counts.flops() / n,
         "bytes_per_image": counts.bytes_moved() / n,
         "gating_flops_per_image": counts.flops("gating") / n,
@@ -236,6 +253,7 @@ def counts_fields(counts: Counts) -> dict[str, Any]:
         "flops_per_image_by_dtype": {k: v / n for k, v in sorted(counts.flops_by_dtype().items())},
         "uncounted_ops": counts.uncounted_ops(),
     }
+    return {prefix + k: v for k, v in fields.items()}
 
 
 def save_grid(images: torch.Tensor, path: Path, per_row: int = 10, scale: int = 4) -> None:
@@ -271,6 +289,9 @@ class Runner:
         self.specs = [ModelSpec.parse(m) for m in config.models]
         for spec in self.specs:
             generator_factory(spec, generators)
+        if config.quality_samples:
+            generator_factory(ModelSpec.parse(config.reference), generators)
+        self._quality_cache: dict[str, dict[str, Any]] | None = None
         backbones.entry(config.backbone.partition(":")[0])
         check_writable(config.out)
 
@@ -323,14 +344,26 @@ class Runner:
         cfg = self.config
         generator = make_generator(spec.text, backbone, self.generators)
         request = GenerationRequest(tuple(backbone.default_prompts(cfg.images)), seed=cfg.seed, batch_size=bs)
+        profile = getattr(meters.get("proxy"), "profile", None)
+        profile_name = profile.name if profile is not None else "horowitz-45nm"
+        extra: dict[str, Any] = {}
+        caches = generator.cache_stats() is not None
+        if caches:
+            # Cold: the first use of each prompt pays for the gate and the gather; count it apart.
+            generator.reset_cache()
+            extra.update(counts_fields(count_ops(generator, request), profile_name, prefix="cold_"))
         first: GenerationResult | None = None
         for _ in range(cfg.warmup):
             first = generator.generate(request)
-        counts = count_ops(generator, request)
+        counts = count_ops(generator, request)  # warm: what every later call costs
         if first is None:
             first = generator.generate(request)
         grid = Path("samples") / f"{slug(spec.text)}.png"
         save_grid(first.images, cfg.out / grid)
+        if caches:
+            extra["cache"] = generator.cache_stats()
+        if hasattr(generator, "analog_projection"):
+            extra["projected"] = generator.analog_projection(counts)
 
         active = {n: meters[n] for n in meter_names if n in meters}
         min_window = max([getattr(m, "min_window_s", 0.0) for m in active.values()], default=0.0)
@@ -353,15 +386,15 @@ class Runner:
             "images": cfg.images,
             "duration_s_per_image": duration_s,
             "duration_ci95_s": duration_ci,
-            **counts_fields(counts),
+            **counts_fields(counts, profile_name),
+            **extra,
             "config": {"generator": describe, "run": {k: (str(v) if isinstance(v, Path) else v)
                                                        for k, v in asdict(cfg).items()}},
             "environment": env,
             "derivation_energy": (derivation or {}).get("energy"),
             "derivation_command": (derivation or {}).get("command"),
             "sample_grid": str(grid),
-            "quality": None,
-            "quality_matched": None,
+            **self._quality_fields(spec.text, backbone, generator),
             "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         records = []
@@ -372,3 +405,53 @@ class Runner:
                 rec = summarise(name, windows, idle.get(name))
             records.append({**common, "meter": name, **rec})
         return records
+
+    # --- quality ------------------------------------------------------------------------------------
+    def _quality_file(self) -> Path:
+        return self.config.out / "quality.jsonl"
+
+    def _quality(self, model: str, backbone: Backbone, generator: Generator | None = None) -> dict[str, Any] | None:
+        """FID, KID and accuracy of ``model``, computed once per output folder and kept in quality.jsonl."""
+        import json
+        import os
+
+        cfg = self.config
+        if cfg.quality_samples == 0 or backbone.kind != "digits":
+            return None
+        if self._quality_cache is None:
+            self._quality_cache = {}
+            if self._quality_file().exists():
+                for line in self._quality_file().read_text().splitlines():
+                    try:
+                        q = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue  # a torn last line from an interrupted run
+                    if q.get("backbone") == cfg.backbone and q.get("samples") == cfg.quality_samples:
+                        self._quality_cache[q["model"]] = q["quality"]
+        if model not in self._quality_cache:
+            from harness.quality import evaluate_generator
+
+            self.on_event("quality", {"model": model})
+            gen = generator or make_generator(model, backbone, self.generators)
+            q = evaluate_generator(gen, n=cfg.quality_samples)
+            with self._quality_file().open("a") as f:
+                f.write(json.dumps({"model": model, "backbone": cfg.backbone, "samples": cfg.quality_samples,
+                                    "quality": q}, sort_keys=True) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            self._quality_cache[model] = q
+        return self._quality_cache[model]
+
+    def _quality_fields(self, model: str, backbone: Backbone, generator: Generator) -> dict[str, Any]:
+        cfg = self.config
+        q = self._quality(model, backbone, generator)
+        if q is None:
+            why = "--quality-samples 0" if cfg.quality_samples == 0 else f"no evaluator for backbone {backbone.kind}"
+            return {"quality": None, "quality_matched": None, "quality_note": f"not measured ({why})"}
+        from harness.quality import quality_matched
+
+        ref = self._quality(cfg.reference, backbone)
+        band = {"reference": cfg.reference, "fid_ratio": cfg.fid_ratio, "accuracy_drop": cfg.accuracy_drop}
+        matched = quality_matched(q, ref, fid_ratio=cfg.fid_ratio, accuracy_drop=cfg.accuracy_drop)
+        return {"quality": q, "quality_matched": bool(matched), "quality_band": band}
+

@@ -54,3 +54,45 @@ def meter_statuses(records: list[dict[str, Any]]) -> list[dict[str, str]]:
         if shown and not m["details"]:
             m["details"] = json.dumps(shown, sort_keys=True, default=str)
     return list(seen.values())
+
+
+def summary_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per (model, batch size): J/image for each meter, counts, time and quality.
+
+    Energy columns are named ``J/image <meter>``; a meter that was unavailable shows ``None`` (its
+    reason is in the meters table), never 0.
+    """
+    rows: dict[tuple[str, int], dict[str, Any]] = {}
+    meters = list(dict.fromkeys(r["meter"] for r in records))
+    for r in records:
+        row = rows.setdefault((r["model"], r["batch_size"]), {
+            "model": r["model"], "batch": r["batch_size"],
+            **{f"J/image {m}": None for m in meters if m != "wall"},
+            "FLOPs/image": r["flops_per_image"], "bytes/image": r["bytes_per_image"], "ms/image": None,
+            "FID": None, "KID": None, "accuracy": None, "quality-matched": r.get("quality_matched"),
+        })
+        if r["meter"] != "wall":
+            row[f"J/image {r['meter']}"] = r.get("energy_j_per_image")
+        if r["meter"] == "wall" or row["ms/image"] is None:
+            d = r.get("duration_s_per_image")
+            row["ms/image"] = None if d is None else d * 1e3
+        q = r.get("quality") or {}
+        row["FID"], row["KID"], row["accuracy"] = q.get("fid"), q.get("kid"), q.get("accuracy")
+    return pd.DataFrame(list(rows.values()))
+
+
+def format_summary(frame: pd.DataFrame) -> pd.DataFrame:
+    """The summary as display strings (3 significant digits, accuracy in %)."""
+
+    def fmt(col: str, v: Any) -> str:
+        if v is None or (isinstance(v, float) and v != v):
+            return "—"
+        if col == "accuracy":
+            return f"{100 * v:.1f}%"
+        if col == "quality-matched":
+            return "yes" if v else "no"
+        if isinstance(v, float):
+            return f"{v:.3g}"
+        return str(v)
+
+    return pd.DataFrame({c: [fmt(c, v) for v in frame[c]] for c in frame.columns})

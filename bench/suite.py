@@ -1,0 +1,68 @@
+"""``make bench``: the default suite on the digits backbone, every meter, a table and the HTML report.
+
+Prints the table (J/image per meter, FLOPs/image, bytes/image, ms/image, FID, KID, accuracy,
+quality-matched) and, at the end, how long the whole benchmark took: a figure, not a timed test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from harness.errors import UserError
+
+DEFAULT_SUITE = [
+    "real", "noise", "sd", "sd:steps=10", "sd:steps=2", "sd-bf16", "sd-int8", "sd-pruned",
+    "sd-pruned-unstructured", "sd-distilled", "sd-distilled:steps=1", "sd-cached",
+    "un0", "un0:keep=0.01", "un0:keep=0.001", "un0-osc",
+]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.suite", description=__doc__)
+    p.add_argument("--out", type=Path, default=Path("reports/latest"))
+    p.add_argument("--models", default=",".join(DEFAULT_SUITE))
+    p.add_argument("--meters", default="auto")
+    p.add_argument("--images", type=int, default=16)
+    p.add_argument("--quality-samples", type=int, default=1000)
+    p.add_argument("--fresh", action="store_true", help="discard earlier results in --out first")
+    args = p.parse_args(argv)
+
+    from harness.cli import _models
+    from harness.results import ResultStore
+    from harness.runner import RunConfig, Runner
+    from reports.build import build_report
+    from reports.tables import format_summary, summary_frame
+
+    t0 = time.perf_counter()
+    if args.fresh:
+        for name in ("results.jsonl", "quality.jsonl"):
+            (args.out / name).unlink(missing_ok=True)
+    models = _models(args.models)
+    cfg = RunConfig(models=models, out=args.out, meters=args.meters.split(","), images=args.images,
+                    batch_sizes=[args.images], min_repeats=3, min_duration_s=1.0, idle_s=2.0,
+                    quality_samples=args.quality_samples)
+
+    def on_event(kind: str, info: dict) -> None:
+        if kind in ("cell", "quality"):
+            print(f"[{time.perf_counter() - t0:6.0f} s] {kind}: {info['model']}", flush=True)
+
+    try:
+        Runner(cfg, on_event=on_event).run()
+    except UserError as e:
+        print(f"bench: error: {e}", file=sys.stderr)
+        return 2
+    records = [r for r in ResultStore(args.out).load() if r["model"] in models]
+    import pandas as pd
+
+    with pd.option_context("display.max_columns", None, "display.width", 250):
+        print(format_summary(summary_frame(records)).to_string(index=False))
+    print(f"report: {build_report(args.out)}")
+    print(f"benchmark wall time: {time.perf_counter() - t0:.0f} s for {len(models)} models")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -64,6 +64,15 @@ def _non_negative(text: str) -> float:
     return v
 
 
+def _ledger_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pue", type=float, default=1.56,
+                   help="power usage effectiveness for the ledger (default 1.56, Uptime Institute 2024 average)")
+    p.add_argument("--lifetime-images", type=_positive_int, default=1_000_000,
+                   help="images a model serves over its life; its training energy is divided by this")
+    p.add_argument("--grid-gco2-per-kwh", type=_non_negative, default=475.0,
+                   help="grid carbon intensity for gCO2e figures (default 475, codecarbon's world average)")
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2 (argparse's convention too)
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -94,10 +103,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--fid-ratio", type=float, default=1.25, help="quality band: FID at most this x the reference's")
     c.add_argument("--accuracy-drop", type=float, default=0.03,
                    help="quality band: accuracy at most this much (a fraction) below the reference's")
+    _ledger_options(c)
     c.add_argument("--no-report", action="store_true", help="write results only")
 
     r = sub.add_parser("report", help="rebuild the report of a folder from its results.jsonl alone")
     r.add_argument("dir", type=Path)
+    _ledger_options(r)
+
+    k = sub.add_parser("check", help="CI energy gate: recount a small proxy-only suite against a baseline")
+    k.add_argument("--baseline", type=Path, default=Path("bench/baseline.json"))
+    k.add_argument("--tolerance", type=_non_negative, default=0.01, help="relative change allowed (0.01 = 1%%)")
+    k.add_argument("--models", type=_models, default=None, help="default: every registered generator")
+    k.add_argument("--update", action="store_true", help="rewrite the baseline with the current figures")
 
     t = sub.add_parser("train", help="reproduce a shipped weights file from its seed")
     t.add_argument("target", help="what to train (see `un0-bench list`), or all")
@@ -166,7 +183,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
                     batch_sizes=args.batch_size, seed=args.seed, min_repeats=args.min_repeats,
                     max_repeats=args.max_repeats, min_duration_s=args.min_duration, warmup=args.warmup,
                     idle_s=args.idle, quality_samples=args.quality_samples, reference=args.reference,
-                    fid_ratio=args.fid_ratio, accuracy_drop=args.accuracy_drop)
+                    fid_ratio=args.fid_ratio, accuracy_drop=args.accuracy_drop, pue=args.pue,
+                    lifetime_images=args.lifetime_images)
     with Progress(transient=True) as bar:
         task = bar.add_task("measuring", total=None)
 
@@ -193,7 +211,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if not args.no_report:
         from reports.build import build_report
 
-        path = build_report(out)
+        path = build_report(out, report_options(args))
         print(f"report: {path}")
     return 0
 
@@ -203,7 +221,41 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     if not (args.dir / "results.jsonl").is_file():
         raise UserError(f"{args.dir} has no results.jsonl")
-    print(f"report: {build_report(args.dir)}")
+    print(f"report: {build_report(args.dir, report_options(args))}")
+    return 0
+
+
+def report_options(args: argparse.Namespace) -> dict[str, Any]:
+    if args.pue < 1:
+        raise UserError(f"--pue must be >= 1, got {args.pue}")
+    return {"pue": args.pue, "lifetime_images": args.lifetime_images, "grid_gco2_per_kwh": args.grid_gco2_per_kwh,
+            "reference": getattr(args, "reference", "sd")}
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from harness import check
+
+    models = args.models or check.gate_models()
+    if args.update:
+        current = check.measure(models)
+        check.write_baseline(args.baseline, current)
+        print(f"baseline written: {args.baseline} ({len(current)} models)")
+        return 0
+    baseline = check.load_baseline(args.baseline)["models"]
+    if args.models:
+        baseline = {m: v for m, v in baseline.items() if m in models}
+    current = check.measure(models)
+    regressions, improvements, notes = check.compare(baseline, current, args.tolerance)
+    for note in notes:
+        print(note)
+    if improvements:
+        print(f"improved beyond {args.tolerance:.1%} (run with --update to lock them in):")
+        print(check.format_changes(improvements))
+    if regressions:
+        print(f"FAILED: {len(regressions)} regression(s) beyond {args.tolerance:.1%}:", file=sys.stderr)
+        print(check.format_changes(regressions), file=sys.stderr)
+        return 1
+    print(f"energy gate passed: {len(current)} models within {args.tolerance:.1%} of {args.baseline}")
     return 0
 
 
@@ -225,7 +277,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"list": cmd_list, "compare": cmd_compare, "report": cmd_report, "train": cmd_train}
+COMMANDS = {"list": cmd_list, "compare": cmd_compare, "report": cmd_report, "train": cmd_train, "check": cmd_check}
 
 
 def main(argv: list[str] | None = None) -> int:

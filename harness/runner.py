@@ -21,6 +21,7 @@ from backbones.base import Backbone
 from harness.counters.records import Counts
 from harness.errors import UserError
 from harness.generator import GenerationRequest, GenerationResult, Generator
+from harness.ledger import find_reference, ledger
 from harness.meters.base import Meter, MeterUnavailable, Reading, unavailable
 from harness.registry import BACKBONES, GENERATORS, METERS, Registry
 from harness.results import ResultStore, check_writable
@@ -49,6 +50,8 @@ class RunConfig:
         reference: Model whose quality sets the band (and whose energy the ledger compares to).
         fid_ratio: Quality-matched needs FID <= ``fid_ratio`` x the reference's FID ...
         accuracy_drop: ... and accuracy at most this much (a fraction) below the reference's.
+        pue: Power usage effectiveness for the ledger's facility boundary.
+        lifetime_images: Images a model serves over its life (amortises its training energy).
     """
 
     models: list[str]
@@ -65,6 +68,8 @@ class RunConfig:
     idle_s: float = 2.0
     quality_samples: int = 1000
     reference: str = "sd"
+    pue: float = 1.56
+    lifetime_images: int = 1_000_000
     fid_ratio: float = 1.25
     accuracy_drop: float = 0.03
 
@@ -74,6 +79,8 @@ class RunConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
         if any(b < 1 for b in self.batch_sizes) or not self.batch_sizes:
             raise UserError(f"--batch-size must be positive integers, got {self.batch_sizes}")
+        if self.pue < 1 or self.lifetime_images < 1:
+            raise UserError("--pue must be >= 1 and --lifetime-images positive")
         if self.quality_samples < 0 or self.fid_ratio <= 0 or not 0 <= self.accuracy_drop <= 1:
             raise UserError("--quality-samples must be >= 0, --fid-ratio > 0, --accuracy-drop in [0, 1]")
         if self.warmup < 0 or self.min_duration_s < 0 or self.idle_s < 0:
@@ -298,7 +305,9 @@ class Runner:
     def pending(self) -> list[tuple[ModelSpec, int, list[str]]]:
         done = self.store.done()
         out = []
-        for spec in self.specs:
+        # The reference goes first, so every later record can carry its factor vs the reference.
+        specs = sorted(self.specs, key=lambda sp: sp.text != self.config.reference)
+        for spec in specs:
             for bs in self.config.batch_sizes:
                 missing = [m for m in self.meter_names
                            if (spec.text, self.config.backbone, bs, m) not in done]
@@ -398,12 +407,16 @@ class Runner:
             "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         records = []
+        earlier = self.store.load()
         for name in meter_names:
             if name in unavailable:
                 rec = {"status": unavailable[name], "energy_j_per_image": None, "energy_ci95_j": None}
             else:
                 rec = summarise(name, windows, idle.get(name))
-            records.append({**common, "meter": name, **rec})
+            record = {**common, "meter": name, **rec}
+            ref = record if spec.text == cfg.reference else find_reference(earlier, record, cfg.reference)
+            record["ledger"] = ledger(record, ref, pue=cfg.pue, lifetime_images=cfg.lifetime_images)
+            records.append(record)
         return records
 
     # --- quality ------------------------------------------------------------------------------------

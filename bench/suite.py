@@ -30,11 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fresh", action="store_true", help="discard earlier results in --out first")
     args = p.parse_args(argv)
 
-    from harness.cli import _models
+    from harness.cli import _models, print_records
     from harness.results import ResultStore
     from harness.runner import RunConfig, Runner
     from reports.build import build_report
-    from reports.tables import format_summary, summary_frame
 
     t0 = time.perf_counter()
     if args.fresh:
@@ -55,10 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: error: {e}", file=sys.stderr)
         return 2
     records = [r for r in ResultStore(args.out).load() if r["model"] in models]
-    import pandas as pd
-
-    with pd.option_context("display.max_columns", None, "display.width", 250):
-        print(format_summary(summary_frame(records)).to_string(index=False))
+    print_records(records)
     print(f"report: {build_report(args.out)}")
     print(f"benchmark wall time: {time.perf_counter() - t0:.0f} s for {len(models)} models")
     return 0

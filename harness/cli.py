@@ -154,22 +154,18 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def print_records(records: list[dict[str, Any]]) -> None:
-    from rich.console import Console
-    from rich.table import Table
+    """The summary table (one row per model and batch size), then each meter's status once."""
+    import pandas as pd
 
-    table = Table(title="results")
-    for col in ("model", "batch", "meter", "status", "J/image", "95% CI", "FLOPs/image", "bytes/image", "ms/image"):
-        table.add_column(col)
-    for r in records:
-        e = r.get("energy_j_per_image")
-        ci = r.get("energy_ci95_j")
-        d = r.get("duration_s_per_image")
-        table.add_row(
-            r["model"], str(r["batch_size"]), r["meter"], r["status"][:60],
-            "—" if e is None else f"{e:.4g}", "—" if not ci else f"{ci[0]:.3g}–{ci[1]:.3g}",
-            f"{r['flops_per_image']:.4g}", f"{r['bytes_per_image']:.4g}", "—" if d is None else f"{d * 1e3:.3g}",
-        )
-    Console().print(table)
+    from reports.tables import format_summary, meter_statuses, summary_frame
+
+    if not records:
+        print("no records")
+        return
+    with pd.option_context("display.max_columns", None, "display.width", 250):
+        print(format_summary(summary_frame(records)).to_string(index=False))
+    for m in meter_statuses(records):
+        print(f"meter {m['meter']}: {m['status']}")
 
 
 def cmd_compare(args: argparse.Namespace) -> int:

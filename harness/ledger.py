@@ -86,7 +86,13 @@ def boundaries(record: dict[str, Any], pue: float = DEFAULT_PUE,
         out["compute"] = _entry(None, split)
         out["gating"] = _entry(None, split)
         net = record.get("energy_net_j_per_image")
-        out["memory"] = _entry(net, "" if net is not None else "no idle baseline was measured")
+        if net is None:
+            out["memory"] = _entry(None, "no idle baseline was measured")
+        elif net <= 0:
+            # Noise, or an estimate that does not follow load: the meter cannot resolve this work above idle.
+            out["memory"] = _entry(None, f"net of idle is {net:.3g} J: the meter cannot resolve this work above idle")
+        else:
+            out["memory"] = _entry(net, "energy net of idle")
         out["idle"] = _entry(record["energy_j_per_image"], "gross energy, idle power included")
     out["pue"] = _entry(out["idle"]["energy_j_per_image"] * pue, f"PUE {pue}")
     train_j, note = derivation_energy_j(record.get("derivation_energy"), meter)

@@ -1,4 +1,4 @@
-"""Build ``DIR/results.csv`` and ``DIR/report.html`` from ``DIR/results.jsonl`` alone."""
+"""Build ``DIR/results.csv`` and ``DIR/report.html`` from ``DIR/results.jsonl`` alone (no model runs)."""
 
 from __future__ import annotations
 
@@ -6,37 +6,133 @@ import base64
 from pathlib import Path
 from typing import Any
 
-from reports import plots
-from reports.tables import load_records, meter_statuses, write_csv
+from harness.ledger import BOUNDARIES, BOUNDARY_LABELS, DEFAULT_LIFETIME_IMAGES, DEFAULT_PUE, find_reference, ledger
+from reports import plots, units
+from reports.claims import evaluate_claims
+from reports.tables import format_summary, load_records, meter_statuses, summary_frame, write_csv
+
+DEFAULTS = {"pue": DEFAULT_PUE, "lifetime_images": DEFAULT_LIFETIME_IMAGES, "grid_gco2_per_kwh": 475.0,
+            "reference": "sd"}
 
 
 def _data_uri(png: bytes | None) -> str | None:
     return None if png is None else "data:image/png;base64," + base64.b64encode(png).decode()
 
 
-def _sample_grids(out_dir: Path, records: list[dict[str, Any]]) -> list[dict[str, str]]:
-    grids = []
-    for model in dict.fromkeys(r["model"] for r in records):
-        rel = next((r.get("sample_grid") for r in records if r["model"] == model and r.get("sample_grid")), None)
-        path = out_dir / rel if rel else None
-        if path and path.is_file():
-            grids.append({"model": model, "src": _data_uri(path.read_bytes())})
+def _sample_grids(out_dir: Path, records: list[dict[str, Any]]) -> dict[str, str]:
+    grids = {}
+    for r in records:
+        rel = r.get("sample_grid")
+        if r["model"] in grids or not rel:
+            continue
+        path = (out_dir / rel).resolve()
+        # Only files inside the output folder: a record cannot make the report embed arbitrary files.
+        if path.is_file() and out_dir.resolve() in path.parents:
+            grids[r["model"]] = _data_uri(path.read_bytes())
     return grids
 
 
-def build_report(out_dir: Path) -> Path:
+def with_ledgers(records: list[dict[str, Any]], reference: str, pue: float, lifetime_images: int) -> None:
+    """Recompute every record's ledger for this report's PUE, lifetime and reference."""
+    for r in records:
+        ref = r if r["model"] == reference else find_reference(records, r, reference)
+        r["ledger"] = ledger(r, ref, pue=pue, lifetime_images=lifetime_images)
+
+
+def ledger_rows(records: list[dict[str, Any]], meter: str) -> list[dict[str, Any]]:
+    rows = []
+    for r in records:
+        if r["meter"] != meter:
+            continue
+        lg = r.get("ledger") or {}
+        rows.append({
+            "model": r["model"], "batch": r["batch_size"], "quality_matched": r.get("quality_matched"),
+            "energy": {b: (lg.get(b) or {}).get("energy_j_per_image") for b in BOUNDARIES},
+            "factors": {b: (lg.get(b) or {}).get("factor_vs_reference") for b in BOUNDARIES},
+            "why": {b: (lg.get(b) or {}).get("why", "") for b in BOUNDARIES},
+        })
+    return rows
+
+
+def headline(records: list[dict[str, Any]], reference: str) -> dict[str, Any] | None:
+    """The best quality-matched Un-0 by proxy compute factor (else the best Un-0, flagged)."""
+    cands = [r for r in records if r["meter"] == "proxy" and r["model"].startswith("un0")
+             and ((r.get("ledger") or {}).get("compute") or {}).get("factor_vs_reference")]
+    if not cands:
+        return None
+    best = max(cands, key=lambda r: (bool(r.get("quality_matched")), r["ledger"]["compute"]["factor_vs_reference"]))
+    return {"model": best["model"], "quality_matched": best.get("quality_matched"), "quality": best.get("quality"),
+            "factors": {b: best["ledger"][b].get("factor_vs_reference") for b in BOUNDARIES},
+            "why": {b: best["ledger"][b].get("why", "") for b in BOUNDARIES}, "reference": reference}
+
+
+def footprint_rows(records: list[dict[str, Any]], pue: float, grid: float) -> list[dict[str, Any]]:
+    rows = []
+    for r in records:
+        e = r.get("energy_j_per_image")
+        if not e:
+            continue
+        rows.append({
+            "model": r["model"], "meter": r["meter"], "batch": r["batch_size"],
+            "kwh_per_1000": units.kwh_per_1000_images(e),
+            "gco2e_per_1000": units.gco2e_per_1000_images(e * pue, grid),
+            "landauer_multiple": units.landauer_multiple(e, r.get("flops_per_image_by_dtype") or {}),
+        })
+    return rows
+
+
+def build_report(out_dir: Path, options: dict[str, Any] | None = None) -> Path:
     """Write results.csv and a self-contained report.html; returns the HTML path."""
     from reports.html import render
 
+    opts = {**DEFAULTS, **(options or {})}
     out_dir = Path(out_dir)
     records = load_records(out_dir)
+    with_ledgers(records, opts["reference"], opts["pue"], opts["lifetime_images"])
     write_csv(records, out_dir / "results.csv")
+    meters_with_energy = list(dict.fromkeys(r["meter"] for r in records if r.get("energy_j_per_image")))
+    proxy_ledger = ledger_rows(records, "proxy")
+    summary = format_summary(summary_frame(records)) if records else None
+    models = list(dict.fromkeys(r["model"] for r in records))
+    details = []
+    for model in models:
+        recs = [r for r in records if r["model"] == model]
+        first = recs[0]
+        details.append({
+            "model": model, "config": first.get("config", {}).get("generator", {}),
+            "derivation_command": first.get("derivation_command"), "derivation_energy": first.get("derivation_energy"),
+            "cache": first.get("cache"), "projected": first.get("projected"), "quality": first.get("quality"),
+            "cold": {k.removeprefix("cold_"): v for k, v in first.items() if k.startswith("cold_")
+                     and k in ("cold_flops_per_image", "cold_gating_flops_per_image", "cold_gating_bytes_per_image",
+                               "cold_bytes_per_image")},
+            "flops_by_dtype": first.get("flops_per_image_by_dtype"), "uncounted_ops": first.get("uncounted_ops") or {},
+            "gating_flops": first.get("gating_flops_per_image"), "gating_bytes": first.get("gating_bytes_per_image"),
+            "flops": first.get("flops_per_image"), "bytes": first.get("bytes_per_image"),
+            "phases": first.get("phases"), "quality_note": first.get("quality_note"),
+        })
     context = {
         "records": records,
+        "options": opts,
+        "summary_columns": list(summary.columns) if summary is not None else [],
+        "summary_rows": summary.to_dict("records") if summary is not None else [],
+        "headline": headline(records, opts["reference"]),
+        "boundaries": list(BOUNDARIES),
+        "boundary_labels": BOUNDARY_LABELS,
+        "ledgers": {m: ledger_rows(records, m) for m in meters_with_energy},
+        "claims": evaluate_claims(records, opts["reference"]),
+        "footprint": footprint_rows(records, opts["pue"], opts["grid_gco2_per_kwh"]),
+        "landauer_j_per_bit": units.LANDAUER_J_PER_BIT_300K,
         "meters": meter_statuses(records),
-        "plots": {"energy_per_image": _data_uri(plots.energy_per_image(records))},
+        "plots": {
+            "energy_per_image": _data_uri(plots.energy_per_image(records)),
+            "energy_vs_fid": _data_uri(plots.energy_vs_fid(records)),
+            "ledger": _data_uri(plots.ledger_factors(proxy_ledger, list(BOUNDARIES), BOUNDARY_LABELS)),
+            "flops_vs_joules": _data_uri(plots.flops_vs_joules(records)),
+        },
         "samples": _sample_grids(out_dir, records),
+        "details": details,
         "environment": records[0]["environment"] if records else {},
+        "run_config": (records[0].get("config") or {}).get("run", {}) if records else {},
     }
     path = out_dir / "report.html"
     path.write_text(render(context))

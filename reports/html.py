@@ -36,6 +36,8 @@ def fmt_num(value: float | None) -> str:
 
 _ENV.filters["joules"] = fmt_j
 _ENV.filters["num"] = fmt_num
+_ENV.filters["factor"] = lambda f: "—" if f is None else (f"{f:,.0f}x" if f >= 100 else f"{f:.3g}x")
+_ENV.filters["yesno"] = lambda v: "—" if v is None else ("yes" if v else "no")
 _ENV.filters["ms"] = lambda s: "—" if s is None else f"{s * 1e3:.3g} ms"
 
 

@@ -64,15 +64,21 @@ def summary_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     """
     rows: dict[tuple[str, int], dict[str, Any]] = {}
     meters = list(dict.fromkeys(r["meter"] for r in records))
+    # A meter whose figures are estimates (codecarbon without RAPL) says so in its column name.
+    estimates = {r["meter"] for r in records if (r.get("meter_details") or {}).get("estimate")}
+
+    def col(meter: str) -> str:
+        return f"J/image {meter}" + (" (estimate)" if meter in estimates else "")
+
     for r in records:
         row = rows.setdefault((r["model"], r["batch_size"]), {
             "model": r["model"], "batch": r["batch_size"],
-            **{f"J/image {m}": None for m in meters if m != "wall"},
+            **{col(m): None for m in meters if m != "wall"},
             "FLOPs/image": r["flops_per_image"], "bytes/image": r["bytes_per_image"], "ms/image": None,
             "FID": None, "KID": None, "accuracy": None, "quality-matched": r.get("quality_matched"),
         })
         if r["meter"] != "wall":
-            row[f"J/image {r['meter']}"] = r.get("energy_j_per_image")
+            row[col(r["meter"])] = r.get("energy_j_per_image")
         if r["meter"] == "wall" or row["ms/image"] is None:
             d = r.get("duration_s_per_image")
             row["ms/image"] = None if d is None else d * 1e3

@@ -1,0 +1,53 @@
+import pytest
+
+from harness.ledger import boundaries, derivation_energy_j, ledger
+from tests.reports.fixtures import proxy, record
+
+
+def test_proxy_boundaries_accumulate():
+    r = proxy("un0", compute=1.0, gating=0.5, memory=2.0,
+              derivation={"proxy": {"energy_j": 1e6}, "includes": {"teacher": {"proxy": {"energy_j": 3e6}}}})
+    b = boundaries(r, pue=1.5, lifetime_images=1_000_000)
+    assert b["compute"]["energy_j_per_image"] == 1.0
+    assert b["gating"]["energy_j_per_image"] == 1.5
+    assert b["memory"]["energy_j_per_image"] == 3.5
+    assert b["idle"]["energy_j_per_image"] == 3.5  # the default profile gives no static power
+    assert b["pue"]["energy_j_per_image"] == 3.5 * 1.5
+    # training: (1e6 own + 3e6 teacher) J x PUE 1.5 / 1e6 images = 6 J per image on top
+    assert b["training"]["energy_j_per_image"] == pytest.approx(3.5 * 1.5 + 6.0)
+
+
+def test_factors_against_reference():
+    ref = proxy("sd", compute=1000.0, memory=1000.0)
+    mine = proxy("un0", compute=1.0, gating=1.0, memory=8.0)
+    lg = ledger(mine, ref, pue=1.0)
+    assert lg["compute"]["factor_vs_reference"] == 1000.0
+    assert lg["gating"]["factor_vs_reference"] == 500.0
+    assert lg["memory"]["factor_vs_reference"] == 200.0
+
+
+def test_whole_device_meter_cannot_split():
+    r = record("sd", "rapl", 10.0, energy_net_j_per_image=4.0)
+    b = boundaries(r, pue=1.1)
+    assert b["compute"]["energy_j_per_image"] is None and "cannot split" in b["compute"]["why"]
+    assert b["memory"]["energy_j_per_image"] == 4.0
+    assert b["idle"]["energy_j_per_image"] == 10.0
+    assert b["pue"]["energy_j_per_image"] == pytest.approx(11.0)
+
+
+def test_unavailable_meter_is_null_with_reason_not_zero():
+    r = record("sd", "nvml", None, status="unavailable: no NVIDIA driver")
+    b = boundaries(r)
+    assert all(e["energy_j_per_image"] is None for e in b.values())
+    assert b["pue"]["why"] == "unavailable: no NVIDIA driver"
+
+
+def test_training_unmeasured_by_a_meter_is_null():
+    r = record("sd", "codecarbon", 2.0, derivation={"codecarbon": {"status": "unavailable: x", "energy_j": None}})
+    assert derivation_energy_j(r["derivation_energy"], "codecarbon")[0] is None
+    assert boundaries(r)["training"]["energy_j_per_image"] is None
+
+
+def test_pue_below_one_refused():
+    with pytest.raises(ValueError, match="PUE"):
+        boundaries(proxy("sd", 1.0), pue=0.9)

@@ -1,0 +1,57 @@
+import re
+
+from reports.build import build_report
+from reports.claims import evaluate_claims
+from reports.plots import pareto_front
+from tests.reports.fixtures import proxy, record, write
+
+TEACHER = {"proxy": {"energy_j": 1000.0}}
+
+
+def suite():
+    return [
+        proxy("sd", compute=1.0, memory=1.0, fid=4.0, derivation=TEACHER),
+        record("sd", "codecarbon", 5.0, meter_details={"estimate": True}, energy_net_j_per_image=2.0),
+        record("sd", "rapl", None, status="unavailable: no powercap sysfs"),
+        proxy("un0", compute=0.0005, gating=0.0001, memory=0.01, fid=4.5),
+        proxy("sd-int8", compute=0.4, memory=0.3, fid=4.2),
+        proxy("noise", compute=1e-6, fid=200.0, matched=False),
+        proxy("<script>alert('x')</script>", compute=0.1, fid=9.0),
+    ]
+
+
+def test_report_is_self_contained_escaped_and_complete(tmp_path):
+    write(tmp_path, suite())
+    html = build_report(tmp_path, {"pue": 1.1}).read_text()
+    # All user text escaped: the model name appears only in escaped form.
+    assert "<script>alert" not in html and "&lt;script&gt;alert" in html
+    # Self-contained: every image is a data URI, nothing is fetched from elsewhere.
+    srcs = re.findall(r'src="([^"]*)"', html)
+    assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs)
+    assert "http://" not in html and "https://" not in html
+    for section in ("Summary", "Ledger", "Claims versus measured", "Plots", "Environment", "Meters", "Configuration"):
+        assert section in html
+    assert "unavailable: no powercap sysfs" in html
+    assert "J/image codecarbon (estimate)" in html
+    # Headline: un0 vs sd at the compute boundary, 1.0 / 0.0005 = 2,000x.
+    assert "2,000x" in html
+    assert (tmp_path / "results.csv").read_text().count("\n") == len(suite()) + 1
+
+
+def test_claims_pick_the_best_quality_matched_model():
+    records = suite()
+    from reports.build import with_ledgers
+
+    with_ledgers(records, "sd", pue=1.0, lifetime_images=1_000_000)
+    rows = {r["claim"].split()[0]: r for r in evaluate_claims(records, "sd")}
+    un0 = rows["Un-0"]
+    assert un0["model"] == "un0" and un0["factor"] == 1.0 / 0.0005 and un0["verdict"] == "meets the claim"
+    q = rows["Quantization"]
+    # int8: 1.0 / 0.4 = 2.5x at the compute boundary, inside the claimed 2-4x
+    assert q["model"] == "sd-int8" and q["factor"] == 2.5 and q["verdict"] == "meets the claim"
+    assert rows["Pruning"]["verdict"] == "not measured in this run"
+
+
+def test_pareto_front():
+    pts = [(1.0, 10.0, "a"), (2.0, 5.0, "b"), (3.0, 6.0, "c"), (0.5, 50.0, "d")]
+    assert [p[2] for p in pareto_front(pts)] == ["d", "a", "b"]  # c is dominated by b

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from reports.build import build_report
-from tests.reports.test_build import suite
 from tests.reports.fixtures import write
+from tests.reports.test_build import suite
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

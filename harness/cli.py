@@ -87,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="measure models side by side and write a report")
     c.add_argument("--models", type=_models, required=True, help="comma-separated specs, e.g. sd,sd:steps=10")
     c.add_argument("--backbone", default="digits", help="digits (default) or diffusers:PATH")
+    c.add_argument("--device", default=None, help="diffusers backbones: cpu (default), cuda or cuda:N")
+    c.add_argument("--dtype", default=None, help="diffusers backbones: fp32 (default), fp16 or bf16")
+    c.add_argument("--prompts", type=Path, default=None, help="diffusers backbones: prompts file, one per line")
+    c.add_argument("--clip", default=None, help="diffusers backbones: local CLIP folder for CLIP-score quality")
     c.add_argument("--meters", type=_csv(str), default=["auto"], help="comma-separated meters, or auto")
     c.add_argument("--images", type=_positive_int, default=16, help="images per metered window")
     c.add_argument("--batch-size", type=_csv(_positive_int), default=[16], help="one or more batch sizes")
@@ -116,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--models", type=_models, default=None, help="default: every registered generator")
     k.add_argument("--update", action="store_true", help="rewrite the baseline with the current figures")
 
+    m = sub.add_parser("make-tiny-pipeline", help="write a tiny Stable Diffusion pipeline (for smoke tests)")
+    m.add_argument("dir", type=Path)
+
     t = sub.add_parser("train", help="reproduce a shipped weights file from its seed")
     t.add_argument("target", help="what to train (see `un0-bench list`), or all")
     t.add_argument("--steps", type=_positive_int, default=None, help="training steps (default: the shipped run's)")
@@ -128,17 +135,26 @@ def cmd_list(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from harness.registry import BACKBONES, GENERATORS, METERS, TRAINERS
+    from harness.registry import BACKBONES, GENERATORS, METERS, PIPELINE_GENERATORS, TRAINERS
     from harness.runner import make_meter
 
-    console = Console()
-    for title, reg in (("generators", GENERATORS), ("backbones", BACKBONES), ("training targets", TRAINERS)):
+    console = Console(width=160)
+    for title, reg in (("generators (digits)", GENERATORS), ("generators on diffusers:PATH", PIPELINE_GENERATORS),
+                       ("backbones", BACKBONES), ("training targets", TRAINERS)):
         table = Table(title=title, show_lines=False)
         table.add_column("name")
         table.add_column("what it is")
         for e in reg:
             table.add_row(e.name, e.summary)
         console.print(table)
+    from baselines.pipeline_techniques import NOT_SUPPORTED
+
+    table = Table(title="not available on diffusers:PATH, and why")
+    table.add_column("name")
+    table.add_column("why")
+    for name, why in NOT_SUPPORTED.items():
+        table.add_row(name, why)
+    console.print(table)
     table = Table(title="meters on this host")
     table.add_column("name")
     table.add_column("status")
@@ -175,12 +191,19 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from harness.runner import RunConfig, Runner
 
     out = args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    is_pipeline = args.backbone.partition(":")[0] == "diffusers"
+    options = {k: v for k, v in (("device", args.device), ("dtype", args.dtype), ("prompts_file", args.prompts))
+               if v is not None}
+    if options and not is_pipeline:
+        raise UserError(f"--{next(iter(options)).replace('_file', 's')} applies to diffusers:PATH backbones only")
+    if args.clip and not is_pipeline:
+        raise UserError("--clip applies to diffusers:PATH backbones only (digits quality uses its own judge)")
     cfg = RunConfig(models=args.models, out=out, backbone=args.backbone, meters=args.meters, images=args.images,
                     batch_sizes=args.batch_size, seed=args.seed, min_repeats=args.min_repeats,
                     max_repeats=args.max_repeats, min_duration_s=args.min_duration, warmup=args.warmup,
                     idle_s=args.idle, quality_samples=args.quality_samples, reference=args.reference,
                     fid_ratio=args.fid_ratio, accuracy_drop=args.accuracy_drop, pue=args.pue,
-                    lifetime_images=args.lifetime_images)
+                    lifetime_images=args.lifetime_images, backbone_options=options, clip=args.clip)
     with Progress(transient=True) as bar:
         task = bar.add_task("measuring", total=None)
 
@@ -255,6 +278,13 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_make_tiny_pipeline(args: argparse.Namespace) -> int:
+    from backbones.tiny_pipeline import make_tiny_pipeline
+
+    print(f"tiny pipeline written: {make_tiny_pipeline(args.dir)}")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from harness.registry import TRAINERS
 
@@ -273,7 +303,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"list": cmd_list, "compare": cmd_compare, "report": cmd_report, "train": cmd_train, "check": cmd_check}
+COMMANDS = {"list": cmd_list, "compare": cmd_compare, "report": cmd_report, "train": cmd_train, "check": cmd_check,
+            "make-tiny-pipeline": cmd_make_tiny_pipeline}
 
 
 def main(argv: list[str] | None = None) -> int:

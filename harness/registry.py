@@ -96,6 +96,8 @@ class Registry:
 
 GENERATORS = Registry("generator", entry_point_group="un0_bench.generators")
 BACKBONES = Registry("backbone")
+#: Generators on ``diffusers:PATH`` backbones: the same technique names, applied to a pipeline's denoiser.
+PIPELINE_GENERATORS = Registry("generator on diffusers backbones")
 METERS = Registry("meter")
 #: ``un0-bench train TARGET``: functions taking ``steps``, ``seed``, ``out`` and returning metadata.
 TRAINERS = Registry("training target")
@@ -115,6 +117,18 @@ GENERATORS.register("un0", "un0_impl.gated:build", "Un-0 reading 1: neuron-gated
 GENERATORS.register("un0-osc", "un0_impl.oscillator:build", "Un-0 reading 2: coupled Kuramoto oscillators")
 
 BACKBONES.register("digits", "backbones.digits:DigitsBackbone", "sklearn handwritten digits, 16x16, CPU")
+BACKBONES.register("diffusers", "backbones.pipeline:PipelineBackbone",
+                   "diffusers:PATH, a text-to-image pipeline folder (Stable Diffusion and kin)")
+
+_PT = "baselines.pipeline_techniques"
+PIPELINE_GENERATORS.register("sd", f"{_PT}:build_sd", "the pipeline as loaded, its own scheduler")
+PIPELINE_GENERATORS.register("sd-fp16", f"{_PT}:build_fp16", "denoiser in float16")
+PIPELINE_GENERATORS.register("sd-bf16", f"{_PT}:build_bf16", "denoiser in bfloat16")
+PIPELINE_GENERATORS.register("sd-int8", f"{_PT}:build_int8", "int8 linears (torchao on CUDA, torch._int_mm on CPU)")
+PIPELINE_GENERATORS.register("sd-cached", f"{_PT}:build_cached", "DeepCache-style reuse of deep UNet blocks")
+PIPELINE_GENERATORS.register("sd-pruned-unstructured", f"{_PT}:build_pruned_unstructured",
+                             "magnitude pruning, dense kernels (zero savings)")
+PIPELINE_GENERATORS.register("un0", f"{_PT}:build_un0", "contextual sparsity: gated feed-forward units per prompt")
 
 METERS.register("wall", "harness.meters.wall:WallMeter", "monotonic clock; time only")
 METERS.register("proxy", "harness.meters.proxy:ProxyMeter", "counted ops x energy per op (deterministic)")

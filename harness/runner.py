@@ -23,7 +23,7 @@ from harness.errors import UserError
 from harness.generator import GenerationRequest, GenerationResult, Generator
 from harness.ledger import find_reference, ledger
 from harness.meters.base import Meter, MeterUnavailable, Reading, unavailable
-from harness.registry import BACKBONES, GENERATORS, METERS, Registry
+from harness.registry import BACKBONES, GENERATORS, METERS, PIPELINE_GENERATORS, Registry
 from harness.results import ResultStore, check_writable
 from harness.spec import ModelSpec, bind
 from harness.stats import median_ci95
@@ -52,6 +52,9 @@ class RunConfig:
         accuracy_drop: ... and accuracy at most this much (a fraction) below the reference's.
         pue: Power usage effectiveness for the ledger's facility boundary.
         lifetime_images: Images a model serves over its life (amortises its training energy).
+        backbone_options: Keyword options for the backbone (diffusers: ``device``, ``dtype``,
+            ``prompts_file``).
+        clip: Local CLIP model folder for quality on pipeline backbones (``None``: not measured).
     """
 
     models: list[str]
@@ -70,6 +73,8 @@ class RunConfig:
     reference: str = "sd"
     pue: float = 1.56
     lifetime_images: int = 1_000_000
+    backbone_options: dict[str, Any] = field(default_factory=dict)
+    clip: str | None = None
     fid_ratio: float = 1.25
     accuracy_drop: float = 0.03
 
@@ -92,15 +97,25 @@ class RunConfig:
 
 
 # --- building things from names -------------------------------------------------------------------
-def load_backbone(text: str, registry: Registry = BACKBONES) -> Backbone:
+def load_backbone(text: str, registry: Registry = BACKBONES, **options: Any) -> Backbone:
     name, _, arg = text.partition(":")
-    return registry.get(name)(arg or None)
+    return registry.get(name)(arg or None, **options)
+
+
+def generators_for(backbone_text: str, default: Registry = GENERATORS) -> Registry:
+    """The generator registry of a backbone kind: pipelines have their own versions of the techniques."""
+    return PIPELINE_GENERATORS if backbone_text.partition(":")[0] == "diffusers" else default
 
 
 def generator_factory(
     spec: ModelSpec, registry: Registry = GENERATORS
 ) -> tuple[Callable[..., Generator], dict[str, Any]]:
     """The factory for ``spec`` and its validated parameters (raises on unknown names or bad values)."""
+    if registry is PIPELINE_GENERATORS and spec.name not in registry:
+        from baselines.pipeline_techniques import NOT_SUPPORTED
+
+        if spec.name in NOT_SUPPORTED:
+            raise UserError(f"{spec.name} is not available on diffusers backbones: {NOT_SUPPORTED[spec.name]}")
     factory = registry.get(spec.name)
     return factory, bind(spec, getattr(factory, "params", {}))
 
@@ -288,16 +303,17 @@ class Runner:
                  generators: Registry = GENERATORS, meters: Registry = METERS, backbones: Registry = BACKBONES) -> None:
         config.validate()
         self.config = config
-        self.generators, self.meters, self.backbones = generators, meters, backbones
+        self.generators = generators_for(config.backbone, generators)
+        self.meters, self.backbones = meters, backbones
         self.store = ResultStore(config.out)
         self.on_event = on_event or (lambda kind, info: None)
         # Check everything that can be checked before any work starts.
         self.meter_names = resolve_meters(config.meters, meters)
         self.specs = [ModelSpec.parse(m) for m in config.models]
         for spec in self.specs:
-            generator_factory(spec, generators)
+            generator_factory(spec, self.generators)
         if config.quality_samples:
-            generator_factory(ModelSpec.parse(config.reference), generators)
+            generator_factory(ModelSpec.parse(config.reference), self.generators)
         self._quality_cache: dict[str, dict[str, Any]] | None = None
         backbones.entry(config.backbone.partition(":")[0])
         check_writable(config.out)
@@ -323,7 +339,7 @@ class Runner:
         self.on_event("plan", {"cells": len(todo), "meters": self.meter_names})
         if not todo:
             return []
-        backbone = load_backbone(cfg.backbone, self.backbones)
+        backbone = load_backbone(cfg.backbone, self.backbones, **cfg.backbone_options)
         env = environment()
         meters: dict[str, Meter] = {}
         unavailable: dict[str, str] = {}
@@ -382,6 +398,11 @@ class Runner:
             len(windows) < cfg.min_repeats or time.perf_counter() - t_start < cfg.min_duration_s
         ):
             windows.append(metered_window(generator, request, active, counts, min_window))
+        if generator.phases():
+            from baselines.pipeline_techniques import measure_phases
+
+            # Each phase (text encoder, each denoising step, VAE decode, gate) in its own meter window.
+            extra["phases"] = measure_phases(generator, request, active)
         wall = [w.readings["wall"].duration_s / w.images for w in windows if "wall" in w.readings]
         if not wall:
             wall = [next(iter(w.readings.values())).duration_s / w.images for w in windows if w.readings]
@@ -403,7 +424,7 @@ class Runner:
             "derivation_energy": (derivation or {}).get("energy"),
             "derivation_command": (derivation or {}).get("command"),
             "sample_grid": str(grid),
-            **self._quality_fields(spec.text, backbone, generator),
+            **self._quality_fields(spec.text, backbone, generator, first),
             "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         records = []
@@ -423,14 +444,10 @@ class Runner:
     def _quality_file(self) -> Path:
         return self.config.out / "quality.jsonl"
 
-    def _quality(self, model: str, backbone: Backbone, generator: Generator | None = None) -> dict[str, Any] | None:
-        """FID, KID and accuracy of ``model``, computed once per output folder and kept in quality.jsonl."""
+    def _load_quality(self) -> dict[str, dict[str, Any]]:
         import json
-        import os
 
         cfg = self.config
-        if cfg.quality_samples == 0 or backbone.kind != "digits":
-            return None
         if self._quality_cache is None:
             self._quality_cache = {}
             if self._quality_file().exists():
@@ -439,32 +456,69 @@ class Runner:
                         q = json.loads(line)
                     except json.JSONDecodeError:
                         continue  # a torn last line from an interrupted run
-                    if q.get("backbone") == cfg.backbone and q.get("samples") == cfg.quality_samples:
+                    if q.get("backbone") == cfg.backbone and q.get("samples_requested") == cfg.quality_samples:
                         self._quality_cache[q["model"]] = q["quality"]
-        if model not in self._quality_cache:
+        return self._quality_cache
+
+    def _quality(self, model: str, backbone: Backbone, generator: Generator | None = None,
+                 first: GenerationResult | None = None) -> dict[str, Any] | None:
+        """Quality of ``model``, computed once per output folder and kept in quality.jsonl.
+
+        Digits: FID, KID and accuracy over ``quality_samples`` images. Pipelines: CLIP score of the
+        measured images with the local CLIP model given by ``clip`` (never downloaded).
+        """
+        import json
+        import os
+
+        cfg = self.config
+        cache = self._load_quality()
+        if model in cache:
+            return cache[model]
+        if cfg.quality_samples == 0:
+            return None
+        if backbone.kind == "digits":
             from harness.quality import evaluate_generator
 
             self.on_event("quality", {"model": model})
             gen = generator or make_generator(model, backbone, self.generators)
             q = evaluate_generator(gen, n=cfg.quality_samples)
-            with self._quality_file().open("a") as f:
-                f.write(json.dumps({"model": model, "backbone": cfg.backbone, "samples": cfg.quality_samples,
-                                    "quality": q}, sort_keys=True) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            self._quality_cache[model] = q
-        return self._quality_cache[model]
+        elif backbone.kind == "diffusers" and cfg.clip and first is not None:
+            from backbones.pipeline import clip_quality
 
-    def _quality_fields(self, model: str, backbone: Backbone, generator: Generator) -> dict[str, Any]:
+            q = clip_quality(first.images, first.prompts, cfg.clip)
+        else:
+            return None
+        with self._quality_file().open("a") as f:
+            f.write(json.dumps({"model": model, "backbone": cfg.backbone, "samples_requested": cfg.quality_samples,
+                                "quality": q}, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        cache[model] = q
+        return q
+
+    def _quality_fields(self, model: str, backbone: Backbone, generator: Generator,
+                        first: GenerationResult) -> dict[str, Any]:
         cfg = self.config
-        q = self._quality(model, backbone, generator)
+        q = self._quality(model, backbone, generator, first)
         if q is None:
-            why = "--quality-samples 0" if cfg.quality_samples == 0 else f"no evaluator for backbone {backbone.kind}"
+            if cfg.quality_samples == 0:
+                why = "--quality-samples 0"
+            elif backbone.kind == "diffusers":
+                why = "no --clip model given: energy is not quality-matched"
+            else:
+                why = f"no evaluator for backbone {backbone.kind}"
             return {"quality": None, "quality_matched": None, "quality_note": f"not measured ({why})"}
         from harness.quality import quality_matched
 
         ref = self._quality(cfg.reference, backbone)
         band = {"reference": cfg.reference, "fid_ratio": cfg.fid_ratio, "accuracy_drop": cfg.accuracy_drop}
-        matched = quality_matched(q, ref, fid_ratio=cfg.fid_ratio, accuracy_drop=cfg.accuracy_drop)
+        if ref is None:
+            return {"quality": q, "quality_matched": None, "quality_band": band,
+                    "quality_note": f"reference {cfg.reference} has no quality figure in this folder"}
+        if "clip_score" in q:
+            # NB: pipelines have no FID here; matched means a CLIP score at most accuracy_drop (relative)
+            # below the reference's.
+            matched = q["clip_score"] >= (1 - cfg.accuracy_drop) * ref["clip_score"]
+        else:
+            matched = quality_matched(q, ref, fid_ratio=cfg.fid_ratio, accuracy_drop=cfg.accuracy_drop)
         return {"quality": q, "quality_matched": bool(matched), "quality_band": band}
-

@@ -108,7 +108,8 @@ def build_report(out_dir: Path, options: dict[str, Any] | None = None) -> Path:
             "flops_by_dtype": first.get("flops_per_image_by_dtype"), "uncounted_ops": first.get("uncounted_ops") or {},
             "gating_flops": first.get("gating_flops_per_image"), "gating_bytes": first.get("gating_bytes_per_image"),
             "flops": first.get("flops_per_image"), "bytes": first.get("bytes_per_image"),
-            "phases": first.get("phases"), "quality_note": first.get("quality_note"),
+            "phases": first.get("phases"), "phase_images": first.get("images"),
+            "quality_note": first.get("quality_note"),
         })
     context = {
         "records": records,

@@ -1,0 +1,81 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from backbones.digits import load_data
+from backbones.judge import (
+    JUDGE_CONFIG,
+    JUDGE_FILE,
+    build_judge,
+    held_out_accuracy,
+    load_judge,
+    random_shift,
+    train_judge,
+)
+from harness.checkpoints import save_checkpoint
+from harness.errors import CheckpointError
+
+
+def test_shipped_judge_accuracy_is_recorded_and_reproduced():
+    meta = json.loads(JUDGE_FILE.with_suffix(".json").read_text())
+    assert meta["held_out_accuracy"] >= 0.95
+    assert meta["held_out_images"] == 360
+    judge, loaded_meta = load_judge()
+    assert loaded_meta == meta
+    correct, total = held_out_accuracy(judge)
+    assert (correct, total) == (meta["held_out_correct"], meta["held_out_images"])
+    assert correct / total == meta["held_out_accuracy"]
+
+
+def test_shipped_judge_records_how_it_was_made():
+    meta = json.loads(JUDGE_FILE.with_suffix(".json").read_text())
+    assert meta["command"].startswith("un0-bench train judge")
+    assert meta["config"] == JUDGE_CONFIG
+    assert meta["energy"]["proxy"]["status"] == "ok" and meta["energy"]["proxy"]["energy_j"] > 0
+    assert meta["energy"]["wall"]["status"] == "ok"
+    assert meta["data_sha256"] == load_data().sha256
+    assert JUDGE_FILE.stat().st_size < 2 * 1024 * 1024
+
+
+def test_shapes():
+    judge = build_judge().eval()
+    x = torch.zeros(5, 1, 16, 16)
+    assert judge(x).shape == (5, JUDGE_CONFIG["classes"])
+    assert judge.features(x).shape == (5, JUDGE_CONFIG["features"])
+    assert judge.num_features == JUDGE_CONFIG["features"]
+
+
+def test_load_refuses_a_file_for_another_config(tmp_path):
+    other = dict(JUDGE_CONFIG, features=32)
+    path = tmp_path / "judge.safetensors"
+    save_checkpoint(path, {"w": torch.zeros(1)}, {"config": other})
+    with pytest.raises(CheckpointError, match="features: model has 64, file has 32"):
+        load_judge(path)
+
+
+def test_random_shift_moves_each_image_by_at_most_one_pixel():
+    g = torch.Generator().manual_seed(0)
+    x = load_data().train_images[:16]  # (16, 1, 16, 16)
+    y = random_shift(x, 1, g)
+    assert y.shape == x.shape
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1), value=-1.0)
+    shifts = [padded[:, :, dy : dy + 16, dx : dx + 16] for dy in range(3) for dx in range(3)]
+    for i in range(16):
+        assert any(torch.equal(y[i], s[i]) for s in shifts)
+    assert torch.equal(random_shift(x, 0, g), x)
+
+
+def test_training_is_seeded_and_writes_metadata(tmp_path):
+    a = train_judge(steps=3, seed=1, out=tmp_path / "a.safetensors")
+    train_judge(steps=3, seed=1, out=tmp_path / "b.safetensors")
+    wa, wb = load_file(str(tmp_path / "a.safetensors")), load_file(str(tmp_path / "b.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert a["command"] == "un0-bench train judge --steps 3 --seed 1"
+    assert a["train"]["steps"] == 3 and a["train"]["seed"] == 1
+    assert 0.0 <= a["held_out_accuracy"] <= 1.0
+    # Proxy: the counted step x 3 steps.
+    assert a["energy"]["proxy"]["flops"] > 0 and a["energy"]["proxy"]["flops"] % 3 == 0
+    judge, _ = load_judge(tmp_path / "a.safetensors")
+    assert held_out_accuracy(judge)[0] == a["held_out_correct"]

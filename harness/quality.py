@@ -6,6 +6,11 @@ with the judge's penultimate layer as a custom feature extractor (the role Incep
 photographs); conditional accuracy is the share of images the judge reads as the digit their prompt
 named. Energy is compared at matched quality: :func:`quality_matched` says whether a result is
 within the band of a reference result.
+
+Scale of the numbers (shipped judge, n = 1000, seed 500,000): FID 24.7 for uniform noise, 5.2 for
+the teacher at 2 DDIM steps, 0.27 at 10 steps, 0.21 at 50 steps, 0.003 for held-out real digits.
+FID is biased upwards at small n, so compare results evaluated with the same n. KID is unbiased: it
+scatters around 0 (and can be negative) for sets close to the real one.
 """
 
 from __future__ import annotations
@@ -146,9 +151,10 @@ def evaluate(images01: torch.Tensor, labels: torch.Tensor, *, judge: nn.Module |
             360 real images.
 
     Returns:
-        ``fid`` (float64 arithmetic; 0 for identical distributions), ``kid`` and ``kid_std`` (mean and
-        standard deviation over random subsets, seeded), ``accuracy`` (0..1: share of images the
-        judge reads as the prompted digit), ``samples`` (N), ``kid_subset_size`` and ``real_samples``.
+        ``fid`` (float64 arithmetic, in units of the scaled features; 0 for identical sets),
+        ``kid`` and ``kid_std`` (mean and standard deviation over random subsets, seeded),
+        ``accuracy`` (0..1: share of images the judge reads as the prompted digit), ``samples``
+        (N), ``kid_subset_size`` and ``real_samples``.
     """
     _check_images(images01, labels)
     judge = judge if judge is not None else default_judge()

@@ -76,10 +76,11 @@ def test_noise_ranks_far_below_real():
 def test_custom_judge_is_used():
     images, labels = real_images()
     untrained = build_judge().eval()
-    q = evaluate(images[:100], labels[:100], judge=untrained)
-    # The same real images against themselves: FID stays ~0 in any feature space.
-    assert q["fid"] < 1e-6
+    q = evaluate(images, labels, judge=untrained)
+    # The real images against themselves: FID stays ~0 in any feature space.
+    assert abs(q["fid"]) < 1e-6
     assert q["accuracy"] < 0.5  # an untrained classifier is no judge
+    assert not torch.allclose(features(images[:5], judge=untrained), features(images[:5]))
 
 
 @pytest.mark.parametrize(
@@ -126,7 +127,7 @@ def test_quality_band():
 # --- sensitivity on the shipped teacher --------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def sd_quality(steps: int, n: int = 200) -> dict:
     from baselines.diffusion import build
 
@@ -134,16 +135,23 @@ def sd_quality(steps: int, n: int = 200) -> dict:
 
 
 def test_fid_ranks_noise_above_few_step_above_more_steps():
-    noise = evaluate_generator(build_noise(DigitsBackbone()), n=200)
-    two, many = sd_quality(2), sd_quality(10)
-    assert noise["fid"] > 5 * two["fid"]
-    assert two["fid"] > 1.25 * many["fid"]
-    assert many["accuracy"] >= 0.9
+    backbone = DigitsBackbone()
+    noise = evaluate_generator(build_noise(backbone), n=200)
+    real = evaluate_generator(build_real(backbone), n=200)
+    two, ten = sd_quality(2), sd_quality(10)
+    # Measured at n=1000 (seed 500,000): noise 24.7, sd:steps=2 5.2, sd:steps=10 0.27, real 0.003.
+    assert noise["fid"] > 3 * two["fid"]
+    assert two["fid"] > 5 * ten["fid"]
+    assert ten["fid"] < 0.1 * noise["fid"] and ten["fid"] < 1.0
+    assert ten["fid"] > real["fid"]
+    # Accuracy moves far less than FID: FID is the sharper gate.
+    assert ten["accuracy"] >= 0.95 and two["accuracy"] >= 0.6
 
 
 @pytest.mark.slow
 def test_full_sampler_is_near_real():
+    # 200 images x 50 steps of the teacher: slow on a shared CPU.
     real = evaluate_generator(build_real(DigitsBackbone()), n=200)
-    full, two = sd_quality(50), sd_quality(2)
-    assert full["fid"] < two["fid"]
-    assert full["accuracy"] >= real["accuracy"] - 0.05
+    full, ten = sd_quality(50), sd_quality(10)
+    assert full["fid"] < 1.25 * ten["fid"] and full["fid"] < 1.0
+    assert full["accuracy"] >= real["accuracy"] - 0.03

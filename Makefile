@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # satisfied and pip never pulls a multi-GB CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: install bench test lint clean browser
+.PHONY: install bench test test-all lint clean browser
 
 install: $(STAMP)
 
@@ -30,6 +30,10 @@ browser:
 
 test: $(STAMP) browser
 	$(PY) -m pytest -q
+
+# Also the tests marked slow (full-size quality checks); `make test` deselects them.
+test-all: $(STAMP) browser
+	$(PY) -m pytest -q -m "not gpu"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -1,0 +1,170 @@
+import json
+
+import pytest
+import torch
+
+from harness.counters.ops import OpCounter
+from harness.errors import SpecError
+from harness.generator import GenerationRequest, image_noise
+from harness.runner import generator_factory
+from harness.spec import ModelSpec
+from tests.contract import GeneratorContract
+from un0_impl.gated import UN0_FILE, Un0Generator, Un0Net, build, train_un0
+
+TINY = dict(image_dim=256, dim=16, hidden=64, blocks=2, embed=8, classes=10, max_steps=4)
+
+
+def tiny_net(seed: int = 0) -> Un0Net:
+    torch.manual_seed(seed)
+    net = Un0Net.from_config(TINY)
+    with torch.no_grad():
+        net.mlp.w2t.mul_(20.0)  # far from the identity, so a wrong unit or group would show
+        net.step_bias.normal_()
+    return net
+
+
+class TestUn0Contract(GeneratorContract):
+    @pytest.fixture
+    def generator(self):
+        return Un0Generator(tiny_net(), keep=0.1, steps=2)
+
+
+@pytest.mark.parametrize(("keep", "steps"), [(1.0, 1), (0.1, 1), (0.1, 4), (0.02, 3)])
+def test_compact_subnet_equals_dense_masked(keep, steps):
+    net = tiny_net()
+    z = torch.randn(6, 256)
+    labels = torch.tensor([3, 3, 7, 1, 7, 0])
+    with torch.no_grad():
+        ref = net.forward_masked(z, labels, keep, steps)
+        gen = Un0Generator(net, keep=keep, steps=steps)
+        got = torch.cat([gen.subnet(int(lab))(z[i : i + 1], steps) for i, lab in enumerate(labels)])
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_keep_selects_per_prompt_units():
+    gen = Un0Generator(tiny_net(), keep=0.1)
+    a, b = gen.subnet(3), gen.subnet(7)
+    assert a.kept == 6  # round(0.1 * 64)
+    assert a.mlp.index.shape == (2, 6)
+    assert not torch.equal(a.mlp.index, b.mlp.index)  # different prompts, different units
+
+
+def test_cache_hits_misses_and_cold_vs_warm_gating():
+    gen = Un0Generator(tiny_net(), keep=0.1, steps=1)
+    req = GenerationRequest(("3", "7", "digit 3", "1"), seed=0, batch_size=4)
+    with OpCounter() as c:
+        cold = gen.generate(req)
+    cold_counts = c.counts(images=4)
+    assert cold.info["cache_misses"] == 3 and cold.info["cache_hits"] == 0
+    assert cold_counts.flops("gating") > 0 and cold_counts.bytes_moved("gating") > 0
+    with OpCounter() as c:
+        warm = gen.generate(req)
+    warm_counts = c.counts(images=4)
+    assert warm.info["cache_misses"] == 0 and warm.info["cache_hits"] == 3
+    # A hit is a dict lookup: no op runs in the gating role.
+    assert warm_counts.flops("gating") == 0 and warm_counts.bytes_moved("gating") == 0
+    assert warm_counts.flops("compute") == cold_counts.flops("compute")
+    stats = gen.cache_stats()
+    assert (stats["hits"], stats["misses"], stats["entries"]) == (3, 3, 3)
+    # Per entry, 2 blocks x k=6 units: w1 and w2t rows of 16 floats, b1, plus the int64 index
+    # (2 x 6 x 8 B) and the (4, 16) folded biases: 2*(6*16*4*2 + 6*4) + 96 + 256 = 1936 bytes.
+    assert stats["bytes"] == 3 * 1936
+    gen.reset_cache()
+    assert gen.cache_stats()["entries"] == 0
+    with OpCounter() as c:
+        again = gen.generate(req)
+    assert again.info["cache_misses"] == 3 and c.counts(images=4).flops("gating") == cold_counts.flops("gating")
+    torch.testing.assert_close(again.images, cold.images, rtol=0, atol=0)
+
+
+def test_mixed_prompt_batch_is_grouped_by_prompt():
+    gen = Un0Generator(tiny_net(), keep=0.1, steps=2)
+    prompts = ("3", "7", "3", "1", "7", "3")
+    with OpCounter() as c:
+        mixed = gen.generate(GenerationRequest(prompts, seed=5, batch_size=6)).images
+    # One compact sub-network call per distinct prompt: one noise projection (mm) per group.
+    mm_calls = sum(s.calls for s in c.counts(images=6).stats if s.op == "aten.mm.default")
+    assert mm_calls == 3
+    # Each image equals the image of its prompt generated alone (image i uses seed + i).
+    for i, p in enumerate(prompts):
+        alone = gen.generate(GenerationRequest((p,), seed=5 + i, batch_size=1)).images[0]
+        torch.testing.assert_close(mixed[i], alone, rtol=0, atol=1e-5)
+
+
+def test_steps_scale_the_compute():
+    net = tiny_net()
+    req = GenerationRequest(("2",), seed=0, batch_size=1)
+    flops = {}
+    for steps in (1, 2, 4):
+        gen = Un0Generator(net, keep=0.5, steps=steps)
+        gen.generate(req)  # warm the cache: count compute only
+        with OpCounter() as c:
+            gen.generate(req)
+        flops[steps] = c.counts(images=1).flops("compute")
+    # Step 1 skips the x projection (2 * 256 * 16 = 8192 FLOPs) and its add; later steps pay them.
+    step_cost = flops[2] - flops[1]
+    assert flops[4] - flops[2] == 2 * step_cost
+    assert step_cost > flops[1] - flops[1] // 2  # a later step costs more than half of the first
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("un0:keep=0", "keep must be a number > 0 and <= 1"),
+    ("un0:keep=1.5", "keep must be a number > 0 and <= 1"),
+    ("un0:keep=-0.1", "keep must be a number > 0 and <= 1"),
+    ("un0:steps=0", "steps must be an integer >= 1 and <= 4"),
+    ("un0:steps=5", "steps must be an integer >= 1 and <= 4"),
+    ("un0:steps=1.5", "steps must be an integer >= 1 and <= 4"),
+])
+def test_bad_params_refused_with_valid_range(spec, message):
+    with pytest.raises(SpecError, match=message):
+        generator_factory(ModelSpec.parse(spec))
+
+
+def test_generator_refuses_bad_params_directly():
+    with pytest.raises(ValueError, match="keep must be"):
+        Un0Generator(tiny_net(), keep=0.0)
+    with pytest.raises(ValueError, match="steps must be"):
+        Un0Generator(tiny_net(), steps=0)
+
+
+def test_describe():
+    d = Un0Generator(tiny_net(), keep=0.1, steps=3).describe()
+    assert json.loads(json.dumps(d)) == d
+    assert (d["technique"], d["keep"], d["steps"], d["kept_units_per_block"]) == ("gated-sparse", 0.1, 3, 6)
+
+
+def test_trainer_writes_loadable_fp16_weights(tmp_path, monkeypatch):
+    import harness.training as training
+
+    # Keep the test fast: no whole-host meters (their startup dominates a two-step run).
+    monkeypatch.setattr(training, "_TRAINING_METERS", ("wall",))
+    n = 100
+    g = torch.Generator().manual_seed(0)
+    pairs = (torch.randn(n, 1, 16, 16, generator=g), torch.arange(n) % 10,
+             torch.rand(n, 1, 16, 16, generator=g) * 2 - 1)
+    out = tmp_path / "un0.safetensors"
+    meta = train_un0(steps=2, seed=1, out=out, config=TINY, pairs=pairs)
+    assert meta["config"] == TINY and meta["energy"]["proxy"]["energy_j"] > 0
+    assert meta["train"]["steps"] == 2 and "un0-bench train un0 --steps 2 --seed 1" == meta["command"]
+    from harness.checkpoints import load_checkpoint
+
+    state, _ = load_checkpoint(out, expected_config=TINY)
+    assert state["mlp.w1"].dtype == torch.float16 and state["gate.score.weight"].dtype == torch.float16
+    assert state["z_in.weight"].dtype == torch.float32
+    net = Un0Net.from_config(TINY)
+    net.load_state_dict({k: v.float() for k, v in state.items()})
+    img = Un0Generator(net).generate(GenerationRequest(("4",), seed=0, batch_size=1)).images
+    assert img.shape == (1, 1, 16, 16)
+
+
+@pytest.mark.skipif(not UN0_FILE.is_file(), reason="shipped un0 weights not trained yet")
+def test_shipped_weights_build_and_generate():
+    from backbones.digits import DigitsBackbone
+
+    gen = build(DigitsBackbone(), keep=0.1, steps=1)
+    assert gen.derivation()["energy"]["proxy"]["energy_j"] > 0
+    out = gen.generate(GenerationRequest(("0", "5"), seed=0, batch_size=2))
+    assert out.images.shape == (2, 1, 16, 16)
+    z = image_noise(0, 0, 2, (1, 16, 16)).flatten(1)
+    ref = gen.net.forward_masked(z, torch.tensor([0, 5]), 0.1, 1)
+    torch.testing.assert_close(out.images.flatten(1), ((ref + 1) / 2).clamp(0, 1), rtol=1e-4, atol=1e-4)

@@ -1,0 +1,381 @@
+"""``sd-pruned`` and ``sd-pruned-unstructured``: two ways to remove half of the teacher's weights.
+
+* ``sd-pruned`` (structured): half of the channels of every prunable layer group are removed with
+  torch-pruning (magnitude importance, the same ratio in every group), so every convolution and
+  linear layer really is smaller, then the pruned network is fine-tuned back towards the teacher
+  (``un0-bench train sd-pruned``). Halving both the input and output channels of a convolution
+  divides its multiply-adds by about four, and that is what the counter and the clock see.
+* ``sd-pruned-unstructured``: the smallest-magnitude half of every convolution and linear weight is
+  set to zero, and the network still runs dense kernels. It does exactly the work of ``sd``: the
+  zeros are multiplied like any other number. It is here to show, with numbers, that sparsity saves
+  nothing unless a kernel skips it. No training: it is derived from the teacher when built.
+
+The pruned architecture is not ``UNET_CONFIG``. The shipped checkpoint's config records the base
+config and the pruning recipe; :func:`load_pruned` rebuilds the exact architecture by re-running
+the pruning on a freshly built base network (with ratio-per-group pruning, the resulting shapes
+depend only on the architecture and the recipe, not on the weights) and then loads the fine-tuned
+weights, refusing any shape that does not match.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from backbones.base import Backbone
+from backbones.digits import WEIGHTS_DIR, load_data
+from baselines.diffusion import STEPS, DiffusionGenerator, require_digits
+from harness.checkpoints import load_checkpoint, save_checkpoint
+from harness.errors import CheckpointError
+from harness.generator import Generator
+from harness.spec import takes
+from harness.training import metered_training, progress, training_metadata
+
+#: Structured pruning recipe. Part of the checkpoint's config: the architecture is rebuilt from it.
+PRUNING: dict[str, Any] = {
+    "method": "torch-pruning MetaPruner",
+    "importance": "magnitude (L2 norm of each channel group)",
+    "ratio": 0.5,
+    "global_pruning": False,  # the same ratio in every group, so the shapes do not depend on weights
+    "round_to": None,
+    "attention": "head dimensions pruned alike in every head; head count kept",
+    "ignored": ["conv_out"],  # the network must still predict one noise channel
+}
+
+#: Unstructured pruning: the fraction of each convolution and linear weight set to zero.
+UNSTRUCTURED_RATIO = 0.5
+
+PRUNED_FILE = WEIGHTS_DIR / "sd-pruned.safetensors"
+
+#: Fine-tuning of the pruned teacher (the shipped run).
+# Loss: distil_weight * MSE(student eps, teacher eps) + (1 - distil_weight) * MSE(student eps, noise),
+# both on the same noised training digit. Matching the teacher's output is a lower-variance target
+# than the noise alone, so the pruned network recovers in fewer steps.
+FINETUNE_DEFAULTS: dict[str, Any] = {"steps": 800, "batch_size": 128, "lr": 1e-3, "ema_decay": 0.99,
+                                     "distil_weight": 0.5, "seed": 0}
+
+
+# ---------------------------------------------------------------------------------------------
+# Structured pruning
+# ---------------------------------------------------------------------------------------------
+
+
+def pruned_config(base_config: dict[str, Any], pruning: dict[str, Any] = PRUNING) -> dict[str, Any]:
+    """The config a pruned checkpoint records: the base ``UNet2DModel`` config plus the recipe.
+
+    Normalised through JSON (tuples become lists), so it compares equal to what a metadata file holds.
+    """
+    return json.loads(json.dumps({"base": base_config, "pruning": pruning}))
+
+
+def _example_inputs(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+    cfg = unet.config
+    inputs = {"sample": torch.zeros(1, cfg.in_channels, cfg.sample_size, cfg.sample_size),  # (1, C, H, W)
+              "timestep": torch.tensor([500])}
+    if cfg.num_class_embeds is not None:
+        inputs["class_labels"] = torch.tensor([0])
+    return inputs
+
+
+def prune_channels(unet: torch.nn.Module, pruning: dict[str, Any] = PRUNING) -> torch.nn.Module:
+    """Remove ``pruning["ratio"]`` of the channels of ``unet`` (a diffusers ``UNet2DModel``), in place.
+
+    torch-pruning traces the network and prunes coupled layers together: a convolution's output
+    channels with the GroupNorm, time-embedding projection and next convolution that read them,
+    skip connections with both ends of the concatenation, and an attention block's query, key,
+    value and output projections (head dimensions pruned alike in each head, so the head count and
+    the reshape into heads stay valid). GroupNorm channels are pruned group-aligned (the same
+    positions in every group), so ``num_groups`` still divides the channel count. The time and
+    class embeddings (width 128 in the teacher) are pruned with the projections that read them.
+
+    Args:
+        unet: The network to prune; its weights decide which channels go (smallest L2 norm).
+        pruning: The recipe (see :data:`PRUNING`); only the documented recipe is implemented.
+
+    Returns:
+        ``unet``, pruned.
+    """
+    import torch_pruning as tp
+    from diffusers.models.attention_processor import Attention
+    from diffusers.models.downsampling import Downsample2D
+    from diffusers.models.upsampling import Upsample2D
+
+    if pruning["global_pruning"] or pruning["round_to"] is not None or pruning["ignored"] != ["conv_out"]:
+        raise ValueError(f"only the documented recipe is implemented, got {pruning}")
+    ratio = pruning["ratio"]
+    if not 0.0 < ratio < 1.0:
+        raise ValueError(f"pruning ratio must be in (0, 1), got {ratio}")
+    heads: dict[torch.nn.Module, int] = {}
+    for m in unet.modules():
+        if isinstance(m, Attention):
+            heads.update({m.to_q: m.heads, m.to_k: m.heads, m.to_v: m.heads})
+    was_training = unet.training
+    # torch-pruning finds the coupled layers through the autograd graph of a traced forward: with
+    # frozen weights (a loaded teacher) it would find nothing and prune nothing.
+    frozen = {name for name, p in unet.named_parameters() if not p.requires_grad}
+    unet.requires_grad_(True)
+    parameters_before = sum(p.numel() for p in unet.parameters())
+    pruner = tp.pruner.MetaPruner(
+        unet.eval(), example_inputs=_example_inputs(unet), importance=tp.importance.MagnitudeImportance(p=2),
+        pruning_ratio=ratio, global_pruning=False, round_to=None, ignored_layers=[unet.conv_out],
+        num_heads=heads, prune_num_heads=False, prune_head_dims=True,
+        output_transform=lambda out: out.sample,
+    )
+    with torch.no_grad():
+        pruner.step()
+    for name, p in unet.named_parameters():
+        p.requires_grad_(name not in frozen)
+    if sum(p.numel() for p in unet.parameters()) >= parameters_before:
+        raise RuntimeError("torch-pruning removed no channels (was the traced forward's graph empty?)")
+    # diffusers' resamplers assert the input's channel count against these attributes.
+    for m in unet.modules():
+        if isinstance(m, (Downsample2D, Upsample2D)):
+            m.channels = m.conv.in_channels
+            m.out_channels = m.conv.out_channels
+    for m in unet.modules():
+        if isinstance(m, torch.nn.GroupNorm) and m.num_channels % m.num_groups:
+            raise RuntimeError(f"pruning left a GroupNorm with {m.num_channels} channels in {m.num_groups} groups")
+    return unet.train(was_training)
+
+
+def pruned_architecture(base_config: dict[str, Any], pruning: dict[str, Any] = PRUNING) -> torch.nn.Module:
+    """A network with the shapes :func:`prune_channels` gives ``base_config`` (weights meaningless)."""
+    from diffusers import UNet2DModel
+
+    return prune_channels(UNet2DModel(**copy.deepcopy(base_config)), pruning)
+
+
+def load_pruned(path: Path = PRUNED_FILE, base_config: dict[str, Any] | None = None,
+                pruning: dict[str, Any] = PRUNING) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The fine-tuned pruned network in eval mode, with its metadata.
+
+    Refuses a file whose recorded config (base config + pruning recipe) is not the expected one,
+    and a file whose tensors do not have the rebuilt architecture's shapes.
+    """
+    if base_config is None:
+        from backbones.teacher import UNET_CONFIG
+
+        base_config = UNET_CONFIG
+    state, meta = load_checkpoint(path, expected_config=pruned_config(base_config, pruning))
+    unet = pruned_architecture(base_config, pruning)
+    expected = unet.state_dict()
+    wrong = [f"{k}: model {tuple(v.shape)}, file {tuple(state[k].shape)}"
+             for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if wrong or missing or extra:
+        raise CheckpointError(f"{path}: tensors do not fit the pruned architecture (shape mismatches: "
+                              f"{wrong[:3]}; missing: {missing[:3]}; unexpected: {extra[:3]})")
+    unet.load_state_dict(state)
+    return unet.eval().requires_grad_(False), meta
+
+
+def channel_widths(unet: torch.nn.Module) -> dict[str, int]:
+    """Output channels of every convolution and linear layer, by module path (for describe())."""
+    return {name: m.weight.shape[0] for name, m in unet.named_modules()
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))}
+
+
+class PrunedGenerator(DiffusionGenerator):
+    """DDIM on a channel-pruned (physically smaller) teacher."""
+
+    technique = "structured-pruning"
+
+    def __init__(self, unet: torch.nn.Module, steps: int, metadata: dict[str, Any] | None = None,
+                 base_parameters: int | None = None) -> None:
+        super().__init__(unet, steps=steps, metadata=metadata)
+        self.base_parameters = base_parameters
+
+    def describe(self) -> dict[str, Any]:
+        d = super().describe()
+        d["pruning"] = {k: PRUNING[k] for k in ("method", "importance", "ratio", "attention")}
+        d["kernels"] = "dense, on smaller tensors"
+        if self.base_parameters:
+            d["parameters_vs_teacher"] = d["parameters"] / self.base_parameters
+        widths = channel_widths(self.unet)
+        d["conv_in_channels_out"] = widths.get("conv_in")
+        return d
+
+
+@takes(steps=STEPS)
+def build_structured(backbone: Backbone, steps: int) -> Generator:
+    """``sd-pruned``: the 50% channel-pruned, fine-tuned teacher, sampled with DDIM."""
+    from backbones.teacher import build_unet
+
+    require_digits(backbone, "sd-pruned")
+    unet, meta = load_pruned(backbone.weights("sd-pruned"))
+    teacher_parameters = sum(p.numel() for p in build_unet().parameters())
+    return PrunedGenerator(unet, steps=steps, metadata=meta, base_parameters=teacher_parameters)
+
+
+# ---------------------------------------------------------------------------------------------
+# Unstructured pruning
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def magnitude_prune_(unet: torch.nn.Module, ratio: float = UNSTRUCTURED_RATIO) -> dict[str, float]:
+    """Zero the ``ratio`` smallest-magnitude entries of every Conv2d and Linear weight, in place.
+
+    Each layer loses exactly ``floor(ratio * numel)`` entries (ties broken by position, so the result
+    is deterministic). Biases, norms and embeddings are left alone.
+
+    Returns:
+        The fraction of zero weights in each pruned layer, by module path.
+    """
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"unstructured pruning ratio must be in [0, 1), got {ratio}")
+    sparsity = {}
+    for name, m in unet.named_modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+            w = m.weight.view(-1)
+            k = int(ratio * w.numel())
+            w[torch.argsort(w.abs(), stable=True)[:k]] = 0.0
+            sparsity[name] = float((w == 0).sum()) / w.numel()
+    return sparsity
+
+
+def weight_sparsity(unet: torch.nn.Module) -> float:
+    """Fraction of zeros among all Conv2d and Linear weights."""
+    ws = [m.weight for m in unet.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    return sum(int((w == 0).sum()) for w in ws) / sum(w.numel() for w in ws)
+
+
+class UnstructuredGenerator(DiffusionGenerator):
+    """DDIM on the teacher with half of each weight zeroed, run with ordinary dense kernels."""
+
+    technique = "unstructured-pruning"
+
+    def describe(self) -> dict[str, Any]:
+        d = super().describe()
+        d["pruning"] = {"method": "per-layer magnitude (smallest |w| set to zero)", "ratio": UNSTRUCTURED_RATIO,
+                        "layers": "every Conv2d and Linear weight"}
+        d["weight_sparsity"] = weight_sparsity(self.unet)
+        # NB: the counter charges ops by their shapes, so multiplications by zero are counted, as
+        # they are executed: a dense kernel does not skip them.
+        d["kernels"] = "dense (zeros are multiplied)"
+        return d
+
+
+def unstructured_derivation(teacher_meta: dict[str, Any]) -> dict[str, Any]:
+    """Derivation metadata of the unstructured model: the teacher's energy, nothing added."""
+    return {
+        "kind": "digits-unstructured-pruning",
+        "config": {"base": teacher_meta.get("config"), "ratio": UNSTRUCTURED_RATIO},
+        "command": "derived when built: magnitude pruning of the teacher (un0-bench train teacher)",
+        "note": "no training; zeroing half the weights takes milliseconds of CPU, so the derivation "
+                "energy is the teacher's",
+        "energy": {"includes": {"teacher": teacher_meta.get("energy", {})}},
+    }
+
+
+@takes(steps=STEPS)
+def build_unstructured(backbone: Backbone, steps: int) -> Generator:
+    """``sd-pruned-unstructured``: the teacher with 50% of every weight zeroed, dense kernels."""
+    from backbones.teacher import load_teacher
+
+    require_digits(backbone, "sd-pruned-unstructured")
+    unet, teacher_meta = load_teacher(backbone.weights("teacher"))
+    magnitude_prune_(unet)
+    return UnstructuredGenerator(unet, steps=steps, metadata=unstructured_derivation(teacher_meta))
+
+
+# ---------------------------------------------------------------------------------------------
+# Fine-tuning the structured model
+# ---------------------------------------------------------------------------------------------
+
+
+def train_pruned(steps: int | None = None, seed: int | None = None, out: Path | None = None,
+                 batch_size: int = FINETUNE_DEFAULTS["batch_size"], lr: float = FINETUNE_DEFAULTS["lr"],
+                 distil_weight: float = FINETUNE_DEFAULTS["distil_weight"]) -> dict[str, Any]:
+    """Prune the shipped teacher's channels by half, fine-tune, write weights (EMA) and metadata.
+
+    Each step noises a batch of training digits at uniform timesteps and regresses the pruned
+    network's noise prediction onto a mix of the teacher's prediction on the same input and the true
+    noise (see :data:`FINETUNE_DEFAULTS`).
+
+    Args:
+        steps: Fine-tuning steps (default: the shipped run's).
+        seed: Seed of the batches, timesteps and noise.
+        out: Where to write the weights (default: the shipped file).
+        batch_size: Training digits per step.
+        lr: Peak learning rate (one-cycle schedule).
+        distil_weight: Weight of the teacher-matching term, in [0, 1].
+
+    Returns:
+        The metadata written beside the weights.
+    """
+    from backbones.teacher import UNET_CONFIG, load_teacher, make_scheduler
+    from harness.counters.ops import OpCounter
+
+    steps = FINETUNE_DEFAULTS["steps"] if steps is None else steps
+    seed = FINETUNE_DEFAULTS["seed"] if seed is None else seed
+    out = PRUNED_FILE if out is None else Path(out)
+    if not 0.0 <= distil_weight <= 1.0:
+        raise ValueError(f"distil_weight must be in [0, 1], got {distil_weight}")
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    data = load_data()
+    x, y = data.train_images, data.train_labels  # (N, 1, 16, 16) in [-1, 1], (N,)
+    teacher, teacher_meta = load_teacher()
+    scheduler = make_scheduler()
+    decay = FINETUNE_DEFAULTS["ema_decay"]
+    losses: list[float] = []
+
+    with metered_training() as energy:
+        # Pruning is part of the derivation, so it is metered too (it takes well under a second).
+        student = prune_channels(copy.deepcopy(teacher).requires_grad_(True)).train()
+        ema = copy.deepcopy(student).requires_grad_(False)
+        opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=1e-4)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps + 1, pct_start=0.05)
+        advance = progress(steps, "fine-tune sd-pruned")
+
+        def train_step() -> float:
+            idx = torch.randint(0, len(y), (batch_size,), generator=g)
+            x0, labels = x[idx], y[idx]  # (B, 1, 16, 16), (B,)
+            # The noising of backbones.teacher.diffusion_loss, written out so that the teacher and
+            # the student see the same noised input and the student runs once.
+            noise = torch.randn(x0.shape, generator=g)  # (B, 1, 16, 16)
+            t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=g)
+            xt = scheduler.add_noise(x0, noise, t)
+            with torch.no_grad():
+                target = teacher(xt, t, class_labels=labels).sample  # (B, 1, 16, 16)
+            pred = student(xt, t, class_labels=labels).sample
+            loss = distil_weight * F.mse_loss(pred, target) + (1.0 - distil_weight) * F.mse_loss(pred, noise)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return float(loss.detach())
+
+        for step in range(steps):
+            losses.append(train_step())
+            sched.step()
+            with torch.no_grad():
+                for pe, p in zip(ema.parameters(), student.parameters(), strict=True):
+                    pe.lerp_(p, 1.0 - decay)
+            if (step + 1) % 25 == 0 or step == steps - 1:
+                advance((step % 25) + 1, f"loss {sum(losses[-25:]) / len(losses[-25:]):.4f}")
+    with OpCounter() as counter:
+        train_step()
+    energy.add_proxy(counter.counts(images=batch_size), steps)
+    energy.add_parent("teacher", teacher_meta)
+    meta = training_metadata(
+        kind="digits-pruned", config=pruned_config(UNET_CONFIG), energy=energy,
+        extra={
+            "command": f"un0-bench train sd-pruned --steps {steps} --seed {seed}",
+            "train": {"steps": steps, "batch_size": batch_size, "lr": lr, "ema_decay": decay,
+                      "distil_weight": distil_weight, "seed": seed},
+            "parameters": sum(p.numel() for p in ema.parameters()),
+            "teacher_parameters": sum(p.numel() for p in teacher.parameters()),
+            "final_loss": sum(losses[-50:]) / len(losses[-50:]),
+            "data_sha256": data.sha256,
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        },
+    )
+    save_checkpoint(out, ema.state_dict(), meta)
+    return meta

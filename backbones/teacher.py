@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from backbones.digits import IMAGE_SIZE, WEIGHTS_DIR, load_data
 from harness.checkpoints import load_checkpoint, save_checkpoint
-from harness.training import metered_training, progress, training_metadata
+from harness.training import ema_update, metered_training, progress, training_metadata
 
 #: UNet2DModel config. Three resolutions (16, 8, 4), attention at 8x8, 10 class embeddings.
 UNET_CONFIG: dict[str, Any] = {
@@ -103,9 +103,7 @@ def train_teacher(out: Path = TEACHER_FILE, steps: int = TRAIN_DEFAULTS["steps"]
         for step in range(steps):
             losses.append(train_step())
             sched.step()
-            with torch.no_grad():
-                for pe, p in zip(ema.parameters(), unet.parameters(), strict=True):
-                    pe.lerp_(p, 1.0 - decay)
+            ema_update(ema, unet, decay)
             if (step + 1) % 25 == 0 or step == steps - 1:
                 advance((step % 25) + 1, f"loss {sum(losses[-25:]) / len(losses[-25:]):.4f}")
     # Count one more training step (forward, backward, optimizer) for the proxy figure. It changes

@@ -13,10 +13,11 @@ from pathlib import Path
 
 from harness.errors import UserError
 
+# NB: sd-pruned and sd-distilled join the suite once their weights ship (see issue 3's notes).
 DEFAULT_SUITE = [
-    "real", "noise", "sd", "sd:steps=10", "sd:steps=2", "sd-bf16", "sd-int8", "sd-pruned",
-    "sd-pruned-unstructured", "sd-distilled", "sd-distilled:steps=1", "sd-cached",
-    "un0", "un0:keep=0.01", "un0:keep=0.001", "un0-osc",
+    "real", "noise", "sd", "sd:steps=10", "sd:steps=2", "sd-bf16", "sd-int8",
+    "sd-pruned-unstructured", "sd-cached",
+    "un0", "un0:steps=2", "un0:keep=0.01", "un0:keep=0.001", "un0-osc",
 ]
 
 
@@ -26,7 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default=",".join(DEFAULT_SUITE))
     p.add_argument("--meters", default="auto")
     p.add_argument("--images", type=int, default=16)
-    p.add_argument("--quality-samples", type=int, default=1000)
+    # NB: 500 keeps the whole suite near the 10-minute budget on 2 cores; FID reads ~10% higher and
+    # varies ~10% between seeds at 500 (about 2% at 1,000): use --quality-samples 1000 for a close call.
+    p.add_argument("--quality-samples", type=int, default=500)
     p.add_argument("--fresh", action="store_true", help="discard earlier results in --out first")
     args = p.parse_args(argv)
 

@@ -80,6 +80,15 @@ def metered_training() -> Iterator[TrainingEnergy]:
                 meter.close()
 
 
+def ema_update(ema: Any, model: Any, decay: float) -> None:
+    """Move every parameter of ``ema`` towards ``model``'s: ``ema = decay * ema + (1 - decay) * model``."""
+    import torch
+
+    with torch.no_grad():
+        for pe, p in zip(ema.parameters(), model.parameters(), strict=True):
+            pe.lerp_(p, 1.0 - decay)
+
+
 def training_metadata(
     *, kind: str, config: dict[str, Any], energy: TrainingEnergy, extra: dict[str, Any]
 ) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from torch import nn
 
 from backbones.digits import IMAGE_SIZE, WEIGHTS_DIR, load_data
 from harness.checkpoints import load_checkpoint, save_checkpoint
-from harness.training import metered_training, progress, training_metadata
+from harness.training import metered_training, run_steps, training_metadata
 
 #: Architecture. Two conv stages (16 -> 8 -> 4 px), then a ``features``-wide penultimate layer.
 JUDGE_CONFIG: dict[str, Any] = {
@@ -128,8 +128,6 @@ def train_judge(steps: int | None = None, seed: int | None = None, out: Path | N
     judge = build_judge().train()
     opt = torch.optim.AdamW(judge.parameters(), lr=lr, weight_decay=TRAIN_DEFAULTS["weight_decay"])
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    advance = progress(steps, "train judge")
-    losses: list[float] = []
 
     def train_step() -> float:
         idx = torch.randint(0, len(y), (batch_size,), generator=g)
@@ -141,11 +139,7 @@ def train_judge(steps: int | None = None, seed: int | None = None, out: Path | N
 
     cpu0_s = time.process_time()
     with metered_training() as energy:
-        for step in range(steps):
-            losses.append(train_step())
-            sched.step()
-            if (step + 1) % 50 == 0 or step == steps - 1:
-                advance((step % 50) + 1, f"loss {sum(losses[-50:]) / len(losses[-50:]):.4f}")
+        losses = run_steps(train_step, steps, "train judge", scheduler=sched, every=50)
     cpu_s = time.process_time() - cpu0_s
     # Evaluate and snapshot before the counted step below changes the weights.
     judge.eval()

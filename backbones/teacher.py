@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from backbones.digits import IMAGE_SIZE, WEIGHTS_DIR, load_data
 from harness.checkpoints import load_checkpoint, save_checkpoint
-from harness.training import ema_update, metered_training, progress, training_metadata
+from harness.training import ema_update, metered_training, run_steps, training_metadata
 
 #: UNet2DModel config. Three resolutions (16, 8, 4), attention at 8x8, 10 class embeddings.
 UNET_CONFIG: dict[str, Any] = {
@@ -88,8 +88,6 @@ def train_teacher(out: Path = TEACHER_FILE, steps: int = TRAIN_DEFAULTS["steps"]
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
     decay = TRAIN_DEFAULTS["ema_decay"]
-    advance = progress(steps, "train teacher")
-    losses: list[float] = []
 
     def train_step() -> float:
         idx = torch.randint(0, len(y), (batch_size,), generator=g)
@@ -100,12 +98,8 @@ def train_teacher(out: Path = TEACHER_FILE, steps: int = TRAIN_DEFAULTS["steps"]
         return float(loss.detach())
 
     with metered_training() as energy:
-        for step in range(steps):
-            losses.append(train_step())
-            sched.step()
-            ema_update(ema, unet, decay)
-            if (step + 1) % 25 == 0 or step == steps - 1:
-                advance((step % 25) + 1, f"loss {sum(losses[-25:]) / len(losses[-25:]):.4f}")
+        losses = run_steps(train_step, steps, "train teacher", scheduler=sched,
+                           after_step=lambda step: ema_update(ema, unet, decay))
     # Count one more training step (forward, backward, optimizer) for the proxy figure. It changes
     # only the raw weights, not the EMA weights that are saved; a step's cost does not depend on them.
     from harness.counters.ops import OpCounter

@@ -80,6 +80,27 @@ def metered_training() -> Iterator[TrainingEnergy]:
                 meter.close()
 
 
+def run_steps(train_step: Callable[[], float], steps: int, desc: str, *, scheduler: Any = None,
+              after_step: Callable[[int], None] | None = None, every: int = 25) -> list[float]:
+    """Call ``train_step()`` ``steps`` times under a progress bar; returns the losses.
+
+    After each step the learning-rate ``scheduler`` steps and ``after_step(step)`` runs (e.g. an EMA
+    update); the bar shows the mean loss of the last ``every`` steps.
+    """
+    advance = progress(steps, desc)
+    losses: list[float] = []
+    for step in range(steps):
+        losses.append(train_step())
+        if scheduler is not None:
+            scheduler.step()
+        if after_step is not None:
+            after_step(step)
+        if (step + 1) % every == 0 or step == steps - 1:
+            recent = losses[-every:]
+            advance((step % every) + 1, f"loss {sum(recent) / len(recent):.4f}")
+    return losses
+
+
 def ema_update(ema: Any, model: Any, decay: float) -> None:
     """Move every parameter of ``ema`` towards ``model``'s: ``ema = decay * ema + (1 - decay) * model``."""
     import torch

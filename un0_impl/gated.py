@@ -351,7 +351,7 @@ def train_un0(steps: int | None = None, seed: int | None = None, out: Path | Non
     """
     from harness.checkpoints import save_checkpoint
     from harness.counters.ops import OpCounter
-    from harness.training import metered_training, progress, training_metadata
+    from harness.training import ema_update, metered_training, run_steps, training_metadata
 
     cfg = dict(TRAIN_DEFAULTS)
     steps = cfg["steps"] if steps is None else steps
@@ -385,8 +385,6 @@ def train_un0(steps: int | None = None, seed: int | None = None, out: Path | Non
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(steps))
     class_labels = torch.arange(classes)
     unroll = min(cfg["unroll"], config["max_steps"])
-    advance = progress(steps, "train un0")
-    losses: list[float] = []
 
     def train_step() -> float:
         # One row of per_class pairs for every class: the batch is grouped by prompt, as at inference.
@@ -403,16 +401,12 @@ def train_un0(steps: int | None = None, seed: int | None = None, out: Path | Non
         opt.zero_grad(set_to_none=True)
         return float(loss.detach())
 
+    def ema_step(step: int) -> None:
+        # Warm-up of the EMA decay: early averages follow the fast-moving weights more closely.
+        ema_update(ema, net, min(cfg["ema_decay"], (1 + step) / (10 + step)))
+
     with metered_training() as energy:
-        for step in range(steps):
-            losses.append(train_step())
-            sched.step()
-            with torch.no_grad():
-                decay = min(cfg["ema_decay"], (1 + step) / (10 + step))
-                for pe, p in zip(ema.parameters(), net.parameters(), strict=True):
-                    pe.lerp_(p, 1.0 - decay)
-            if (step + 1) % 25 == 0 or step == steps - 1:
-                advance((step % 25) + 1, f"loss {sum(losses[-25:]) / len(losses[-25:]):.4f}")
+        losses = run_steps(train_step, steps, "train un0", scheduler=sched, after_step=ema_step)
     state = {k: (v.half() if k in FP16_STORED else v).clone() for k, v in ema.state_dict().items()}
     fit = _fit_report(ema, z_all, y_all, labels)
     # Count one more training step (forward, backward, optimizer) for the proxy figure; it changes

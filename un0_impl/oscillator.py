@@ -467,7 +467,7 @@ def train_oscillator(steps: int | None = None, seed: int | None = None, out: Pat
     from backbones.teacher import TEACHER_FILE, teacher_pairs
     from harness.checkpoints import load_checkpoint, save_checkpoint
     from harness.counters.ops import OpCounter
-    from harness.training import metered_training, progress, training_metadata
+    from harness.training import metered_training, run_steps, training_metadata
 
     steps = TRAIN_DEFAULTS["steps"] if steps is None else steps
     seed = TRAIN_DEFAULTS["seed"] if seed is None else seed
@@ -484,8 +484,6 @@ def train_oscillator(steps: int | None = None, seed: int | None = None, out: Pat
     net = OscillatorNet(cfg).train()
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
-    advance = progress(steps, f"train un0-osc (n={n})")
-    losses: list[float] = []
 
     def train_step() -> float:
         idx = torch.randint(0, len(labels), (batch_size,), generator=g)
@@ -500,11 +498,7 @@ def train_oscillator(steps: int | None = None, seed: int | None = None, out: Pat
 
     t0 = time.perf_counter()
     with metered_training() as energy:
-        for step in range(steps):
-            losses.append(train_step())
-            sched.step()
-            if (step + 1) % 25 == 0 or step == steps - 1:
-                advance((step % 25) + 1, f"loss {sum(losses[-25:]) / len(losses[-25:]):.4f}")
+        losses = run_steps(train_step, steps, f"train un0-osc (n={n})", scheduler=sched)
     train_s = time.perf_counter() - t0
     # Count one more training step for the proxy figure; it perturbs the weights by one step, so the
     # weights are saved from a copy taken before it.

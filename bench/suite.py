@@ -13,10 +13,9 @@ from pathlib import Path
 
 from harness.errors import UserError
 
-# NB: sd-pruned and sd-distilled join the suite once their weights ship (see issue 3's notes).
 DEFAULT_SUITE = [
-    "real", "noise", "sd", "sd:steps=10", "sd:steps=2", "sd-bf16", "sd-int8",
-    "sd-pruned-unstructured", "sd-cached",
+    "real", "noise", "sd", "sd:steps=10", "sd:steps=2", "sd-bf16", "sd-int8", "sd-pruned",
+    "sd-pruned-unstructured", "sd-distilled", "sd-distilled:steps=1", "sd-cached",
     "un0", "un0:steps=2", "un0:keep=0.01", "un0:keep=0.001", "un0-osc",
 ]
 

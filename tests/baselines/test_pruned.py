@@ -85,6 +85,13 @@ def test_frozen_network_is_pruned_and_stays_frozen():
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 
 
+def test_structured_describe():
+    d = PrunedGenerator(prune_channels(tiny_unet()), steps=2, base_parameters=1000).describe()
+    assert d["technique"] == "structured-pruning" and d["pruning"]["ratio"] == 0.5
+    assert d["block_out_channels"] == [4, 8]  # TINY's (8, 16), halved
+    assert d["parameters_vs_teacher"] == d["parameters"] / 1000
+
+
 def test_pruned_shapes_do_not_depend_on_weights():
     a = {k: v.shape for k, v in prune_channels(tiny_unet(seed=1)).state_dict().items()}
     b = {k: v.shape for k, v in pruned_architecture(TINY).state_dict().items()}
@@ -147,3 +154,23 @@ def test_unstructured_describe_and_derivation():
     assert d["technique"] == "unstructured-pruning"
     assert d["weight_sparsity"] == pytest.approx(0.5, abs=1e-3)
     assert gen.derivation()["energy"] == {"includes": {"teacher": teacher_energy}}
+
+
+@pytest.mark.slow
+def test_shipped_sd_pruned_is_a_quarter_of_sd():
+    from backbones.digits import DigitsBackbone
+    from baselines.diffusion import build
+    from baselines.pruned import PRUNED_FILE, build_structured
+    from harness.generator import GenerationRequest
+
+    if not PRUNED_FILE.is_file():
+        pytest.skip("sd-pruned weights not shipped")
+    req = GenerationRequest(("digit 3",), seed=0, batch_size=1)
+    flops = {}
+    for name, factory in (("sd", build), ("sd-pruned", build_structured)):
+        gen = factory(DigitsBackbone(), steps=2)
+        with OpCounter() as c:
+            gen.generate(req)
+        flops[name] = c.counts(images=1).flops()
+    # Measured 0.259 on the digits teacher (convs / 4; conv_in, conv_out, attention scores / 2).
+    assert flops["sd-pruned"] / flops["sd"] == pytest.approx(0.259, abs=0.005)

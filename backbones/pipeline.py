@@ -1,11 +1,11 @@
 """``diffusers:PATH``: any diffusers text-to-image pipeline in a local folder, as a backbone.
 
-This module is the one place that imports diffusers and transformers for real pipelines (lazily:
-importing it costs nothing). It loads a pipeline with ``DiffusionPipeline.from_pretrained`` (with
-``local_files_only=True`` for a folder, so nothing is ever downloaded; a hub id is tried only when
-the text is not a local path), checks that it is a text-to-image pipeline with a ``unet`` or
-``transformer`` denoiser, places it on the chosen device and dtype, and owns the prompts: free text
-up to the tokenizer's limit, from a ``--prompts`` file or a small built-in list.
+It loads a pipeline with ``DiffusionPipeline.from_pretrained`` (through :mod:`backbones.hf`, the one
+module that imports diffusers and transformers) with ``local_files_only=True`` for a folder, so
+nothing is ever downloaded (a hub id is tried only when the text is not a local path), checks that
+it is a text-to-image pipeline with a ``unet`` or ``transformer`` denoiser, places it on the chosen
+device and dtype, and owns the prompts: free text up to the tokenizer's limit, from a ``--prompts``
+file or a small built-in list.
 
 It also scores images against their prompts with a local CLIP model (:func:`clip_quality`).
 """
@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from backbones.base import Backbone
+from backbones.hf import diffusers_class, from_pretrained_dtype_key, text2image_pipeline_classes, transformers_class
 from harness.errors import PromptError, UserError
 
 #: ``--dtype`` names.
@@ -121,9 +122,7 @@ def text2image_pipeline_names() -> set[str]:
     ControlNet and control pipelines need a control image besides the prompt, so they are not
     text-to-image in the sense of this benchmark.
     """
-    from diffusers.pipelines.auto_pipeline import AUTO_TEXT2IMAGE_PIPELINES_MAPPING
-
-    return {c.__name__ for c in AUTO_TEXT2IMAGE_PIPELINES_MAPPING.values() if "Control" not in c.__name__}
+    return {c.__name__ for c in text2image_pipeline_classes() if "Control" not in c.__name__}
 
 
 def check_supported(class_name: str, components: Sequence[str]) -> str:
@@ -219,9 +218,7 @@ class PipelineBackbone(Backbone):
     def tokenizer(self) -> Any:
         """The pipeline's first tokenizer (``tokenizer`` component), loaded once; ``None`` if it has none."""
         if self._tokenizer is None and (not self.local or "tokenizer" in self.components):
-            from transformers import AutoTokenizer
-
-            self._tokenizer = AutoTokenizer.from_pretrained(self.source, subfolder="tokenizer",
+            self._tokenizer = transformers_class("AutoTokenizer").from_pretrained(self.source, subfolder="tokenizer",
                                                             local_files_only=self.local)
         return self._tokenizer
 
@@ -260,12 +257,7 @@ class PipelineBackbone(Backbone):
         Every generator gets its own copy, because techniques change the denoiser in place. The
         safety checker, if the folder has one, is not loaded: it is not part of generating an image.
         """
-        import diffusers.utils.deprecation_utils as deprecation
-        from diffusers import DiffusionPipeline
-
-        # Newer diffusers renamed torch_dtype to dtype and warn on the old name; older ones know only torch_dtype.
-        dtype_key = "dtype" if hasattr(deprecation, "_TORCH_DTYPE_DEPRECATION_MESSAGE") else "torch_dtype"
-        kwargs: dict[str, Any] = {dtype_key: dtype or self.dtype}
+        kwargs: dict[str, Any] = {from_pretrained_dtype_key(): dtype or self.dtype}
         if self.local:
             kwargs["local_files_only"] = True
         if "safety_checker" in self.components:
@@ -273,7 +265,7 @@ class PipelineBackbone(Backbone):
         if importlib.util.find_spec("accelerate") is None:
             kwargs["low_cpu_mem_usage"] = False  # what diffusers falls back to anyway, without the warning
         try:
-            pipe = DiffusionPipeline.from_pretrained(self.source, **kwargs)
+            pipe = diffusers_class("DiffusionPipeline").from_pretrained(self.source, **kwargs)
         except (OSError, ValueError) as e:
             where = "folder" if self.local else "hub id (nothing is downloaded for a local folder)"
             raise UserError(f"cannot load the pipeline from {self.source} ({where}): {e}") from None
@@ -336,9 +328,8 @@ def text_encoders_of(pipe: Any) -> list[torch.nn.Module]:
 
 def feed_forward_layers(module: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     """``(path, FeedForward)`` of every diffusers feed-forward block inside ``module``."""
-    from diffusers.models.attention import FeedForward
-
-    return [(name, m) for name, m in module.named_modules() if isinstance(m, FeedForward)]
+    feed_forward = diffusers_class("FeedForward")
+    return [(name, m) for name, m in module.named_modules() if isinstance(m, feed_forward)]
 
 
 def call_defaults(pipe: Any) -> dict[str, Any]:
@@ -362,11 +353,9 @@ def load_clip(path: str | Path) -> tuple[Any, Any]:
     if not p.is_dir():
         raise UserError(f"--clip {str(path)!r}: no such folder (a CLIP model saved with save_pretrained, "
                         "with its processor: nothing is downloaded)")
-    from transformers import CLIPModel, CLIPProcessor
-
     try:
-        model = CLIPModel.from_pretrained(p, local_files_only=True).eval()
-        processor = CLIPProcessor.from_pretrained(p, local_files_only=True)
+        model = transformers_class("CLIPModel").from_pretrained(p, local_files_only=True).eval()
+        processor = transformers_class("CLIPProcessor").from_pretrained(p, local_files_only=True)
     except (OSError, ValueError) as e:
         raise UserError(f"--clip {str(path)!r}: cannot load a CLIP model and processor from it ({e})") from None
     return model, processor

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from backbones.digits import IMAGE_SIZE, WEIGHTS_DIR, load_data
+from backbones.hf import diffusers_class
 from harness.checkpoints import load_checkpoint, save_checkpoint
 from harness.training import ema_update, metered_training, run_steps, training_metadata
 
@@ -46,15 +47,11 @@ TEACHER_FILE = WEIGHTS_DIR / "teacher.safetensors"
 
 
 def build_unet() -> torch.nn.Module:
-    from diffusers import UNet2DModel
-
-    return UNet2DModel(**copy.deepcopy(UNET_CONFIG))
+    return diffusers_class("UNet2DModel")(**copy.deepcopy(UNET_CONFIG))
 
 
 def make_scheduler() -> Any:
-    from diffusers import DDIMScheduler
-
-    return DDIMScheduler(**SCHEDULER_CONFIG)
+    return diffusers_class("DDIMScheduler")(**SCHEDULER_CONFIG)
 
 
 def load_teacher(path: Path = TEACHER_FILE) -> tuple[torch.nn.Module, dict[str, Any]]:

@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from backbones.hf import diffusers_class, transformers_class
 from harness.errors import UserError
 
 #: Image side of the tiny pipeline in pixels (latents are 16x16: the VAE halves the side).
@@ -63,7 +64,7 @@ def tiny_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
 
 
 def _tokenizer() -> Any:
-    from transformers import CLIPTokenizer
+    CLIPTokenizer = transformers_class("CLIPTokenizer")
 
     vocab, merges = tiny_vocab()
     tok = CLIPTokenizer(vocab=vocab, merges=merges)
@@ -104,8 +105,10 @@ def make_tiny_pipeline(out: str | Path, scheduler: str = "ddim", seed: int = 0) 
     if scheduler not in SCHEDULERS:
         raise UserError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel = map(
+        diffusers_class,
+        ("AutoencoderKL", "DDIMScheduler", "PNDMScheduler", "StableDiffusionPipeline", "UNet2DConditionModel"))
+    CLIPTextConfig, CLIPTextModel = map(transformers_class, ("CLIPTextConfig", "CLIPTextModel"))
 
     out = _prepare(out)
     tokenizer = _tokenizer()
@@ -148,7 +151,8 @@ def make_tiny_clip(out: str | Path, seed: int = 0) -> Path:
         UserError: If ``out`` exists and is not an empty folder.
     """
     import torch
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+    CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor = map(
+        transformers_class, ("CLIPConfig", "CLIPImageProcessor", "CLIPModel", "CLIPProcessor"))
 
     out = _prepare(out)
     tokenizer = _tokenizer()

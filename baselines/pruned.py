@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from backbones.base import Backbone
 from backbones.digits import WEIGHTS_DIR, load_data
+from backbones.hf import diffusers_class
 from baselines.diffusion import STEPS, DiffusionGenerator, require_digits
 from harness.checkpoints import load_checkpoint, save_checkpoint
 from harness.errors import CheckpointError
@@ -106,9 +107,9 @@ def prune_channels(unet: torch.nn.Module, pruning: dict[str, Any] = PRUNING) -> 
         ``unet``, pruned.
     """
     import torch_pruning as tp
-    from diffusers.models.attention_processor import Attention
-    from diffusers.models.downsampling import Downsample2D
-    from diffusers.models.upsampling import Upsample2D
+    Attention = diffusers_class("Attention")
+    Downsample2D = diffusers_class("Downsample2D")
+    Upsample2D = diffusers_class("Upsample2D")
 
     if pruning["global_pruning"] or pruning["round_to"] is not None or pruning["ignored"] != ["conv_out"]:
         raise ValueError(f"only the documented recipe is implemented, got {pruning}")
@@ -150,9 +151,7 @@ def prune_channels(unet: torch.nn.Module, pruning: dict[str, Any] = PRUNING) -> 
 
 def pruned_architecture(base_config: dict[str, Any], pruning: dict[str, Any] = PRUNING) -> torch.nn.Module:
     """A network with the shapes :func:`prune_channels` gives ``base_config`` (weights meaningless)."""
-    from diffusers import UNet2DModel
-
-    return prune_channels(UNet2DModel(**copy.deepcopy(base_config)), pruning)
+    return prune_channels(diffusers_class("UNet2DModel")(**copy.deepcopy(base_config)), pruning)
 
 
 def load_pruned(path: Path = PRUNED_FILE, base_config: dict[str, Any] | None = None,

@@ -63,7 +63,8 @@ TRAIN_DEFAULTS: dict[str, Any] = {
 }
 UN0_FILE = WEIGHTS_DIR / "un0.safetensors"
 
-KEEP = Param(float, 0.1, "fraction of hidden units kept per block", low=0.0, high=1.0, low_open=True)
+KEEP = Param(float, 0.1, "fraction of hidden units kept per block (trained at 0.001 to 0.1)", low=0.0,
+             high=1.0, low_open=True)
 STEPS = Param(int, 1, "refinement steps (noise -> image in 1 to 4 steps)", low=1, high=UN0_CONFIG["max_steps"])
 
 #: Parameters stored as float16 in the shipped file (the big matrices), to keep it near 6 MB; they are
@@ -283,7 +284,22 @@ class Un0Generator(Generator):
             "dtype": "float32",
             "weights_storage": "float16 for the gated matrices and the gate (loaded as float32), float32 otherwise",
             "cache": "compact sub-network per (prompt label, keep)",
+            **self.trained_range_note(),
         }
+
+    def trained_range_note(self) -> dict[str, Any]:
+        """``trained_keeps``, and a ``caveat`` when this keep lies outside them (accepted, but untrained).
+
+        Above the largest trained keep the extra units were never trained to cooperate: at keep 1 the
+        shipped model's error on the teacher's pairs is ~100x that at keep 0.1 (``fit`` in its metadata).
+        """
+        levels = self.metadata.get("train", TRAIN_DEFAULTS)["keep_levels"]
+        keeps = sorted(keep for keep, _ in levels)
+        note: dict[str, Any] = {"trained_keeps": keeps}
+        if not keeps[0] <= self.keep <= keeps[-1]:
+            note["caveat"] = (f"keep={self.keep:g} is outside the keep fractions the gate and units were trained "
+                              f"at ({keeps[0]:g} to {keeps[-1]:g}); expect poor quality")
+        return note
 
     def derivation(self) -> dict[str, Any] | None:
         return self.metadata or None

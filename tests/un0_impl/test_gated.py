@@ -131,6 +131,18 @@ def test_describe():
     d = Un0Generator(tiny_net(), keep=0.1, steps=3).describe()
     assert json.loads(json.dumps(d)) == d
     assert (d["technique"], d["keep"], d["steps"], d["kept_units_per_block"]) == ("gated-sparse", 0.1, 3, 6)
+    assert d["trained_keeps"] == [0.001, 0.01, 0.1] and "caveat" not in d
+
+
+@pytest.mark.parametrize(("keep", "caveat"), [(0.001, False), (0.05, False), (0.2, True), (1.0, True), (0.0005, True)])
+def test_keep_outside_the_trained_range_is_accepted_with_a_caveat(keep, caveat):
+    # Accepted (the range is (0, 1]) but the record says the units were never trained there.
+    net = Un0Net.from_config({**TINY, "hidden": 4096})
+    d = Un0Generator(net, keep=keep, metadata={"train": {"keep_levels": [[0.1, 1.0], [0.001, 0.1]]}}).describe()
+    assert d["trained_keeps"] == [0.001, 0.1]
+    assert ("caveat" in d) == caveat
+    if caveat:
+        assert d["caveat"].startswith(f"keep={keep:g} is outside the keep fractions the gate and units were trained at")
 
 
 def test_trainer_writes_loadable_fp16_weights(tmp_path, monkeypatch):

@@ -147,12 +147,8 @@ def train_judge(steps: int | None = None, seed: int | None = None, out: Path | N
     state = {k: v.clone() for k, v in judge.state_dict().items()}
     # Count one more training step (forward, backward, optimizer) for the proxy figure; a step's cost
     # does not depend on the weights, and the saved weights are the snapshot above.
-    from harness.counters.ops import OpCounter
-
     judge.train()
-    with OpCounter() as counter:
-        train_step()
-    energy.add_proxy(counter.counts(images=batch_size), steps)
+    energy.count_proxy(train_step, batch_size, steps)
     meta = training_metadata(
         kind="digits-judge", config=JUDGE_CONFIG, energy=energy,
         extra={

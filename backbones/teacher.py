@@ -99,12 +99,7 @@ def train_teacher(out: Path = TEACHER_FILE, steps: int = TRAIN_DEFAULTS["steps"]
                            after_step=lambda step: ema_update(ema, unet, decay))
     # Count one more training step (forward, backward, optimizer) for the proxy figure. It changes
     # only the raw weights, not the EMA weights that are saved; a step's cost does not depend on them.
-    from harness.counters.ops import OpCounter
-
-    with OpCounter() as counter:
-        train_step()
-    step_counts = counter.counts(images=batch_size)
-    energy.add_proxy(step_counts, steps)
+    energy.count_proxy(train_step, batch_size, steps)
     meta = training_metadata(
         kind="digits-teacher", config=UNET_CONFIG, energy=energy,
         extra={

@@ -373,7 +373,6 @@ def train_distilled(steps: int | None = None, seed: int | None = None, out: Path
     """
     from backbones.teacher import TEACHER_FILE, load_teacher, teacher_pairs
     from harness.checkpoints import save_checkpoint
-    from harness.counters.ops import OpCounter
     from harness.training import metered_training, training_metadata
 
     seed = SEED if seed is None else seed
@@ -391,9 +390,7 @@ def train_distilled(steps: int | None = None, seed: int | None = None, out: Path
             ema, train_step, losses = distill_student(teacher, pairs, SAMPLERS[k], seed=seed, **hp)
         # Count one more iteration (roll-out, forward, backward, optimizer) for the proxy figure; it
         # changes only the raw weights, not the EMA weights that are saved.
-        with OpCounter() as counter:
-            train_step()
-        energy.add_proxy(counter.counts(images=hp["batch"]), hp["iterations"])
+        energy.count_proxy(train_step, hp["batch"], hp["iterations"])
         energy.add_parent("teacher", teacher_meta)
         energy.add_parent("teacher_pairs", pairs_meta)
         meta = training_metadata(

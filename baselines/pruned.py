@@ -309,7 +309,6 @@ def train_pruned(steps: int | None = None, seed: int | None = None, out: Path | 
         The metadata written beside the weights.
     """
     from backbones.teacher import TEACHER_FILE, UNET_CONFIG, load_teacher, make_scheduler
-    from harness.counters.ops import OpCounter
 
     steps = FINETUNE_DEFAULTS["steps"] if steps is None else steps
     seed = FINETUNE_DEFAULTS["seed"] if seed is None else seed
@@ -354,9 +353,7 @@ def train_pruned(steps: int | None = None, seed: int | None = None, out: Path | 
                            after_step=lambda step: ema_update(ema, student, decay))
     # Count one more training step (teacher forward, student forward, backward, optimizer) for the
     # proxy figure. It changes only the raw weights, not the EMA weights that are saved.
-    with OpCounter() as counter:
-        train_step()
-    energy.add_proxy(counter.counts(images=batch_size), steps)
+    energy.count_proxy(train_step, batch_size, steps)
     energy.add_parent("teacher", teacher_meta)
     meta = training_metadata(
         kind="digits-pruned", config=pruned_config(UNET_CONFIG), energy=energy,

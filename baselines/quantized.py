@@ -456,7 +456,6 @@ def calibrate_int8(steps: int | None = None, seed: int | None = None, out: Path 
     from backbones.digits import WEIGHTS_DIR, load_data
     from backbones.teacher import TEACHER_FILE, load_teacher, make_scheduler
     from harness.checkpoints import save_checkpoint
-    from harness.counters.ops import OpCounter
     from harness.training import metered_training, training_metadata
 
     steps = CALIBRATION_DEFAULTS["steps"] if steps is None else steps
@@ -481,9 +480,8 @@ def calibrate_int8(steps: int | None = None, seed: int | None = None, out: Path 
         scales = calibrate_activations(teacher, batches(), bucket, percentile)
         qunet = quantize_unet(teacher, scales, bucket)
     # The proxy figure: one calibration batch (a forward with the observers) counted, times steps.
-    with OpCounter() as counter:
-        calibrate_activations(teacher, [next(batches())], TimestepBucket(1), percentile)
-    energy.add_proxy(counter.counts(images=batch_size), steps)
+    energy.count_proxy(lambda: calibrate_activations(teacher, [next(batches())], TimestepBucket(1), percentile),
+                       batch_size, steps)
     energy.add_parent("teacher", teacher_meta)
     meta = training_metadata(
         kind="digits-sd-int8", config=int8_config(TEACHER_FILE), energy=energy,

@@ -44,6 +44,18 @@ class TrainingEnergy:
             "note": f"counted cost of one training step x {steps} steps",
         }
 
+    def count_proxy(self, step: Callable[[], Any], images: int, steps: int) -> None:
+        """Run ``step`` once more under the op counter and charge ``steps`` steps at its proxy cost.
+
+        One step stands for all: every step runs the same ops on the same shapes. The extra step
+        changes a trainer's raw weights, so trainers save from an EMA or a copy taken before it.
+        """
+        from harness.counters.ops import OpCounter
+
+        with OpCounter() as counter:
+            step()
+        self.add_proxy(counter.counts(images=images), steps)
+
     def add_parent(self, name: str, parent: dict[str, Any] | None) -> None:
         """Include the derivation energy of the model this one was derived from (e.g. the teacher)."""
         if parent:

@@ -366,7 +366,6 @@ def train_un0(steps: int | None = None, seed: int | None = None, out: Path | Non
         The metadata written beside the weights.
     """
     from harness.checkpoints import save_checkpoint
-    from harness.counters.ops import OpCounter
     from harness.training import ema_update, metered_training, run_steps, training_metadata
 
     cfg = dict(TRAIN_DEFAULTS)
@@ -427,9 +426,7 @@ def train_un0(steps: int | None = None, seed: int | None = None, out: Path | Non
     fit = _fit_report(ema, z_all, y_all, labels)
     # Count one more training step (forward, backward, optimizer) for the proxy figure; it changes
     # only the raw weights, not the EMA snapshot saved above.
-    with OpCounter() as counter:
-        train_step()
-    energy.add_proxy(counter.counts(images=classes * cfg["per_class"]), steps)
+    energy.count_proxy(train_step, classes * cfg["per_class"], steps)
     if teacher_meta is not None:
         energy.add_parent("teacher", teacher_meta)
         energy.add_parent("teacher_pairs", {"energy": _teacher_pairs_cost(cfg["pairs"])})

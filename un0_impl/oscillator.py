@@ -466,7 +466,6 @@ def train_oscillator(steps: int | None = None, seed: int | None = None, out: Pat
     from backbones.digits import WEIGHTS_DIR
     from backbones.teacher import TEACHER_FILE, teacher_pairs
     from harness.checkpoints import load_checkpoint, save_checkpoint
-    from harness.counters.ops import OpCounter
     from harness.training import metered_training, run_steps, training_metadata
 
     steps = TRAIN_DEFAULTS["steps"] if steps is None else steps
@@ -503,9 +502,7 @@ def train_oscillator(steps: int | None = None, seed: int | None = None, out: Pat
     # Count one more training step for the proxy figure; it perturbs the weights by one step, so the
     # weights are saved from a copy taken before it.
     state = _pack_state(net)
-    with OpCounter() as counter:
-        train_step()
-    energy.add_proxy(counter.counts(images=batch_size), steps)
+    energy.count_proxy(train_step, batch_size, steps)
     energy.add_parent("teacher", teacher_meta)
     meta = training_metadata(
         kind="digits-un0-osc", config=cfg.to_dict(), energy=energy,

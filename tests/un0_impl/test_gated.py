@@ -9,7 +9,7 @@ from harness.generator import GenerationRequest, image_noise
 from harness.runner import generator_factory
 from harness.spec import ModelSpec
 from tests.contract import GeneratorContract
-from un0_impl.gated import UN0_FILE, Un0Generator, Un0Net, build, train_un0
+from un0_impl.gated import UN0_FILE, Un0Generator, Un0Net, build, pack_state, train_un0, unpack_state
 
 TINY = dict(image_dim=256, dim=16, hidden=64, blocks=2, embed=8, classes=10, max_steps=4)
 
@@ -145,7 +145,7 @@ def test_keep_outside_the_trained_range_is_accepted_with_a_caveat(keep, caveat):
         assert d["caveat"].startswith(f"keep={keep:g} is outside the keep fractions the gate and units were trained at")
 
 
-def test_trainer_writes_loadable_fp16_weights(tmp_path, monkeypatch):
+def test_trainer_writes_loadable_int8_weights(tmp_path, monkeypatch):
     import harness.training as training
 
     # Keep the test fast: no whole-host meters (their startup dominates a two-step run).
@@ -161,12 +161,26 @@ def test_trainer_writes_loadable_fp16_weights(tmp_path, monkeypatch):
     from harness.checkpoints import load_checkpoint
 
     state, _ = load_checkpoint(out, expected_config=TINY)
-    assert state["mlp.w1"].dtype == torch.float16 and state["gate.score.weight"].dtype == torch.float16
-    assert state["z_in.weight"].dtype == torch.float32
+    assert state["mlp.w1"].dtype == torch.int8 and state["mlp.w1.scale"].shape == (2, 64, 1)
+    assert state["gate.score.weight"].dtype == torch.float16 and state["z_in.weight"].dtype == torch.float32
     net = Un0Net.from_config(TINY)
-    net.load_state_dict({k: v.float() for k, v in state.items()})
+    net.load_state_dict(unpack_state(state))
     img = Un0Generator(net).generate(GenerationRequest(("4",), seed=0, batch_size=1)).images
     assert img.shape == (1, 1, 16, 16)
+
+
+def test_int8_rows_round_trip_within_half_a_step():
+    net = tiny_net()
+    state = net.state_dict()
+    packed = pack_state(state)
+    back = unpack_state(packed)
+    assert set(back) == set(state)
+    w = state["mlp.w1"]
+    step = w.abs().amax(-1, keepdim=True) / 127  # one int8 step of each unit's row
+    assert torch.all((back["mlp.w1"] - w).abs() <= step / 2 + 1e-7)
+    assert packed["mlp.w1"].abs().amax(-1).eq(127).all()  # every row uses the full int8 range
+    assert torch.equal(back["z_in.weight"], state["z_in.weight"])
+    assert torch.equal(back["gate.score.weight"], state["gate.score.weight"].half().float())
 
 
 @pytest.mark.skipif(not UN0_FILE.is_file(), reason="shipped un0 weights not trained yet")

@@ -15,8 +15,12 @@ CSV_COLUMNS = [
     "model", "backbone", "batch_size", "meter", "status", "images", "repeats", "energy_j_per_image",
     "energy_ci95_lo_j", "energy_ci95_hi_j", "energy_net_j_per_image", "idle_power_w", "flops_per_image",
     "gating_flops_per_image", "bytes_per_image", "gating_bytes_per_image", "duration_s_per_image",
-    "uncounted_ops", "measured_at",
+    "uncounted_ops", "fid", "kid", "kid_std", "accuracy", "quality_samples", "quality_matched", "measured_at",
 ]
+
+#: ``quality`` keys flattened into the CSV (``samples`` becomes ``quality_samples``).
+_QUALITY_COLUMNS = {"fid": "fid", "kid": "kid", "kid_std": "kid_std", "accuracy": "accuracy",
+                    "samples": "quality_samples"}
 
 
 def load_records(out_dir: Path) -> list[dict[str, Any]]:
@@ -24,7 +28,11 @@ def load_records(out_dir: Path) -> list[dict[str, Any]]:
 
 
 def results_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
-    """One row per record, flat columns (CI split into lo/hi; uncounted ops as ``op:calls`` text)."""
+    """One row per record, in flat columns.
+
+    The CI is split into lo/hi, uncounted ops become ``op:calls`` text, and the quality figures are
+    empty where quality was not measured.
+    """
     rows = []
     for r in records:
         ci = r.get("energy_ci95_j") or [None, None]
@@ -33,6 +41,7 @@ def results_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
             "energy_ci95_lo_j": ci[0],
             "energy_ci95_hi_j": ci[1],
             "uncounted_ops": "; ".join(f"{k}:{v}" for k, v in (r.get("uncounted_ops") or {}).items()),
+            **{col: (r.get("quality") or {}).get(key) for key, col in _QUALITY_COLUMNS.items()},
         })
     return pd.DataFrame(rows, columns=CSV_COLUMNS)
 

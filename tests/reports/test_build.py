@@ -38,6 +38,21 @@ def test_report_is_self_contained_escaped_and_complete(tmp_path):
     assert (tmp_path / "results.csv").read_text().count("\n") == len(suite()) + 1
 
 
+def test_csv_carries_quality_beside_energy(tmp_path):
+    import pandas as pd
+
+    write(tmp_path, [*suite(), record("sd:steps=2", "wall", None, fid=None, matched=None)])
+    build_report(tmp_path)
+    csv = pd.read_csv(tmp_path / "results.csv").set_index(["model", "meter"])
+    un0 = csv.loc[("un0", "proxy")]
+    assert (un0["fid"], un0["kid"], un0["kid_std"], un0["quality_samples"]) == (4.5, 0.01, 0.001, 100)
+    assert bool(un0["quality_matched"]) is True
+    assert bool(csv.loc[("noise", "proxy")]["quality_matched"]) is False
+    # A record without quality leaves the cells empty, not 0.
+    unmeasured = csv.loc[("sd:steps=2", "wall")]
+    assert pd.isna(unmeasured["fid"]) and pd.isna(unmeasured["accuracy"]) and pd.isna(unmeasured["quality_matched"])
+
+
 def test_claims_pick_the_best_quality_matched_model():
     records = suite()
     from reports.build import with_ledgers

@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--clip", default=None, help="diffusers backbones: local CLIP folder for CLIP-score quality")
     c.add_argument("--meters", type=_csv(str), default=["auto"], help="comma-separated meters, or auto")
     c.add_argument("--images", type=_positive_int, default=16, help="images per metered window")
-    c.add_argument("--batch-size", type=_csv(_positive_int), default=[16], help="one or more batch sizes")
+    c.add_argument("--batch-size", type=_csv(_positive_int), default=None,
+                   help="one or more batch sizes, each at most --images (default: 16, or --images if fewer)")
     c.add_argument("--out", type=Path, default=None, help="output folder (default: runs/<UTC time>)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--min-repeats", type=_positive_int, default=3)

@@ -28,6 +28,9 @@ from harness.results import ResultStore, check_writable
 from harness.spec import ModelSpec, bind
 from harness.stats import median_ci95
 
+#: Batch size of the single cell measured when none is given (capped at the images per window).
+DEFAULT_BATCH_SIZE = 16
+
 
 @dataclass
 class RunConfig:
@@ -39,7 +42,8 @@ class RunConfig:
         meters: Meter specs, or ``["auto"]`` for every registered meter (unavailable ones are
             recorded with their reason).
         images: Images per metered window (one generate call over that many prompts).
-        batch_sizes: Batch sizes to measure; each is its own cell.
+        batch_sizes: Batch sizes to measure; each is its own cell. ``None``: one cell at
+            ``min(16, images)``. A batch larger than ``images`` is refused: a window never fills it.
         seed: Seed of image 0; image ``i`` uses ``seed + i``.
         min_repeats: Windows to measure at least.
         min_duration_s: Total metered time to reach at least.
@@ -62,7 +66,7 @@ class RunConfig:
     backbone: str = "digits"
     meters: list[str] = field(default_factory=lambda: ["auto"])
     images: int = 16
-    batch_sizes: list[int] = field(default_factory=lambda: [16])
+    batch_sizes: list[int] | None = None
     seed: int = 0
     min_repeats: int = 3
     min_duration_s: float = 2.0
@@ -82,8 +86,15 @@ class RunConfig:
         for name in ("images", "min_repeats", "max_repeats"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
+        if self.batch_sizes is None:
+            self.batch_sizes = [min(DEFAULT_BATCH_SIZE, self.images)]
         if any(b < 1 for b in self.batch_sizes) or not self.batch_sizes:
             raise UserError(f"--batch-size must be positive integers, got {self.batch_sizes}")
+        too_big = [b for b in self.batch_sizes if b > self.images]
+        if too_big:
+            raise UserError(f"--batch-size {','.join(map(str, too_big))} is larger than --images {self.images}: a "
+                            f"window generates --images images, so it would never fill that batch (and the record "
+                            f"would name a batch size that never ran); raise --images or lower --batch-size")
         if self.pue < 1 or self.lifetime_images < 1:
             raise UserError("--pue must be >= 1 and --lifetime-images positive")
         if self.quality_samples < 0 or self.fid_ratio <= 0 or not 0 <= self.accuracy_drop <= 1:

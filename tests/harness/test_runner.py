@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from backbones.base import Backbone
+from harness.errors import UserError
 from harness.meters.base import Meter, Reading
 from harness.registry import Registry
 from harness.results import ResultStore
@@ -128,3 +129,16 @@ def test_bad_names_fail_before_any_work(tmp_path):
     with pytest.raises(UnknownNameError, match="unknown meter"):
         Runner(config(tmp_path, ["mm"], meters=["seqq"]), **registries(built))
     assert built == [] and not (tmp_path / "out" / "results.jsonl").exists()
+
+
+@pytest.mark.parametrize(("images", "batch"), [(4, 4), (16, 16), (64, 16)])
+def test_default_batch_is_16_or_the_whole_window(tmp_path, images, batch):
+    cfg = RunConfig(models=["sd"], out=tmp_path, images=images)
+    cfg.validate()
+    assert cfg.batch_sizes == [batch]
+
+
+def test_batch_larger_than_the_window_is_refused(tmp_path):
+    cfg = RunConfig(models=["sd"], out=tmp_path, images=4, batch_sizes=[2, 8, 16])
+    with pytest.raises(UserError, match=r"^--batch-size 8,16 is larger than --images 4: a window generates"):
+        cfg.validate()

@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     # The default: FID reads ~10% higher and varies ~10% between seeds at 500 samples, about
     # 2% at 1,000. The whole suite takes ~5 minutes on 2 quiet cores at 1,000.
     p.add_argument("--quality-samples", type=int, default=1000)
+    p.add_argument("--quality-seeds", type=int, default=1, help="draws per model; 3 for a close call (3x the time)")
     p.add_argument("--fresh", action="store_true", help="discard earlier results in --out first")
     args = p.parse_args(argv)
 
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     models = _models(args.models)
     cfg = RunConfig(models=models, out=args.out, meters=args.meters.split(","), images=args.images,
                     batch_sizes=[args.images], min_repeats=3, min_duration_s=1.0, idle_s=2.0,
-                    quality_samples=args.quality_samples)
+                    quality_samples=args.quality_samples, quality_seeds=args.quality_seeds)
 
     def on_event(kind: str, info: dict) -> None:
         if kind in ("cell", "quality"):

@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--idle", type=_non_negative, default=2.0, help="seconds of idle-power measurement")
     c.add_argument("--quality-samples", type=int, default=1000,
                    help="images per model for FID/KID/accuracy (0: not measured)")
+    c.add_argument("--quality-seeds", type=_positive_int, default=1,
+                   help="digits: disjoint draws of --quality-samples images; 2 or more give FID's spread and "
+                        "mark verdicts within it as marginal")
     c.add_argument("--reference", default="sd", help="model whose quality sets the band and whose energy is 1x")
     c.add_argument("--fid-ratio", type=float, default=1.25, help="quality band: FID at most this x the reference's")
     c.add_argument("--accuracy-drop", type=float, default=0.03,
@@ -202,9 +205,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     cfg = RunConfig(models=args.models, out=out, backbone=args.backbone, meters=args.meters, images=args.images,
                     batch_sizes=args.batch_size, seed=args.seed, min_repeats=args.min_repeats,
                     max_repeats=args.max_repeats, min_duration_s=args.min_duration, warmup=args.warmup,
-                    idle_s=args.idle, quality_samples=args.quality_samples, reference=args.reference,
-                    fid_ratio=args.fid_ratio, accuracy_drop=args.accuracy_drop, pue=args.pue,
-                    lifetime_images=args.lifetime_images, backbone_options=options, clip=args.clip)
+                    idle_s=args.idle, quality_samples=args.quality_samples, quality_seeds=args.quality_seeds,
+                    reference=args.reference, fid_ratio=args.fid_ratio, accuracy_drop=args.accuracy_drop,
+                    pue=args.pue, lifetime_images=args.lifetime_images, backbone_options=options, clip=args.clip)
     with Progress(transient=True) as bar:
         task = bar.add_task("measuring", total=None)
 

@@ -208,6 +208,40 @@ def evaluate_generator(generator: Generator, n: int = 1000, seed: int = EVAL_SEE
     return {**evaluate(result.images, prompt_labels(prompts), judge=judge), "seed": seed}
 
 
+def evaluate_generator_seeds(generator: Generator, n: int = 1000, seeds: int = 1, *,
+                             judge: nn.Module | None = None) -> dict[str, Any]:
+    """:func:`evaluate_generator` on ``seeds`` disjoint draws of ``n`` images, averaged.
+
+    Draw ``k`` uses seeds ``EVAL_SEED + k n`` onwards (image ``i`` of a draw uses its first seed +
+    ``i``), so no image is judged twice. FID moves between draws by more than some models' distance
+    to the band (measured: ~0.012 standard deviation at n = 1,000 for FIDs near 0.25), so with
+    ``seeds >= 2`` the result also gives each draw's FID and their standard deviation, and
+    :meth:`QualityBand.marginal` can say when a verdict is within that noise.
+
+    Returns:
+        One draw: exactly :func:`evaluate_generator`'s result. Several: the mean ``fid``, ``kid``
+        and ``accuracy`` over the draws, ``fid_draws``, ``fid_std`` (sample standard deviation),
+        ``accuracy_draws``, ``seeds`` and ``samples`` (images per draw).
+    """
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ValueError(f"seeds must be an integer >= 1, got {seeds!r}")
+    draws = [evaluate_generator(generator, n=n, seed=EVAL_SEED + k * n, judge=judge) for k in range(seeds)]
+    if seeds == 1:
+        return draws[0]
+    fids = torch.tensor([d["fid"] for d in draws], dtype=torch.float64)
+    return {
+        **draws[0],
+        "fid": float(fids.mean()),
+        "kid": sum(d["kid"] for d in draws) / seeds,
+        "kid_std": sum(d["kid_std"] for d in draws) / seeds,
+        "accuracy": sum(d["accuracy"] for d in draws) / seeds,
+        "fid_draws": fids.tolist(),
+        "fid_std": float(fids.std()),
+        "accuracy_draws": [d["accuracy"] for d in draws],
+        "seeds": seeds,
+    }
+
+
 @dataclass(frozen=True)
 class QualityBand:
     """How close to a reference a result must be to count as quality-matched.
@@ -232,6 +266,18 @@ class QualityBand:
         # NB: a reference FID of exactly 0 (the real data against itself) admits only FID 0.
         return bool(q["fid"] <= self.fid_ratio * ref_q["fid"]
                     and q["accuracy"] >= ref_q["accuracy"] - self.accuracy_drop)
+
+    def marginal(self, q: dict[str, Any], ref_q: dict[str, Any]) -> bool | None:
+        """Whether the FID verdict is within draw-to-draw noise; ``None`` without several draws.
+
+        Marginal when the FID limit (``fid_ratio`` x the reference's mean FID) lies within two
+        standard errors of ``q``'s mean FID, the error combining both models' draw-to-draw spread.
+        """
+        if "fid_std" not in q or "fid_std" not in ref_q:
+            return None
+        limit = self.fid_ratio * ref_q["fid"]
+        se = ((q["fid_std"] ** 2 / q["seeds"]) + (self.fid_ratio * ref_q["fid_std"]) ** 2 / ref_q["seeds"]) ** 0.5
+        return bool(abs(q["fid"] - limit) <= 2 * se)
 
     def describe(self) -> dict[str, float]:
         return {"fid_ratio": self.fid_ratio, "accuracy_drop": self.accuracy_drop}

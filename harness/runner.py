@@ -51,6 +51,8 @@ class RunConfig:
         warmup: Unmetered generate calls before counting and measuring.
         idle_s: Length of the idle-power window for whole-device meters (0 disables it).
         quality_samples: Images per model for FID/KID/accuracy (0: quality not measured).
+        quality_seeds: Disjoint draws of ``quality_samples`` images each (digits): with 2 or more,
+            FID is their mean, its spread is recorded and a verdict within that noise is marginal.
         reference: Model whose quality sets the band (and whose energy the ledger compares to).
         fid_ratio: Quality-matched needs FID <= ``fid_ratio`` x the reference's FID ...
         accuracy_drop: ... and accuracy at most this much (a fraction) below the reference's.
@@ -74,6 +76,7 @@ class RunConfig:
     warmup: int = 1
     idle_s: float = 2.0
     quality_samples: int = 1000
+    quality_seeds: int = 1
     reference: str = "sd"
     pue: float = 1.56
     lifetime_images: int = 1_000_000
@@ -97,8 +100,13 @@ class RunConfig:
                             f"would name a batch size that never ran); raise --images or lower --batch-size")
         if self.pue < 1 or self.lifetime_images < 1:
             raise UserError("--pue must be >= 1 and --lifetime-images positive")
-        if self.quality_samples < 0 or self.fid_ratio <= 0 or not 0 <= self.accuracy_drop <= 1:
-            raise UserError("--quality-samples must be >= 0, --fid-ratio > 0, --accuracy-drop in [0, 1]")
+        if self.quality_samples < 0 or not self.fid_ratio >= 1 or not 0 <= self.accuracy_drop <= 1:
+            raise UserError("--quality-samples must be >= 0, --fid-ratio >= 1, --accuracy-drop in [0, 1]")
+        if self.quality_seeds < 1:
+            raise UserError(f"--quality-seeds must be a positive integer, got {self.quality_seeds}")
+        if self.quality_seeds > 1 and not self.backbone.startswith("digits"):
+            raise UserError("--quality-seeds applies to the digits backbone (FID draws); pipelines are scored by "
+                            "CLIP on the measured images")
         if self.warmup < 0 or self.min_duration_s < 0 or self.idle_s < 0:
             raise UserError("--warmup, --min-duration and --idle must not be negative")
         if self.min_repeats > self.max_repeats:
@@ -467,7 +475,8 @@ class Runner:
                         q = json.loads(line)
                     except json.JSONDecodeError:
                         continue  # a torn last line from an interrupted run
-                    if q.get("backbone") == cfg.backbone and q.get("samples_requested") == cfg.quality_samples:
+                    if (q.get("backbone") == cfg.backbone and q.get("samples_requested") == cfg.quality_samples
+                            and q.get("seeds_requested", 1) == cfg.quality_seeds):
                         self._quality_cache[q["model"]] = q["quality"]
         return self._quality_cache
 
@@ -488,11 +497,11 @@ class Runner:
         if cfg.quality_samples == 0:
             return None
         if backbone.kind == "digits":
-            from harness.quality import evaluate_generator
+            from harness.quality import evaluate_generator_seeds
 
             self.on_event("quality", {"model": model})
             gen = generator or make_generator(model, backbone, self.generators)
-            q = evaluate_generator(gen, n=cfg.quality_samples)
+            q = evaluate_generator_seeds(gen, n=cfg.quality_samples, seeds=cfg.quality_seeds)
         elif backbone.kind == "diffusers" and cfg.clip and first is not None:
             from backbones.pipeline import clip_quality
 
@@ -501,7 +510,7 @@ class Runner:
             return None
         with self._quality_file().open("a") as f:
             f.write(json.dumps({"model": model, "backbone": cfg.backbone, "samples_requested": cfg.quality_samples,
-                                "quality": q}, sort_keys=True) + "\n")
+                                "seeds_requested": cfg.quality_seeds, "quality": q}, sort_keys=True) + "\n")
             f.flush()
             os.fsync(f.fileno())
         cache[model] = q
@@ -519,7 +528,7 @@ class Runner:
             else:
                 why = f"no evaluator for backbone {backbone.kind}"
             return {"quality": None, "quality_matched": None, "quality_note": f"not measured ({why})"}
-        from harness.quality import quality_matched
+        from harness.quality import QualityBand
 
         ref = self._quality(cfg.reference, backbone)
         band = {"reference": cfg.reference, "fid_ratio": cfg.fid_ratio, "accuracy_drop": cfg.accuracy_drop}
@@ -530,6 +539,8 @@ class Runner:
             # NB: pipelines have no FID here; matched means a CLIP score at most accuracy_drop (relative)
             # below the reference's.
             matched = q["clip_score"] >= (1 - cfg.accuracy_drop) * ref["clip_score"]
+            marginal = None
         else:
-            matched = quality_matched(q, ref, fid_ratio=cfg.fid_ratio, accuracy_drop=cfg.accuracy_drop)
-        return {"quality": q, "quality_matched": bool(matched), "quality_band": band}
+            quality_band = QualityBand(cfg.fid_ratio, cfg.accuracy_drop)
+            matched, marginal = quality_band.matched(q, ref), quality_band.marginal(q, ref)
+        return {"quality": q, "quality_matched": bool(matched), "quality_marginal": marginal, "quality_band": band}

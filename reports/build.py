@@ -47,6 +47,7 @@ def ledger_rows(records: list[dict[str, Any]], meter: str) -> list[dict[str, Any
         lg = r.get("ledger") or {}
         rows.append({
             "model": r["model"], "batch": r["batch_size"], "quality_matched": r.get("quality_matched"),
+            "quality_marginal": r.get("quality_marginal"),
             "energy": {b: (lg.get(b) or {}).get("energy_j_per_image") for b in BOUNDARIES},
             "factors": {b: (lg.get(b) or {}).get("factor_vs_reference") for b in BOUNDARIES},
             "why": {b: (lg.get(b) or {}).get("why", "") for b in BOUNDARIES},
@@ -62,6 +63,7 @@ def headline(records: list[dict[str, Any]], reference: str) -> dict[str, Any] | 
         return None
     best = max(cands, key=lambda r: (bool(r.get("quality_matched")), r["ledger"]["compute"]["factor_vs_reference"]))
     return {"model": best["model"], "quality_matched": best.get("quality_matched"), "quality": best.get("quality"),
+            "quality_marginal": best.get("quality_marginal"),
             "factors": {b: best["ledger"][b].get("factor_vs_reference") for b in BOUNDARIES},
             "why": {b: best["ledger"][b].get("why", "") for b in BOUNDARIES}, "reference": reference}
 

@@ -15,12 +15,13 @@ CSV_COLUMNS = [
     "model", "backbone", "batch_size", "meter", "status", "images", "repeats", "energy_j_per_image",
     "energy_ci95_lo_j", "energy_ci95_hi_j", "energy_net_j_per_image", "idle_power_w", "flops_per_image",
     "gating_flops_per_image", "bytes_per_image", "gating_bytes_per_image", "duration_s_per_image",
-    "uncounted_ops", "fid", "kid", "kid_std", "accuracy", "quality_samples", "quality_matched", "measured_at",
+    "uncounted_ops", "fid", "fid_std", "kid", "kid_std", "accuracy", "quality_samples", "quality_seeds",
+    "quality_matched", "quality_marginal", "measured_at",
 ]
 
 #: ``quality`` keys flattened into the CSV (``samples`` becomes ``quality_samples``).
-_QUALITY_COLUMNS = {"fid": "fid", "kid": "kid", "kid_std": "kid_std", "accuracy": "accuracy",
-                    "samples": "quality_samples"}
+_QUALITY_COLUMNS = {"fid": "fid", "fid_std": "fid_std", "kid": "kid", "kid_std": "kid_std", "accuracy": "accuracy",
+                    "samples": "quality_samples", "seeds": "quality_seeds"}
 
 
 def load_records(out_dir: Path) -> list[dict[str, Any]]:
@@ -86,6 +87,8 @@ def summary_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
             "FLOPs/image": r["flops_per_image"], "bytes/image": r["bytes_per_image"], "ms/image": None,
             "FID": None, "KID": None, "accuracy": None, "quality-matched": r.get("quality_matched"),
         })
+        if r.get("quality_marginal") and r.get("quality_matched") is not None:
+            row["quality-matched"] = ("yes" if r["quality_matched"] else "no") + " (marginal)"
         if r["meter"] != "wall":
             row[col(r["meter"])] = r.get("energy_j_per_image")
         if r["meter"] == "wall" or row["ms/image"] is None:
@@ -105,7 +108,7 @@ def format_summary(frame: pd.DataFrame) -> pd.DataFrame:
         if col == "accuracy":
             return f"{100 * v:.1f}%"
         if col == "quality-matched":
-            return "yes" if v else "no"
+            return v if isinstance(v, str) else ("yes" if v else "no")
         if isinstance(v, float):
             return f"{v:.3g}"
         return str(v)

@@ -1,5 +1,6 @@
 import functools
 import json
+import statistics
 
 import pytest
 import torch
@@ -8,9 +9,11 @@ from backbones.digits import DigitsBackbone
 from backbones.judge import JUDGE_FILE, build_judge
 from baselines.references import build_noise, build_real
 from harness.quality import (
+    EVAL_SEED,
     QualityBand,
     evaluate,
     evaluate_generator,
+    evaluate_generator_seeds,
     features,
     quality_matched,
     real_images,
@@ -122,6 +125,33 @@ def test_quality_band():
         QualityBand(fid_ratio=0.5)
     with pytest.raises(ValueError, match="accuracy_drop"):
         QualityBand(accuracy_drop=-0.01)
+
+
+def test_several_draws_average_disjoint_seeds():
+    gen = build_noise(DigitsBackbone())
+    one = evaluate_generator_seeds(gen, n=40, seeds=1)
+    assert one == evaluate_generator(gen, n=40)  # one draw: exactly the single evaluation
+    q = evaluate_generator_seeds(gen, n=40, seeds=3)
+    draws = [evaluate_generator(gen, n=40, seed=EVAL_SEED + k * 40) for k in range(3)]  # images 0-39, 40-79, 80-119
+    fids = [d["fid"] for d in draws]
+    assert q["fid_draws"] == pytest.approx(fids, rel=1e-12) and len(set(fids)) == 3
+    assert q["fid"] == pytest.approx(sum(fids) / 3, rel=1e-12)
+    assert q["fid_std"] == pytest.approx(statistics.stdev(fids), rel=1e-9)
+    assert q["accuracy"] == pytest.approx(sum(d["accuracy"] for d in draws) / 3, rel=1e-12)
+    assert (q["seeds"], q["samples"]) == (3, 40)
+    with pytest.raises(ValueError, match="seeds must be an integer >= 1"):
+        evaluate_generator_seeds(gen, n=40, seeds=0)
+
+
+def test_marginal_verdict_within_draw_noise():
+    band = QualityBand()
+    ref = {"fid": 0.2, "fid_std": 0.01, "seeds": 3, "accuracy": 0.98}
+    # limit 1.25 x 0.2 = 0.25; se = sqrt(0.012^2 / 3 + (1.25 x 0.01)^2 / 3) = 0.0100042, 2 se = 0.0200083
+    near = {"fid": 0.26, "fid_std": 0.012, "seeds": 3, "accuracy": 0.98}
+    assert band.marginal(near, ref) is True and band.matched(near, ref) is False
+    assert band.marginal({**near, "fid": 0.2701}, ref) is False  # 0.0201 from the limit
+    assert band.marginal({**near, "fid": 0.2299}, ref) is False and band.matched({**near, "fid": 0.2299}, ref)
+    assert band.marginal({"fid": 0.26, "accuracy": 0.98}, ref) is None  # one draw: no spread to judge by
 
 
 # --- sensitivity on the shipped teacher --------------------------------------------------------

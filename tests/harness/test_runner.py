@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -142,3 +143,13 @@ def test_batch_larger_than_the_window_is_refused(tmp_path):
     cfg = RunConfig(models=["sd"], out=tmp_path, images=4, batch_sizes=[2, 8, 16])
     with pytest.raises(UserError, match=r"^--batch-size 8,16 is larger than --images 4: a window generates"):
         cfg.validate()
+
+
+@pytest.mark.parametrize(("kw", "message"), [
+    ({"quality_seeds": 0}, "--quality-seeds must be a positive integer, got 0"),
+    ({"quality_seeds": 2, "backbone": "diffusers:/tmp/sd"}, "--quality-seeds applies to the digits backbone"),
+    ({"fid_ratio": 0.9}, "--fid-ratio >= 1"),
+])
+def test_quality_options_refused(tmp_path, kw, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        RunConfig(models=["sd"], out=tmp_path, **kw).validate()

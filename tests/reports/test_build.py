@@ -48,6 +48,7 @@ def test_csv_carries_quality_beside_energy(tmp_path):
     assert (un0["fid"], un0["kid"], un0["kid_std"], un0["quality_samples"]) == (4.5, 0.01, 0.001, 100)
     assert bool(un0["quality_matched"]) is True
     assert bool(csv.loc[("noise", "proxy")]["quality_matched"]) is False
+    assert pd.isna(un0["fid_std"]) and pd.isna(un0["quality_marginal"])
     # A record without quality leaves the cells empty, not 0.
     unmeasured = csv.loc[("sd:steps=2", "wall")]
     assert pd.isna(unmeasured["fid"]) and pd.isna(unmeasured["accuracy"]) and pd.isna(unmeasured["quality_matched"])
@@ -70,3 +71,19 @@ def test_claims_pick_the_best_quality_matched_model():
 def test_pareto_front():
     pts = [(1.0, 10.0, "a"), (2.0, 5.0, "b"), (3.0, 6.0, "c"), (0.5, 50.0, "d")]
     assert [p[2] for p in pareto_front(pts)] == ["d", "a", "b"]  # c is dominated by b
+
+
+def test_marginal_verdicts_are_marked(tmp_path):
+    import pandas as pd
+
+    q = {"fid": 0.26, "fid_std": 0.012, "seeds": 3, "kid": 0.0, "kid_std": 0.001, "accuracy": 0.98, "samples": 1000}
+    records = [proxy("sd", compute=1.0, fid=0.2),
+               proxy("un0", compute=0.001, fid=0.26, matched=False, quality=q, quality_marginal=True)]
+    write(tmp_path, records)
+    html = build_report(tmp_path).read_text()
+    assert "no (marginal)" in html
+    assert "within FID&#39;s draw-to-draw noise" in html or "within FID's draw-to-draw noise" in html
+    assert "(sd 0.012 over 3 draws)" in html
+    csv = pd.read_csv(tmp_path / "results.csv").set_index("model")
+    assert (csv.loc["un0", "fid_std"], csv.loc["un0", "quality_seeds"]) == (0.012, 3)
+    assert bool(csv.loc["un0", "quality_marginal"]) is True

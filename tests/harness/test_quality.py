@@ -143,15 +143,18 @@ def test_several_draws_average_disjoint_seeds():
         evaluate_generator_seeds(gen, n=40, seeds=0)
 
 
-def test_marginal_verdict_within_draw_noise():
+def test_marginal_verdict_is_judged_on_paired_draws():
     band = QualityBand()
-    ref = {"fid": 0.2, "fid_std": 0.01, "seeds": 3, "accuracy": 0.98}
-    # limit 1.25 x 0.2 = 0.25; se = sqrt(0.012^2 / 3 + (1.25 x 0.01)^2 / 3) = 0.0100042, 2 se = 0.0200083
-    near = {"fid": 0.26, "fid_std": 0.012, "seeds": 3, "accuracy": 0.98}
-    assert band.marginal(near, ref) is True and band.matched(near, ref) is False
-    assert band.marginal({**near, "fid": 0.2701}, ref) is False  # 0.0201 from the limit
-    assert band.marginal({**near, "fid": 0.2299}, ref) is False and band.matched({**near, "fid": 0.2299}, ref)
+    ref = {"fid": 0.2, "fid_draws": [0.2, 0.22, 0.18], "accuracy": 0.98}
+    # Ratios 0.26/0.2, 0.28/0.22, 0.24/0.18 = 1.3, 1.2727, 1.3333: mean 1.3020, sd 0.0304, se 0.0175;
+    # 1.25 is 0.052 below the mean, more than 2 se: clearly outside the band although the FIDs overlap.
+    outside = {"fid": 0.26, "fid_draws": [0.26, 0.28, 0.24], "accuracy": 0.98}
+    assert band.marginal(outside, ref) is False and band.matched(outside, ref) is False
+    # Ratios 1.3, 1.2, 1.2778: mean 1.2593, sd 0.0525, se 0.0303: 1.25 is within 2 se.
+    near = {"fid": 0.25, "fid_draws": [0.26, 0.264, 0.23], "accuracy": 0.98}
+    assert band.marginal(near, ref) is True
     assert band.marginal({"fid": 0.26, "accuracy": 0.98}, ref) is None  # one draw: no spread to judge by
+    assert band.marginal({**near, "fid_draws": [0.26, 0.264]}, ref) is None  # draws not paired
 
 
 # --- sensitivity on the shipped teacher --------------------------------------------------------

@@ -7,6 +7,7 @@ teacher`` reproduces the shipped weights from a seed.
 from __future__ import annotations
 
 import copy
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -144,17 +145,26 @@ def teacher_pairs(n: int, steps: int = 50, batch_size: int = 256, path: Path = T
 
     digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
     cache = _cache_dir() / f"teacher-pairs-{digest}-n{n}-s{steps}.pt"
-    if cache.is_file():
-        blob = torch.load(cache, weights_only=True)
-        return blob["noise"], blob["labels"], blob["images"]
+    # Pair i depends only on i (its own noise; batches of batch_size from index 0), so any cached
+    # set of the same teacher and steps is a prefix of this one: slice a larger one, extend a smaller.
+    cached = {int(m.group(1)): f for f in _cache_dir().glob(f"teacher-pairs-{digest}-n*-s{steps}.pt")
+              if (m := re.fullmatch(rf"teacher-pairs-{digest}-n(\d+)-s{steps}\.pt", f.name))}
+    larger = [k for k in cached if k >= n]
+    if larger:
+        blob = torch.load(cached[min(larger)], weights_only=True)
+        return blob["noise"][:n], blob["labels"][:n], blob["images"][:n]
+    # Extend only from a prefix that ends on a batch boundary, so every batch is the one a fresh run makes.
+    smaller = [k for k in cached if k % batch_size == 0]
+    done = max(smaller, default=0)
     from baselines.diffusion import DiffusionGenerator
 
     unet, _ = load_teacher(path)
     gen = DiffusionGenerator(unet, steps=steps)
     noise = image_noise(PAIRS_SEED_BASE, 0, n, IMAGE_SHAPE)
     labels = torch.arange(n) % 10
-    images = torch.cat([gen.sample(noise[i : i + batch_size], labels[i : i + batch_size])
-                        for i in range(0, n, batch_size)])
+    parts = [torch.load(cached[done], weights_only=True)["images"]] if done else []
+    parts += [gen.sample(noise[i : i + batch_size], labels[i : i + batch_size]) for i in range(done, n, batch_size)]
+    images = torch.cat(parts)
     cache.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"noise": noise, "labels": labels, "images": images}, cache.with_suffix(".tmp"))
     cache.with_suffix(".tmp").replace(cache)

@@ -1,6 +1,7 @@
 import pytest
+import torch
 
-from backbones.teacher import UNET_CONFIG, load_teacher, train_teacher
+from backbones.teacher import UNET_CONFIG, load_teacher, teacher_pairs, train_teacher
 from harness.checkpoints import load_checkpoint
 from harness.errors import CheckpointError
 
@@ -28,3 +29,29 @@ def test_load_refuses_a_file_made_for_another_config(tmp_path):
     out.with_suffix(".json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="block_out_channels"):
         load_teacher(out)
+
+
+def test_teacher_pairs_reuse_a_cached_prefix(tmp_path, monkeypatch):
+    from baselines.diffusion import DiffusionGenerator
+
+    calls: list[int] = []
+    sample = DiffusionGenerator.sample
+
+    def counted(self, noise, labels):
+        calls.append(len(noise))
+        return sample(self, noise, labels)
+
+    monkeypatch.setattr(DiffusionGenerator, "sample", counted)
+    monkeypatch.setenv("UN0_BENCH_CACHE", str(tmp_path / "a"))
+    eight = teacher_pairs(8, steps=2, batch_size=4)
+    assert calls == [4, 4]
+    twelve = teacher_pairs(12, steps=2, batch_size=4)
+    assert calls == [4, 4, 4]  # only the new batch ran
+    assert all(torch.equal(x[:8], y) for x, y in zip(twelve, eight, strict=True))
+    six = teacher_pairs(6, steps=2, batch_size=4)
+    assert calls == [4, 4, 4] and all(torch.equal(x, y[:6]) for x, y in zip(six, eight, strict=True))
+    # Extended or not, the pairs are bit for bit the ones a fresh cache makes.
+    monkeypatch.setenv("UN0_BENCH_CACHE", str(tmp_path / "b"))
+    fresh = teacher_pairs(12, steps=2, batch_size=4)
+    assert all(torch.equal(x, y) for x, y in zip(fresh, twelve, strict=True))
+    assert fresh[2].shape == (12, 1, 16, 16) and fresh[1].tolist() == [i % 10 for i in range(12)]

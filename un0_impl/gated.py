@@ -59,7 +59,9 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "band": 1.5,  # candidate units per kept unit for the straight-through gradient
     "tau": 0.05,  # temperature of the surrogate sigmoid, in units of the scores
     "seed": 0,
-    "pairs": 4096,
+    # 16,384 teacher pairs: with 4,096 the student overfits (held-out FID 1.3x sd's, and more
+    # steps did not help); with 16,384 it reaches ~1.15x at keep 0.1, one step.
+    "pairs": 16384,
 }
 UN0_FILE = WEIGHTS_DIR / "un0.safetensors"
 
@@ -384,7 +386,7 @@ def train_un0(steps: int | None = None, seed: int | None = None, out: Path | Non
         seed: Seed of initialisation and batches (default: the shipped run's).
         out: Weights file to write (default: the shipped ``un0.safetensors``).
         config: Architecture (default :data:`UN0_CONFIG`); tests pass a tiny one.
-        pairs: ``(noise, labels, images)`` to learn from (default: ``teacher_pairs(4096)``).
+        pairs: ``(noise, labels, images)`` to learn from (default: ``teacher_pairs(TRAIN_DEFAULTS["pairs"])``).
 
     Returns:
         The metadata written beside the weights.

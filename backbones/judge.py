@@ -19,7 +19,7 @@ from torch import nn
 
 from backbones.digits import IMAGE_SIZE, WEIGHTS_DIR, load_data
 from harness.checkpoints import load_checkpoint, save_checkpoint
-from harness.training import metered_training, run_steps, training_metadata
+from harness.training import metered_training, one_cycle, run_steps, training_metadata
 
 #: Architecture. Two conv stages (16 -> 8 -> 4 px), then a ``features``-wide penultimate layer.
 JUDGE_CONFIG: dict[str, Any] = {
@@ -127,7 +127,7 @@ def train_judge(steps: int | None = None, seed: int | None = None, out: Path | N
     x, y = data.train_images, data.train_labels
     judge = build_judge().train()
     opt = torch.optim.AdamW(judge.parameters(), lr=lr, weight_decay=TRAIN_DEFAULTS["weight_decay"])
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    sched = one_cycle(opt, lr, steps, 0.1)
 
     def train_step() -> float:
         idx = torch.randint(0, len(y), (batch_size,), generator=g)

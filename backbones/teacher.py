@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from backbones.digits import IMAGE_SIZE, WEIGHTS_DIR, load_data
 from backbones.hf import diffusers_class
 from harness.checkpoints import load_checkpoint, save_checkpoint
-from harness.training import ema_update, metered_training, run_steps, training_metadata
+from harness.training import ema_update, metered_training, one_cycle, run_steps, training_metadata
 
 #: UNet2DModel config. Three resolutions (16, 8, 4), attention at 8x8, 10 class embeddings.
 UNET_CONFIG: dict[str, Any] = {
@@ -84,7 +84,7 @@ def train_teacher(out: Path = TEACHER_FILE, steps: int = TRAIN_DEFAULTS["steps"]
     ema = copy.deepcopy(unet).requires_grad_(False)
     scheduler = make_scheduler()
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+    sched = one_cycle(opt, lr, steps, 0.05)
     decay = TRAIN_DEFAULTS["ema_decay"]
 
     def train_step() -> float:

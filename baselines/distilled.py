@@ -300,7 +300,7 @@ def distill_student(teacher: torch.nn.Module, pairs: tuple[torch.Tensor, torch.T
         training iteration (for counting its cost), and the loss of every iteration.
     """
     from backbones.teacher import make_scheduler
-    from harness.training import ema_update, run_steps
+    from harness.training import ema_update, one_cycle, run_steps
 
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
@@ -310,7 +310,7 @@ def distill_student(teacher: torch.nn.Module, pairs: tuple[torch.Tensor, torch.T
     student = copy.deepcopy(teacher).train().requires_grad_(True)
     ema = copy.deepcopy(student).eval().requires_grad_(False)
     opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=iterations, pct_start=0.1)
+    sched = one_cycle(opt, lr, iterations, 0.1)
 
     def train_step() -> float:
         idx = torch.randint(0, len(labels), (batch,), generator=g)

@@ -39,7 +39,7 @@ from harness.checkpoints import load_checkpoint, save_checkpoint
 from harness.errors import CheckpointError
 from harness.generator import Generator
 from harness.spec import takes
-from harness.training import ema_update, metered_training, run_steps, training_metadata
+from harness.training import ema_update, metered_training, one_cycle, run_steps, training_metadata
 
 #: Structured pruning recipe. Part of the checkpoint's config: the architecture is rebuilt from it.
 PRUNING: dict[str, Any] = {
@@ -328,7 +328,7 @@ def train_pruned(steps: int | None = None, seed: int | None = None, out: Path | 
         student = prune_channels(copy.deepcopy(teacher)).train().requires_grad_(True)
         ema = copy.deepcopy(student).requires_grad_(False)
         opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=1e-4)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps + 1, pct_start=0.05)
+        sched = one_cycle(opt, lr, steps + 1, 0.05)
 
         def train_step() -> float:
             idx = torch.randint(0, len(y), (batch_size,), generator=g)

@@ -35,6 +35,7 @@ from torch import nn
 
 from backbones.base import Backbone
 from baselines.diffusion import STEPS, DiffusionGenerator, require_digits
+from harness.errors import UserError
 from harness.generator import Generator
 from harness.spec import takes
 
@@ -472,6 +473,15 @@ def calibrate_int8(steps: int | None = None, seed: int | None = None, out: Path 
     timesteps = [int(t) for t in sched.timesteps]
     bucket = TimestepBucket(INT8_SCHEME["timestep_buckets"], sched.config.num_train_timesteps)
     percentile = INT8_SCHEME["percentile"]
+    # Batches cycle over the timesteps, so the first `needed` batches are the fewest that reach every
+    # bucket; fewer would leave a bucket with no activation scale.
+    first_seen = {}
+    for i, t in enumerate(timesteps):
+        first_seen.setdefault(bucket.of(t), i)
+    needed = max(first_seen.values()) + 1
+    if steps < needed:
+        raise UserError(f"sd-int8 calibration needs at least {needed} batches (--steps) so that each of "
+                         f"the {bucket.n_buckets} timestep buckets gets a scale; got {steps}")
 
     def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         return calibration_batches(data.train_images, data.train_labels, timesteps, steps, batch_size, seed)

@@ -131,7 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("target", help="what to train (see `un0-bench list`), or all")
     t.add_argument("--steps", type=_positive_int, default=None, help="training steps (default: the shipped run's)")
     t.add_argument("--seed", type=int, default=None)
-    t.add_argument("--out", type=Path, default=None, help="weights file (default: the shipped location)")
+    t.add_argument("--out", type=Path, default=None,
+                   help="weights file (default: the shipped location; sd-distilled writes <stem>-4 and <stem>-1 "
+                        "beside it)")
     return p
 
 

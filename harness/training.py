@@ -101,16 +101,53 @@ def run_steps(train_step: Callable[[], float], steps: int, desc: str, *, schedul
     """
     advance = progress(steps, desc)
     losses: list[float] = []
-    for step in range(steps):
-        losses.append(train_step())
-        if scheduler is not None:
-            scheduler.step()
-        if after_step is not None:
-            after_step(step)
-        if (step + 1) % every == 0 or step == steps - 1:
-            recent = losses[-every:]
-            advance((step % every) + 1, f"loss {sum(recent) / len(recent):.4f}")
+    with deterministic_algorithms():
+        for step in range(steps):
+            losses.append(train_step())
+            if scheduler is not None:
+                scheduler.step()
+            if after_step is not None:
+                after_step(step)
+            if (step + 1) % every == 0 or step == steps - 1:
+                recent = losses[-every:]
+                advance((step % every) + 1, f"loss {sum(recent) / len(recent):.4f}")
     return losses
+
+
+@contextlib.contextmanager
+def deterministic_algorithms() -> Iterator[None]:
+    """Run the block with ``torch.use_deterministic_algorithms(True)``, then restore the setting.
+
+    Why: a shipped file must be reproducible from its seed. With two or more threads, some CPU
+    kernels accumulate in an order that varies from run to run (measured here: the backward of
+    un0's gathered weights, where one unit is kept by several prompts). The rounding differences
+    grow over training until two runs of the same command give visibly different weights. The
+    deterministic kernels remove that variation.
+    """
+    import torch
+
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+def one_cycle(optimizer: Any, max_lr: float, total_steps: int, pct_start: float) -> Any:
+    """``torch.optim.lr_scheduler.OneCycleLR`` that works for any ``total_steps >= 1``.
+
+    OneCycleLR divides by ``pct_start * total_steps - 1``, so it crashes when the warm-up is exactly
+    one step long (20 steps at 5%) and runs backwards when it is shorter. Here the warm-up lasts at
+    least two steps (at most 3/4 of a very short run). Runs long enough for ``pct_start`` to give two
+    steps, which includes every shipped run, get exactly the schedule they asked for.
+    """
+    import torch
+
+    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+        raise ValueError(f"total_steps must be a positive integer, got {total_steps!r}")
+    pct = max(pct_start, min(0.75, 2 / total_steps))
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=total_steps, pct_start=pct)
 
 
 def ema_update(ema: Any, model: Any, decay: float) -> None:

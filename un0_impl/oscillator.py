@@ -466,7 +466,7 @@ def train_oscillator(steps: int | None = None, seed: int | None = None, out: Pat
     from backbones.digits import WEIGHTS_DIR
     from backbones.teacher import TEACHER_FILE, teacher_pairs
     from harness.checkpoints import load_checkpoint, save_checkpoint
-    from harness.training import metered_training, run_steps, training_metadata
+    from harness.training import metered_training, one_cycle, run_steps, training_metadata
 
     steps = TRAIN_DEFAULTS["steps"] if steps is None else steps
     seed = TRAIN_DEFAULTS["seed"] if seed is None else seed
@@ -482,7 +482,7 @@ def train_oscillator(steps: int | None = None, seed: int | None = None, out: Pat
     noise, labels, images = teacher_pairs(n_pairs)  # cached; shared with the other students
     net = OscillatorNet(cfg).train()
     opt = torch.optim.Adam(net.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+    sched = one_cycle(opt, lr, steps, 0.05)
 
     def train_step() -> float:
         idx = torch.randint(0, len(labels), (batch_size,), generator=g)

@@ -16,6 +16,7 @@ from baselines.quantized import (
     TimestepBucket,
     build_int8,
     calibrate_activations,
+    calibrate_int8,
     calibration_batches,
     int8_config,
     quantize_unet,
@@ -23,7 +24,7 @@ from baselines.quantized import (
 )
 from harness.counters.ops import OpCounter
 from harness.counters.records import Counts
-from harness.errors import CheckpointError
+from harness.errors import CheckpointError, UserError
 from harness.generator import GenerationRequest
 from harness.meters.proxy import get_profile, proxy_energy
 from tests.baselines.test_diffusion import tiny_unet
@@ -139,6 +140,15 @@ def test_calibration_must_cover_every_bucket():
                                   seed=0)
     with pytest.raises(ValueError, match=r"no batch in timestep buckets \[0\]"):
         calibrate_activations(tiny_unet(), batches, TimestepBucket(2))
+
+
+def test_calibration_with_too_few_batches_is_refused_before_it_runs(tmp_path):
+    # The 50 DDIM timesteps run 981, 961, ..., 1 and fall 5 to a bucket of 100 (10 buckets); bucket 0
+    # (timesteps 0..99) first comes at index 45, so 46 batches are the fewest that reach all ten.
+    out = tmp_path / "int8.safetensors"
+    with pytest.raises(UserError, match=r"at least 46 batches .* 10 timestep buckets .*; got 45"):
+        calibrate_int8(steps=45, out=out)
+    assert not out.exists()
 
 
 # -- counting and the proxy --------------------------------------------------------------------

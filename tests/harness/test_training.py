@@ -12,7 +12,14 @@ from harness.counters.ops import OpCounter
 from harness.meters.base import MeterUnavailable
 from harness.meters.proxy import proxy_energy
 from harness.meters.wall import WallMeter
-from harness.training import TrainingEnergy, ema_update, metered_training, run_steps
+from harness.training import (
+    TrainingEnergy,
+    deterministic_algorithms,
+    ema_update,
+    metered_training,
+    one_cycle,
+    run_steps,
+)
 
 
 def test_count_proxy_runs_one_step_and_charges_every_step():
@@ -84,3 +91,61 @@ def test_ema_update_moves_each_parameter_by_one_minus_decay():
     ema_update(ema, model, decay=0.75)
     # 0.75 * 1 + 0.25 * 3 = 1.5; 0.75 * 0 + 0.25 * 10 = 2.5
     assert ema.weight.tolist() == [[1.5, 1.5]] and ema.bias.tolist() == [2.5]
+
+
+@pytest.mark.parametrize("before", [False, True])
+def test_deterministic_algorithms_is_on_inside_and_restored_after(before):
+    torch.use_deterministic_algorithms(before)
+    try:
+        with deterministic_algorithms():
+            assert torch.are_deterministic_algorithms_enabled()
+        assert torch.are_deterministic_algorithms_enabled() is before
+        with pytest.raises(RuntimeError, match="boom"), deterministic_algorithms():
+            raise RuntimeError("boom")
+        assert torch.are_deterministic_algorithms_enabled() is before
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_run_steps_trains_with_deterministic_algorithms():
+    seen: list[bool] = []
+    run_steps(lambda: seen.append(torch.are_deterministic_algorithms_enabled()) or 0.0, 2, "test")
+    assert seen == [True, True] and not torch.are_deterministic_algorithms_enabled()
+
+
+def _lrs(sched, steps: int) -> list[float]:
+    lrs = [sched.get_last_lr()[0]]
+    for _ in range(steps):
+        sched.optimizer.step()
+        sched.step()
+        lrs.append(sched.get_last_lr()[0])
+    return lrs
+
+
+@pytest.mark.parametrize("total_steps", [1, 2, 3, 4, 10, 20, 21, 39, 40])
+@pytest.mark.parametrize("pct_start", [0.05, 0.1])
+def test_one_cycle_runs_any_length(total_steps, pct_start):
+    # torch's OneCycleLR divides by zero at 20 steps x 5% and 10 steps x 10% (a 1-step warm-up).
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    lrs = _lrs(one_cycle(opt, 0.1, total_steps, pct_start), total_steps)
+    assert all(0.0 < lr <= 0.1 + 1e-12 for lr in lrs[:-1])
+    if total_steps >= 3:
+        # The peak falls at step pct * total_steps - 1, often between two steps; the nearest one
+        # comes within 5% of it (21 steps x 10%: peak at 1.1, step 1 gets 0.099998).
+        assert max(lrs) == pytest.approx(0.1, rel=0.05)
+
+
+def test_one_cycle_is_torchs_schedule_when_the_warm_up_has_two_steps():
+    # 1,500 steps x 5% = 75 warm-up steps, as the shipped teacher run: the schedule must not move.
+    a = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    b = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    ours = _lrs(one_cycle(a, 3e-3, 1500, 0.05), 1500)
+    torchs = _lrs(torch.optim.lr_scheduler.OneCycleLR(b, max_lr=3e-3, total_steps=1500, pct_start=0.05), 1500)
+    assert ours == torchs
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True])
+def test_one_cycle_refuses_a_bad_length(bad):
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    with pytest.raises(ValueError, match="total_steps must be a positive integer"):
+        one_cycle(opt, 0.1, bad, 0.05)

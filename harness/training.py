@@ -173,6 +173,9 @@ def training_metadata(
         "duration_s": energy.duration_s,
         "energy": energy.by_meter,
         "torch": torch.__version__,
+        # The same seed reproduces a file bit for bit only at the same thread count: matmul
+        # blocking, and so float rounding, follows the number of threads.
+        "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "git_commit": git_commit(),
         **extra,

@@ -19,6 +19,7 @@ from harness.training import (
     metered_training,
     one_cycle,
     run_steps,
+    training_metadata,
 )
 
 
@@ -149,3 +150,16 @@ def test_one_cycle_refuses_a_bad_length(bad):
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     with pytest.raises(ValueError, match="total_steps must be a positive integer"):
         one_cycle(opt, 0.1, bad, 0.05)
+
+
+def test_training_metadata_records_the_thread_count():
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        meta = training_metadata(kind="k", config={"a": 1}, energy=TrainingEnergy(duration_s=2.5),
+                                 extra={"seed": 7})
+    finally:
+        torch.set_num_threads(before)
+    assert (meta["torch_threads"], meta["kind"], meta["config"], meta["duration_s"], meta["seed"]) == (
+        1, "k", {"a": 1}, 2.5, 7)
+    assert meta["torch"] == torch.__version__

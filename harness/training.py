@@ -119,10 +119,10 @@ def deterministic_algorithms() -> Iterator[None]:
     """Run the block with ``torch.use_deterministic_algorithms(True)``, then restore the setting.
 
     Why: a shipped file must be reproducible from its seed. With two or more threads, some CPU
-    kernels accumulate in an order that varies from run to run (measured here: the backward of
-    un0's gathered weights, where one unit is kept by several prompts). The rounding differences
-    grow over training until two runs of the same command give visibly different weights. The
-    deterministic kernels remove that variation.
+    kernels accumulate in an order that varies from run to run. Measured here: two 2-thread runs
+    of ``un0-bench train un0`` gave different weights (its backward sums gathered rows of units
+    that several prompts keep), while 1-thread runs, or 2-thread runs in this mode, were identical.
+    The other trainers gave the same bits with and without this mode.
     """
     import torch
 
@@ -138,8 +138,8 @@ def one_cycle(optimizer: Any, max_lr: float, total_steps: int, pct_start: float)
     """``torch.optim.lr_scheduler.OneCycleLR`` that works for any ``total_steps >= 1``.
 
     OneCycleLR divides by ``pct_start * total_steps - 1``, so it crashes when the warm-up is exactly
-    one step long (20 steps at 5%) and runs backwards when it is shorter. Here the warm-up lasts at
-    least two steps (at most 3/4 of a very short run). Runs long enough for ``pct_start`` to give two
+    one step long (20 steps at 5%). Here the warm-up lasts at least two steps (at most 3/4 of a
+    very short run). Runs long enough for ``pct_start`` to give two
     steps, which includes every shipped run, get exactly the schedule they asked for.
     """
     import torch

@@ -123,6 +123,9 @@ def deterministic_algorithms() -> Iterator[None]:
     of ``un0-bench train un0`` gave different weights (its backward sums gathered rows of units
     that several prompts keep), while 1-thread runs, or 2-thread runs in this mode, were identical.
     The other trainers gave the same bits with and without this mode.
+
+    Every trainer that uses it runs on the CPU. A CUDA trainer would also need
+    ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` in the environment, or cuBLAS matmuls raise in this mode.
     """
     import torch
 
@@ -139,8 +142,8 @@ def one_cycle(optimizer: Any, max_lr: float, total_steps: int, pct_start: float)
 
     OneCycleLR divides by ``pct_start * total_steps - 1``, so it crashes when the warm-up is exactly
     one step long (20 steps at 5%). Here the warm-up lasts at least two steps (at most 3/4 of a
-    very short run). Runs long enough for ``pct_start`` to give two
-    steps, which includes every shipped run, get exactly the schedule they asked for.
+    very short run). Runs long enough for ``pct_start`` to give two steps, which includes every
+    shipped run, get exactly the schedule they asked for.
     """
     import torch
 

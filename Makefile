@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 bench: $(STAMP)
-	$(PY) -m bench.suite --out reports/latest
+	$(PY) -m un0_bench.suite --out reports/latest
 
 # The report's browser test uses Debian's Chromium. Installing it needs root and apt; without it the
 # test is skipped and says why.

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from backbones.base import Backbone
-from harness.errors import PromptError
+from un0_bench.backbones.base import Backbone
+from un0_bench.harness.errors import PromptError
 
 IMAGE_SIZE = 16
 IMAGE_SHAPE = (1, IMAGE_SIZE, IMAGE_SIZE)  # (C, H, W)

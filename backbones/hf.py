@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from harness.errors import UserError
+from un0_bench.harness.errors import UserError
 
 #: Where each diffusers class this project uses lives. Top-level names are stable across releases;
 #: the building blocks (attention, resamplers) are only importable from their submodules.

@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from backbones.digits import IMAGE_SIZE, WEIGHTS_DIR, load_data
-from harness.checkpoints import load_checkpoint, save_checkpoint
-from harness.training import metered_training, one_cycle, run_steps, training_metadata
+from un0_bench.backbones.digits import IMAGE_SIZE, WEIGHTS_DIR, load_data
+from un0_bench.harness.checkpoints import load_checkpoint, save_checkpoint
+from un0_bench.harness.training import metered_training, one_cycle, run_steps, training_metadata
 
 #: Architecture. Two conv stages (16 -> 8 -> 4 px), then a ``features``-wide penultimate layer.
 JUDGE_CONFIG: dict[str, Any] = {

@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 
-from backbones.base import Backbone
-from backbones.hf import diffusers_class, from_pretrained_dtype_key, text2image_pipeline_classes, transformers_class
-from harness.errors import PromptError, UserError
+from un0_bench.backbones.base import Backbone
+from un0_bench.backbones.hf import diffusers_class, from_pretrained_dtype_key, text2image_pipeline_classes, transformers_class
+from un0_bench.harness.errors import PromptError, UserError
 
 #: ``--dtype`` names.
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -15,10 +15,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from backbones.digits import IMAGE_SIZE, WEIGHTS_DIR, load_data
-from backbones.hf import diffusers_class
-from harness.checkpoints import load_checkpoint, save_checkpoint
-from harness.training import ema_update, metered_training, one_cycle, run_steps, training_metadata
+from un0_bench.backbones.digits import IMAGE_SIZE, WEIGHTS_DIR, load_data
+from un0_bench.backbones.hf import diffusers_class
+from un0_bench.harness.checkpoints import load_checkpoint, save_checkpoint
+from un0_bench.harness.training import ema_update, metered_training, one_cycle, run_steps, training_metadata
 
 #: UNet2DModel config. Three resolutions (16, 8, 4), attention at 8x8, 10 class embeddings.
 UNET_CONFIG: dict[str, Any] = {
@@ -140,8 +140,8 @@ def teacher_pairs(n: int, steps: int = 50, batch_size: int = 256, path: Path = T
     """
     import hashlib
 
-    from backbones.digits import IMAGE_SHAPE
-    from harness.generator import image_noise
+    from un0_bench.backbones.digits import IMAGE_SHAPE
+    from un0_bench.harness.generator import image_noise
 
     digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
     cache = _cache_dir() / f"teacher-pairs-{digest}-n{n}-s{steps}.pt"
@@ -156,7 +156,7 @@ def teacher_pairs(n: int, steps: int = 50, batch_size: int = 256, path: Path = T
     # Extend only from a prefix that ends on a batch boundary, so every batch is the one a fresh run makes.
     smaller = [k for k in cached if k % batch_size == 0]
     done = max(smaller, default=0)
-    from baselines.diffusion import DiffusionGenerator
+    from un0_bench.baselines.diffusion import DiffusionGenerator
 
     unet, _ = load_teacher(path)
     gen = DiffusionGenerator(unet, steps=steps)

@@ -18,8 +18,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from backbones.hf import diffusers_class, transformers_class
-from harness.errors import UserError
+from un0_bench.backbones.hf import diffusers_class, transformers_class
+from un0_bench.harness.errors import UserError
 
 #: Image side of the tiny pipeline in pixels (latents are 16x16: the VAE halves the side).
 IMAGE_SIZE = 32

@@ -21,10 +21,10 @@ from typing import Any
 
 import torch
 
-from backbones.base import Backbone
-from baselines.diffusion import STEPS, DiffusionGenerator, require_digits
-from harness.generator import Generator
-from harness.spec import Param, takes
+from un0_bench.backbones.base import Backbone
+from un0_bench.baselines.diffusion import STEPS, DiffusionGenerator, require_digits
+from un0_bench.harness.generator import Generator
+from un0_bench.harness.spec import Param, takes
 
 INTERVAL = Param(int, 3, "DDIM steps per full UNet pass (the deep feature is reused in between)", low=1,
                  high=1000)
@@ -165,7 +165,7 @@ def _check_supported(unet: torch.nn.Module) -> None:
 @takes(steps=STEPS, interval=INTERVAL)
 def build(backbone: Backbone, steps: int, interval: int) -> Generator:
     """``sd-cached``, ``sd-cached:interval=N`` and ``sd-cached:steps=S,interval=N`` (teacher weights)."""
-    from backbones.teacher import load_teacher
+    from un0_bench.backbones.teacher import load_teacher
 
     require_digits(backbone, "sd-cached")
     unet, meta = load_teacher(backbone.weights("teacher"))

@@ -10,10 +10,10 @@ from typing import Any
 
 import torch
 
-from backbones.base import Backbone
-from backbones.digits import IMAGE_SHAPE, prompt_labels, to_unit
-from harness.generator import GenerationRequest, GenerationResult, Generator, image_noise
-from harness.spec import Param, takes
+from un0_bench.backbones.base import Backbone
+from un0_bench.backbones.digits import IMAGE_SHAPE, prompt_labels, to_unit
+from un0_bench.harness.generator import GenerationRequest, GenerationResult, Generator, image_noise
+from un0_bench.harness.spec import Param, takes
 
 STEPS = Param(int, 50, "DDIM sampling steps", low=1, high=1000)
 
@@ -29,7 +29,7 @@ class DiffusionGenerator(Generator):
 
     def __init__(self, unet: torch.nn.Module, steps: int = 50, metadata: dict[str, Any] | None = None,
                  dtype: torch.dtype = torch.float32) -> None:
-        from backbones.teacher import make_scheduler
+        from un0_bench.backbones.teacher import make_scheduler
 
         self.unet = unet.eval().requires_grad_(False)
         self.steps = steps
@@ -76,7 +76,7 @@ class DiffusionGenerator(Generator):
 @takes(steps=STEPS)
 def build(backbone: Backbone, steps: int) -> Generator:
     """``sd`` and ``sd:steps=N``."""
-    from backbones.teacher import load_teacher
+    from un0_bench.backbones.teacher import load_teacher
 
     require_digits(backbone, "sd")
     unet, meta = load_teacher(backbone.weights("teacher"))
@@ -85,6 +85,6 @@ def build(backbone: Backbone, steps: int) -> Generator:
 
 def require_digits(backbone: Backbone, model: str) -> None:
     if backbone.kind != "digits":
-        from harness.errors import UserError
+        from un0_bench.harness.errors import UserError
 
         raise UserError(f"{model} is not available on backbone {backbone.name!r} yet")

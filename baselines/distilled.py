@@ -47,12 +47,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from backbones.base import Backbone
-from backbones.digits import WEIGHTS_DIR
-from baselines.diffusion import DiffusionGenerator, require_digits
-from harness.errors import SpecError
-from harness.generator import Generator
-from harness.spec import Param, takes
+from un0_bench.backbones.base import Backbone
+from un0_bench.backbones.digits import WEIGHTS_DIR
+from un0_bench.baselines.diffusion import DiffusionGenerator, require_digits
+from un0_bench.harness.errors import SpecError
+from un0_bench.harness.generator import Generator
+from un0_bench.harness.spec import Param, takes
 
 #: Student step counts that are shipped (``sd-distilled:steps=K``); the first is the default.
 SHIPPED_STEPS = (4, 1)
@@ -114,7 +114,7 @@ SAMPLERS: dict[int, StudentSampler] = {
 
 def student_config(steps: int, unet_config: dict[str, Any] | None = None) -> dict[str, Any]:
     """Config stored with (and checked against) a student's weights: network, noise schedule, sampler."""
-    from backbones.teacher import SCHEDULER_CONFIG, UNET_CONFIG
+    from un0_bench.backbones.teacher import SCHEDULER_CONFIG, UNET_CONFIG
 
     return {"unet": copy.deepcopy(unet_config or UNET_CONFIG), "schedule": copy.deepcopy(SCHEDULER_CONFIG),
             "sampler": SAMPLERS[steps].config()}
@@ -232,8 +232,8 @@ def student_path(out: Path, steps: int) -> Path:
 @takes(steps=STEPS)
 def build(backbone: Backbone, steps: int) -> Generator:
     """``sd-distilled`` (the 4-step student) and ``sd-distilled:steps=1`` (the 1-step student)."""
-    from backbones.teacher import build_unet
-    from harness.checkpoints import load_checkpoint
+    from un0_bench.backbones.teacher import build_unet
+    from un0_bench.harness.checkpoints import load_checkpoint
 
     require_digits(backbone, "sd-distilled")
     if steps not in SHIPPED_STEPS:
@@ -299,8 +299,8 @@ def distill_student(teacher: torch.nn.Module, pairs: tuple[torch.Tensor, torch.T
         ``(ema_student, train_step, losses)``: the EMA weights to save, a closure running one more
         training iteration (for counting its cost), and the loss of every iteration.
     """
-    from backbones.teacher import make_scheduler
-    from harness.training import ema_update, one_cycle, run_steps
+    from un0_bench.backbones.teacher import make_scheduler
+    from un0_bench.harness.training import ema_update, one_cycle, run_steps
 
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
@@ -334,10 +334,10 @@ def teacher_pairs_energy(teacher: torch.nn.Module, n: int, steps: int = 50, batc
     student trains. Instead one DDIM step of a ``batch``-image batch is counted (proxy) and one
     ``steps``-step batch is timed (wall), and both are scaled to ``n`` images.
     """
-    from backbones.digits import IMAGE_SHAPE
-    from harness.counters.ops import OpCounter
-    from harness.generator import image_noise
-    from harness.training import TrainingEnergy
+    from un0_bench.backbones.digits import IMAGE_SHAPE
+    from un0_bench.harness.counters.ops import OpCounter
+    from un0_bench.harness.generator import image_noise
+    from un0_bench.harness.training import TrainingEnergy
 
     noise = image_noise(0, 0, batch, IMAGE_SHAPE)
     labels = torch.arange(batch) % 10
@@ -371,9 +371,9 @@ def train_distilled(steps: int | None = None, seed: int | None = None, out: Path
         The metadata of the 4-step student (the default ``sd-distilled``); each file's metadata
         is in its own JSON.
     """
-    from backbones.teacher import TEACHER_FILE, load_teacher, teacher_pairs
-    from harness.checkpoints import save_checkpoint
-    from harness.training import metered_training, training_metadata
+    from un0_bench.backbones.teacher import TEACHER_FILE, load_teacher, teacher_pairs
+    from un0_bench.harness.checkpoints import save_checkpoint
+    from un0_bench.harness.training import metered_training, training_metadata
 
     seed = SEED if seed is None else seed
     out = DEFAULT_OUT if out is None else Path(out)

@@ -32,13 +32,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from backbones.base import Backbone
-from harness.counters.ops import gating_scope, mark_gating
-from harness.counters.records import Counts, OpStat
-from harness.errors import UserError
-from harness.generator import GenerationRequest, GenerationResult, Generator
-from harness.meters.base import Meter, MeterUnavailable, Reading
-from harness.spec import Param, takes
+from un0_bench.backbones.base import Backbone
+from un0_bench.harness.counters.ops import gating_scope, mark_gating
+from un0_bench.harness.counters.records import Counts, OpStat
+from un0_bench.harness.errors import UserError
+from un0_bench.harness.generator import GenerationRequest, GenerationResult, Generator
+from un0_bench.harness.meters.base import Meter, MeterUnavailable, Reading
+from un0_bench.harness.spec import Param, takes
 
 #: Phases a pipeline generator can be metered by separately, in the order they first run.
 PHASES = ("text_encoder", "gate", "denoise_step", "vae_decode")
@@ -135,7 +135,7 @@ class PipelineGenerator(Generator):
 
     def __init__(self, backbone: Backbone, pipe: Any, steps: int | None = None,
                  metadata: dict[str, Any] | None = None) -> None:
-        from backbones.pipeline import call_defaults, denoiser_of
+        from un0_bench.backbones.pipeline import call_defaults, denoiser_of
 
         self.backbone = backbone
         self.pipe = pipe
@@ -163,7 +163,7 @@ class PipelineGenerator(Generator):
             hook(kind, phase)
 
     def _install_hooks(self) -> None:
-        from backbones.pipeline import text_encoders_of
+        from un0_bench.backbones.pipeline import text_encoders_of
 
         for encoder in text_encoders_of(self.pipe):
             encoder.register_forward_pre_hook(lambda m, a: self._emit("begin", "text_encoder"))
@@ -259,7 +259,7 @@ class PipelineGenerator(Generator):
                                 info={"steps": self.steps, "denoiser_calls_last_batch": self.denoiser_calls})
 
     def describe(self) -> dict[str, Any]:
-        from backbones.pipeline import dtype_label
+        from un0_bench.backbones.pipeline import dtype_label
 
         return {
             "technique": self.technique,
@@ -707,7 +707,7 @@ class GatedPipelineGenerator(PipelineGenerator):
     def __init__(self, backbone: Backbone, pipe: Any, steps: int | None = None, keep: float = 0.1,
                  calibration_prompts: Sequence[str] | None = None, calibration_steps: int | None = None,
                  ridge: float = 1.0, cache_bytes: int = 2**30, meter_calibration: bool = True) -> None:
-        from backbones.pipeline import CALIBRATION_PROMPTS, feed_forward_layers
+        from un0_bench.backbones.pipeline import CALIBRATION_PROMPTS, feed_forward_layers
 
         super().__init__(backbone, pipe, steps)
         if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep <= 1:
@@ -752,7 +752,7 @@ class GatedPipelineGenerator(PipelineGenerator):
         return cond.float().mean(dim=1)
 
     def _calibrate(self, prompts: tuple[str, ...], steps: int, ridge: float, meter: bool) -> PromptGate:
-        from harness.training import metered_training
+        from un0_bench.harness.training import metered_training
 
         n = len(prompts)
         sums = [torch.zeros(n, s.inner, dtype=torch.float64) for s in self.specs]
@@ -816,8 +816,8 @@ class GatedPipelineGenerator(PipelineGenerator):
 
     def _count_calibration_batch(self, prompts: tuple[str, ...], n: int, batch: int) -> dict[str, Any]:
         """Proxy energy of calibration: one counted batch x the number of batches."""
-        from harness.counters.ops import OpCounter
-        from harness.meters.proxy import DEFAULT_PROFILE, proxy_energy
+        from un0_bench.harness.counters.ops import OpCounter
+        from un0_bench.harness.meters.proxy import DEFAULT_PROFILE, proxy_energy
 
         with OpCounter() as counter:
             self.run_batch(prompts, CALIBRATION_SEED, 0)
@@ -1019,8 +1019,8 @@ def measure_phases(generator: PipelineGenerator, request: GenerationRequest,
         ``generator.phases()``, plus ``"other"``: work outside any phase (scheduler arithmetic,
         image post-processing), counted but not windowed, so only the proxy prices it.
     """
-    from harness.counters.ops import OpCounter
-    from harness.meters.proxy import ProxyMeter, proxy_energy
+    from un0_bench.harness.counters.ops import OpCounter
+    from un0_bench.harness.meters.proxy import ProxyMeter, proxy_energy
 
     meters = dict(meters) if isinstance(meters, Mapping) else {m.name: m for m in meters}
     phases = generator.phases()

@@ -31,15 +31,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from backbones.base import Backbone
-from backbones.digits import WEIGHTS_DIR, load_data
-from backbones.hf import diffusers_class
-from baselines.diffusion import STEPS, DiffusionGenerator, require_digits
-from harness.checkpoints import load_checkpoint, save_checkpoint
-from harness.errors import CheckpointError
-from harness.generator import Generator
-from harness.spec import takes
-from harness.training import ema_update, metered_training, one_cycle, run_steps, training_metadata
+from un0_bench.backbones.base import Backbone
+from un0_bench.backbones.digits import WEIGHTS_DIR, load_data
+from un0_bench.backbones.hf import diffusers_class
+from un0_bench.baselines.diffusion import STEPS, DiffusionGenerator, require_digits
+from un0_bench.harness.checkpoints import load_checkpoint, save_checkpoint
+from un0_bench.harness.errors import CheckpointError
+from un0_bench.harness.generator import Generator
+from un0_bench.harness.spec import takes
+from un0_bench.harness.training import ema_update, metered_training, one_cycle, run_steps, training_metadata
 
 #: Structured pruning recipe. Part of the checkpoint's config: the architecture is rebuilt from it.
 PRUNING: dict[str, Any] = {
@@ -162,7 +162,7 @@ def load_pruned(path: Path = PRUNED_FILE, base_config: dict[str, Any] | None = N
     and a file whose tensors do not have the rebuilt architecture's shapes.
     """
     if base_config is None:
-        from backbones.teacher import UNET_CONFIG
+        from un0_bench.backbones.teacher import UNET_CONFIG
 
         base_config = UNET_CONFIG
     state, meta = load_checkpoint(path, expected_config=pruned_config(base_config, pruning))
@@ -203,7 +203,7 @@ class PrunedGenerator(DiffusionGenerator):
 @takes(steps=STEPS)
 def build_structured(backbone: Backbone, steps: int) -> Generator:
     """``sd-pruned``: the 50% channel-pruned, fine-tuned teacher, sampled with DDIM."""
-    from backbones.teacher import build_unet
+    from un0_bench.backbones.teacher import build_unet
 
     require_digits(backbone, "sd-pruned")
     unet, meta = load_pruned(backbone.weights("sd-pruned"))
@@ -275,7 +275,7 @@ def unstructured_derivation(teacher_meta: dict[str, Any]) -> dict[str, Any]:
 @takes(steps=STEPS)
 def build_unstructured(backbone: Backbone, steps: int) -> Generator:
     """``sd-pruned-unstructured``: the teacher with 50% of every weight zeroed, dense kernels."""
-    from backbones.teacher import load_teacher
+    from un0_bench.backbones.teacher import load_teacher
 
     require_digits(backbone, "sd-pruned-unstructured")
     unet, teacher_meta = load_teacher(backbone.weights("teacher"))
@@ -308,7 +308,7 @@ def train_pruned(steps: int | None = None, seed: int | None = None, out: Path | 
     Returns:
         The metadata written beside the weights.
     """
-    from backbones.teacher import TEACHER_FILE, UNET_CONFIG, load_teacher, make_scheduler
+    from un0_bench.backbones.teacher import TEACHER_FILE, UNET_CONFIG, load_teacher, make_scheduler
 
     steps = FINETUNE_DEFAULTS["steps"] if steps is None else steps
     seed = FINETUNE_DEFAULTS["seed"] if seed is None else seed

@@ -33,11 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from backbones.base import Backbone
-from baselines.diffusion import STEPS, DiffusionGenerator, require_digits
-from harness.errors import UserError
-from harness.generator import Generator
-from harness.spec import takes
+from un0_bench.backbones.base import Backbone
+from un0_bench.baselines.diffusion import STEPS, DiffusionGenerator, require_digits
+from un0_bench.harness.errors import UserError
+from un0_bench.harness.generator import Generator
+from un0_bench.harness.spec import takes
 
 __all__ = [
     "CALIBRATION_DEFAULTS",
@@ -85,7 +85,7 @@ class LowPrecisionGenerator(DiffusionGenerator):
 
 
 def _teacher(backbone: Backbone, model: str) -> tuple[nn.Module, dict[str, Any]]:
-    from backbones.teacher import load_teacher
+    from un0_bench.backbones.teacher import load_teacher
 
     require_digits(backbone, model)
     return load_teacher(backbone.weights("teacher"))
@@ -394,7 +394,7 @@ def calibration_batches(images: torch.Tensor, labels: torch.Tensor, timesteps: l
     Yields:
         ``(x_t (B, 1, H, W), t (B,) int64, labels (B,))``.
     """
-    from backbones.teacher import make_scheduler
+    from un0_bench.backbones.teacher import make_scheduler
 
     scheduler = make_scheduler()
     g = torch.Generator().manual_seed(seed)
@@ -430,7 +430,7 @@ def _sha256(path: Path) -> str:
 
 def int8_config(teacher_path: Path) -> dict[str, Any]:
     """The config an ``sd-int8`` calibration file must carry: the UNet, the scheme and the teacher file."""
-    from backbones.teacher import UNET_CONFIG
+    from un0_bench.backbones.teacher import UNET_CONFIG
 
     return {"unet": copy.deepcopy(UNET_CONFIG), "scheme": copy.deepcopy(INT8_SCHEME),
             "teacher_sha256": _sha256(teacher_path)}
@@ -454,10 +454,10 @@ def calibrate_int8(steps: int | None = None, seed: int | None = None, out: Path 
     Returns:
         The metadata written beside the weights.
     """
-    from backbones.digits import WEIGHTS_DIR, load_data
-    from backbones.teacher import TEACHER_FILE, load_teacher, make_scheduler
-    from harness.checkpoints import save_checkpoint
-    from harness.training import metered_training, training_metadata
+    from un0_bench.backbones.digits import WEIGHTS_DIR, load_data
+    from un0_bench.backbones.teacher import TEACHER_FILE, load_teacher, make_scheduler
+    from un0_bench.harness.checkpoints import save_checkpoint
+    from un0_bench.harness.training import metered_training, training_metadata
 
     steps = CALIBRATION_DEFAULTS["steps"] if steps is None else steps
     seed = CALIBRATION_DEFAULTS["seed"] if seed is None else seed
@@ -560,7 +560,7 @@ def build_int8(backbone: Backbone, steps: int) -> Generator:
         CheckpointError: If the calibration file is missing or was made for another UNet config,
             scheme or teacher file (run ``un0-bench train sd-int8``).
     """
-    from harness.checkpoints import load_checkpoint
+    from un0_bench.harness.checkpoints import load_checkpoint
 
     teacher, _ = _teacher(backbone, "sd-int8")
     state, meta = load_checkpoint(backbone.weights("sd-int8"),

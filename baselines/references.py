@@ -13,11 +13,11 @@ from typing import Any
 
 import torch
 
-from backbones.base import Backbone
-from backbones.digits import IMAGE_SHAPE, load_data, prompt_labels, to_unit
-from baselines.diffusion import require_digits
-from harness.generator import GenerationRequest, GenerationResult, Generator, image_noise
-from harness.spec import takes
+from un0_bench.backbones.base import Backbone
+from un0_bench.backbones.digits import IMAGE_SHAPE, load_data, prompt_labels, to_unit
+from un0_bench.baselines.diffusion import require_digits
+from un0_bench.harness.generator import GenerationRequest, GenerationResult, Generator, image_noise
+from un0_bench.harness.spec import takes
 
 
 class NoiseGenerator(Generator):

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from harness.errors import CheckpointError
+from un0_bench.harness.errors import CheckpointError
 
 # A safetensors file starts with an 8-byte little-endian header length, then a JSON header.
 _MAX_HEADER_BYTES = 100 * 1024 * 1024

@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from backbones.digits import IMAGE_SHAPE, load_data, prompt_labels, to_unit
-from harness.generator import GenerationRequest, Generator
+from un0_bench.backbones.digits import IMAGE_SHAPE, load_data, prompt_labels, to_unit
+from un0_bench.harness.generator import GenerationRequest, Generator
 
 #: Seed of the images :func:`evaluate_generator` draws: far from the seeds benchmarks use (0 upwards)
 #: and from the teacher's training pairs (1,000,000 upwards).
@@ -64,7 +64,7 @@ class JudgeFeatures(nn.Module):
 @functools.lru_cache(maxsize=1)
 def default_judge() -> nn.Module:
     """The shipped judge (loaded once)."""
-    from backbones.judge import load_judge
+    from un0_bench.backbones.judge import load_judge
 
     judge, _ = load_judge()
     return judge

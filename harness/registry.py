@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
-from harness.errors import UserError
+from un0_bench.harness.errors import UserError
 
 
 class UnknownNameError(UserError):
@@ -103,24 +103,24 @@ METERS = Registry("meter")
 TRAINERS = Registry("training target")
 
 # --- built-in entries: the one registration point ----------------------------------------------
-GENERATORS.register("sd", "baselines.diffusion:build", "teacher diffusion model, DDIM, 50 steps, fp32")
-GENERATORS.register("sd-bf16", "baselines.quantized:build_bf16", "teacher in bfloat16 weights and activations")
-GENERATORS.register("sd-int8", "baselines.quantized:build_int8", "teacher with int8 convolutions and linears")
-GENERATORS.register("sd-pruned", "baselines.pruned:build_structured", "50% channel-pruned teacher, fine-tuned")
-GENERATORS.register("sd-pruned-unstructured", "baselines.pruned:build_unstructured",
+GENERATORS.register("sd", "un0_bench.baselines.diffusion:build", "teacher diffusion model, DDIM, 50 steps, fp32")
+GENERATORS.register("sd-bf16", "un0_bench.baselines.quantized:build_bf16", "teacher in bfloat16 weights and activations")
+GENERATORS.register("sd-int8", "un0_bench.baselines.quantized:build_int8", "teacher with int8 convolutions and linears")
+GENERATORS.register("sd-pruned", "un0_bench.baselines.pruned:build_structured", "50% channel-pruned teacher, fine-tuned")
+GENERATORS.register("sd-pruned-unstructured", "un0_bench.baselines.pruned:build_unstructured",
                     "50% magnitude-pruned teacher, dense kernels (zeros still multiplied)")
-GENERATORS.register("sd-distilled", "baselines.distilled:build", "few-step student distilled from the teacher")
-GENERATORS.register("sd-cached", "baselines.cached:build", "DeepCache-style reuse of deep UNet features")
-GENERATORS.register("noise", "baselines.references:build_noise", "uniform random images (quality floor)")
-GENERATORS.register("real", "baselines.references:build_real", "held-out real digits (quality ceiling)")
-GENERATORS.register("un0", "un0_impl.gated:build", "Un-0 reading 1: neuron-gated sparse few-step generator")
-GENERATORS.register("un0-osc", "un0_impl.oscillator:build", "Un-0 reading 2: coupled Kuramoto oscillators")
+GENERATORS.register("sd-distilled", "un0_bench.baselines.distilled:build", "few-step student distilled from the teacher")
+GENERATORS.register("sd-cached", "un0_bench.baselines.cached:build", "DeepCache-style reuse of deep UNet features")
+GENERATORS.register("noise", "un0_bench.baselines.references:build_noise", "uniform random images (quality floor)")
+GENERATORS.register("real", "un0_bench.baselines.references:build_real", "held-out real digits (quality ceiling)")
+GENERATORS.register("un0", "un0_bench.un0_impl.gated:build", "Un-0 reading 1: neuron-gated sparse few-step generator")
+GENERATORS.register("un0-osc", "un0_bench.un0_impl.oscillator:build", "Un-0 reading 2: coupled Kuramoto oscillators")
 
-BACKBONES.register("digits", "backbones.digits:DigitsBackbone", "sklearn handwritten digits, 16x16, CPU")
-BACKBONES.register("diffusers", "backbones.pipeline:PipelineBackbone",
+BACKBONES.register("digits", "un0_bench.backbones.digits:DigitsBackbone", "sklearn handwritten digits, 16x16, CPU")
+BACKBONES.register("diffusers", "un0_bench.backbones.pipeline:PipelineBackbone",
                    "diffusers:PATH, a text-to-image pipeline folder (Stable Diffusion and kin)")
 
-_PT = "baselines.pipeline_techniques"
+_PT = "un0_bench.baselines.pipeline_techniques"
 PIPELINE_GENERATORS.register("sd", f"{_PT}:build_sd", "the pipeline as loaded, its own scheduler")
 PIPELINE_GENERATORS.register("sd-fp16", f"{_PT}:build_fp16", "denoiser in float16")
 PIPELINE_GENERATORS.register("sd-bf16", f"{_PT}:build_bf16", "denoiser in bfloat16")
@@ -130,17 +130,17 @@ PIPELINE_GENERATORS.register("sd-pruned-unstructured", f"{_PT}:build_pruned_unst
                              "magnitude pruning, dense kernels (zero savings)")
 PIPELINE_GENERATORS.register("un0", f"{_PT}:build_un0", "contextual sparsity: gated feed-forward units per prompt")
 
-METERS.register("wall", "harness.meters.wall:WallMeter", "monotonic clock; time only")
-METERS.register("proxy", "harness.meters.proxy:ProxyMeter", "counted ops x energy per op (deterministic)")
-METERS.register("rapl", "harness.meters.rapl:RaplMeter", "Linux powercap RAPL: CPU package and DRAM")
-METERS.register("nvml", "harness.meters.nvml:NvmlMeter", "NVIDIA GPU energy counter via pynvml")
-METERS.register("codecarbon", "harness.meters.codecarbon:CodecarbonMeter", "codecarbon offline tracker")
+METERS.register("wall", "un0_bench.harness.meters.wall:WallMeter", "monotonic clock; time only")
+METERS.register("proxy", "un0_bench.harness.meters.proxy:ProxyMeter", "counted ops x energy per op (deterministic)")
+METERS.register("rapl", "un0_bench.harness.meters.rapl:RaplMeter", "Linux powercap RAPL: CPU package and DRAM")
+METERS.register("nvml", "un0_bench.harness.meters.nvml:NvmlMeter", "NVIDIA GPU energy counter via pynvml")
+METERS.register("codecarbon", "un0_bench.harness.meters.codecarbon:CodecarbonMeter", "codecarbon offline tracker")
 
 # Registration order is training order: later targets derive from earlier ones.
-TRAINERS.register("teacher", "backbones.teacher:train_teacher", "the digits teacher UNet (everything derives from it)")
-TRAINERS.register("judge", "backbones.judge:train_judge", "digits classifier: FID/KID features and accuracy")
-TRAINERS.register("sd-int8", "baselines.quantized:calibrate_int8", "int8 scales calibrated on real digits")
-TRAINERS.register("sd-pruned", "baselines.pruned:train_pruned", "channel pruning + fine-tuning")
-TRAINERS.register("sd-distilled", "baselines.distilled:train_distilled", "few-step students (4 and 1 step)")
-TRAINERS.register("un0", "un0_impl.gated:train_un0", "gated sparse Un-0 student")
-TRAINERS.register("un0-osc", "un0_impl.oscillator:train_oscillator", "coupled-oscillator Un-0")
+TRAINERS.register("teacher", "un0_bench.backbones.teacher:train_teacher", "the digits teacher UNet (everything derives from it)")
+TRAINERS.register("judge", "un0_bench.backbones.judge:train_judge", "digits classifier: FID/KID features and accuracy")
+TRAINERS.register("sd-int8", "un0_bench.baselines.quantized:calibrate_int8", "int8 scales calibrated on real digits")
+TRAINERS.register("sd-pruned", "un0_bench.baselines.pruned:train_pruned", "channel pruning + fine-tuning")
+TRAINERS.register("sd-distilled", "un0_bench.baselines.distilled:train_distilled", "few-step students (4 and 1 step)")
+TRAINERS.register("un0", "un0_bench.un0_impl.gated:train_un0", "gated sparse Un-0 student")
+TRAINERS.register("un0-osc", "un0_bench.un0_impl.oscillator:train_oscillator", "coupled-oscillator Un-0")

@@ -78,7 +78,7 @@ def _jsonable(o: Any) -> Any:
 
 def check_writable(out_dir: Path) -> None:
     """Fail before any work starts if ``out_dir`` cannot hold results."""
-    from harness.errors import UserError
+    from un0_bench.harness.errors import UserError
 
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():

@@ -17,16 +17,16 @@ from typing import Any
 
 import torch
 
-from backbones.base import Backbone
-from harness.counters.records import Counts
-from harness.errors import UserError
-from harness.generator import GenerationRequest, GenerationResult, Generator
-from harness.ledger import find_reference, ledger
-from harness.meters.base import Meter, MeterUnavailable, Reading, unavailable
-from harness.registry import BACKBONES, GENERATORS, METERS, PIPELINE_GENERATORS, Registry
-from harness.results import ResultStore, check_writable
-from harness.spec import ModelSpec, bind
-from harness.stats import median_ci95
+from un0_bench.backbones.base import Backbone
+from un0_bench.harness.counters.records import Counts
+from un0_bench.harness.errors import UserError
+from un0_bench.harness.generator import GenerationRequest, GenerationResult, Generator
+from un0_bench.harness.ledger import find_reference, ledger
+from un0_bench.harness.meters.base import Meter, MeterUnavailable, Reading, unavailable
+from un0_bench.harness.registry import BACKBONES, GENERATORS, METERS, PIPELINE_GENERATORS, Registry
+from un0_bench.harness.results import ResultStore, check_writable
+from un0_bench.harness.spec import ModelSpec, bind
+from un0_bench.harness.stats import median_ci95
 
 #: Batch size of the single cell measured when none is given (capped at the images per window).
 DEFAULT_BATCH_SIZE = 16
@@ -131,7 +131,7 @@ def generator_factory(
 ) -> tuple[Callable[..., Generator], dict[str, Any]]:
     """The factory for ``spec`` and its validated parameters (raises on unknown names or bad values)."""
     if registry is PIPELINE_GENERATORS and spec.name not in registry:
-        from baselines.pipeline_techniques import NOT_SUPPORTED
+        from un0_bench.baselines.pipeline_techniques import NOT_SUPPORTED
 
         if spec.name in NOT_SUPPORTED:
             raise UserError(f"{spec.name} is not available on diffusers backbones: {NOT_SUPPORTED[spec.name]}")
@@ -180,7 +180,7 @@ def slug(text: str) -> str:
 # --- the protocol ----------------------------------------------------------------------------------
 def count_ops(generator: Generator, request: GenerationRequest) -> Counts:
     """One counting pass over the whole request (FLOPs, bytes, dtype, module, role per op)."""
-    from harness.counters.ops import OpCounter
+    from un0_bench.harness.counters.ops import OpCounter
 
     with OpCounter() as counter:
         generator.generate(request)
@@ -279,7 +279,7 @@ def summarise(meter_name: str, windows: list[Window], idle_w: float | None) -> d
 
 def counts_fields(counts: Counts, profile: str, prefix: str = "") -> dict[str, Any]:
     """Per-image figures of a counting pass (``prefix`` names a second pass, e.g. ``"cold_"``)."""
-    from harness.meters.proxy import proxy_energy
+    from un0_bench.harness.meters.proxy import proxy_energy
 
     n = counts.images
     b = proxy_energy(counts, profile)
@@ -351,7 +351,7 @@ class Runner:
         return out
 
     def run(self) -> list[dict[str, Any]]:
-        from harness.environment import environment
+        from un0_bench.harness.environment import environment
 
         cfg = self.config
         todo = self.pending()
@@ -418,7 +418,7 @@ class Runner:
         ):
             windows.append(metered_window(generator, request, active, counts, min_window))
         if generator.phases():
-            from baselines.pipeline_techniques import measure_phases
+            from un0_bench.baselines.pipeline_techniques import measure_phases
 
             # Each phase (text encoder, each denoising step, VAE decode, gate) in its own meter window.
             extra["phases"] = measure_phases(generator, request, active)
@@ -497,13 +497,13 @@ class Runner:
         if cfg.quality_samples == 0:
             return None
         if backbone.kind == "digits":
-            from harness.quality import evaluate_generator_seeds
+            from un0_bench.harness.quality import evaluate_generator_seeds
 
             self.on_event("quality", {"model": model})
             gen = generator or make_generator(model, backbone, self.generators)
             q = evaluate_generator_seeds(gen, n=cfg.quality_samples, seeds=cfg.quality_seeds)
         elif backbone.kind == "diffusers" and cfg.clip and first is not None:
-            from backbones.pipeline import clip_quality
+            from un0_bench.backbones.pipeline import clip_quality
 
             q = clip_quality(first.images, first.prompts, cfg.clip)
         else:
@@ -528,7 +528,7 @@ class Runner:
             else:
                 why = f"no evaluator for backbone {backbone.kind}"
             return {"quality": None, "quality_matched": None, "quality_note": f"not measured ({why})"}
-        from harness.quality import QualityBand
+        from un0_bench.harness.quality import QualityBand
 
         ref = self._quality(cfg.reference, backbone)
         band = {"reference": cfg.reference, "fid_ratio": cfg.fid_ratio, "accuracy_drop": cfg.accuracy_drop}

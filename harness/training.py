@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.environment import git_commit
-from harness.registry import METERS
+from un0_bench.harness.environment import git_commit
+from un0_bench.harness.registry import METERS
 
 # Meters that can watch a long training run from outside (proxy is computed from counts instead).
 _TRAINING_METERS = ("wall", "rapl", "nvml", "codecarbon")
@@ -33,7 +33,7 @@ class TrainingEnergy:
 
     def add_proxy(self, step_counts: Any, steps: int, profile: str = "horowitz-45nm") -> None:
         """Charge ``steps`` training steps at the proxy cost of one counted step."""
-        from harness.meters.proxy import load_profiles, proxy_energy
+        from un0_bench.harness.meters.proxy import load_profiles, proxy_energy
 
         per_step = proxy_energy(step_counts, load_profiles()[profile])
         self.by_meter["proxy"] = {
@@ -50,7 +50,7 @@ class TrainingEnergy:
         One step stands for all: every step runs the same ops on the same shapes. The extra step
         changes a trainer's raw weights, so trainers save from an EMA or a copy taken before it.
         """
-        from harness.counters.ops import OpCounter
+        from un0_bench.harness.counters.ops import OpCounter
 
         with OpCounter() as counter:
             step()

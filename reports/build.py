@@ -6,10 +6,10 @@ import base64
 from pathlib import Path
 from typing import Any
 
-from harness.ledger import BOUNDARIES, BOUNDARY_LABELS, DEFAULT_LIFETIME_IMAGES, DEFAULT_PUE, find_reference, ledger
-from reports import plots, units
-from reports.claims import evaluate_claims
-from reports.tables import format_summary, load_records, meter_statuses, summary_frame, write_csv
+from un0_bench.harness.ledger import BOUNDARIES, BOUNDARY_LABELS, DEFAULT_LIFETIME_IMAGES, DEFAULT_PUE, find_reference, ledger
+from un0_bench.reports import plots, units
+from un0_bench.reports.claims import evaluate_claims
+from un0_bench.reports.tables import format_summary, load_records, meter_statuses, summary_frame, write_csv
 
 DEFAULTS = {"pue": DEFAULT_PUE, "lifetime_images": DEFAULT_LIFETIME_IMAGES, "grid_gco2_per_kwh": 475.0,
             "reference": "sd"}
@@ -85,7 +85,7 @@ def footprint_rows(records: list[dict[str, Any]], pue: float, grid: float) -> li
 
 def build_report(out_dir: Path, options: dict[str, Any] | None = None) -> Path:
     """Write results.csv and a self-contained report.html; returns the HTML path."""
-    from reports.html import render
+    from un0_bench.reports.html import render
 
     opts = {**DEFAULTS, **(options or {})}
     out_dir = Path(out_dir)

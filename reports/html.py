@@ -7,7 +7,7 @@ from typing import Any
 import jinja2
 
 _ENV = jinja2.Environment(
-    loader=jinja2.PackageLoader("reports", "templates"),
+    loader=jinja2.PackageLoader("un0_bench.reports", "templates"),
     autoescape=True,  # model specs, prompts and paths come from users
     undefined=jinja2.StrictUndefined,
     trim_blocks=True,

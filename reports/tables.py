@@ -8,7 +8,7 @@ from typing import Any
 
 import pandas as pd
 
-from harness.results import ResultStore
+from un0_bench.harness.results import ResultStore
 
 #: Columns of ``results.csv`` (flat; nested fields stay in results.jsonl).
 CSV_COLUMNS = [

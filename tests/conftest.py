@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 import torch
 
-from harness.generator import GenerationRequest, GenerationResult, Generator, image_noise
-from harness.meters.base import Meter, Reading
+from un0_bench.harness.generator import GenerationRequest, GenerationResult, Generator, image_noise
+from un0_bench.harness.meters.base import Meter, Reading
 
 
 class MatmulGenerator(Generator):

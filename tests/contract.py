@@ -10,9 +10,9 @@ import json
 import pytest
 import torch
 
-from harness.counters.ops import OpCounter
-from harness.errors import PromptError
-from harness.generator import GenerationRequest, Generator
+from un0_bench.harness.counters.ops import OpCounter
+from un0_bench.harness.errors import PromptError
+from un0_bench.harness.generator import GenerationRequest, Generator
 
 
 class GeneratorContract:

@@ -24,9 +24,9 @@ from typing import Any
 
 import torch
 
-from harness.counters.ops import OpCounter
-from un0_impl.gated import UN0_CONFIG
-from un0_impl.sparse import GatedMLP, kept_units
+from un0_bench.harness.counters.ops import OpCounter
+from un0_bench.un0_impl.gated import UN0_CONFIG
+from un0_bench.un0_impl.sparse import GatedMLP, kept_units
 
 KEEPS = (0.1, 0.01, 0.001)
 #: Images per prompt group. Larger groups amortise the fixed per-op dispatch cost.

@@ -26,12 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from backbones.base import Backbone
-from backbones.digits import IMAGE_SHAPE, WEIGHTS_DIR, prompt_labels, to_unit
-from harness.counters.ops import gating_scope, mark_gating
-from harness.generator import GenerationRequest, GenerationResult, Generator, image_noise
-from harness.spec import Param, takes
-from un0_impl.sparse import CompactMLP, GatedMLP, PromptGate, SubnetCache, kept_units, layer_norm
+from un0_bench.backbones.base import Backbone
+from un0_bench.backbones.digits import IMAGE_SHAPE, WEIGHTS_DIR, prompt_labels, to_unit
+from un0_bench.harness.counters.ops import gating_scope, mark_gating
+from un0_bench.harness.generator import GenerationRequest, GenerationResult, Generator, image_noise
+from un0_bench.harness.spec import Param, takes
+from un0_bench.un0_impl.sparse import CompactMLP, GatedMLP, PromptGate, SubnetCache, kept_units, layer_norm
 
 #: Architecture of the shipped model.
 UN0_CONFIG: dict[str, Any] = {
@@ -333,7 +333,7 @@ class Un0Generator(Generator):
 
 def load_un0(path: Path = UN0_FILE) -> tuple[Un0Net, dict[str, Any]]:
     """The trained network (float32) and its metadata. Refuses a file made for another config."""
-    from harness.checkpoints import load_checkpoint
+    from un0_bench.harness.checkpoints import load_checkpoint
 
     state, meta = load_checkpoint(path, expected_config=UN0_CONFIG)
     net = Un0Net.from_config(UN0_CONFIG)
@@ -344,7 +344,7 @@ def load_un0(path: Path = UN0_FILE) -> tuple[Un0Net, dict[str, Any]]:
 @takes(keep=KEEP, steps=STEPS)
 def build(backbone: Backbone, keep: float, steps: int) -> Generator:
     """``un0``, ``un0:keep=0.01``, ``un0:keep=0.1,steps=2``."""
-    from baselines.diffusion import require_digits
+    from un0_bench.baselines.diffusion import require_digits
 
     require_digits(backbone, "un0")
     net, meta = load_un0(backbone.weights("un0"))
@@ -358,10 +358,10 @@ def build(backbone: Backbone, keep: float, steps: int) -> Generator:
 
 def _teacher_pairs_cost(n: int, steps: int = 50, images: int = 2) -> dict[str, Any]:
     """Counted proxy cost of making ``n`` teacher pairs: one counted ``images``-image run, scaled."""
-    from backbones.teacher import load_teacher
-    from baselines.diffusion import DiffusionGenerator
-    from harness.counters.ops import OpCounter
-    from harness.meters.proxy import DEFAULT_PROFILE, proxy_energy
+    from un0_bench.backbones.teacher import load_teacher
+    from un0_bench.baselines.diffusion import DiffusionGenerator
+    from un0_bench.harness.counters.ops import OpCounter
+    from un0_bench.harness.meters.proxy import DEFAULT_PROFILE, proxy_energy
 
     unet, _ = load_teacher()
     gen = DiffusionGenerator(unet, steps=steps)
@@ -391,8 +391,8 @@ def train_un0(steps: int | None = None, seed: int | None = None, out: Path | Non
     Returns:
         The metadata written beside the weights.
     """
-    from harness.checkpoints import save_checkpoint
-    from harness.training import ema_update, metered_training, run_steps, training_metadata
+    from un0_bench.harness.checkpoints import save_checkpoint
+    from un0_bench.harness.training import ema_update, metered_training, run_steps, training_metadata
 
     cfg = dict(TRAIN_DEFAULTS)
     steps = cfg["steps"] if steps is None else steps
@@ -403,7 +403,7 @@ def train_un0(steps: int | None = None, seed: int | None = None, out: Path | Non
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     teacher_meta = None
     if pairs is None:
-        from backbones.teacher import load_teacher, teacher_pairs
+        from un0_bench.backbones.teacher import load_teacher, teacher_pairs
 
         pairs = teacher_pairs(cfg["pairs"])
         _, teacher_meta = load_teacher()

@@ -39,12 +39,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from backbones.base import Backbone
-from backbones.digits import IMAGE_SHAPE, IMAGE_SIZE, prompt_labels, to_unit
-from harness.counters.records import Counts
-from harness.errors import SpecError
-from harness.generator import GenerationRequest, GenerationResult, Generator, image_noise
-from harness.spec import Param, takes
+from un0_bench.backbones.base import Backbone
+from un0_bench.backbones.digits import IMAGE_SHAPE, IMAGE_SIZE, prompt_labels, to_unit
+from un0_bench.harness.counters.records import Counts
+from un0_bench.harness.errors import SpecError
+from un0_bench.harness.generator import GenerationRequest, GenerationResult, Generator, image_noise
+from un0_bench.harness.spec import Param, takes
 
 __all__ = [
     "ANALOG_PROFILE",
@@ -255,14 +255,14 @@ def _unpack_state(state: dict[str, torch.Tensor], n: int) -> dict[str, torch.Ten
 
 def load_oscillator(path: Path) -> tuple[OscillatorNet, dict[str, Any]]:
     """A trained :class:`OscillatorNet` in eval mode, with its metadata."""
-    from harness.checkpoints import load_checkpoint
+    from un0_bench.harness.checkpoints import load_checkpoint
 
     state, meta = load_checkpoint(path)
     cfg_dict = meta.get("config") or {}
     try:
         cfg = OscillatorConfig(**cfg_dict)
     except (TypeError, ValueError) as e:
-        from harness.errors import CheckpointError
+        from un0_bench.harness.errors import CheckpointError
 
         raise CheckpointError(f"{path}: not an oscillator checkpoint (config {cfg_dict!r}: {e})") from None
     net = OscillatorNet(cfg)
@@ -351,7 +351,7 @@ class OscillatorGenerator(Generator):
             return projected_energy(self, work, digital_profile, profile)
         if isinstance(work, bool) or not isinstance(work, int) or work < 1:
             raise ValueError(f"work must be Counts or a positive number of images, got {work!r}")
-        from harness.meters.proxy import get_profile
+        from un0_bench.harness.meters.proxy import get_profile
 
         prof = get_profile(profile)
         e_osc_j = prof.quantity("oscillator_step")
@@ -398,7 +398,7 @@ def projected_energy(gen: OscillatorGenerator, counts: Counts, digital_profile: 
         ``digital_j_per_image`` (proxy energy, FLOPs and bytes, of the digital ops only) and their
         sum ``projected_j_per_image``.
     """
-    from harness.meters.proxy import proxy_energy
+    from un0_bench.harness.meters.proxy import proxy_energy
 
     analog = gen.analog_projection(counts.images, analog_profile)
     digital = digital_counts(counts)
@@ -420,7 +420,7 @@ def projected_energy(gen: OscillatorGenerator, counts: Counts, digital_profile: 
 )
 def build(backbone: Backbone, n: int, steps: int) -> Generator:
     """``un0-osc`` and ``un0-osc:n=1024,steps=32``."""
-    from baselines.diffusion import require_digits
+    from un0_bench.baselines.diffusion import require_digits
 
     require_digits(backbone, "un0-osc")
     if n not in SHIPPED:
@@ -428,7 +428,7 @@ def build(backbone: Backbone, n: int, steps: int) -> Generator:
         raise SpecError(f"un0-osc:n={n}: no trained model has {n} oscillators; n must be one of {valid}")
     net, meta = load_oscillator(backbone.weights(SHIPPED[n]))
     if net.cfg.n != n:
-        from harness.errors import CheckpointError
+        from un0_bench.harness.errors import CheckpointError
 
         raise CheckpointError(f"{backbone.weights(SHIPPED[n])}: has {net.cfg.n} oscillators, expected {n}")
     return OscillatorGenerator(net, steps=steps, metadata=meta)
@@ -463,10 +463,10 @@ def train_oscillator(steps: int | None = None, seed: int | None = None, out: Pat
     Returns:
         The metadata written beside the weights.
     """
-    from backbones.digits import WEIGHTS_DIR
-    from backbones.teacher import TEACHER_FILE, teacher_pairs
-    from harness.checkpoints import load_checkpoint, save_checkpoint
-    from harness.training import metered_training, one_cycle, run_steps, training_metadata
+    from un0_bench.backbones.digits import WEIGHTS_DIR
+    from un0_bench.backbones.teacher import TEACHER_FILE, teacher_pairs
+    from un0_bench.harness.checkpoints import load_checkpoint, save_checkpoint
+    from un0_bench.harness.training import metered_training, one_cycle, run_steps, training_metadata
 
     steps = TRAIN_DEFAULTS["steps"] if steps is None else steps
     seed = TRAIN_DEFAULTS["seed"] if seed is None else seed

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.counters.ops import gating_scope, mark_gating
+from un0_bench.harness.counters.ops import gating_scope, mark_gating
 
 __all__ = ["CompactMLP", "GatedMLP", "PromptGate", "SubnetCache", "kept_units", "layer_norm"]
 

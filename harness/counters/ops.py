@@ -47,7 +47,7 @@ from torch.nn.modules.module import register_module_forward_hook, register_modul
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
-from harness.counters.records import Counts, OpStat
+from un0_bench.harness.counters.records import Counts, OpStat
 
 __all__ = [
     "GATING_ATTR",

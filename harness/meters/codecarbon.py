@@ -21,7 +21,7 @@ from __future__ import annotations
 import tempfile
 from typing import Any
 
-from harness.meters.base import Meter, MeterUnavailable, Reading, unavailable
+from un0_bench.harness.meters.base import Meter, MeterUnavailable, Reading, unavailable
 
 #: Joules per kilowatt-hour (1000 W x 3600 s); codecarbon reports kWh, the harness keeps joules.
 J_PER_KWH = 3.6e6

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from harness.meters.base import Meter, MeterUnavailable, Reading, unavailable
+from un0_bench.harness.meters.base import Meter, MeterUnavailable, Reading, unavailable
 
 ENERGY_COUNTER = "energy-counter"
 POWER_SAMPLING = "power-sampling"

@@ -25,9 +25,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from harness.counters.records import Counts, OpStat
-from harness.errors import UserError
-from harness.meters.base import Meter, Reading
+from un0_bench.harness.counters.records import Counts, OpStat
+from un0_bench.harness.errors import UserError
+from un0_bench.harness.meters.base import Meter, Reading
 
 __all__ = [
     "DEFAULT_PROFILE",
@@ -155,7 +155,7 @@ def _to_si(row: dict[str, str]) -> float:
 
 
 def _builtin_text() -> tuple[str, str]:
-    ref = resources.files("harness.meters").joinpath("profiles.csv")
+    ref = resources.files("un0_bench.harness.meters").joinpath("profiles.csv")
     return ref.read_text(encoding="utf-8"), "harness/meters/profiles.csv"
 
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.meters.base import Meter, MeterUnavailable, Reading, unavailable
+from un0_bench.harness.meters.base import Meter, MeterUnavailable, Reading, unavailable
 
 DEFAULT_SYSFS_ROOT = "/sys/class/powercap"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from harness.meters.base import Meter, Reading
+from un0_bench.harness.meters.base import Meter, Reading
 
 
 class WallMeter(Meter):

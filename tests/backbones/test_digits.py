@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from backbones.digits import DigitsBackbone, load_data, prompt_label
-from harness.errors import PromptError
+from un0_bench.backbones.digits import DigitsBackbone, load_data, prompt_label
+from un0_bench.harness.errors import PromptError
 
 
 @pytest.mark.parametrize("prompt, label", [("7", 7), ("digit 7", 7), ("a handwritten seven", 7),

@@ -1,4 +1,4 @@
-"""backbones.hf: the one module importing diffusers/transformers; and the one-module rule for every vendor."""
+"""un0_bench.backbones.hf: the one module importing diffusers/transformers; and the one-module rule for every vendor."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from backbones import hf
-from harness.errors import UserError
+from un0_bench.backbones import hf
+from un0_bench.harness.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("harness", "backbones", "baselines", "un0_impl", "reports", "bench")
+PACKAGES = ("harness", "backbones", "baselines", "un0_impl", "reports", "un0_bench")
 
 #: Each vendor library and the modules whose import statements name it (STYLE.md rule 6: one each).
 #: backbones/hf.py imports diffusers and transformers by name through importlib, so no statement
@@ -46,7 +46,7 @@ def test_each_vendor_library_is_imported_in_exactly_its_one_module():
 
 
 def test_hf_imports_nothing_at_import_time():
-    code = ("import sys, backbones.hf, harness.cli, harness.registry; "
+    code = ("import sys, un0_bench.backbones.hf, un0_bench.cli, un0_bench.harness.registry; "
             "print(sorted(m for m in ('diffusers', 'transformers', 'pynvml', 'codecarbon') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

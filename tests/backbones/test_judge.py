@@ -4,8 +4,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from backbones.digits import load_data
-from backbones.judge import (
+from un0_bench.backbones.digits import load_data
+from un0_bench.backbones.judge import (
     JUDGE_CONFIG,
     JUDGE_FILE,
     build_judge,
@@ -14,8 +14,8 @@ from backbones.judge import (
     random_shift,
     train_judge,
 )
-from harness.checkpoints import save_checkpoint
-from harness.errors import CheckpointError
+from un0_bench.harness.checkpoints import save_checkpoint
+from un0_bench.harness.errors import CheckpointError
 
 
 def test_shipped_judge_accuracy_is_recorded_and_reproduced():

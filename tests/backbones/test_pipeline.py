@@ -7,15 +7,15 @@ import json
 import pytest
 import torch
 
-from backbones.pipeline import (
+from un0_bench.backbones.pipeline import (
     BUILTIN_PROMPTS,
     CALIBRATION_PROMPTS,
     PipelineBackbone,
     clip_quality,
     read_prompts_file,
 )
-from backbones.tiny_pipeline import IMAGE_SIZE, make_tiny_clip, make_tiny_pipeline
-from harness.errors import PromptError, UserError
+from un0_bench.backbones.tiny_pipeline import IMAGE_SIZE, make_tiny_clip, make_tiny_pipeline
+from un0_bench.harness.errors import PromptError, UserError
 
 
 @pytest.fixture(scope="module")
@@ -166,8 +166,8 @@ def test_clip_quality_with_a_local_tiny_clip(tmp_path):
 
 @pytest.mark.gpu
 def test_cuda_fp16_pipeline(tiny_dir):
-    from baselines.pipeline_techniques import build_sd
-    from harness.generator import GenerationRequest
+    from un0_bench.baselines.pipeline_techniques import build_sd
+    from un0_bench.harness.generator import GenerationRequest
 
     bb = PipelineBackbone(str(tiny_dir), device="cuda", dtype="fp16")
     out = build_sd(bb, steps=2).generate(GenerationRequest(("a cat",), seed=0))

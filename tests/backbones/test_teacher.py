@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from backbones.teacher import UNET_CONFIG, load_teacher, teacher_pairs, train_teacher
-from harness.checkpoints import load_checkpoint
-from harness.errors import CheckpointError
+from un0_bench.backbones.teacher import UNET_CONFIG, load_teacher, teacher_pairs, train_teacher
+from un0_bench.harness.checkpoints import load_checkpoint
+from un0_bench.harness.errors import CheckpointError
 
 
 def test_train_writes_weights_and_metadata(tmp_path):
@@ -32,7 +32,7 @@ def test_load_refuses_a_file_made_for_another_config(tmp_path):
 
 
 def test_teacher_pairs_reuse_a_cached_prefix(tmp_path, monkeypatch):
-    from baselines.diffusion import DiffusionGenerator
+    from un0_bench.baselines.diffusion import DiffusionGenerator
 
     calls: list[int] = []
     sample = DiffusionGenerator.sample

@@ -1,13 +1,13 @@
 import pytest
 import torch
 
-from baselines.cached import CachedDiffusionGenerator
-from baselines.diffusion import DiffusionGenerator
-from harness.counters.ops import OpCounter
-from harness.errors import SpecError
-from harness.generator import GenerationRequest
-from harness.runner import generator_factory
-from harness.spec import ModelSpec
+from un0_bench.baselines.cached import CachedDiffusionGenerator
+from un0_bench.baselines.diffusion import DiffusionGenerator
+from un0_bench.harness.counters.ops import OpCounter
+from un0_bench.harness.errors import SpecError
+from un0_bench.harness.generator import GenerationRequest
+from un0_bench.harness.runner import generator_factory
+from un0_bench.harness.spec import ModelSpec
 from tests.baselines.test_diffusion import TINY, tiny_unet
 from tests.contract import GeneratorContract
 

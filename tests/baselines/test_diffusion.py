@@ -2,7 +2,7 @@ import pytest
 import torch
 from diffusers import UNet2DModel
 
-from baselines.diffusion import DiffusionGenerator
+from un0_bench.baselines.diffusion import DiffusionGenerator
 from tests.contract import GeneratorContract
 
 TINY = dict(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
@@ -22,8 +22,8 @@ class TestDiffusionContract(GeneratorContract):
 
 
 def test_steps_scale_the_work():
-    from harness.counters.ops import OpCounter
-    from harness.generator import GenerationRequest
+    from un0_bench.harness.counters.ops import OpCounter
+    from un0_bench.harness.generator import GenerationRequest
 
     req = GenerationRequest(("1", "2"), seed=0, batch_size=2)
     flops = {}

@@ -4,10 +4,10 @@ import json
 import pytest
 import torch
 
-import backbones.teacher as teacher_module
-from backbones.digits import DigitsBackbone
-from backbones.teacher import make_scheduler
-from baselines.distilled import (
+import un0_bench.backbones.teacher as teacher_module
+from un0_bench.backbones.digits import DigitsBackbone
+from un0_bench.backbones.teacher import make_scheduler
+from un0_bench.baselines.distilled import (
     SAMPLERS,
     DistilledGenerator,
     StudentSampler,
@@ -21,10 +21,10 @@ from baselines.distilled import (
     train_distilled,
     unpack_int8,
 )
-from harness.checkpoints import load_checkpoint
-from harness.errors import SpecError
-from harness.generator import GenerationRequest
-from harness.spec import ModelSpec, bind
+from un0_bench.harness.checkpoints import load_checkpoint
+from un0_bench.harness.errors import SpecError
+from un0_bench.harness.generator import GenerationRequest
+from un0_bench.harness.spec import ModelSpec, bind
 from tests.baselines.test_diffusion import TINY, tiny_unet
 from tests.contract import GeneratorContract
 
@@ -66,7 +66,7 @@ def test_bad_samplers_are_refused(timesteps, predictions):
 def test_ddim_step_is_diffusers_with_the_clipped_model_output(prediction):
     from diffusers import DDIMScheduler
 
-    from backbones.teacher import SCHEDULER_CONFIG
+    from un0_bench.backbones.teacher import SCHEDULER_CONFIG
 
     sched = DDIMScheduler(**{**SCHEDULER_CONFIG, "prediction_type": prediction, "timestep_spacing": "trailing"})
     sched.set_timesteps(4)  # 999, 749, 499, 249
@@ -161,7 +161,7 @@ def test_default_is_the_4_step_student():
 def test_train_writes_both_students_that_build_loads(tmp_path, monkeypatch):
     # The whole trainer on a tiny teacher and 20 pairs, 2 iterations per student; only the wall
     # meter (codecarbon takes seconds to start).
-    monkeypatch.setattr("harness.training._TRAINING_METERS", ("wall",))
+    monkeypatch.setattr("un0_bench.harness.training._TRAINING_METERS", ("wall",))
     teacher_meta = {"config": TINY_JSON, "energy": {"wall": {"status": "ok", "energy_j": None, "duration_s": 1.0}}}
     monkeypatch.setattr(teacher_module, "UNET_CONFIG", TINY_JSON)
     monkeypatch.setattr(teacher_module, "build_unet", tiny_unet)
@@ -193,7 +193,7 @@ def test_train_writes_both_students_that_build_loads(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("steps", [4, 1])
 def test_shipped_students_reproduce_the_teacher(steps):
-    from baselines.diffusion import build as build_sd
+    from un0_bench.baselines.diffusion import build as build_sd
 
     backbone = DigitsBackbone()
     if not backbone.weights(f"sd-distilled-{steps}").is_file():

@@ -7,14 +7,14 @@ import json
 import pytest
 import torch
 
-from backbones.pipeline import PipelineBackbone
-from backbones.tiny_pipeline import IMAGE_SIZE, make_tiny_pipeline
-from baselines import pipeline_techniques as pt
-from harness.counters.ops import OpCounter
-from harness.errors import UserError
-from harness.generator import GenerationRequest
-from harness.meters.proxy import ProxyMeter
-from harness.meters.wall import WallMeter
+from un0_bench.backbones.pipeline import PipelineBackbone
+from un0_bench.backbones.tiny_pipeline import IMAGE_SIZE, make_tiny_pipeline
+from un0_bench.baselines import pipeline_techniques as pt
+from un0_bench.harness.counters.ops import OpCounter
+from un0_bench.harness.errors import UserError
+from un0_bench.harness.generator import GenerationRequest
+from un0_bench.harness.meters.proxy import ProxyMeter
+from un0_bench.harness.meters.wall import WallMeter
 from tests.contract import GeneratorContract
 
 STEPS = 2
@@ -45,7 +45,7 @@ def un0(backbone):
 
 
 def pt_calibration() -> tuple[str, ...]:
-    from backbones.pipeline import CALIBRATION_PROMPTS
+    from un0_bench.backbones.pipeline import CALIBRATION_PROMPTS
 
     return CALIBRATION_PROMPTS[:6]
 
@@ -236,7 +236,7 @@ def test_un0_keep_1_equals_the_pipeline(backbone, sd_images):
 
 
 def test_un0_calibration_is_metered_into_its_derivation(backbone, monkeypatch):
-    import harness.training
+    import un0_bench.harness.training
 
     monkeypatch.setattr(harness.training, "_TRAINING_METERS", ("wall",))  # skip the slow whole-host meters
     gen = pt.build_un0(backbone, keep=0.5, steps=STEPS, calibration_prompts=pt_calibration()[:2])

@@ -4,7 +4,7 @@ from collections import defaultdict
 import pytest
 import torch
 
-from baselines.pruned import (
+from un0_bench.baselines.pruned import (
     PrunedGenerator,
     UnstructuredGenerator,
     load_pruned,
@@ -15,9 +15,9 @@ from baselines.pruned import (
     unstructured_derivation,
     weight_sparsity,
 )
-from harness.checkpoints import save_checkpoint
-from harness.counters.ops import OpCounter
-from harness.errors import CheckpointError
+from un0_bench.harness.checkpoints import save_checkpoint
+from un0_bench.harness.counters.ops import OpCounter
+from un0_bench.harness.errors import CheckpointError
 from tests.baselines.test_diffusion import TINY, tiny_unet
 from tests.contract import GeneratorContract
 
@@ -158,10 +158,10 @@ def test_unstructured_describe_and_derivation():
 
 @pytest.mark.slow
 def test_shipped_sd_pruned_is_a_quarter_of_sd():
-    from backbones.digits import DigitsBackbone
-    from baselines.diffusion import build
-    from baselines.pruned import PRUNED_FILE, build_structured
-    from harness.generator import GenerationRequest
+    from un0_bench.backbones.digits import DigitsBackbone
+    from un0_bench.baselines.diffusion import build
+    from un0_bench.baselines.pruned import PRUNED_FILE, build_structured
+    from un0_bench.harness.generator import GenerationRequest
 
     if not PRUNED_FILE.is_file():
         pytest.skip("sd-pruned weights not shipped")

@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from backbones.digits import DigitsBackbone, load_data
-from baselines.diffusion import DiffusionGenerator
-from baselines.quantized import (
+from un0_bench.backbones.digits import DigitsBackbone, load_data
+from un0_bench.baselines.diffusion import DiffusionGenerator
+from un0_bench.baselines.quantized import (
     INT8_SCHEME,
     Int8Conv2d,
     Int8DiffusionGenerator,
@@ -22,11 +22,11 @@ from baselines.quantized import (
     quantize_unet,
     quantize_weight,
 )
-from harness.counters.ops import OpCounter
-from harness.counters.records import Counts
-from harness.errors import CheckpointError, UserError
-from harness.generator import GenerationRequest
-from harness.meters.proxy import get_profile, proxy_energy
+from un0_bench.harness.counters.ops import OpCounter
+from un0_bench.harness.counters.records import Counts
+from un0_bench.harness.errors import CheckpointError, UserError
+from un0_bench.harness.generator import GenerationRequest
+from un0_bench.harness.meters.proxy import get_profile, proxy_energy
 from tests.baselines.test_diffusion import tiny_unet
 from tests.contract import GeneratorContract
 
@@ -219,8 +219,8 @@ def test_bf16_ops_are_counted_as_bfloat16():
 @pytest.fixture
 def weights_dir(tmp_path):
     """A weights folder with a random full-size teacher and a matching sd-int8 file (unit scales)."""
-    from backbones.teacher import UNET_CONFIG, build_unet
-    from harness.checkpoints import save_checkpoint
+    from un0_bench.backbones.teacher import UNET_CONFIG, build_unet
+    from un0_bench.harness.checkpoints import save_checkpoint
 
     torch.manual_seed(0)
     teacher = build_unet().eval()
@@ -254,8 +254,8 @@ def test_build_int8_refuses_a_mismatched_calibration(weights_dir):
 
 
 def test_build_int8_refuses_a_calibration_of_another_teacher(weights_dir):
-    from backbones.teacher import UNET_CONFIG, build_unet
-    from harness.checkpoints import save_checkpoint
+    from un0_bench.backbones.teacher import UNET_CONFIG, build_unet
+    from un0_bench.harness.checkpoints import save_checkpoint
 
     torch.manual_seed(1)  # a different teacher file: its hash no longer matches the calibration
     save_checkpoint(weights_dir / "teacher.safetensors", build_unet().state_dict(), {"config": UNET_CONFIG})
@@ -265,7 +265,7 @@ def test_build_int8_refuses_a_calibration_of_another_teacher(weights_dir):
 
 @pytest.mark.slow
 def test_shipped_int8_stays_close_to_sd():
-    from baselines.diffusion import build
+    from un0_bench.baselines.diffusion import build
 
     backbone = DigitsBackbone()
     if not backbone.weights("sd-int8").is_file():

@@ -1,11 +1,11 @@
 import pytest
 import torch
 
-from backbones.digits import DigitsBackbone, load_data, to_unit
-from baselines.references import NoiseGenerator, RealGenerator, build_noise, build_real
-from harness.counters.ops import OpCounter
-from harness.errors import UserError
-from harness.generator import GenerationRequest
+from un0_bench.backbones.digits import DigitsBackbone, load_data, to_unit
+from un0_bench.baselines.references import NoiseGenerator, RealGenerator, build_noise, build_real
+from un0_bench.harness.counters.ops import OpCounter
+from un0_bench.harness.errors import UserError
+from un0_bench.harness.generator import GenerationRequest
 from tests.contract import GeneratorContract
 
 

@@ -4,8 +4,8 @@ import pickle
 import pytest
 import torch
 
-from harness.checkpoints import load_checkpoint, save_checkpoint
-from harness.errors import CheckpointError
+from un0_bench.harness.checkpoints import load_checkpoint, save_checkpoint
+from un0_bench.harness.errors import CheckpointError
 
 CONFIG = {"width": 4}
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from harness.generator import GenerationRequest, image_noise
+from un0_bench.harness.generator import GenerationRequest, image_noise
 
 
 def test_noise_does_not_depend_on_batching():

@@ -5,10 +5,10 @@ import statistics
 import pytest
 import torch
 
-from backbones.digits import DigitsBackbone
-from backbones.judge import JUDGE_FILE, build_judge
-from baselines.references import build_noise, build_real
-from harness.quality import (
+from un0_bench.backbones.digits import DigitsBackbone
+from un0_bench.backbones.judge import JUDGE_FILE, build_judge
+from un0_bench.baselines.references import build_noise, build_real
+from un0_bench.harness.quality import (
     EVAL_SEED,
     QualityBand,
     evaluate,
@@ -162,7 +162,7 @@ def test_marginal_verdict_is_judged_on_paired_draws():
 
 @functools.cache
 def sd_quality(steps: int, n: int = 200) -> dict:
-    from baselines.diffusion import build
+    from un0_bench.baselines.diffusion import build
 
     return evaluate_generator(build(DigitsBackbone(), steps=steps), n=n)
 

@@ -1,6 +1,6 @@
 import pytest
 
-from harness.registry import GENERATORS, METERS, Registry, UnknownNameError
+from un0_bench.harness.registry import GENERATORS, METERS, Registry, UnknownNameError
 
 
 def test_lazy_entry_imports_only_when_chosen():

@@ -1,7 +1,7 @@
 import pytest
 
-from harness.errors import UserError
-from harness.results import REQUIRED_FIELDS, ResultStore, check_writable
+from un0_bench.harness.errors import UserError
+from un0_bench.harness.results import REQUIRED_FIELDS, ResultStore, check_writable
 
 
 def record(model, meter="wall"):

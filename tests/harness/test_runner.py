@@ -7,12 +7,12 @@ from typing import Any
 
 import pytest
 
-from backbones.base import Backbone
-from harness.errors import UserError
-from harness.meters.base import Meter, Reading
-from harness.registry import Registry
-from harness.results import ResultStore
-from harness.runner import RunConfig, Runner
+from un0_bench.backbones.base import Backbone
+from un0_bench.harness.errors import UserError
+from un0_bench.harness.meters.base import Meter, Reading
+from un0_bench.harness.registry import Registry
+from un0_bench.harness.results import ResultStore
+from un0_bench.harness.runner import RunConfig, Runner
 from tests.conftest import MatmulGenerator, SequenceMeter
 
 
@@ -63,7 +63,7 @@ def registries(built: list[str], interrupt_on: str | None = None):
     # Idle window: 0 -> 2 J over 0 -> 1 s (2 W). Each of three windows: +12 J over 2 s.
     seq = SequenceMeter(energy_j=[0, 2, 10, 22, 30, 42, 50, 62], times_s=[0, 1, 10, 12, 20, 22, 30, 32])
     meters.register("seq", lambda: seq)
-    meters.register("wall", "harness.meters.wall:WallMeter")
+    meters.register("wall", "un0_bench.harness.meters.wall:WallMeter")
     meters.register("broken", Unavailable)
     backbones = Registry("backbone")
     backbones.register("tiny", TinyBackbone)
@@ -122,7 +122,7 @@ def test_interrupt_keeps_finished_cells_and_rerun_completes(tmp_path):
 
 
 def test_bad_names_fail_before_any_work(tmp_path):
-    from harness.registry import UnknownNameError
+    from un0_bench.harness.registry import UnknownNameError
 
     built: list[str] = []
     with pytest.raises(UnknownNameError, match="Did you mean 'mm'"):

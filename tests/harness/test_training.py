@@ -1,4 +1,4 @@
-"""harness.training: the energy a trainer records, its loop and its EMA."""
+"""un0_bench.harness.training: the energy a trainer records, its loop and its EMA."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from harness import training
-from harness.counters.ops import OpCounter
-from harness.meters.base import MeterUnavailable
-from harness.meters.proxy import proxy_energy
-from harness.meters.wall import WallMeter
-from harness.training import (
+from un0_bench.harness import training
+from un0_bench.harness.counters.ops import OpCounter
+from un0_bench.harness.meters.base import MeterUnavailable
+from un0_bench.harness.meters.proxy import proxy_energy
+from un0_bench.harness.meters.wall import WallMeter
+from un0_bench.harness.training import (
     TrainingEnergy,
     deterministic_algorithms,
     ema_update,

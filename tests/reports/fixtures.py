@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from harness.results import ResultStore
+from un0_bench.harness.results import ResultStore
 
 ENV = {"cpu": "Test CPU", "versions": {"torch": "2.13.0"}}
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from reports.build import build_report
+from un0_bench.reports.build import build_report
 from tests.reports.fixtures import write
 from tests.reports.test_build import suite
 

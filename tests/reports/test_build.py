@@ -1,8 +1,8 @@
 import re
 
-from reports.build import build_report
-from reports.claims import evaluate_claims
-from reports.plots import pareto_front
+from un0_bench.reports.build import build_report
+from un0_bench.reports.claims import evaluate_claims
+from un0_bench.reports.plots import pareto_front
 from tests.reports.fixtures import proxy, record, write
 
 TEACHER = {"proxy": {"energy_j": 1000.0}}
@@ -56,7 +56,7 @@ def test_csv_carries_quality_beside_energy(tmp_path):
 
 def test_claims_pick_the_best_quality_matched_model():
     records = suite()
-    from reports.build import with_ledgers
+    from un0_bench.reports.build import with_ledgers
 
     with_ledgers(records, "sd", pue=1.0, lifetime_images=1_000_000)
     rows = {r["claim"].split()[0]: r for r in evaluate_claims(records, "sd")}

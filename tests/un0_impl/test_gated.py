@@ -3,13 +3,13 @@ import json
 import pytest
 import torch
 
-from harness.counters.ops import OpCounter
-from harness.errors import SpecError
-from harness.generator import GenerationRequest, image_noise
-from harness.runner import generator_factory
-from harness.spec import ModelSpec
+from un0_bench.harness.counters.ops import OpCounter
+from un0_bench.harness.errors import SpecError
+from un0_bench.harness.generator import GenerationRequest, image_noise
+from un0_bench.harness.runner import generator_factory
+from un0_bench.harness.spec import ModelSpec
 from tests.contract import GeneratorContract
-from un0_impl.gated import UN0_FILE, Un0Generator, Un0Net, build, pack_state, train_un0, unpack_state
+from un0_bench.un0_impl.gated import UN0_FILE, Un0Generator, Un0Net, build, pack_state, train_un0, unpack_state
 
 TINY = dict(image_dim=256, dim=16, hidden=64, blocks=2, embed=8, classes=10, max_steps=4)
 
@@ -146,7 +146,7 @@ def test_keep_outside_the_trained_range_is_accepted_with_a_caveat(keep, caveat):
 
 
 def test_trainer_writes_loadable_int8_weights(tmp_path, monkeypatch):
-    import harness.training as training
+    import un0_bench.harness.training as training
 
     # Keep the test fast: no whole-host meters (their startup dominates a two-step run).
     monkeypatch.setattr(training, "_TRAINING_METERS", ("wall",))
@@ -158,7 +158,7 @@ def test_trainer_writes_loadable_int8_weights(tmp_path, monkeypatch):
     meta = train_un0(steps=2, seed=1, out=out, config=TINY, pairs=pairs)
     assert meta["config"] == TINY and meta["energy"]["proxy"]["energy_j"] > 0
     assert meta["train"]["steps"] == 2 and "un0-bench train un0 --steps 2 --seed 1" == meta["command"]
-    from harness.checkpoints import load_checkpoint
+    from un0_bench.harness.checkpoints import load_checkpoint
 
     state, _ = load_checkpoint(out, expected_config=TINY)
     assert state["mlp.w1"].dtype == torch.int8 and state["mlp.w1.scale"].shape == (2, 64, 1)
@@ -185,7 +185,7 @@ def test_int8_rows_round_trip_within_half_a_step():
 
 @pytest.mark.skipif(not UN0_FILE.is_file(), reason="shipped un0 weights not trained yet")
 def test_shipped_weights_build_and_generate():
-    from backbones.digits import DigitsBackbone
+    from un0_bench.backbones.digits import DigitsBackbone
 
     gen = build(DigitsBackbone(), keep=0.1, steps=1)
     assert gen.derivation()["energy"]["proxy"]["energy_j"] > 0

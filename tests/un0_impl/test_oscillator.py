@@ -4,14 +4,14 @@ import math
 import pytest
 import torch
 
-from backbones.digits import DigitsBackbone
-from harness.counters.ops import OpCounter
-from harness.errors import SpecError
-from harness.generator import GenerationRequest
-from harness.meters.proxy import load_profiles, proxy_energy
-from harness.runner import make_generator
+from un0_bench.backbones.digits import DigitsBackbone
+from un0_bench.harness.counters.ops import OpCounter
+from un0_bench.harness.errors import SpecError
+from un0_bench.harness.generator import GenerationRequest
+from un0_bench.harness.meters.proxy import load_profiles, proxy_energy
+from un0_bench.harness.runner import make_generator
 from tests.contract import GeneratorContract
-from un0_impl.oscillator import (
+from un0_bench.un0_impl.oscillator import (
     DIGITAL_MODULES,
     OscillatorConfig,
     OscillatorGenerator,
@@ -129,7 +129,7 @@ def test_analog_projection_and_projected_energy():
 
 
 def test_weights_round_trip_keeps_k_symmetric(tmp_path):
-    from harness.checkpoints import save_checkpoint
+    from un0_bench.harness.checkpoints import save_checkpoint
 
     net = tiny_net()
     net.symmetrize_()
@@ -169,9 +169,9 @@ def test_config_refuses_n_off_the_grid():
 
 
 def test_trainer_writes_loadable_weights_with_energy(tmp_path, monkeypatch):
-    import backbones.teacher as teacher
-    from harness.checkpoints import save_checkpoint
-    from un0_impl.oscillator import train_oscillator
+    import un0_bench.backbones.teacher as teacher
+    from un0_bench.harness.checkpoints import save_checkpoint
+    from un0_bench.un0_impl.oscillator import train_oscillator
 
     parent = tmp_path / "teacher.safetensors"
     save_checkpoint(parent, {"w": torch.zeros(1)}, {"config": {}, "energy": {"wall": {"energy_j": 1.0}}})
@@ -206,7 +206,7 @@ def test_shipped_weights_load_and_generate():
 
 @pytest.mark.slow
 def test_shipped_model_draws_the_prompted_digits():
-    from harness.quality import evaluate_generator
+    from un0_bench.harness.quality import evaluate_generator
 
     q = evaluate_generator(make_generator("un0-osc", DigitsBackbone()), n=200)
     # Measured at n=1000: accuracy 0.972, FID 0.366 (sd: 0.988, 0.207).

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from harness.counters.ops import OpCounter, is_gating
-from un0_impl.sparse import GatedMLP, PromptGate, SubnetCache, kept_units
+from un0_bench.harness.counters.ops import OpCounter, is_gating
+from un0_bench.un0_impl.sparse import GatedMLP, PromptGate, SubnetCache, kept_units
 
 
 def test_kept_units_rounds_and_keeps_at_least_one():

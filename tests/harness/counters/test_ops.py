@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness.counters.ops import (
+from un0_bench.harness.counters.ops import (
     OpCounter,
     count,
     counting_active,
@@ -12,7 +12,7 @@ from harness.counters.ops import (
     op_dtype,
     register_formula,
 )
-from harness.counters.records import Counts
+from un0_bench.harness.counters.records import Counts
 
 aten = torch.ops.aten
 

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from harness.meters import codecarbon as cc
-from harness.meters.base import MeterUnavailable
-from harness.meters.codecarbon import CodecarbonMeter, describe_sources
+from un0_bench.harness.meters import codecarbon as cc
+from un0_bench.harness.meters.base import MeterUnavailable
+from un0_bench.harness.meters.codecarbon import CodecarbonMeter, describe_sources
 
 
 @dataclass

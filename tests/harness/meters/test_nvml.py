@@ -12,9 +12,9 @@ from unittest import mock
 import pynvml
 import pytest
 
-from harness.meters import nvml
-from harness.meters.base import MeterUnavailable
-from harness.meters.nvml import NvmlMeter, trapezoid_energy_mj
+from un0_bench.harness.meters import nvml
+from un0_bench.harness.meters.base import MeterUnavailable
+from un0_bench.harness.meters.nvml import NvmlMeter, trapezoid_energy_mj
 
 
 def fake_pynvml(gpu_count: int = 1) -> mock.MagicMock:

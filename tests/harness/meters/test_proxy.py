@@ -2,9 +2,9 @@ import random
 
 import pytest
 
-from harness.counters.records import Counts, OpStat
-from harness.errors import UserError
-from harness.meters.proxy import (
+from un0_bench.harness.counters.records import Counts, OpStat
+from un0_bench.harness.errors import UserError
+from un0_bench.harness.meters.proxy import (
     PROFILES_ENV,
     ProxyMeter,
     get_profile,

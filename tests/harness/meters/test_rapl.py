@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from harness.meters import rapl
-from harness.meters.base import MeterUnavailable
-from harness.meters.rapl import RaplMeter, counter_delta_uj
+from un0_bench.harness.meters import rapl
+from un0_bench.harness.meters.base import MeterUnavailable
+from un0_bench.harness.meters.rapl import RaplMeter, counter_delta_uj
 
 # A typical Intel range: 0xFFFFFFFF x 61.035 uJ (energy unit 2^-14 J), as the kernel reports it.
 MAX_RANGE_UJ = 262_143_328_850

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from harness.errors import UserError
+from un0_bench.harness.errors import UserError
 
 DEFAULT_SUITE = [
     "real", "noise", "sd", "sd:steps=10", "sd:steps=2", "sd-bf16", "sd-int8", "sd-pruned",
@@ -21,7 +21,7 @@ DEFAULT_SUITE = [
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.suite", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m un0_bench.suite", description=__doc__)
     p.add_argument("--out", type=Path, default=Path("reports/latest"))
     p.add_argument("--models", default=",".join(DEFAULT_SUITE))
     p.add_argument("--meters", default="auto")
@@ -33,10 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fresh", action="store_true", help="discard earlier results in --out first")
     args = p.parse_args(argv)
 
-    from harness.cli import _models, print_records
-    from harness.results import ResultStore
-    from harness.runner import RunConfig, Runner
-    from reports.build import build_report
+    from un0_bench.cli import _models, print_records
+    from un0_bench.harness.results import ResultStore
+    from un0_bench.harness.runner import RunConfig, Runner
+    from un0_bench.reports.build import build_report
 
     t0 = time.perf_counter()
     if args.fresh:

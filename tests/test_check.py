@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from harness import check
-from harness.cli import main
+from un0_bench import check
+from un0_bench.cli import main
 from tests.harness.test_cli import needs_teacher
 
 

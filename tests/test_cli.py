@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from backbones.digits import WEIGHTS_DIR
-from harness.cli import main
+from un0_bench.backbones.digits import WEIGHTS_DIR
+from un0_bench.cli import main
 
 needs_teacher = pytest.mark.skipif(not (WEIGHTS_DIR / "teacher.safetensors").exists(), reason="teacher not trained")
 
@@ -59,7 +59,7 @@ def test_list_shows_meter_reasons(capsys):
 
 
 def test_models_with_parameter_commas():
-    from harness.cli import _models
+    from un0_bench.cli import _models
 
     assert _models("un0-osc:n=1024,steps=32,sd") == ["un0-osc:n=1024,steps=32", "sd"]
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from harness.errors import UserError
+from un0_bench.harness.errors import UserError
 
 
 def _csv(kind: Callable[[str], Any]) -> Callable[[str], list[Any]]:
@@ -141,19 +141,19 @@ def cmd_list(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from harness.registry import BACKBONES, GENERATORS, METERS, PIPELINE_GENERATORS, TRAINERS
-    from harness.runner import make_meter
+    from un0_bench.harness.registry import BACKBONES, GENERATORS, METERS, PIPELINE_GENERATORS, TRAINERS
+    from un0_bench.harness.runner import make_meter
 
     console = Console(width=160)
     for title, reg in (("generators (digits)", GENERATORS), ("generators on diffusers:PATH", PIPELINE_GENERATORS),
-                       ("backbones", BACKBONES), ("training targets", TRAINERS)):
+                       ("un0_bench.backbones", BACKBONES), ("training targets", TRAINERS)):
         table = Table(title=title, show_lines=False)
         table.add_column("name")
         table.add_column("what it is")
         for e in reg:
             table.add_row(e.name, e.summary)
         console.print(table)
-    from baselines.pipeline_techniques import NOT_SUPPORTED
+    from un0_bench.baselines.pipeline_techniques import NOT_SUPPORTED
 
     table = Table(title="not available on diffusers:PATH, and why")
     table.add_column("name")
@@ -179,7 +179,7 @@ def print_records(records: list[dict[str, Any]]) -> None:
     """The summary table (one row per model and batch size), then each meter's status once."""
     import pandas as pd
 
-    from reports.tables import format_summary, meter_statuses, summary_frame
+    from un0_bench.reports.tables import format_summary, meter_statuses, summary_frame
 
     if not records:
         print("no records")
@@ -193,8 +193,8 @@ def print_records(records: list[dict[str, Any]]) -> None:
 def cmd_compare(args: argparse.Namespace) -> int:
     from rich.progress import Progress
 
-    from harness.results import ResultStore
-    from harness.runner import RunConfig, Runner
+    from un0_bench.harness.results import ResultStore
+    from un0_bench.harness.runner import RunConfig, Runner
 
     out = args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     is_pipeline = args.backbone.partition(":")[0] == "diffusers"
@@ -234,7 +234,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     records = [r for r in ResultStore(out).load() if r["model"] in cfg.models and r["backbone"] == cfg.backbone]
     print_records(records)
     if not args.no_report:
-        from reports.build import build_report
+        from un0_bench.reports.build import build_report
 
         path = build_report(out, report_options(args))
         print(f"report: {path}")
@@ -242,7 +242,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from reports.build import build_report
+    from un0_bench.reports.build import build_report
 
     if not (args.dir / "results.jsonl").is_file():
         raise UserError(f"{args.dir} has no results.jsonl")
@@ -258,7 +258,7 @@ def report_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from harness import check
+    from un0_bench import check
 
     models = args.models or check.gate_models()
     if args.update:
@@ -285,14 +285,14 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_make_tiny_pipeline(args: argparse.Namespace) -> int:
-    from backbones.tiny_pipeline import make_tiny_pipeline
+    from un0_bench.backbones.tiny_pipeline import make_tiny_pipeline
 
     print(f"tiny pipeline written: {make_tiny_pipeline(args.dir)}")
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from harness.registry import TRAINERS
+    from un0_bench.harness.registry import TRAINERS
 
     if args.target == "all":
         targets = TRAINERS.names_in_order()

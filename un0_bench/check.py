@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.generator import GenerationRequest
-from harness.registry import GENERATORS
-from harness.runner import count_ops, load_backbone, make_generator
+from un0_bench.harness.generator import GenerationRequest
+from un0_bench.harness.registry import GENERATORS
+from un0_bench.harness.runner import count_ops, load_backbone, make_generator
 
 #: The gate's fixed protocol: few images, one batch, digits backbone, default profile.
 GATE_IMAGES = 10
@@ -30,7 +30,7 @@ def gate_models() -> list[str]:
 
 def measure(models: list[str]) -> dict[str, dict[str, float]]:
     """Proxy J/image and FLOPs/image of each model under the gate protocol."""
-    from harness.meters.proxy import proxy_energy
+    from un0_bench.harness.meters.proxy import proxy_energy
 
     backbone = load_backbone(GATE_BACKBONE)
     prompts = tuple(backbone.default_prompts(GATE_IMAGES))
@@ -86,7 +86,7 @@ def compare(baseline: dict[str, dict[str, float]], current: dict[str, dict[str, 
 
 
 def load_baseline(path: Path) -> dict[str, Any]:
-    from harness.errors import UserError
+    from un0_bench.harness.errors import UserError
 
     if not path.is_file():
         raise UserError(f"baseline {path} does not exist (create it with `un0-bench check --update`)")

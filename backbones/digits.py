@@ -12,19 +12,25 @@ import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from un0_bench.backbones.base import Backbone
-from un0_bench.harness.errors import PromptError
+from un0_bench.harness.backbone import Backbone, QualityOptions
+from un0_bench.harness.errors import PromptError, UserError
+
+if TYPE_CHECKING:
+    from un0_bench.harness.generator import GenerationResult, Generator
+    from un0_bench.harness.technique import Model, Plan
 
 IMAGE_SIZE = 16
 IMAGE_SHAPE = (1, IMAGE_SIZE, IMAGE_SIZE)  # (C, H, W)
 WEIGHTS_DIR = Path(__file__).parent / "weights" / "digits"
 SPLIT_SEED = 0
+#: DDIM steps of ``sd`` on digits when none are given.
+DEFAULT_STEPS = 50
 HELD_OUT_FRACTION = 0.2
 
 _WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -117,3 +123,44 @@ class DigitsBackbone(Backbone):
             "held_out_images": len(data.test_labels),
             "data_sha256": data.sha256,
         }
+
+    # -- the base model and its sampler -----------------------------------------------------------
+
+    def plan_base(self, steps: int | None) -> Plan:
+        from un0_bench.harness.technique import Plan
+
+        return Plan("digits", "UNet2DModel", DEFAULT_STEPS if steps is None else steps, weights="teacher")
+
+    def base_model(self, steps: int | None) -> Model:
+        """The shipped teacher (fresh copy) with ``steps`` DDIM steps; its derivation is its training."""
+        from un0_bench.backbones.teacher import load_teacher
+        from un0_bench.harness.technique import Model
+
+        unet, meta = load_teacher(self.weights("teacher"))
+        return Model(denoiser=unet, steps=DEFAULT_STEPS if steps is None else steps, derivation=meta)
+
+    def sampler(self, model: Model) -> Generator:
+        from un0_bench.backbones.ddim import DigitsSampler
+
+        return DigitsSampler(model)
+
+    # -- quality: FID, KID and accuracy in the shipped judge's features ---------------------------
+
+    def evaluate_quality(self, generator: Generator, measured: GenerationResult,
+                         options: QualityOptions) -> dict[str, Any] | None:
+        if options.samples == 0:
+            return None
+        from un0_bench.backbones.quality import evaluate_generator_seeds
+
+        return evaluate_generator_seeds(generator, n=options.samples, seeds=options.seeds)
+
+    def check_quality_options(self, options: QualityOptions) -> None:
+        if options.samples == 1:
+            raise UserError("--quality-samples must be 0 (off) or at least 2 on digits: FID needs two images")
+
+    def quality_band(self, q: dict[str, Any], ref: dict[str, Any], options: QualityOptions
+                     ) -> tuple[bool, bool | None]:
+        from un0_bench.backbones.quality import QualityBand
+
+        band = QualityBand(options.fid_ratio, options.accuracy_drop)
+        return band.matched(q, ref), band.marginal(q, ref)

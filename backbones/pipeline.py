@@ -18,13 +18,17 @@ import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from un0_bench.backbones.base import Backbone
 from un0_bench.backbones.hf import diffusers_class, from_pretrained_dtype_key, text2image_pipeline_classes, transformers_class
+from un0_bench.harness.backbone import Backbone, QualityOptions
 from un0_bench.harness.errors import PromptError, UserError
+
+if TYPE_CHECKING:
+    from un0_bench.harness.generator import GenerationResult, Generator
+    from un0_bench.harness.technique import Model, Plan
 
 #: ``--dtype`` names.
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -307,6 +311,73 @@ class PipelineBackbone(Backbone):
             "prompts": prompts,
             "config_sha256": self.config_sha256(),
         }
+
+
+    # -- the base model and its sampler ----------------------------------------------------------
+
+    def _denoiser_class(self) -> str | None:
+        """Class name of the denoiser, from its config file (nothing loaded)."""
+        if self.path is None or self.denoiser is None:
+            return None
+        try:
+            return str(json.loads((self.path / self.denoiser / "config.json").read_text())["_class_name"])
+        except (OSError, ValueError, KeyError):
+            return None
+
+    def _default_steps(self) -> int:
+        try:
+            defaults = call_defaults(diffusers_class(self.class_name)) if self.class_name else {}
+        except KeyError:
+            defaults = {}
+        return int(defaults.get("num_inference_steps") or 50)
+
+    def plan_base(self, steps: int | None) -> Plan:
+        from un0_bench.harness.technique import Plan
+
+        return Plan("diffusers", self._denoiser_class() or "unknown", steps or self._default_steps(),
+                    weights="pipeline")
+
+    def base_model(self, steps: int | None) -> Model:
+        from un0_bench.harness.technique import Model
+
+        pipe = self.load_pipeline()
+        _, denoiser = denoiser_of(pipe)
+        steps = steps or int(call_defaults(pipe).get("num_inference_steps") or 50)
+        return Model(denoiser=denoiser, steps=steps, host=pipe)
+
+    def sampler(self, model: Model) -> Generator:
+        from un0_bench.backbones.pipeline_sampler import PipelineSampler
+
+        return PipelineSampler(model, self)
+
+    # -- quality: CLIP score of the measured images -----------------------------------------------
+
+    def check_quality_options(self, options: QualityOptions) -> None:
+        if options.seeds > 1:
+            raise UserError("--quality-seeds applies to the digits backbone (FID draws); pipelines are scored by "
+                            "CLIP on the measured images")
+        if options.clip is not None:
+            p = Path(options.clip).expanduser()
+            if not p.is_dir():
+                raise UserError(f"--clip {options.clip!r}: no such folder (a CLIP model saved with save_pretrained, "
+                                "with its processor: nothing is downloaded)")
+
+    def evaluate_quality(self, generator: Generator, measured: GenerationResult,
+                         options: QualityOptions) -> dict[str, Any] | None:
+        if options.samples == 0 or options.clip is None:
+            return None
+        return clip_quality(measured.images, measured.prompts, options.clip)
+
+    def quality_missing_reason(self, options: QualityOptions) -> str:
+        if options.samples == 0:
+            return "--quality-samples 0"
+        return "no --clip model given: energy is not quality-matched"
+
+    def quality_band(self, q: dict[str, Any], ref: dict[str, Any], options: QualityOptions
+                     ) -> tuple[bool, bool | None]:
+        # NB: pipelines have no FID here; matched means a CLIP score at most accuracy_drop (relative)
+        # below the reference's.
+        return bool(q["clip_score"] >= (1 - options.accuracy_drop) * ref["clip_score"]), None
 
 
 # --- helpers the techniques use (so they need not import diffusers themselves) --------------------

@@ -156,14 +156,13 @@ def teacher_pairs(n: int, steps: int = 50, batch_size: int = 256, path: Path = T
     # Extend only from a prefix that ends on a batch boundary, so every batch is the one a fresh run makes.
     smaller = [k for k in cached if k % batch_size == 0]
     done = max(smaller, default=0)
-    from un0_bench.baselines.diffusion import DiffusionGenerator
+    from un0_bench.backbones.ddim import ddim_sample
 
     unet, _ = load_teacher(path)
-    gen = DiffusionGenerator(unet, steps=steps)
     noise = image_noise(PAIRS_SEED_BASE, 0, n, IMAGE_SHAPE)
     labels = torch.arange(n) % 10
     parts = [torch.load(cached[done], weights_only=True)["images"]] if done else []
-    parts += [gen.sample(noise[i : i + batch_size], labels[i : i + batch_size]) for i in range(done, n, batch_size)]
+    parts += [ddim_sample(unet, steps, noise[i : i + batch_size], labels[i : i + batch_size]) for i in range(done, n, batch_size)]
     images = torch.cat(parts)
     cache.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"noise": noise, "labels": labels, "images": images}, cache.with_suffix(".tmp"))

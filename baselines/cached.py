@@ -1,172 +1,159 @@
-"""``sd-cached``: DeepCache-style reuse of the teacher UNet's deep features across DDIM steps.
+"""``cached``: DeepCache-style reuse of a UNet's deep features across denoiser calls.
 
 DeepCache (Ma, Fang and Wang, CVPR 2024, "DeepCache: Accelerating Diffusion Models for Free")
 observes that the deep, low-resolution features of a UNet change slowly between adjacent sampling
-steps. On a *full* step the whole UNet runs and the output of the up-path block just before the
-shallowest one is cached: it is exactly what the shallowest up block takes as its main input. On
-the next ``interval - 1`` *partial* steps only the shallow branch runs:
+steps. On a *full* call the whole UNet runs and the input of its last up block (the output of
+``up_blocks[-2]``) is kept. On the next ``interval - 1`` *cached* calls only the shallow branch runs:
+the time (and class or added) embeddings, ``conv_in``, the first down block without its
+downsampler, the last up block fed with the kept feature and the fresh skip features, and the
+output head. A call is full when ``call_index % interval == 0``, so ``interval=1`` is the plain
+model and the first call of every batch refreshes the cache.
 
-    time and class embedding -> conv_in -> the resnets of the first down block (not its downsampler)
-    -> the last up block (cached deep feature + the fresh skip features) -> norm, act, conv_out
-
-and the cached deep feature is reused. A step is full when ``step % interval == 0``, so
-``interval=1`` is the plain teacher and step 0 always refreshes the cache. Nothing is trained: the
-weights are the teacher's, so the derivation is the teacher's.
+The UNet's own ``forward`` runs every time; on cached calls its deep blocks are swapped for stubs
+that do no work and hand on the right number of skip features. So one implementation serves the
+digits ``UNet2DModel`` and a pipeline's ``UNet2DConditionModel`` (SD 1.x/2.x, SDXL's added
+embeddings) alike. It replaced a hand-copied ``UNet2DModel.forward`` for digits: the stubs follow
+whatever forward the installed diffusers has, and gave the same images.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import nn
 
-from un0_bench.backbones.base import Backbone
-from un0_bench.baselines.diffusion import STEPS, DiffusionGenerator, require_digits
-from un0_bench.harness.generator import Generator
-from un0_bench.harness.spec import Param, takes
+from un0_bench.harness.backbone import Backbone
+from un0_bench.harness.errors import StackError
+from un0_bench.harness.spec import Param
+from un0_bench.harness.technique import Layer, Model, Plan, Run, Technique
 
-INTERVAL = Param(int, 3, "DDIM steps per full UNet pass (the deep feature is reused in between)", low=1,
+INTERVAL = Param(int, 3, "denoiser calls per full UNet pass (the deep feature is reused in between)", low=1,
                  high=1000)
 
-#: First down blocks whose inner loop :meth:`CachedDiffusionGenerator._shallow_down` replicates.
-_SHALLOW_DOWN_TYPES = ("DownBlock2D", "AttnDownBlock2D")
+
+class _SkipDown(nn.Module):
+    """Stands in for a deep down block on a cached call: no work, the right number of residuals."""
+
+    def __init__(self, residuals: int) -> None:
+        super().__init__()
+        self.residuals = residuals
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, tuple]:
+        return hidden_states, (hidden_states,) * self.residuals
 
 
-class CachedDiffusionGenerator(DiffusionGenerator):
-    """DDIM on a ``UNet2DModel`` that recomputes only the shallow branch between full steps.
+class _Identity(nn.Module):
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return hidden_states
 
-    The UNet's submodules are run by hand (replicating ``UNet2DModel.forward`` of diffusers 0.42)
-    so the feature entering the last up block can be kept. Only plain UNets are accepted: no skip
-    blocks (``SkipDownBlock2D`` and kin), no Fourier time embedding, no input centring, no FreeU.
-    """
 
-    technique = "deepcache"
+class _SkipUp(nn.Module):
+    """Stands in for a deep up block: consumes its residuals and returns the cached deep feature."""
 
-    def __init__(self, unet: torch.nn.Module, steps: int = 50, interval: int = 3,
-                 metadata: dict[str, Any] | None = None) -> None:
-        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
-            raise ValueError(f"interval must be an integer >= 1, got {interval!r}")
-        _check_supported(unet)
-        super().__init__(unet, steps=steps, metadata=metadata)
-        self.interval = interval
-        self._deep: torch.Tensor | None = None  # (B, C, H, W) input of the last up block
+    def __init__(self, resnets: int, deep: Callable[[], torch.Tensor]) -> None:
+        super().__init__()
+        self.resnets = [None] * resnets  # the UNet's forward reads len(block.resnets)
+        self._deep = deep
 
-    # -- the UNet, by hand ---------------------------------------------------------------------
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self._deep()
 
-    def _embedding(self, t: torch.Tensor, labels: torch.Tensor, batch: int) -> torch.Tensor:
-        """Time plus class embedding ``(B, E)``, as ``UNet2DModel.forward`` steps 1."""
-        unet = self.unet
-        t = t[None] if t.ndim == 0 else t
-        t = t * torch.ones(batch, dtype=t.dtype, device=t.device)  # broadcast as diffusers does
-        emb = unet.time_embedding(unet.time_proj(t).to(dtype=unet.dtype))
-        if unet.class_embedding is not None:
-            emb = emb + unet.class_embedding(labels).to(dtype=unet.dtype)
-        return emb
 
-    def _shallow_down(self, h: torch.Tensor, emb: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Outputs of the first down block's resnets (and attentions), without its downsampler.
-
-        The downsampled output feeds only deeper blocks, whose result is cached, so it is skipped.
-        """
-        block = self.unet.down_blocks[0]
-        attentions = getattr(block, "attentions", None) or [None] * len(block.resnets)
-        outs: tuple[torch.Tensor, ...] = ()
-        for resnet, attn in zip(block.resnets, attentions, strict=True):
-            h = resnet(h, emb)
-            if attn is not None:
-                h = attn(h)
-            outs += (h,)
-        return outs
-
-    def _head(self, h: torch.Tensor) -> torch.Tensor:
-        unet = self.unet
-        return unet.conv_out(unet.conv_act(unet.conv_norm_out(h)))
-
-    def full_step(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The whole UNet: ``(eps (B, 1, H, W), deep feature entering the last up block)``."""
-        unet = self.unet
-        emb = self._embedding(t, labels, x.shape[0])
-        h = unet.conv_in(x)
-        res: tuple[torch.Tensor, ...] = (h,)
-        for block in unet.down_blocks:
-            h, block_res = block(hidden_states=h, temb=emb)
-            res += block_res
-        if unet.mid_block is not None:
-            h = unet.mid_block(h, emb)
-        for block in unet.up_blocks[:-1]:
-            n = len(block.resnets)
-            h = block(h, res[-n:], emb)
-            res = res[:-n]
-        deep = h
-        h = unet.up_blocks[-1](h, res, emb)
-        return self._head(h), deep
-
-    def shallow_step(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, deep: torch.Tensor
-                     ) -> torch.Tensor:
-        """Only the shallow branch, reusing ``deep`` from an earlier full step; eps ``(B, 1, H, W)``."""
-        unet = self.unet
-        emb = self._embedding(t, labels, x.shape[0])
-        h = unet.conv_in(x)  # (B, C0, H, W)
-        res = (h, *self._shallow_down(h, emb))
-        return self._head(unet.up_blocks[-1](deep, res, emb))
-
-    def denoise(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, step: int) -> torch.Tensor:
-        if step % self.interval == 0:
-            eps, self._deep = self.full_step(x, t, labels)
-            return eps
-        if self._deep is None or self._deep.shape[0] != x.shape[0]:
-            raise RuntimeError(f"step {step} reuses the deep feature, but no full step of this batch ran before it")
-        return self.shallow_step(x, t, labels, self._deep)
-
-    @torch.no_grad()
-    def sample(self, noise: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        try:
-            return super().sample(noise, labels)
-        finally:
-            self._deep = None  # a batch's features never leak into the next batch
-
-    def full_steps(self) -> int:
-        """Full UNet passes per image: steps 0, interval, 2*interval, ..."""
-        return math.ceil(self.steps / self.interval)
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            **super().describe(),
-            "interval": self.interval,
-            "full_steps": self.full_steps(),
-            "cached_steps": self.steps - self.full_steps(),
-            "full_step_share": self.full_steps() / self.steps,
+class _DeepCacheLayer(Layer):
+    def __init__(self, unet: nn.Module, interval: int, steps: int) -> None:
+        full = math.ceil(steps / interval)
+        super().__init__("cached", {"interval": interval}, {
+            "full_calls_per_image": full,
+            "cached_calls_per_image": steps - full,
+            "full_share": full / steps,
             "cached_feature": "input of the last up block (output of up_blocks[-2])",
-        }
+            "note": "one step = one denoiser call; schedulers that call the denoiser twice per step "
+                    "(Heun, DPM2) count each call",
+        })
+        self.unet, self.interval = unet, interval
+        self._deep: torch.Tensor | None = None  # (R, C, h, w) input of the last up block
+        self._saved: tuple | None = None
+        down0 = unet.down_blocks[0]
+        self._down_stubs = [_SkipDown(len(b.resnets) + (1 if getattr(b, "downsamplers", None) is not None else 0))
+                            for b in unet.down_blocks[1:]]
+        self._mid_stub = _Identity() if unet.mid_block is not None else None
+        self._up_stubs = [_SkipUp(len(b.resnets), self._cached_feature) for b in unet.up_blocks[:-1]]
+        downsamplers = getattr(down0, "downsamplers", None)
+        self._downsampler_stub = nn.ModuleList([_Identity() for _ in downsamplers]) if downsamplers is not None else None
+        unet.up_blocks[-1].register_forward_pre_hook(self._keep_deep, with_kwargs=True)
+
+    def _cached_feature(self) -> torch.Tensor:
+        assert self._deep is not None  # checked in before_call
+        return self._deep
+
+    def _keep_deep(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._saved is None:  # a full call: keep what enters the last up block
+            self._deep = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+    def before_call(self, run: Run, args: tuple, kwargs: dict) -> None:
+        if run.call_index % self.interval == 0:
+            return
+        sample = args[0] if args else kwargs["sample"]
+        if self._deep is None or self._deep.shape[0] != sample.shape[0]:
+            raise RuntimeError(f"call {run.call_index} reuses the deep feature, but no full call of this batch "
+                               "ran before it")
+        unet = self.unet
+        down0 = unet.down_blocks[0]
+        self._saved = (list(unet.down_blocks), unet.mid_block, list(unet.up_blocks), getattr(down0, "downsamplers", None))
+        for i, stub in enumerate(self._down_stubs, start=1):
+            unet.down_blocks[i] = stub
+        if self._mid_stub is not None:
+            unet.mid_block = self._mid_stub
+        for i, stub in enumerate(self._up_stubs):
+            unet.up_blocks[i] = stub
+        if self._downsampler_stub is not None:
+            down0.downsamplers = self._downsampler_stub
+
+    def after_call(self, run: Run) -> None:
+        if self._saved is None:
+            return
+        unet = self.unet
+        downs, mid, ups, downsamplers = self._saved
+        for i, block in enumerate(downs):
+            unet.down_blocks[i] = block
+        unet.mid_block = mid
+        for i, block in enumerate(ups):
+            unet.up_blocks[i] = block
+        if downsamplers is not None:
+            unet.down_blocks[0].downsamplers = downsamplers
+        self._saved = None
+
+    def after_batch(self, run: Run) -> None:
+        self._deep = None  # a batch's features never leak into the next batch
 
 
-def _check_supported(unet: torch.nn.Module) -> None:
-    cfg = unet.config
-    problems = []
-    if cfg.center_input_sample:
-        problems.append("center_input_sample")
-    if cfg.time_embedding_type != "positional":
-        problems.append(f"time_embedding_type={cfg.time_embedding_type!r}")
-    if len(unet.down_blocks) < 2:
-        problems.append("a single resolution (nothing deep to cache)")
-    first = type(unet.down_blocks[0]).__name__
-    if first not in _SHALLOW_DOWN_TYPES:
-        problems.append(f"first down block {first}")
-    if any(hasattr(b, "skip_conv") for b in (*unet.down_blocks, *unet.up_blocks)):
-        problems.append("skip blocks")
-    if getattr(unet.up_blocks[-1], "s1", None):
-        problems.append("FreeU")
-    if problems:
-        raise ValueError(f"sd-cached supports plain UNet2DModels only; this one has {', '.join(problems)}")
+class DeepCache(Technique):
+    """``cached`` / ``cached:interval=N``."""
 
+    name = "cached"
+    summary = "DeepCache: reuse the deep UNet features between full calls"
+    params = {"interval": INTERVAL}
+    denoisers = ("UNet2DModel", "UNet2DConditionModel")
 
-@takes(steps=STEPS, interval=INTERVAL)
-def build(backbone: Backbone, steps: int, interval: int) -> Generator:
-    """``sd-cached``, ``sd-cached:interval=N`` and ``sd-cached:steps=S,interval=N`` (teacher weights)."""
-    from un0_bench.backbones.teacher import load_teacher
+    def check(self, plan: Plan, params: dict[str, Any]) -> None:
+        super().check(plan, params)
+        if plan.steps is not None and plan.steps < 2:
+            raise StackError(f"cached reuses deep features between denoiser calls; {'+'.join(plan.layers)} makes "
+                             f"{plan.steps} call per image, so there is nothing to reuse")
 
-    require_digits(backbone, "sd-cached")
-    unet, meta = load_teacher(backbone.weights("teacher"))
-    return CachedDiffusionGenerator(unet, steps=steps, interval=interval, metadata=meta)
+    def apply(self, model: Model, backbone: Backbone, interval: int = 3) -> Layer:
+        unet = model.denoiser
+        problems = []
+        if len(unet.down_blocks) < 2 or len(unet.up_blocks) != len(unet.down_blocks):
+            problems.append("a single resolution (nothing deep to cache)")
+        if any(hasattr(b, "skip_conv") for b in (*unet.down_blocks, *unet.up_blocks)):
+            problems.append("skip blocks")
+        cfg = getattr(unet, "config", None)
+        if cfg is not None and getattr(cfg, "time_embedding_type", "positional") == "fourier":
+            problems.append("a Fourier time embedding")
+        if problems:
+            raise StackError(f"cached supports plain UNets only; this {type(unet).__name__} has {', '.join(problems)}")
+        return _DeepCacheLayer(unet, interval, model.steps)

@@ -47,12 +47,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from un0_bench.backbones.base import Backbone
-from un0_bench.backbones.digits import WEIGHTS_DIR
-from un0_bench.baselines.diffusion import DiffusionGenerator, require_digits
-from un0_bench.harness.errors import SpecError
-from un0_bench.harness.generator import Generator
-from un0_bench.harness.spec import Param, takes
+from un0_bench.backbones.ddim import ddim_sample, ddim_step
+from un0_bench.backbones.digits import DEFAULT_STEPS, WEIGHTS_DIR
+from un0_bench.harness.backbone import Backbone
+from un0_bench.harness.errors import SpecError, StackError
+from un0_bench.harness.spec import Param
+from un0_bench.harness.technique import Layer, Model, Plan, Technique
 
 #: Student step counts that are shipped (``sd-distilled:steps=K``); the first is the default.
 SHIPPED_STEPS = (4, 1)
@@ -120,71 +120,6 @@ def student_config(steps: int, unet_config: dict[str, Any] | None = None) -> dic
             "sampler": SAMPLERS[steps].config()}
 
 
-def ddim_step(alphas_cumprod: torch.Tensor, x: torch.Tensor, out: torch.Tensor, t: int, t_next: int | None,
-              prediction: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """One deterministic DDIM step from timestep ``t`` to ``t_next`` (``None``: to the clean image).
-
-    The update of diffusers' ``DDIMScheduler.step`` with ``eta=0``, ``clip_sample`` and
-    ``use_clipped_model_output=True``: x0 is clipped to [-1, 1] and the noise is re-derived from the
-    clipped x0 (as GLIDE does). The re-derivation is what makes a noise-predicting first step at
-    t = 999 usable: there x0 = (x - sqrt(1 - a) eps) / sqrt(a) with sqrt(a) = 5e-5 is mostly clipped,
-    and without it the step would carry the unclipped prediction's noise forward.
-
-    Args:
-        alphas_cumprod: The noise schedule's alpha_bar ``(1000,)``.
-        x: Current sample ``(B, C, H, W)``.
-        out: Network output for ``x`` at ``t`` ``(B, C, H, W)``.
-        t: Timestep of ``x``.
-        t_next: Timestep to step to, or ``None`` for the clean image (alpha_bar = 1).
-        prediction: How ``out`` is read: ``"epsilon"`` or ``"sample"`` (x0).
-
-    Returns:
-        ``(x_next, x0)``: the next sample and the *unclipped* x0 prediction (for the loss).
-    """
-    a = alphas_cumprod[t]
-    a_next = alphas_cumprod[t_next] if t_next is not None else torch.tensor(1.0)
-    x0 = (x - (1 - a).sqrt() * out) / a.sqrt() if prediction == "epsilon" else out
-    x0_clipped = x0.clamp(-1.0, 1.0)
-    eps = (x - a.sqrt() * x0_clipped) / (1 - a).sqrt()
-    return a_next.sqrt() * x0_clipped + (1 - a_next).sqrt() * eps, x0
-
-
-class DistilledGenerator(DiffusionGenerator):
-    """A K-step student: deterministic DDIM at the student's own timesteps and parameterisation.
-
-    Args:
-        unet: The student network (a ``UNet2DModel``).
-        sampler: Its timesteps and prediction type (the ones it was distilled for).
-        metadata: The student's training metadata (its derivation).
-    """
-
-    technique = "distillation"
-
-    def __init__(self, unet: torch.nn.Module, sampler: StudentSampler, metadata: dict[str, Any] | None = None
-                 ) -> None:
-        super().__init__(unet, steps=sampler.steps, metadata=metadata)
-        self.sampler = sampler
-
-    @torch.no_grad()
-    def sample(self, noise: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        ts = self.sampler.timesteps
-        alphas = self.scheduler.alphas_cumprod
-        x = noise  # (B, 1, H, W)
-        for i, t in enumerate(ts):
-            out = self.denoise(x, torch.full((x.shape[0],), t), labels, i)
-            t_next = ts[i + 1] if i + 1 < len(ts) else None
-            x, _ = ddim_step(alphas, x, out, t, t_next, self.sampler.predictions[i])
-        return x
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            **super().describe(),
-            "sampler": f"DDIM (eta=0) at timesteps {list(self.sampler.timesteps)}, "
-                       f"predicting {list(self.sampler.predictions)}",
-            "distilled_from": "teacher, 50-step DDIM",
-        }
-
-
 #: Suffix of the per-output-channel scale stored beside each int8 weight tensor.
 SCALE_SUFFIX = ".int8_scale"
 #: How the students' weights are stored (recorded in their metadata).
@@ -229,22 +164,45 @@ def student_path(out: Path, steps: int) -> Path:
     return out.with_name(f"{out.stem}-{steps}.safetensors")
 
 
-@takes(steps=STEPS)
-def build(backbone: Backbone, steps: int) -> Generator:
-    """``sd-distilled`` (the 4-step student) and ``sd-distilled:steps=1`` (the 1-step student)."""
-    from un0_bench.backbones.teacher import build_unet
-    from un0_bench.harness.checkpoints import load_checkpoint
+class Distillation(Technique):
+    """``distilled`` (``sd-distilled``, ``sd-distilled:steps=1``): the shipped few-step student.
 
-    require_digits(backbone, "sd-distilled")
-    if steps not in SHIPPED_STEPS:
-        valid = " or ".join(str(s) for s in SHIPPED_STEPS)
-        raise SpecError(f"sd-distilled: steps={steps} is not valid; steps must be {valid} "
-                        "(a student is distilled for one step count, and only these are shipped)")
-    weights = backbone.weights(f"sd-distilled-{steps}")
-    state, meta = load_checkpoint(weights, expected_config=student_config(steps))
-    unet = build_unet()
-    unet.load_state_dict(unpack_int8(state))
-    return DistilledGenerator(unet, SAMPLERS[steps], metadata=meta)
+    The denoiser's weights become the student's and the digits sampler runs the student's own
+    timesteps and predictions (``model.sampler["schedule"]``).
+    """
+
+    name = "distilled"
+    summary = "few-step student (shipped weights, 4 or 1 step)"
+    params = {"steps": STEPS}
+    denoisers = ("UNet2DModel",)
+
+    def check(self, plan: Plan, params: dict[str, Any]) -> None:
+        super().check(plan, params)
+        if plan.weights != "teacher" or plan.layers != ["sd"]:
+            raise StackError(f"distilled replaces the denoiser with a student distilled from the teacher, so it must "
+                             f"come right after sd, not after {'+'.join(plan.layers)}")
+        if plan.steps != DEFAULT_STEPS:
+            raise StackError(f"distilled samples with the student's own steps; sd:steps={plan.steps} before it "
+                             "would be ignored: write sd-distilled:steps=K (K = 4 or 1)")
+        if params["steps"] not in SHIPPED_STEPS:
+            valid = " or ".join(str(k) for k in SHIPPED_STEPS)
+            raise SpecError(f"sd-distilled: steps={params['steps']} is not valid; steps must be {valid} "
+                            "(a student is distilled for one step count, and only these are shipped)")
+        plan.steps, plan.weights = params["steps"], f"sd-distilled-{params['steps']}"
+
+    def apply(self, model: Model, backbone: Backbone, steps: int = SHIPPED_STEPS[0]) -> Layer:
+        from un0_bench.harness.checkpoints import load_checkpoint
+
+        state, meta = load_checkpoint(backbone.weights(f"sd-distilled-{steps}"), expected_config=student_config(steps))
+        model.denoiser.load_state_dict(unpack_int8(state))
+        sampler = SAMPLERS[steps]
+        model.steps, model.derivation = steps, meta
+        model.sampler["schedule"] = (sampler.timesteps, sampler.predictions)
+        return Layer(self.name, {"steps": steps}, {
+            "distilled_from": "teacher, 50-step DDIM",
+            "timesteps": list(sampler.timesteps), "predictions": list(sampler.predictions),
+            "weights_storage": STORAGE,
+        })
 
 
 # -- training -----------------------------------------------------------------------------------
@@ -342,12 +300,12 @@ def teacher_pairs_energy(teacher: torch.nn.Module, n: int, steps: int = 50, batc
     noise = image_noise(0, 0, batch, IMAGE_SHAPE)
     labels = torch.arange(batch) % 10
     t0 = time.perf_counter()
-    DiffusionGenerator(teacher, steps=steps).sample(noise, labels)
+    ddim_sample(teacher, steps, noise, labels)
     batch_s = time.perf_counter() - t0
     # Every DDIM step runs the same network on the same shapes, so one counted step (network and
     # update) times the number of steps is the whole sampler's count.
     with OpCounter() as counter:
-        DiffusionGenerator(teacher, steps=1).sample(noise, labels)
+        ddim_sample(teacher, 1, noise, labels)
     batches = n / batch
     energy = TrainingEnergy()
     energy.add_proxy(counter.counts(images=batch), round(steps * batches))

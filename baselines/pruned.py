@@ -1,13 +1,13 @@
-"""``sd-pruned`` and ``sd-pruned-unstructured``: two ways to remove half of the teacher's weights.
+"""``pruned`` and ``pruned-unstructured``: two ways to remove half of a denoiser's weights.
 
-* ``sd-pruned`` (structured): half of the channels of every prunable layer group are removed with
+* ``pruned`` (structured; ``sd-pruned``): half of the channels of every prunable layer group are removed with
   torch-pruning (magnitude importance, the same ratio in every group), so every convolution and
   linear layer really is smaller, then the pruned network is fine-tuned back towards the teacher
   (``un0-bench train sd-pruned``). Halving both the input and output channels of a convolution
   divides its multiply-adds by four: the counter sees 0.26x the FLOPs of ``sd``. The clock sees
   less (about 0.5x on a CPU): kernels this small are bound by per-op overhead as much as by
   arithmetic.
-* ``sd-pruned-unstructured``: the smallest-magnitude half of every convolution and linear weight is
+* ``pruned-unstructured`` (``sd-pruned-unstructured``, any backbone): the smallest-magnitude half of every convolution and linear weight is
   set to zero, and the network still runs dense kernels. It does exactly the work of ``sd``: the
   zeros are multiplied like any other number. It is here to show, with numbers, that sparsity saves
   nothing unless a kernel skips it. No training: it is derived from the teacher when built.
@@ -31,14 +31,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from un0_bench.backbones.base import Backbone
 from un0_bench.backbones.digits import WEIGHTS_DIR, load_data
 from un0_bench.backbones.hf import diffusers_class
-from un0_bench.baselines.diffusion import STEPS, DiffusionGenerator, require_digits
+from un0_bench.harness.backbone import Backbone
 from un0_bench.harness.checkpoints import load_checkpoint, save_checkpoint
-from un0_bench.harness.errors import CheckpointError
-from un0_bench.harness.generator import Generator
-from un0_bench.harness.spec import takes
+from un0_bench.harness.errors import CheckpointError, StackError
+from un0_bench.harness.spec import Param
+from un0_bench.harness.technique import Layer, Model, Plan, Technique
 from un0_bench.harness.training import ema_update, metered_training, one_cycle, run_steps, training_metadata
 
 #: Structured pruning recipe. Part of the checkpoint's config: the architecture is rebuilt from it.
@@ -178,37 +177,33 @@ def load_pruned(path: Path = PRUNED_FILE, base_config: dict[str, Any] | None = N
     return unet.eval().requires_grad_(False), meta
 
 
-class PrunedGenerator(DiffusionGenerator):
-    """DDIM on a channel-pruned (physically smaller) teacher."""
+class ChannelPruning(Technique):
+    """``pruned`` (``sd-pruned``): the shipped 50% channel-pruned network, fine-tuned from the teacher."""
 
-    technique = "structured-pruning"
+    name = "pruned"
+    summary = "50% channel pruning, fine-tuned (shipped weights)"
+    denoisers = ("UNet2DModel",)
 
-    def __init__(self, unet: torch.nn.Module, steps: int, metadata: dict[str, Any] | None = None,
-                 base_parameters: int | None = None) -> None:
-        super().__init__(unet, steps=steps, metadata=metadata)
-        self.base_parameters = base_parameters
+    def check(self, plan: Plan, params: dict[str, Any]) -> None:
+        super().check(plan, params)
+        if plan.weights != "teacher" or plan.layers != ["sd"]:
+            raise StackError(f"pruned replaces the denoiser with shipped weights fine-tuned from the teacher, so it "
+                             f"must come right after sd, not after {'+'.join(plan.layers)}")
+        plan.weights = "sd-pruned"
 
-    def describe(self) -> dict[str, Any]:
-        d = super().describe()
-        d["pruning"] = {k: PRUNING[k] for k in ("method", "importance", "ratio", "attention")}
-        d["kernels"] = "dense, on smaller tensors"
-        if self.base_parameters:
-            d["parameters_vs_teacher"] = d["parameters"] / self.base_parameters
-        # NB: unet.config still describes the unpruned network; the real widths are the layers'.
-        d["block_out_channels"] = [block.resnets[-1].conv2.out_channels for block in self.unet.down_blocks]
-        d["time_embedding_channels"] = self.unet.time_embedding.linear_2.out_features
-        return d
-
-
-@takes(steps=STEPS)
-def build_structured(backbone: Backbone, steps: int) -> Generator:
-    """``sd-pruned``: the 50% channel-pruned, fine-tuned teacher, sampled with DDIM."""
-    from un0_bench.backbones.teacher import build_unet
-
-    require_digits(backbone, "sd-pruned")
-    unet, meta = load_pruned(backbone.weights("sd-pruned"))
-    teacher_parameters = sum(p.numel() for p in build_unet().parameters())
-    return PrunedGenerator(unet, steps=steps, metadata=meta, base_parameters=teacher_parameters)
+    def apply(self, model: Model, backbone: Backbone, **params: Any) -> Layer:
+        base_parameters = sum(p.numel() for p in model.denoiser.parameters())
+        unet, meta = load_pruned(backbone.weights("sd-pruned"))
+        model.denoiser, model.derivation = unet, meta
+        parameters = sum(p.numel() for p in unet.parameters())
+        return Layer(self.name, params, {
+            "pruning": {k: PRUNING[k] for k in ("method", "importance", "ratio", "attention")},
+            "kernels": "dense, on smaller tensors",
+            "parameters_vs_teacher": parameters / base_parameters,
+            # NB: unet.config still describes the unpruned network; the real widths are the layers'.
+            "block_out_channels": [block.resnets[-1].conv2.out_channels for block in unet.down_blocks],
+            "time_embedding_channels": unet.time_embedding.linear_2.out_features,
+        })
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,6 +214,9 @@ def build_structured(backbone: Backbone, steps: int) -> Generator:
 @torch.no_grad()
 def magnitude_prune_(unet: torch.nn.Module, ratio: float = UNSTRUCTURED_RATIO) -> dict[str, float]:
     """Zero the ``ratio`` smallest-magnitude entries of every Conv2d and Linear weight, in place.
+
+    The one magnitude pruning of the project (the pipeline copy rounded ``ratio * numel`` and broke
+    ties by ``topk``, which is not deterministic on ties; this one floors and breaks ties by position).
 
     Each layer loses exactly ``floor(ratio * numel)`` entries (ties broken by position, so the result
     is deterministic). Biases, norms and embeddings are left alone.
@@ -233,7 +231,7 @@ def magnitude_prune_(unet: torch.nn.Module, ratio: float = UNSTRUCTURED_RATIO) -
         if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
             w = m.weight.view(-1)
             k = int(ratio * w.numel())
-            w[torch.argsort(w.abs(), stable=True)[:k]] = 0.0
+            w[torch.argsort(w.abs().float(), stable=True)[:k]] = 0.0
             sparsity[name] = float((w == 0).sum()) / w.numel()
     return sparsity
 
@@ -244,43 +242,34 @@ def weight_sparsity(unet: torch.nn.Module) -> float:
     return sum(int((w == 0).sum()) for w in ws) / sum(w.numel() for w in ws)
 
 
-class UnstructuredGenerator(DiffusionGenerator):
-    """DDIM on the teacher with half of each weight zeroed, run with ordinary dense kernels."""
-
-    technique = "unstructured-pruning"
-
-    def describe(self) -> dict[str, Any]:
-        d = super().describe()
-        d["pruning"] = {"method": "per-layer magnitude (smallest |w| set to zero)", "ratio": UNSTRUCTURED_RATIO,
-                        "layers": "every Conv2d and Linear weight"}
-        d["weight_sparsity"] = weight_sparsity(self.unet)
-        # NB: the counter charges ops by their shapes, so multiplications by zero are counted, as
-        # they are executed: a dense kernel does not skip them.
-        d["kernels"] = "dense (zeros are multiplied)"
-        return d
+SPARSITY = Param(float, UNSTRUCTURED_RATIO, "fraction of each Conv2d/Linear weight set to zero", low=0.0, high=1.0)
 
 
-def unstructured_derivation(teacher_meta: dict[str, Any]) -> dict[str, Any]:
-    """Derivation metadata of the unstructured model: the teacher's energy, nothing added."""
-    return {
-        "kind": "digits-unstructured-pruning",
-        "config": {"base": teacher_meta.get("config"), "ratio": UNSTRUCTURED_RATIO},
-        "command": "derived when built: magnitude pruning of the teacher (un0-bench train teacher)",
-        "note": "no training; zeroing half the weights takes milliseconds of CPU, so the derivation "
-                "energy is the teacher's",
-        "energy": {"includes": {"teacher": teacher_meta.get("energy", {})}},
-    }
+class MagnitudePruning(Technique):
+    """``pruned-unstructured`` / ``pruned-unstructured:sparsity=0.3``: magnitude pruning, dense kernels."""
 
+    name = "pruned-unstructured"
+    summary = "magnitude pruning, dense kernels (zeros still multiplied)"
+    params = {"sparsity": SPARSITY}
 
-@takes(steps=STEPS)
-def build_unstructured(backbone: Backbone, steps: int) -> Generator:
-    """``sd-pruned-unstructured``: the teacher with 50% of every weight zeroed, dense kernels."""
-    from un0_bench.backbones.teacher import load_teacher
+    def check(self, plan: Plan, params: dict[str, Any]) -> None:
+        super().check(plan, params)
+        if not params["sparsity"] < 1.0:
+            raise StackError(f"pruned-unstructured: sparsity={params['sparsity']:g} would zero every weight; "
+                             "sparsity must be in [0, 1)")
 
-    require_digits(backbone, "sd-pruned-unstructured")
-    unet, teacher_meta = load_teacher(backbone.weights("teacher"))
-    magnitude_prune_(unet)
-    return UnstructuredGenerator(unet, steps=steps, metadata=unstructured_derivation(teacher_meta))
+    def apply(self, model: Model, backbone: Backbone, sparsity: float = UNSTRUCTURED_RATIO) -> Layer:
+        per_layer = magnitude_prune_(model.denoiser, sparsity)
+        return Layer(self.name, {"sparsity": sparsity}, {
+            "pruning": {"method": "per-layer magnitude (smallest |w| set to zero, ties by position)",
+                        "ratio": sparsity, "layers": "every Conv2d and Linear weight"},
+            "pruned_layers": len(per_layer),
+            "weight_sparsity": weight_sparsity(model.denoiser),
+            # NB: the counter charges ops by their shapes, so multiplications by zero are counted, as
+            # they are executed: a dense kernel does not skip them.
+            "kernels": "dense (zeros are multiplied, so FLOPs and energy do not drop)",
+            "derivation": "no training: zeroing weights takes milliseconds, so the derivation is the base's",
+        })
 
 
 # ---------------------------------------------------------------------------------------------

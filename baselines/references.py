@@ -13,9 +13,8 @@ from typing import Any
 
 import torch
 
-from un0_bench.backbones.base import Backbone
+from un0_bench.harness.backbone import Backbone
 from un0_bench.backbones.digits import IMAGE_SHAPE, load_data, prompt_labels, to_unit
-from un0_bench.baselines.diffusion import require_digits
 from un0_bench.harness.generator import GenerationRequest, GenerationResult, Generator, image_noise
 from un0_bench.harness.spec import takes
 
@@ -80,12 +79,10 @@ class RealGenerator(Generator):
 @takes()
 def build_noise(backbone: Backbone) -> Generator:
     """``noise``: the quality floor."""
-    require_digits(backbone, "noise")
     return NoiseGenerator()
 
 
 @takes()
 def build_real(backbone: Backbone) -> Generator:
     """``real``: the quality ceiling (held-out real digits)."""
-    require_digits(backbone, "real")
     return RealGenerator()

@@ -15,3 +15,7 @@ class PromptError(UserError):
 
 class CheckpointError(UserError):
     """A missing, truncated, foreign or mismatched weights file."""
+
+
+class StackError(SpecError):
+    """A stack of techniques that cannot work (``cached`` on a one-step model; a technique the backbone lacks)."""

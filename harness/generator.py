@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import abc
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,6 +67,10 @@ class Generator(abc.ABC):
 
     #: The model spec this instance was built from (e.g. ``"sd:steps=10"``); set by the registry.
     spec: str = ""
+    #: ``None`` or a callable ``(kind, phase)``: called with ``("begin", phase)`` and ``("end", phase)``
+    #: around every occurrence of each phase of :meth:`phases`, so the protocol can open and close a
+    #: meter window on each. Phases never nest.
+    phase_hook: Callable[[str, str], None] | None = None
 
     @abc.abstractmethod
     def generate(self, request: GenerationRequest) -> GenerationResult:
@@ -91,6 +97,21 @@ class Generator(abc.ABC):
     def phases(self) -> tuple[str, ...]:
         """Names of the phases the generator can be metered by separately (empty: one phase)."""
         return ()
+
+    def emit(self, kind: str, phase: str) -> None:
+        """Tell the phase hook (if any) that ``phase`` begins (``kind="begin"``) or ends (``"end"``)."""
+        hook = self.phase_hook
+        if hook is not None:
+            hook(kind, phase)
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """``with self.phase("gate"): ...`` emits begin and end around the block, even if it raises."""
+        self.emit("begin", name)
+        try:
+            yield
+        finally:
+            self.emit("end", name)
 
 
 def image_noise(seed: int, first_index: int, count: int, shape: tuple[int, ...]) -> torch.Tensor:

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from un0_bench.harness.config import DEFAULT_LIFETIME_IMAGES, DEFAULT_PUE
+
 BOUNDARIES = ("compute", "gating", "memory", "idle", "pue", "training")
 BOUNDARY_LABELS = {
     "compute": "1 active compute",
@@ -29,9 +31,24 @@ BOUNDARY_LABELS = {
     "pue": "5 x PUE",
     "training": "6 + amortised training",
 }
-#: Industry-average PUE reported by the Uptime Institute for 2024.
-DEFAULT_PUE = 1.56
-DEFAULT_LIFETIME_IMAGES = 1_000_000
+
+
+def run_settings(records: list[dict[str, Any]], overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Reference, PUE and lifetime of a run, from its own records (``config.run``), unless overridden.
+
+    The one place the ledger's settings are decided: ``un0-bench report DIR`` of a ``--reference un0``
+    run keeps un0 as 1x, and a report's ``--reference``/``--pue``/``--lifetime-images`` are overrides.
+    """
+    runs = [(r.get("config") or {}).get("run") or {} for r in records]
+    settings: dict[str, Any] = {}
+    for key, default in (("reference", "sd"), ("pue", DEFAULT_PUE), ("lifetime_images", DEFAULT_LIFETIME_IMAGES)):
+        seen = [run[key] for run in runs if run.get(key) is not None]
+        # The newest record's setting wins when a folder was resumed with other settings.
+        settings[key] = seen[-1] if seen else default
+    for key, value in (overrides or {}).items():
+        if value is not None and key in settings:
+            settings[key] = value
+    return settings
 
 
 def derivation_energy_j(derivation: dict[str, Any] | None, meter: str) -> tuple[float | None, str]:

@@ -1,8 +1,9 @@
 """Typed registries for generators, backbones and meters: lazy entries, no duplicates, "did you mean".
 
-This module is the one registration point for everything built in. Entries are ``"module:attr"``
-strings, imported only when chosen, so listing generators does not import diffusers or pynvml.
-Third-party generators register through the entry-point group ``un0_bench.generators``.
+Entries are ``"module:attr"`` strings, imported only when chosen, so listing generators does not
+import diffusers or pynvml. The built-in entries are registered in one place, :mod:`un0_bench.catalog`
+(imported with the package); third-party generators and techniques register through the entry-point
+groups ``un0_bench.generators`` and ``un0_bench.techniques``.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import difflib
 import importlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
 
@@ -23,9 +24,56 @@ class UnknownNameError(UserError):
 
 @dataclass(frozen=True)
 class Entry:
+    """One registered name.
+
+    Attributes:
+        name: The registered name.
+        target: ``"module:attr"`` (imported on first use) or the object itself; for a generator,
+            either one factory for every backbone kind it supports, or ``{kind: factory}``.
+        summary: One line for ``un0-bench list``.
+        kinds: Backbone kinds the entry supports (``None``: every kind).
+        unsupported: Backbone kind -> why the entry is not available there.
+        alias: Backbone kind -> the stack this name stands for there (``"sd+int8:scales=static"``).
+    """
+
     name: str
-    target: str | Callable[..., Any]
+    target: str | Callable[..., Any] | dict[str, str | Callable[..., Any]] | None
     summary: str = ""
+    kinds: tuple[str, ...] | None = None
+    unsupported: dict[str, str] = field(default_factory=dict)
+    alias: dict[str, str] | None = None
+
+    def supports(self, kind: str) -> bool:
+        if kind in self.unsupported:
+            return False
+        if self.alias and kind in self.alias:
+            return True
+        if self.target is None:
+            return False
+        if isinstance(self.target, dict):
+            return kind in self.target
+        return self.kinds is None or kind in self.kinds
+
+    def is_alias(self, kind: str) -> bool:
+        """Whether on backbone ``kind`` this name stands for a stack."""
+        return bool(self.alias) and kind in self.alias  # type: ignore[operator]
+
+    def why_not(self, kind: str) -> str:
+        """The reason the entry is not available on backbone ``kind`` (for an unsupported kind)."""
+        if kind in self.unsupported:
+            return self.unsupported[kind]
+        own = self.target if isinstance(self.target, dict) else (self.kinds or ())
+        supported = sorted({*(self.alias or {}), *own})
+        return f"it is available on {', '.join(supported) or 'no backbone'} only"
+
+    def target_for(self, kind: str | None) -> str | Callable[..., Any]:
+        if isinstance(self.target, dict):
+            if kind not in self.target:
+                raise UserError(f"{self.name} is not available on {kind} backbones: {self.why_not(str(kind))}")
+            return self.target[kind]
+        if self.target is None:
+            raise ValueError(f"{self.name} is an alias and has no target of its own")
+        return self.target
 
 
 class Registry:
@@ -37,13 +85,19 @@ class Registry:
         self._group = entry_point_group
         self._entry_points_loaded = entry_point_group is None
 
-    def register(self, name: str, target: str | Callable[..., Any], summary: str = "") -> None:
-        """Add ``name``; refuses a name that is already registered."""
+    def register(self, name: str, target: str | Callable[..., Any] | dict[str, Any] | None, summary: str = "", *,
+                 kinds: tuple[str, ...] | None = None, unsupported: dict[str, str] | None = None,
+                 alias: dict[str, str] | None = None) -> None:
+        """Add ``name``; refuses a name that is already registered and a lazy target without ``:``."""
         if name in self._entries:
             raise ValueError(f"{self.kind} {name!r} is already registered")
-        if isinstance(target, str) and ":" not in target:
-            raise ValueError(f"lazy target must be 'module:attr', got {target!r}")
-        self._entries[name] = Entry(name, target, summary)
+        targets = target.values() if isinstance(target, dict) else [target]
+        for t in targets:
+            if isinstance(t, str) and ":" not in t:
+                raise ValueError(f"lazy target must be 'module:attr', got {t!r}")
+        if target is None and not alias:
+            raise ValueError(f"{name}: give a target, an alias, or both (for different backbone kinds)")
+        self._entries[name] = Entry(name, target, summary, kinds, dict(unsupported or {}), alias)
 
     def _load_entry_points(self) -> None:
         if self._entry_points_loaded:
@@ -76,9 +130,9 @@ class Registry:
         except KeyError:
             raise UnknownNameError(self.unknown_message(name)) from None
 
-    def get(self, name: str) -> Any:
-        """The registered object, importing its module on first use."""
-        target = self.entry(name).target
+    def get(self, name: str, kind: str | None = None) -> Any:
+        """The registered object (for backbone ``kind``), importing its module on first use."""
+        target = self.entry(name).target_for(kind)
         if isinstance(target, str):
             module, _, attr = target.partition(":")
             obj: Any = importlib.import_module(module)
@@ -94,53 +148,14 @@ class Registry:
         return f"unknown {self.kind} {name!r}.{hint} Available: {', '.join(names)}"
 
 
+#: Base models (``sd``, ``un0``, references) and aliases of stacks (``sd-int8``).
 GENERATORS = Registry("generator", entry_point_group="un0_bench.generators")
+#: Transforms of a denoiser that stack on a base model (``int8``, ``cached``, ...).
+TECHNIQUES = Registry("technique", entry_point_group="un0_bench.techniques")
 BACKBONES = Registry("backbone")
-#: Generators on ``diffusers:PATH`` backbones: the same technique names, applied to a pipeline's denoiser.
-PIPELINE_GENERATORS = Registry("generator on diffusers backbones")
 METERS = Registry("meter")
 #: ``un0-bench train TARGET``: functions taking ``steps``, ``seed``, ``out`` and returning metadata.
 TRAINERS = Registry("training target")
 
-# --- built-in entries: the one registration point ----------------------------------------------
-GENERATORS.register("sd", "un0_bench.baselines.diffusion:build", "teacher diffusion model, DDIM, 50 steps, fp32")
-GENERATORS.register("sd-bf16", "un0_bench.baselines.quantized:build_bf16", "teacher in bfloat16 weights and activations")
-GENERATORS.register("sd-int8", "un0_bench.baselines.quantized:build_int8", "teacher with int8 convolutions and linears")
-GENERATORS.register("sd-pruned", "un0_bench.baselines.pruned:build_structured", "50% channel-pruned teacher, fine-tuned")
-GENERATORS.register("sd-pruned-unstructured", "un0_bench.baselines.pruned:build_unstructured",
-                    "50% magnitude-pruned teacher, dense kernels (zeros still multiplied)")
-GENERATORS.register("sd-distilled", "un0_bench.baselines.distilled:build", "few-step student distilled from the teacher")
-GENERATORS.register("sd-cached", "un0_bench.baselines.cached:build", "DeepCache-style reuse of deep UNet features")
-GENERATORS.register("noise", "un0_bench.baselines.references:build_noise", "uniform random images (quality floor)")
-GENERATORS.register("real", "un0_bench.baselines.references:build_real", "held-out real digits (quality ceiling)")
-GENERATORS.register("un0", "un0_bench.un0_impl.gated:build", "Un-0 reading 1: neuron-gated sparse few-step generator")
-GENERATORS.register("un0-osc", "un0_bench.un0_impl.oscillator:build", "Un-0 reading 2: coupled Kuramoto oscillators")
-
-BACKBONES.register("digits", "un0_bench.backbones.digits:DigitsBackbone", "sklearn handwritten digits, 16x16, CPU")
-BACKBONES.register("diffusers", "un0_bench.backbones.pipeline:PipelineBackbone",
-                   "diffusers:PATH, a text-to-image pipeline folder (Stable Diffusion and kin)")
-
-_PT = "un0_bench.baselines.pipeline_techniques"
-PIPELINE_GENERATORS.register("sd", f"{_PT}:build_sd", "the pipeline as loaded, its own scheduler")
-PIPELINE_GENERATORS.register("sd-fp16", f"{_PT}:build_fp16", "denoiser in float16")
-PIPELINE_GENERATORS.register("sd-bf16", f"{_PT}:build_bf16", "denoiser in bfloat16")
-PIPELINE_GENERATORS.register("sd-int8", f"{_PT}:build_int8", "int8 linears (torchao on CUDA, torch._int_mm on CPU)")
-PIPELINE_GENERATORS.register("sd-cached", f"{_PT}:build_cached", "DeepCache-style reuse of deep UNet blocks")
-PIPELINE_GENERATORS.register("sd-pruned-unstructured", f"{_PT}:build_pruned_unstructured",
-                             "magnitude pruning, dense kernels (zero savings)")
-PIPELINE_GENERATORS.register("un0", f"{_PT}:build_un0", "contextual sparsity: gated feed-forward units per prompt")
-
-METERS.register("wall", "un0_bench.harness.meters.wall:WallMeter", "monotonic clock; time only")
-METERS.register("proxy", "un0_bench.harness.meters.proxy:ProxyMeter", "counted ops x energy per op (deterministic)")
-METERS.register("rapl", "un0_bench.harness.meters.rapl:RaplMeter", "Linux powercap RAPL: CPU package and DRAM")
-METERS.register("nvml", "un0_bench.harness.meters.nvml:NvmlMeter", "NVIDIA GPU energy counter via pynvml")
-METERS.register("codecarbon", "un0_bench.harness.meters.codecarbon:CodecarbonMeter", "codecarbon offline tracker")
-
-# Registration order is training order: later targets derive from earlier ones.
-TRAINERS.register("teacher", "un0_bench.backbones.teacher:train_teacher", "the digits teacher UNet (everything derives from it)")
-TRAINERS.register("judge", "un0_bench.backbones.judge:train_judge", "digits classifier: FID/KID features and accuracy")
-TRAINERS.register("sd-int8", "un0_bench.baselines.quantized:calibrate_int8", "int8 scales calibrated on real digits")
-TRAINERS.register("sd-pruned", "un0_bench.baselines.pruned:train_pruned", "channel pruning + fine-tuning")
-TRAINERS.register("sd-distilled", "un0_bench.baselines.distilled:train_distilled", "few-step students (4 and 1 step)")
-TRAINERS.register("un0", "un0_bench.un0_impl.gated:train_un0", "gated sparse Un-0 student")
-TRAINERS.register("un0-osc", "un0_bench.un0_impl.oscillator:train_oscillator", "coupled-oscillator Un-0")
+# The built-in entries are registered by the top floor (un0_bench.catalog), which knows the
+# concrete backbones, techniques and generators; the instrument knows only these registries.

@@ -50,8 +50,11 @@ class Param:
     low: float | None = None
     high: float | None = None
     low_open: bool = False
+    choices: tuple[str, ...] | None = None
 
     def valid_range(self) -> str:
+        if self.choices is not None:
+            return "one of " + ", ".join(self.choices)
         if self.kind is str:
             return "a string"
         kind = "an integer" if self.kind is int else "a number"
@@ -72,6 +75,8 @@ class Param:
                 value = raw
         except ValueError:
             raise SpecError(f"{spec}: {key}={raw!r} is not valid; {key} must be {self.valid_range()}") from None
+        if self.choices is not None and value not in self.choices:
+            raise SpecError(f"{spec}: {key}={raw!r} is not valid; {key} must be {self.valid_range()}")
         if self.kind is not str:
             too_low = self.low is not None and (value <= self.low if self.low_open else value < self.low)
             too_high = self.high is not None and value > self.high

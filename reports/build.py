@@ -6,13 +6,12 @@ import base64
 from pathlib import Path
 from typing import Any
 
-from un0_bench.harness.ledger import BOUNDARIES, BOUNDARY_LABELS, DEFAULT_LIFETIME_IMAGES, DEFAULT_PUE, find_reference, ledger
+from un0_bench.harness.config import DEFAULT_GRID_GCO2_PER_KWH
+from un0_bench.harness.ledger import BOUNDARIES, BOUNDARY_LABELS, find_reference, ledger, run_settings
 from un0_bench.reports import plots, units
 from un0_bench.reports.claims import evaluate_claims
 from un0_bench.reports.tables import format_summary, load_records, meter_statuses, summary_frame, write_csv
 
-DEFAULTS = {"pue": DEFAULT_PUE, "lifetime_images": DEFAULT_LIFETIME_IMAGES, "grid_gco2_per_kwh": 475.0,
-            "reference": "sd"}
 
 
 def _data_uri(png: bytes | None) -> str | None:
@@ -84,12 +83,18 @@ def footprint_rows(records: list[dict[str, Any]], pue: float, grid: float) -> li
 
 
 def build_report(out_dir: Path, options: dict[str, Any] | None = None) -> Path:
-    """Write results.csv and a self-contained report.html; returns the HTML path."""
+    """Write results.csv and a self-contained report.html; returns the HTML path.
+
+    ``options``: ``grid_gco2_per_kwh``, and ``reference``, ``pue``, ``lifetime_images`` as overrides
+    of the run's own settings (``None`` or absent: the run's).
+    """
     from un0_bench.reports.html import render
 
-    opts = {**DEFAULTS, **(options or {})}
+    options = options or {}
     out_dir = Path(out_dir)
     records = load_records(out_dir)
+    opts = {**run_settings(records, options),
+            "grid_gco2_per_kwh": options.get("grid_gco2_per_kwh") or DEFAULT_GRID_GCO2_PER_KWH}
     with_ledgers(records, opts["reference"], opts["pue"], opts["lifetime_images"])
     write_csv(records, out_dir / "results.csv")
     meters_with_energy = list(dict.fromkeys(r["meter"] for r in records if r.get("energy_j_per_image")))

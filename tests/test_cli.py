@@ -59,7 +59,7 @@ def test_list_shows_meter_reasons(capsys):
 
 
 def test_models_with_parameter_commas():
-    from un0_bench.cli import _models
+    from un0_bench.harness.config import models_list as _models
 
     assert _models("un0-osc:n=1024,steps=32,sd") == ["un0-osc:n=1024,steps=32", "sd"]
 

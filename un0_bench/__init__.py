@@ -8,3 +8,5 @@ floor keeps its own folder (``harness/``, ``backbones/``, ...); ``pyproject.toml
 """
 
 __version__ = "0.1.0"
+
+from un0_bench import catalog  # noqa: E402,F401  (registers the built-in entries)

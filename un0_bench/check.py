@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from un0_bench.harness.generator import GenerationRequest
+from un0_bench.harness.protocol import count_ops
 from un0_bench.harness.registry import GENERATORS
-from un0_bench.harness.runner import count_ops, load_backbone, make_generator
+from un0_bench.harness.runner import load_backbone
+from un0_bench.harness.stack import make_generator
 
 #: The gate's fixed protocol: few images, one batch, digits backbone, default profile.
 GATE_IMAGES = 10
@@ -24,8 +26,8 @@ GATE_PROFILE = "horowitz-45nm"
 
 
 def gate_models() -> list[str]:
-    """Every registered generator at its defaults (plugins included)."""
-    return GENERATORS.names()
+    """Every registered generator available on the gate's backbone, at its defaults (plugins included)."""
+    return [e.name for e in GENERATORS if e.supports(GATE_BACKBONE)]
 
 
 def measure(models: list[str]) -> dict[str, dict[str, float]]:

@@ -12,65 +12,50 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from un0_bench.harness.config import finite, models_list, non_negative, positive_int
 from un0_bench.harness.errors import UserError
 
-
-def _csv(kind: Callable[[str], Any]) -> Callable[[str], list[Any]]:
-    def parse(text: str) -> list[Any]:
-        items = [t.strip() for t in text.split(",") if t.strip()]
-        if not items:
-            raise argparse.ArgumentTypeError("expected a comma-separated list")
-        try:
-            return [kind(t) for t in items]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"bad value in {text!r}") from None
-
-    return parse
+#: ``compare``'s options that go to the backbone (diffusers backbones only).
+_BACKBONE_OPTIONS = (("device", "diffusers backbones: cpu (default), cuda or cuda:N"),
+                     ("dtype", "diffusers backbones: fp32 (default), fp16 or bf16"),
+                     ("prompts", "diffusers backbones: prompts file, one per line"))
 
 
-def _models(text: str) -> list[str]:
-    # Commas separate models, but a spec's own parameters also use commas (un0-osc:n=1024,steps=32):
-    # an item with '=' and no ':' continues the previous spec.
-    out: list[str] = []
-    for item in (t.strip() for t in text.split(",")):
-        if not item:
+def _ledger_options(p: argparse.ArgumentParser, overrides: bool = False) -> None:
+    from un0_bench.harness.config import DEFAULT_GRID_GCO2_PER_KWH
+
+    if overrides:
+        # A report reads the run's own reference, PUE and lifetime from its records; these override them.
+        p.add_argument("--reference", default=None, help="override the run's reference model (its energy is 1x)")
+        p.add_argument("--pue", type=finite, default=None, help="override the run's power usage effectiveness")
+        p.add_argument("--lifetime-images", type=positive_int, default=None,
+                       help="override the run's images served over a model's life")
+    p.add_argument("--grid-gco2-per-kwh", type=non_negative, default=DEFAULT_GRID_GCO2_PER_KWH,
+                   help=f"grid carbon intensity for gCO2e figures (default {DEFAULT_GRID_GCO2_PER_KWH:g}, codecarbon's "
+                        "world average)")
+
+
+def _run_options(c: argparse.ArgumentParser) -> None:
+    """``compare``'s options, built from :class:`RunConfig`'s fields (their one home, with their help)."""
+    import dataclasses
+
+    from un0_bench.harness.config import RunConfig
+
+    for f in dataclasses.fields(RunConfig):
+        meta = f.metadata
+        if not meta.get("cli", False):
             continue
-        if "=" in item and ":" not in item and out:
-            out[-1] += "," + item
+        flag = meta.get("flag") or "--" + f.name.replace("_", "-")
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        shown = "" if default is None else f" (default: {','.join(map(str, default)) if isinstance(default, list) else default})"
+        kwargs: dict[str, Any] = {"dest": f.name, "help": meta["help"] + shown}
+        if meta.get("parse") is not None:
+            kwargs["type"] = meta["parse"]
+        if f.name == "models":
+            kwargs["required"] = True
         else:
-            out.append(item)
-    if not out:
-        raise argparse.ArgumentTypeError("expected a comma-separated list of models")
-    return out
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
-
-
-def _non_negative(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not v >= 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text}")
-    return v
-
-
-def _ledger_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--pue", type=float, default=1.56,
-                   help="power usage effectiveness for the ledger (default 1.56, Uptime Institute 2024 average)")
-    p.add_argument("--lifetime-images", type=_positive_int, default=1_000_000,
-                   help="images a model serves over its life; its training energy is divided by this")
-    p.add_argument("--grid-gco2-per-kwh", type=_non_negative, default=475.0,
-                   help="grid carbon intensity for gCO2e figures (default 475, codecarbon's world average)")
+            kwargs["default"] = default
+        c.add_argument(flag, **kwargs)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -85,43 +70,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("list", help="generators, backbones and meters (and whether each meter works here)")
 
     c = sub.add_parser("compare", help="measure models side by side and write a report")
-    c.add_argument("--models", type=_models, required=True, help="comma-separated specs, e.g. sd,sd:steps=10")
-    c.add_argument("--backbone", default="digits", help="digits (default) or diffusers:PATH")
-    c.add_argument("--device", default=None, help="diffusers backbones: cpu (default), cuda or cuda:N")
-    c.add_argument("--dtype", default=None, help="diffusers backbones: fp32 (default), fp16 or bf16")
-    c.add_argument("--prompts", type=Path, default=None, help="diffusers backbones: prompts file, one per line")
-    c.add_argument("--clip", default=None, help="diffusers backbones: local CLIP folder for CLIP-score quality")
-    c.add_argument("--meters", type=_csv(str), default=["auto"], help="comma-separated meters, or auto")
-    c.add_argument("--images", type=_positive_int, default=16, help="images per metered window")
-    c.add_argument("--batch-size", type=_csv(_positive_int), default=None,
-                   help="one or more batch sizes, each at most --images (default: 16, or --images if fewer)")
-    c.add_argument("--out", type=Path, default=None, help="output folder (default: runs/<UTC time>)")
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--min-repeats", type=_positive_int, default=3)
-    c.add_argument("--max-repeats", type=_positive_int, default=100)
-    c.add_argument("--min-duration", type=_non_negative, default=2.0, help="seconds of metered time at least")
-    c.add_argument("--warmup", type=int, default=1, help="unmetered calls before measuring")
-    c.add_argument("--idle", type=_non_negative, default=2.0, help="seconds of idle-power measurement")
-    c.add_argument("--quality-samples", type=int, default=1000,
-                   help="images per model for FID/KID/accuracy (0: not measured)")
-    c.add_argument("--quality-seeds", type=_positive_int, default=1,
-                   help="digits: disjoint draws of --quality-samples images; 2 or more give FID's spread and "
-                        "mark verdicts within it as marginal")
-    c.add_argument("--reference", default="sd", help="model whose quality sets the band and whose energy is 1x")
-    c.add_argument("--fid-ratio", type=float, default=1.25, help="quality band: FID at most this x the reference's")
-    c.add_argument("--accuracy-drop", type=float, default=0.03,
-                   help="quality band: accuracy at most this much (a fraction) below the reference's")
+    _run_options(c)
+    for name, text in _BACKBONE_OPTIONS:
+        c.add_argument(f"--{name}", default=None, help=text, type=Path if name == "prompts" else str)
     _ledger_options(c)
     c.add_argument("--no-report", action="store_true", help="write results only")
 
     r = sub.add_parser("report", help="rebuild the report of a folder from its results.jsonl alone")
     r.add_argument("dir", type=Path)
-    _ledger_options(r)
+    _ledger_options(r, overrides=True)
 
     k = sub.add_parser("check", help="CI energy gate: recount a small proxy-only suite against a baseline")
     k.add_argument("--baseline", type=Path, default=Path("bench/baseline.json"))
-    k.add_argument("--tolerance", type=_non_negative, default=0.01, help="relative change allowed (0.01 = 1%%)")
-    k.add_argument("--models", type=_models, default=None, help="default: every registered generator")
+    k.add_argument("--tolerance", type=non_negative, default=0.01, help="relative change allowed (0.01 = 1%%)")
+    k.add_argument("--models", type=models_list, default=None, help="default: every registered generator")
     k.add_argument("--update", action="store_true", help="rewrite the baseline with the current figures")
 
     m = sub.add_parser("make-tiny-pipeline", help="write a tiny Stable Diffusion pipeline (for smoke tests)")
@@ -129,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="reproduce a shipped weights file from its seed")
     t.add_argument("target", help="what to train (see `un0-bench list`), or all")
-    t.add_argument("--steps", type=_positive_int, default=None, help="training steps (default: the shipped run's)")
+    t.add_argument("--steps", type=positive_int, default=None, help="training steps (default: the shipped run's)")
     t.add_argument("--seed", type=int, default=None)
     t.add_argument("--out", type=Path, default=None,
                    help="weights file (default: the shipped location; sd-distilled writes <stem>-4 and <stem>-1 "
@@ -141,26 +103,41 @@ def cmd_list(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from un0_bench.harness.registry import BACKBONES, GENERATORS, METERS, PIPELINE_GENERATORS, TRAINERS
+    from un0_bench.harness.registry import BACKBONES, GENERATORS, METERS, TECHNIQUES, TRAINERS
     from un0_bench.harness.runner import make_meter
 
-    console = Console(width=160)
-    for title, reg in (("generators (digits)", GENERATORS), ("generators on diffusers:PATH", PIPELINE_GENERATORS),
-                       ("un0_bench.backbones", BACKBONES), ("training targets", TRAINERS)):
+    console = Console(width=180)
+    kinds = BACKBONES.names()
+    table = Table(title="generators: base models, and names that stand for stacks")
+    table.add_column("name")
+    table.add_column("what it is")
+    for kind in kinds:
+        table.add_column(f"on {kind}")
+    for e in GENERATORS:
+        cells = [(f"= {e.alias[k]}" if e.is_alias(k) else "yes") if e.supports(k) else f"no: {e.why_not(k)}"
+                 for k in kinds]
+        table.add_row(e.name, e.summary, *cells)
+    console.print(table)
+    table = Table(title="techniques: stack left to right on sd and its derived models (sd-distilled+int8, "
+                        "sd:steps=20+cached:interval=3)")
+    table.add_column("name")
+    table.add_column("what it is")
+    table.add_column("parameters")
+    for kind in kinds:
+        table.add_column(f"on {kind}")
+    for e in TECHNIQUES:
+        tech = TECHNIQUES.get(e.name)
+        params = ", ".join(f"{k} ({p.valid_range()}, default {p.default})" for k, p in tech.params.items()) or "-"
+        cells = ["yes" if e.supports(k) else f"no: {e.why_not(k)}" for k in kinds]
+        table.add_row(e.name, e.summary, params, *cells)
+    console.print(table)
+    for title, reg in (("backbones", BACKBONES), ("training targets", TRAINERS)):
         table = Table(title=title, show_lines=False)
         table.add_column("name")
         table.add_column("what it is")
         for e in reg:
             table.add_row(e.name, e.summary)
         console.print(table)
-    from un0_bench.baselines.pipeline_techniques import NOT_SUPPORTED
-
-    table = Table(title="not available on diffusers:PATH, and why")
-    table.add_column("name")
-    table.add_column("why")
-    for name, why in NOT_SUPPORTED.items():
-        table.add_row(name, why)
-    console.print(table)
     table = Table(title="meters on this host")
     table.add_column("name")
     table.add_column("status")
@@ -196,6 +173,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from un0_bench.harness.results import ResultStore
     from un0_bench.harness.runner import RunConfig, Runner
 
+    import dataclasses
+
     out = args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     is_pipeline = args.backbone.partition(":")[0] == "diffusers"
     options = {k: v for k, v in (("device", args.device), ("dtype", args.dtype), ("prompts_file", args.prompts))
@@ -204,12 +183,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise UserError(f"--{next(iter(options)).replace('_file', 's')} applies to diffusers:PATH backbones only")
     if args.clip and not is_pipeline:
         raise UserError("--clip applies to diffusers:PATH backbones only (digits quality uses its own judge)")
-    cfg = RunConfig(models=args.models, out=out, backbone=args.backbone, meters=args.meters, images=args.images,
-                    batch_sizes=args.batch_size, seed=args.seed, min_repeats=args.min_repeats,
-                    max_repeats=args.max_repeats, min_duration_s=args.min_duration, warmup=args.warmup,
-                    idle_s=args.idle, quality_samples=args.quality_samples, quality_seeds=args.quality_seeds,
-                    reference=args.reference, fid_ratio=args.fid_ratio, accuracy_drop=args.accuracy_drop,
-                    pue=args.pue, lifetime_images=args.lifetime_images, backbone_options=options, clip=args.clip)
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig) if f.metadata.get("cli")}
+    cfg = RunConfig(**{**given, "out": out, "backbone_options": options})
     with Progress(transient=True) as bar:
         task = bar.add_task("measuring", total=None)
 
@@ -251,10 +226,13 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def report_options(args: argparse.Namespace) -> dict[str, Any]:
-    if args.pue < 1:
+    """The report's options: after ``compare``, the run's own settings; ``report DIR`` may override them."""
+    if args.command == "compare":
+        return {"grid_gco2_per_kwh": args.grid_gco2_per_kwh}
+    if args.pue is not None and args.pue < 1:
         raise UserError(f"--pue must be >= 1, got {args.pue}")
     return {"pue": args.pue, "lifetime_images": args.lifetime_images, "grid_gco2_per_kwh": args.grid_gco2_per_kwh,
-            "reference": getattr(args, "reference", "sd")}
+            "reference": args.reference}
 
 
 def cmd_check(args: argparse.Namespace) -> int:

@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fresh", action="store_true", help="discard earlier results in --out first")
     args = p.parse_args(argv)
 
-    from un0_bench.cli import _models, print_records
+    from un0_bench.cli import print_records
+    from un0_bench.harness.config import models_list
     from un0_bench.harness.results import ResultStore
     from un0_bench.harness.runner import RunConfig, Runner
     from un0_bench.reports.build import build_report
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.fresh:
         for name in ("results.jsonl", "quality.jsonl"):
             (args.out / name).unlink(missing_ok=True)
-    models = _models(args.models)
+    models = models_list(args.models)
     cfg = RunConfig(models=models, out=args.out, meters=args.meters.split(","), images=args.images,
                     batch_sizes=[args.images], min_repeats=3, min_duration_s=1.0, idle_s=2.0,
                     quality_samples=args.quality_samples, quality_seeds=args.quality_seeds)

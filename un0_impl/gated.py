@@ -17,8 +17,11 @@ each group runs its own compact sub-network with ordinary dense matmuls.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from un0_bench.backbones.base import Backbone
+from un0_bench.harness.backbone import Backbone
 from un0_bench.backbones.digits import IMAGE_SHAPE, WEIGHTS_DIR, prompt_labels, to_unit
 from un0_bench.harness.counters.ops import gating_scope, mark_gating
 from un0_bench.harness.generator import GenerationRequest, GenerationResult, Generator, image_noise
@@ -231,13 +234,18 @@ class Un0Subnet(nn.Module):
         """Bytes this prompt's cache entry holds beyond the shared weights."""
         return self.mlp.nbytes + self.bias.numel() * self.bias.element_size()
 
-    def forward(self, z: torch.Tensor, steps: int) -> torch.Tensor:
-        """``z`` ``(B, 256)`` noise -> ``(B, 256)`` image in model space (about [-1, 1])."""
+    def forward(self, z: torch.Tensor, steps: int,
+                step_phase: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext) -> torch.Tensor:
+        """``z`` ``(B, 256)`` noise -> ``(B, 256)`` image in model space (about [-1, 1]).
+
+        ``step_phase()`` wraps each refinement step (the generator's ``refine_step`` phase window).
+        """
         zp = z @ self.w_z.t()  # (B, dim), computed once for all steps
         x = None
         for k in range(steps):
-            h = zp + self.bias[k] if x is None else torch.addmm(zp + self.bias[k], x, self.w_x.t())
-            x = torch.addmm(self.b_out, layer_norm(self.mlp(h)), self.w_out.t())  # (B, 256)
+            with step_phase():
+                h = zp + self.bias[k] if x is None else torch.addmm(zp + self.bias[k], x, self.w_x.t())
+                x = torch.addmm(self.b_out, layer_norm(self.mlp(h)), self.w_out.t())  # (B, 256)
         return x
 
 
@@ -273,17 +281,25 @@ class Un0Generator(Generator):
             groups: dict[int, list[int]] = {}
             for i, label in enumerate(batch_labels):
                 groups.setdefault(label, []).append(i)
+            with self.phase("gate"):  # the gate and the gather on a miss; a dict lookup on a hit
+                subs = {label: self.subnet(label) for label in groups}
             for label, rows in groups.items():
-                sub = self.subnet(label)
+                sub = subs[label]
                 if len(rows) == len(prompts):
-                    out[first : first + len(prompts)] = sub(z, self.steps)
+                    out[first : first + len(prompts)] = sub(z, self.steps, self._step_phase)
                 else:
                     idx = torch.tensor(rows)
-                    out.index_copy_(0, idx + first, sub(z.index_select(0, idx), self.steps))
+                    out.index_copy_(0, idx + first, sub(z.index_select(0, idx), self.steps, self._step_phase))
         images = to_unit(out.view(len(labels), *IMAGE_SHAPE))
         info = {"cache_hits": self.cache.hits - hits, "cache_misses": self.cache.misses - misses,
                 "steps": self.steps, "kept_units_per_block": self.kept}
         return GenerationResult(images=images, prompts=request.prompts, info=info)
+
+    def _step_phase(self) -> AbstractContextManager[None]:
+        return self.phase("refine_step")
+
+    def phases(self) -> tuple[str, ...]:
+        return ("gate", "refine_step")
 
     def reset_cache(self) -> None:
         self.cache.clear()
@@ -344,9 +360,6 @@ def load_un0(path: Path = UN0_FILE) -> tuple[Un0Net, dict[str, Any]]:
 @takes(keep=KEEP, steps=STEPS)
 def build(backbone: Backbone, keep: float, steps: int) -> Generator:
     """``un0``, ``un0:keep=0.01``, ``un0:keep=0.1,steps=2``."""
-    from un0_bench.baselines.diffusion import require_digits
-
-    require_digits(backbone, "un0")
     net, meta = load_un0(backbone.weights("un0"))
     return Un0Generator(net, keep=keep, steps=steps, metadata=meta)
 
@@ -359,15 +372,14 @@ def build(backbone: Backbone, keep: float, steps: int) -> Generator:
 def _teacher_pairs_cost(n: int, steps: int = 50, images: int = 2) -> dict[str, Any]:
     """Counted proxy cost of making ``n`` teacher pairs: one counted ``images``-image run, scaled."""
     from un0_bench.backbones.teacher import load_teacher
-    from un0_bench.baselines.diffusion import DiffusionGenerator
+    from un0_bench.backbones.ddim import ddim_sample
     from un0_bench.harness.counters.ops import OpCounter
     from un0_bench.harness.meters.proxy import DEFAULT_PROFILE, proxy_energy
 
     unet, _ = load_teacher()
-    gen = DiffusionGenerator(unet, steps=steps)
     noise = image_noise(0, 0, images, IMAGE_SHAPE)
     with OpCounter() as c:
-        gen.sample(noise, torch.arange(images))
+        ddim_sample(unet, steps, noise, torch.arange(images))
     counts = c.counts(images=images)
     scale = n / images
     return {"proxy": {"status": "ok", "energy_j": proxy_energy(counts).total_j * scale,

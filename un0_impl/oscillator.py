@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from un0_bench.backbones.base import Backbone
+from un0_bench.harness.backbone import Backbone
 from un0_bench.backbones.digits import IMAGE_SHAPE, IMAGE_SIZE, prompt_labels, to_unit
 from un0_bench.harness.counters.records import Counts
 from un0_bench.harness.errors import SpecError
@@ -291,10 +291,19 @@ class OscillatorGenerator(Generator):
         out = []
         for first, prompts in request.batches():
             noise = image_noise(request.seed, first, len(prompts), IMAGE_SHAPE)  # (B, 1, 16, 16)
-            x = self.net(noise, labels[first : first + len(prompts)], self.steps)
+            # The three parts of OscillatorNet.forward, each its own phase window.
+            with self.phase("encode"):
+                theta = self.net.encoder(noise)  # (B, N)
+            with self.phase("oscillate"):
+                theta = self.net.dynamics(theta, labels[first : first + len(prompts)], self.steps)  # (B, N)
+            with self.phase("decode"):
+                x = self.net.decoder(theta)
             out.append(to_unit(x))
         return GenerationResult(images=torch.cat(out), prompts=request.prompts,
                                 info={"oscillator_steps_per_image": self.oscillator_steps_per_image})
+
+    def phases(self) -> tuple[str, ...]:
+        return ("encode", "oscillate", "decode")
 
     @property
     def oscillator_steps_per_image(self) -> int:
@@ -420,9 +429,6 @@ def projected_energy(gen: OscillatorGenerator, counts: Counts, digital_profile: 
 )
 def build(backbone: Backbone, n: int, steps: int) -> Generator:
     """``un0-osc`` and ``un0-osc:n=1024,steps=32``."""
-    from un0_bench.baselines.diffusion import require_digits
-
-    require_digits(backbone, "un0-osc")
     if n not in SHIPPED:
         valid = ", ".join(str(k) for k in sorted(SHIPPED))
         raise SpecError(f"un0-osc:n={n}: no trained model has {n} oscillators; n must be one of {valid}")

@@ -16,6 +16,7 @@ with role ``"gating"`` from the ops that actually ran. A cache hit runs no op at
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import Any
 
@@ -180,35 +181,58 @@ class GatedMLP(nn.Module):
 
 
 class SubnetCache:
-    """Compact sub-networks keyed by (prompt label, keep), with hit, miss and byte counts.
+    """Compact sub-networks by key (digits: (prompt label, keep); pipelines: the prompt), LRU, bounded in bytes.
 
-    Each generator owns its cache (no global state). ``get(key, build)`` returns the cached value
-    or builds it with ``build()`` (a miss); values must have an ``nbytes`` attribute.
+    Each generator owns its cache (no global state). Values must have an ``nbytes`` attribute.
+    ``get(key, build)`` returns the cached value (a hit) or builds and keeps it (a miss); with
+    ``limit_bytes`` the least recently used entries are evicted once the held bytes exceed it
+    (never the entry just added).
     """
 
-    def __init__(self) -> None:
-        self._entries: dict[Hashable, Any] = {}
-        self.hits = 0
-        self.misses = 0
+    def __init__(self, limit_bytes: int | None = None) -> None:
+        self._entries: OrderedDict[Hashable, Any] = OrderedDict()
+        self.limit_bytes = limit_bytes
+        self.hits = self.misses = self.evictions = 0
 
-    def get(self, key: Hashable, build: Callable[[], Any]) -> Any:
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._entries
+
+    def lookup(self, key: Hashable) -> Any:
+        """The cached value (counted as a hit, and made most recent), or ``None`` (nothing counted)."""
         value = self._entries.get(key)
         if value is not None:
             self.hits += 1
-            return value
+            self._entries.move_to_end(key)
+        return value
+
+    def put(self, key: Hashable, value: Any) -> None:
+        """Keep a value built after a miss (counted as a miss), evicting old entries over the limit."""
         self.misses += 1
-        value = self._entries[key] = build()
+        self._entries[key] = value
+        while self.limit_bytes is not None and self.nbytes > self.limit_bytes and len(self._entries) > 1:
+            oldest = next(iter(self._entries))
+            if oldest == key:
+                break
+            del self._entries[oldest]
+            self.evictions += 1
+
+    def get(self, key: Hashable, build: Callable[[], Any]) -> Any:
+        value = self.lookup(key)
+        if value is None:
+            value = build()
+            self.put(key, value)
         return value
 
     def clear(self) -> None:
-        """Forget every entry and the hit and miss counts (the next use of each key is cold)."""
+        """Forget every entry and the counts (the next use of each key is cold)."""
         self._entries.clear()
-        self.hits = self.misses = 0
+        self.hits = self.misses = self.evictions = 0
 
     @property
     def nbytes(self) -> int:
         return sum(v.nbytes for v in self._entries.values())
 
     def stats(self) -> dict[str, Any]:
-        return {"hits": self.hits, "misses": self.misses, "entries": len(self._entries), "bytes": self.nbytes,
+        return {"hits": self.hits, "misses": self.misses, "evictions": self.evictions, "entries": len(self._entries),
+                "bytes": self.nbytes, "limit_bytes": self.limit_bytes,
                 "keys": [list(k) if isinstance(k, tuple) else k for k in sorted(self._entries, key=repr)]}

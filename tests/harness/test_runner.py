@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from un0_bench.backbones.base import Backbone
+from un0_bench.harness.backbone import Backbone
 from un0_bench.harness.errors import UserError
 from un0_bench.harness.meters.base import Meter, Reading
 from un0_bench.harness.registry import Registry

@@ -206,7 +206,7 @@ def test_shipped_weights_load_and_generate():
 
 @pytest.mark.slow
 def test_shipped_model_draws_the_prompted_digits():
-    from un0_bench.harness.quality import evaluate_generator
+    from un0_bench.backbones.quality import evaluate_generator
 
     q = evaluate_generator(make_generator("un0-osc", DigitsBackbone()), n=200)
     # Measured at n=1000: accuracy 0.972, FID 0.366 (sd: 0.988, 0.207).

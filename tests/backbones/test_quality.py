@@ -8,7 +8,7 @@ import torch
 from un0_bench.backbones.digits import DigitsBackbone
 from un0_bench.backbones.judge import JUDGE_FILE, build_judge
 from un0_bench.baselines.references import build_noise, build_real
-from un0_bench.harness.quality import (
+from un0_bench.backbones.quality import (
     EVAL_SEED,
     QualityBand,
     evaluate,

@@ -1,21 +1,23 @@
-"""``sd-bf16`` and ``sd-int8``: the teacher run at lower precision, the same DDIM sampler.
+"""``int8``: every ``nn.Conv2d`` and ``nn.Linear`` of a denoiser as a real int8 kernel, with a scale policy.
 
-``sd-bf16`` casts the teacher's weights to bfloat16 and feeds it bfloat16 activations, so every op
-inside the UNet runs (and is counted) in bfloat16.
+One int8 layer for every backbone (:class:`Int8Linear`, :class:`Int8Conv2d`): weights are int8 with
+one scale per output channel, inputs are quantised to int8 (symmetric, zero point 0),
+``torch._int_mm`` multiplies int8 x int8 into int32, and the int32 result is rescaled to float32
+and the bias added. Convolutions become a matmul through an explicit im2col of the int8 input
+(``F.unfold`` has no int8 kernel on CPU, so the patches are taken with ``Tensor.unfold`` views and
+copied once). The input scale follows one of two policies:
 
-``sd-int8`` replaces every ``nn.Conv2d`` and ``nn.Linear`` of the teacher (97% of its counted FLOPs)
-by :class:`Int8Conv2d` / :class:`Int8Linear`, which run a real integer kernel: the input is
-quantised to int8 with a static per-tensor scale, the weights are int8 with one scale per output
-channel (both symmetric, zero point 0), ``torch._int_mm`` multiplies int8 x int8 into int32, and
-the int32 result is rescaled to float32 and the bias added. Convolutions become a matmul through an
-explicit im2col of the int8 input (``F.unfold`` has no int8 kernel on CPU, so the patches are taken
-with ``Tensor.unfold`` views and copied once). The activation scales are calibrated on real digits
-(:func:`calibrate_int8`, the ``un0-bench train sd-int8`` target) with one scale per layer and
-timestep bucket, because the range of a layer's input changes along the noise schedule.
+* ``scales=static``: one scale per layer and timestep bucket, calibrated on real digits
+  (:func:`calibrate_int8`, the ``un0-bench train sd-int8`` target), because the range of a layer's
+  input changes along the noise schedule. Shipped for the digits teacher: ``sd-int8`` on digits.
+* ``scales=dynamic`` (the default): computed at run time from the input itself, per token (row)
+  for a linear layer and per image for a convolution. Needs no calibration, so it stacks on any
+  denoiser (``sd-distilled+int8``, ``sd-int8`` on a pipeline).
 
-In both generators the DDIM scheduler arithmetic stays float32 (it is a few elementwise ops per
-step on a ``(B, 1, 16, 16)`` tensor); ``sd-int8`` also keeps group norms, SiLU, the attention
-scores and softmax, the time and class embeddings and the residual adds in float32.
+Why one layer for both: the pipeline copy quantised only linears (convolutions, most of a UNet's
+FLOPs, stayed in float) and the digits copy only knew static scales; this layer quantises both
+kinds with either policy. The sampler's arithmetic stays float32; so do group norms, SiLU, the
+attention scores and softmax, the embeddings and the residual adds.
 """
 
 from __future__ import annotations
@@ -33,82 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from un0_bench.backbones.base import Backbone
-from un0_bench.baselines.diffusion import STEPS, DiffusionGenerator, require_digits
-from un0_bench.harness.errors import UserError
-from un0_bench.harness.generator import Generator
-from un0_bench.harness.spec import takes
-
-__all__ = [
-    "CALIBRATION_DEFAULTS",
-    "INT8_SCHEME",
-    "Int8Conv2d",
-    "Int8DiffusionGenerator",
-    "Int8Linear",
-    "LowPrecisionGenerator",
-    "TimestepBucket",
-    "build_bf16",
-    "build_fp16",
-    "build_int8",
-    "calibrate_activations",
-    "calibrate_int8",
-    "calibration_batches",
-    "int8_config",
-    "quantizable_layers",
-    "quantize_unet",
-    "quantize_weight",
-]
-
-# ---------------------------------------------------------------------------------------------
-# sd-bf16 (and fp16)
-# ---------------------------------------------------------------------------------------------
-
-
-class LowPrecisionGenerator(DiffusionGenerator):
-    """The teacher with weights and activations in a 16-bit float dtype.
-
-    :meth:`DiffusionGenerator.denoise` casts the input to ``dtype`` and the predicted noise back to
-    float32, so the whole UNet runs in ``dtype`` while the DDIM update stays float32.
-    """
-
-    technique = "quantization"
-
-    def __init__(self, unet: nn.Module, steps: int, metadata: dict[str, Any] | None, dtype: torch.dtype) -> None:
-        if dtype not in (torch.bfloat16, torch.float16):
-            raise ValueError(f"LowPrecisionGenerator runs in bfloat16 or float16, not {dtype}")
-        # nn.Module.to rather than diffusers' ModelMixin.to, which warns about fp32 modules that
-        # from_pretrained could keep (this UNet has none).
-        super().__init__(nn.Module.to(unet, dtype=dtype), steps=steps, metadata=metadata, dtype=dtype)
-
-    def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "scheduler_dtype": "float32"}
-
-
-def _teacher(backbone: Backbone, model: str) -> tuple[nn.Module, dict[str, Any]]:
-    from un0_bench.backbones.teacher import load_teacher
-
-    require_digits(backbone, model)
-    return load_teacher(backbone.weights("teacher"))
-
-
-@takes(steps=STEPS)
-def build_bf16(backbone: Backbone, steps: int) -> Generator:
-    """``sd-bf16``: the teacher in bfloat16 weights and activations (DDIM math in float32)."""
-    unet, meta = _teacher(backbone, "sd-bf16")
-    return LowPrecisionGenerator(unet, steps=steps, metadata=meta, dtype=torch.bfloat16)
-
-
-@takes(steps=STEPS)
-def build_fp16(backbone: Backbone, steps: int) -> Generator:
-    """The teacher in float16: works on CPU, but is not registered.
-
-    On the 2-core Xeon (Sapphire Rapids) it matches ``sd`` closely (mean |diff| 0.0003 on 200 images)
-    but runs 1.5x slower than float32 (5.5 vs 3.9 ms per image per UNet forward, one thread),
-    while bfloat16 runs 1.4x faster (2.8 ms): on CPU, ``sd-bf16`` is the 16-bit baseline.
-    """
-    unet, meta = _teacher(backbone, "sd-fp16")
-    return LowPrecisionGenerator(unet, steps=steps, metadata=meta, dtype=torch.float16)
-
+from un0_bench.harness.backbone import Backbone
+from un0_bench.harness.errors import StackError, UserError
+from un0_bench.harness.spec import Param
+from un0_bench.harness.technique import Layer, Model, Plan, Run, Technique
 
 # ---------------------------------------------------------------------------------------------
 # int8 layers
@@ -165,6 +95,11 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
+def _dynamic_scale(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """max |x| / 127 over ``dims`` (kept as size-1 dims); a tiny positive scale where x is all zero."""
+    return x.abs().amax(dim=dims, keepdim=True).clamp_(min=1e-12) / QMAX
+
+
 def _quantize_activation(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Quantise float to int8 with a per-tensor ``scale`` (0-dim): round(x / scale), saturated to +-127."""
     # Three float32 elementwise ops (div, round, clamp) and a cast; the counter charges them.
@@ -172,24 +107,33 @@ def _quantize_activation(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 class _Int8Layer(nn.Module):
-    """State shared by the int8 layers: int8 weight, its scales, bias, activation scales per bucket."""
+    """State shared by the int8 layers: int8 weight, its scales, bias, activation scales per bucket.
+
+    ``bucket`` is ``None`` for dynamic scales (computed from each input); the ``act_scale`` buffer
+    then holds one unused entry, so static and dynamic layers have the same state keys.
+    """
 
     weight: torch.Tensor
     weight_scale: torch.Tensor
     act_scale: torch.Tensor
     bias: torch.Tensor | None
 
-    def __init__(self, weight_shape: tuple[int, ...], bias: bool, bucket: TimestepBucket) -> None:
+    def __init__(self, weight_shape: tuple[int, ...], bias: bool, bucket: TimestepBucket | None) -> None:
         super().__init__()
         self.bucket = bucket
+        n_buckets = bucket.n_buckets if bucket is not None else 1
         self.register_buffer("weight", torch.zeros(weight_shape, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.ones(weight_shape[0]))
-        self.register_buffer("act_scale", torch.ones(bucket.n_buckets))
+        self.register_buffer("act_scale", torch.ones(n_buckets))
         self.register_buffer("bias", torch.zeros(weight_shape[0]) if bias else None)
 
+    @property
+    def dynamic(self) -> bool:
+        return self.bucket is None
+
     def _load_float(self, layer: nn.Conv2d | nn.Linear, act_scale: torch.Tensor) -> None:
-        if act_scale.shape != (self.bucket.n_buckets,):
-            raise ValueError(f"act_scale must have shape ({self.bucket.n_buckets},), got {tuple(act_scale.shape)}")
+        if act_scale.shape != self.act_scale.shape:
+            raise ValueError(f"act_scale must have shape {tuple(self.act_scale.shape)}, got {tuple(act_scale.shape)}")
         if not bool((act_scale > 0).all()):
             raise ValueError("activation scales must be positive")
         q, s = quantize_weight(layer.weight)
@@ -201,8 +145,12 @@ class _Int8Layer(nn.Module):
 
     def _int8_matmul(self, a: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """``a`` (M, K) int8 times ``w`` (O, K) int8 transposed, in int32; rescaled to float32 ``(M, O)``."""
-        # NB: on CPU torch._int_mm takes any M, K, N; CUDA would need M > 16 and K, N multiples of 8.
-        acc = torch._int_mm(a, w.t())  # (M, O) int32
+        # NB: on CPU torch._int_mm takes any M, K, N; CUDA needs M > 16 (pad with zero rows, whose
+        # cost is counted) and K, N multiples of 8 (Int8.apply leaves such layers in float on CUDA).
+        m = a.shape[0]
+        if a.is_cuda and m <= 16:
+            a = torch.cat([a, a.new_zeros(17 - m, a.shape[1])])
+        acc = torch._int_mm(a, w.t())[:m]  # (M, O) int32
         # int32 -> float32 (a cast, no arithmetic), then one float32 multiply per output by the
         # combined scale x_scale * w_scale[o], and the float32 bias.
         y = acc.to(torch.float32) * (x_scale * self.weight_scale)
@@ -219,23 +167,30 @@ class Int8Linear(_Int8Layer):
         bucket: The shared timestep bucket selecting the activation scale.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, bucket: TimestepBucket) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool, bucket: TimestepBucket | None) -> None:
         super().__init__((out_features, in_features), bias, bucket)
         self.in_features, self.out_features = in_features, out_features
 
     @classmethod
-    def from_float(cls, layer: nn.Linear, act_scale: torch.Tensor, bucket: TimestepBucket) -> Int8Linear:
+    def from_float(cls, layer: nn.Linear, act_scale: torch.Tensor, bucket: TimestepBucket | None) -> Int8Linear:
         m = cls(layer.in_features, layer.out_features, layer.bias is not None, bucket)
         m._load_float(layer, act_scale)
         return m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., K) -> (..., N)
-        s = self.act_scale[self.bucket.index]
-        q = _quantize_activation(x, s).reshape(-1, self.in_features)  # (M, K) int8
-        return self._int8_matmul(q, s, self.weight).reshape(*x.shape[:-1], self.out_features)
+        if self.bucket is None:
+            x2 = x.reshape(-1, self.in_features).float()  # (M, K)
+            s = _dynamic_scale(x2, dims=(1,))  # (M, 1): one scale per token
+            y = self._int8_matmul(_quantize_activation(x2, s), s, self.weight)
+        else:
+            s = self.act_scale[self.bucket.index]
+            y = self._int8_matmul(_quantize_activation(x, s).reshape(-1, self.in_features), s, self.weight)
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+        policy = "dynamic per token" if self.bucket is None else "static"
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 ({policy})"
 
 
 class Int8Conv2d(_Int8Layer):
@@ -252,23 +207,32 @@ class Int8Conv2d(_Int8Layer):
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int], stride: tuple[int, int],
-                 padding: tuple[int, int], bias: bool, bucket: TimestepBucket) -> None:
+                 padding: tuple[int, int], bias: bool, bucket: TimestepBucket | None) -> None:
         super().__init__((out_channels, in_channels, *kernel_size), bias, bucket)
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.padding = tuple(kernel_size), tuple(stride), tuple(padding)
 
     @classmethod
-    def from_float(cls, layer: nn.Conv2d, act_scale: torch.Tensor, bucket: TimestepBucket) -> Int8Conv2d:
-        if layer.groups != 1 or tuple(layer.dilation) != (1, 1) or layer.padding_mode != "zeros" \
-                or isinstance(layer.padding, str):
+    def from_float(cls, layer: nn.Conv2d, act_scale: torch.Tensor, bucket: TimestepBucket | None) -> Int8Conv2d:
+        if not cls.supports(layer):
             raise ValueError(f"Int8Conv2d supports groups=1, dilation=1 and numeric zero padding; got {layer}")
         m = cls(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
                 layer.bias is not None, bucket)
         m._load_float(layer, act_scale)
         return m
 
+    @staticmethod
+    def supports(layer: nn.Conv2d) -> bool:
+        return (layer.groups == 1 and tuple(layer.dilation) == (1, 1) and layer.padding_mode == "zeros"
+                and not isinstance(layer.padding, str))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, O, Ho, Wo)
-        s = self.act_scale[self.bucket.index]
+        in_dtype = x.dtype
+        if self.bucket is None:
+            x = x.float()
+            s = _dynamic_scale(x, dims=(1, 2, 3))  # (B, 1, 1, 1): one scale per image
+        else:
+            s = self.act_scale[self.bucket.index]
         # Channels-last int8 (a no-op copy when x already is): the im2col copy below then moves
         # runs of C contiguous bytes, about 7x faster on CPU than gathering from NCHW.
         q = _quantize_activation(x, s).permute(0, 2, 3, 1).contiguous()  # (B, H, W, C) int8
@@ -282,9 +246,12 @@ class Int8Conv2d(_Int8Layer):
         a = patches.permute(0, 1, 2, 4, 5, 3).reshape(b * ho * wo, kh * kw * c)  # (B*Ho*Wo, kh*kw*C)
         # The weight in the same column order (O, kh, kw, C): a copy of the small int8 weight.
         w = self.weight.permute(0, 2, 3, 1).reshape(self.out_channels, -1)  # (O, kh*kw*C)
-        y = self._int8_matmul(a, s, w)  # (B*Ho*Wo, O) float32
+        # Per image, the rows of image b share its scale: (B*Ho*Wo, 1).
+        rows_scale = s if self.bucket is not None else s.reshape(b, 1).repeat_interleave(ho * wo, dim=0)
+        y = self._int8_matmul(a, rows_scale, w)  # (B*Ho*Wo, O) float32
         # Channels-last result viewed as NCHW; the next ops keep that memory format.
-        return y.reshape(b, ho, wo, self.out_channels).permute(0, 3, 1, 2)  # (B, O, Ho, Wo)
+        y = y.reshape(b, ho, wo, self.out_channels).permute(0, 3, 1, 2)  # (B, O, Ho, Wo)
+        return y if in_dtype == torch.float32 else y.to(in_dtype)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
@@ -454,7 +421,7 @@ def calibrate_int8(steps: int | None = None, seed: int | None = None, out: Path 
     Returns:
         The metadata written beside the weights.
     """
-    from un0_bench.backbones.digits import WEIGHTS_DIR, load_data
+    from un0_bench.backbones.digits import DEFAULT_STEPS, WEIGHTS_DIR, load_data
     from un0_bench.backbones.teacher import TEACHER_FILE, load_teacher, make_scheduler
     from un0_bench.harness.checkpoints import save_checkpoint
     from un0_bench.harness.training import metered_training, training_metadata
@@ -469,7 +436,7 @@ def calibrate_int8(steps: int | None = None, seed: int | None = None, out: Path 
     teacher, teacher_meta = load_teacher(TEACHER_FILE)
     data = load_data()
     sched = make_scheduler()
-    sched.set_timesteps(STEPS.default)
+    sched.set_timesteps(DEFAULT_STEPS)
     timesteps = [int(t) for t in sched.timesteps]
     bucket = TimestepBucket(INT8_SCHEME["timestep_buckets"], sched.config.num_train_timesteps)
     percentile = INT8_SCHEME["percentile"]
@@ -507,54 +474,92 @@ def calibrate_int8(steps: int | None = None, seed: int | None = None, out: Path 
     return meta
 
 
+
+
 # ---------------------------------------------------------------------------------------------
-# sd-int8
+# The technique
 # ---------------------------------------------------------------------------------------------
 
+SCALES = Param(str, "dynamic", "input scales: dynamic (from each input) or static (calibrated, digits teacher)",
+               choices=("dynamic", "static"))
 
-class Int8DiffusionGenerator(DiffusionGenerator):
-    """DDIM sampling of a UNet whose Conv2d/Linear layers are :class:`Int8Conv2d`/:class:`Int8Linear`.
 
-    Args:
-        unet: The output of :func:`quantize_unet` (or a UNet loaded with such a state).
-        bucket: The :class:`TimestepBucket` its int8 layers share; set here before every forward.
-        steps: DDIM steps.
-        metadata: The calibration file's metadata (its ``energy`` is the derivation cost).
-    """
+class _TimestepHook(Layer):
+    """Selects the static scales' timestep bucket before every denoiser call."""
 
-    technique = "quantization"
-
-    def __init__(self, unet: nn.Module, bucket: TimestepBucket, steps: int = 50,
-                 metadata: dict[str, Any] | None = None) -> None:
-        if not any(isinstance(m, _Int8Layer) for m in unet.modules()):
-            raise ValueError("Int8DiffusionGenerator needs a UNet with int8 layers (see quantize_unet)")
-        super().__init__(unet, steps=steps, metadata=metadata)
+    def __init__(self, params: dict[str, Any], changes: dict[str, Any], bucket: TimestepBucket | None) -> None:
+        super().__init__("int8", params, changes)
         self.bucket = bucket
 
-    def denoise(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, step: int) -> torch.Tensor:
-        self.bucket.set(t)
-        return super().denoise(x, t, labels, step)
+    def before_call(self, run: Run, args: tuple, kwargs: dict) -> None:
+        if self.bucket is not None:
+            self.bucket.set(run.timestep)
 
-    def describe(self) -> dict[str, Any]:
-        int8 = [m for m in self.unet.modules() if isinstance(m, _Int8Layer)]
-        return {
-            **super().describe(),
-            "dtype": "int8",
-            # The int8 weights and float32 biases are buffers, not nn.Parameters: add them.
-            "parameters": sum(p.numel() for p in self.unet.parameters())
-            + sum(m.weight.numel() + (m.bias.numel() if m.bias is not None else 0) for m in int8),
+
+class Int8(Technique):
+    """``int8`` / ``int8:scales=static``: every Conv2d and Linear of the denoiser as an int8 kernel."""
+
+    name = "int8"
+    summary = "int8 convolutions and linears (scales: dynamic, or static calibrated on digits)"
+    params = {"scales": SCALES}
+
+    def check(self, plan: Plan, params: dict[str, Any]) -> None:
+        super().check(plan, params)
+        if params["scales"] == "static" and (plan.backbone_kind != "digits" or plan.weights != "teacher"):
+            raise StackError(f"int8:scales=static uses the activation scales calibrated for the digits teacher "
+                             f"(un0-bench train sd-int8); {'+'.join(plan.layers)} on {plan.backbone_kind} runs "
+                             "other weights: use int8 (dynamic scales)")
+        if params["scales"] == "static" and plan.layers != ["sd"]:
+            raise StackError("int8:scales=static must come right after sd: its scales were calibrated on the "
+                             f"teacher's own activations, not after {'+'.join(plan.layers[1:])}")
+
+    def apply(self, model: Model, backbone: Backbone, scales: str = "dynamic") -> Layer:
+        total = sum(p.numel() for p in model.denoiser.parameters())
+        if scales == "static":
+            model.denoiser, bucket, meta = _static_teacher(model.denoiser, backbone)
+            model.derivation = meta
+            skipped: list[str] = []
+        else:
+            bucket = None
+            skipped = _quantize_dynamic_(model.denoiser)
+        int8 = [m for m in model.denoiser.modules() if isinstance(m, _Int8Layer)]
+        changes = {
             "int8_layers": len(int8),
             "int8_parameters": sum(m.weight.numel() for m in int8),
+            "float_parameters_before": total,
+            "skipped_layers": skipped,
             "weights": INT8_SCHEME["weights"],
-            "activations": f"{INT8_SCHEME['activations']}, {self.bucket.n_buckets} timestep buckets",
+            "activations": (f"{INT8_SCHEME['activations']}, {bucket.n_buckets} timestep buckets" if bucket else
+                            "int8, symmetric, dynamic: per token for linears, per image for convolutions"),
             "float32_ops": "group norms, SiLU, attention scores and softmax, embeddings, residual adds, "
-                           "int8 (de)quantisation and the DDIM update",
+                           "int8 (de)quantisation and the sampler's update",
+            "kernel": "torch._int_mm (int8 x int8 -> int32)",
         }
+        return _TimestepHook({"scales": scales}, changes, bucket)
 
 
-@takes(steps=STEPS)
-def build_int8(backbone: Backbone, steps: int) -> Generator:
-    """``sd-int8``: the teacher with int8 Conv2d/Linear, from the calibration file ``sd-int8``.
+def _quantize_dynamic_(denoiser: nn.Module) -> list[str]:
+    """Replace every Conv2d/Linear of ``denoiser`` by its dynamic int8 version, in place; names left in float."""
+    cuda = next(denoiser.parameters()).is_cuda
+    skipped = []
+    for name, layer in list(denoiser.named_modules()):
+        if type(layer) not in (nn.Conv2d, nn.Linear):
+            continue
+        k, n = (layer.in_features, layer.out_features) if isinstance(layer, nn.Linear) else (
+            layer.in_channels * math.prod(layer.kernel_size), layer.out_channels)
+        if (isinstance(layer, nn.Conv2d) and not Int8Conv2d.supports(layer)) or (cuda and (k % 8 or n % 8)):
+            skipped.append(name)  # cuBLAS int8 needs K and N divisible by 8
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = denoiser.get_submodule(parent_name) if parent_name else denoiser
+        cls = Int8Conv2d if isinstance(layer, nn.Conv2d) else Int8Linear
+        new = cls.from_float(layer, torch.ones(1), None).to(layer.weight.device)
+        setattr(parent, child, new)
+    return skipped
+
+
+def _static_teacher(teacher: nn.Module, backbone: Backbone) -> tuple[nn.Module, TimestepBucket, dict[str, Any]]:
+    """The teacher with the shipped calibrated int8 state (``sd-int8`` on digits), and its metadata.
 
     Raises:
         CheckpointError: If the calibration file is missing or was made for another UNet config,
@@ -562,12 +567,10 @@ def build_int8(backbone: Backbone, steps: int) -> Generator:
     """
     from un0_bench.harness.checkpoints import load_checkpoint
 
-    teacher, _ = _teacher(backbone, "sd-int8")
-    state, meta = load_checkpoint(backbone.weights("sd-int8"),
-                                  expected_config=int8_config(backbone.weights("teacher")))
+    state, meta = load_checkpoint(backbone.weights("sd-int8"), expected_config=int8_config(backbone.weights("teacher")))
     bucket = TimestepBucket(INT8_SCHEME["timestep_buckets"])
     names = quantizable_layers(teacher)
     # Placeholder scales: the loaded state overwrites every int8 buffer.
     qunet = quantize_unet(teacher, {n: torch.ones(bucket.n_buckets) for n in names}, bucket)
     qunet.load_state_dict(state, strict=True)
-    return Int8DiffusionGenerator(qunet, bucket, steps=steps, metadata=meta)
+    return qunet, bucket, meta

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from un0_bench.backbones.digits import IMAGE_SHAPE, load_data, prompt_labels, to_unit
+from un0_bench.harness.config import DEFAULT_ACCURACY_DROP, DEFAULT_FID_RATIO
 from un0_bench.harness.generator import GenerationRequest, Generator
 
 #: Seed of the images :func:`evaluate_generator` draws: far from the seeds benchmarks use (0 upwards)
@@ -252,8 +253,8 @@ class QualityBand:
             (absolute, on the 0..1 scale: 0.03 is 3 percentage points).
     """
 
-    fid_ratio: float = 1.25
-    accuracy_drop: float = 0.03
+    fid_ratio: float = DEFAULT_FID_RATIO
+    accuracy_drop: float = DEFAULT_ACCURACY_DROP
 
     def __post_init__(self) -> None:
         if not self.fid_ratio >= 1.0:
@@ -286,7 +287,7 @@ class QualityBand:
         return {"fid_ratio": self.fid_ratio, "accuracy_drop": self.accuracy_drop}
 
 
-def quality_matched(q: dict[str, Any], ref_q: dict[str, Any], fid_ratio: float = 1.25,
-                    accuracy_drop: float = 0.03) -> bool:
+def quality_matched(q: dict[str, Any], ref_q: dict[str, Any], fid_ratio: float = DEFAULT_FID_RATIO,
+                    accuracy_drop: float = DEFAULT_ACCURACY_DROP) -> bool:
     """FID at most ``fid_ratio`` x the reference's and accuracy at most ``accuracy_drop`` lower."""
     return QualityBand(fid_ratio, accuracy_drop).matched(q, ref_q)

@@ -1,0 +1,198 @@
+"""The run configuration: the one home of every default of a run and of its help text.
+
+The CLI builds ``un0-bench compare``'s options from the fields of :class:`RunConfig` (each field's
+``option`` metadata gives its flag, parser and help), and the runner, the ledger and the reports read
+their defaults from here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from un0_bench.harness.backbone import QualityOptions
+from un0_bench.harness.errors import UserError
+
+
+# --- parsers of option values (the CLI's ``type=``) ---------------------------------------------
+def positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def non_negative(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (v >= 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"expected a finite non-negative number, got {text}")
+    return v
+
+
+def finite(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
+    return v
+
+
+def csv(kind: Callable[[str], Any]) -> Callable[[str], list[Any]]:
+    def parse(text: str) -> list[Any]:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError("expected a comma-separated list")
+        try:
+            return [kind(t) for t in items]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"bad value in {text!r}") from None
+
+    return parse
+
+
+def models_list(text: str) -> list[str]:
+    """Comma-separated model specs. A spec's own parameters also use commas (un0-osc:n=1024,steps=32):
+    an item with '=' and no ':' continues the previous spec (and its last layer: sd+cached:interval=2,x=1)."""
+    out: list[str] = []
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            continue
+        if "=" in item and ":" not in item and "+" not in item and out:
+            out[-1] += "," + item
+        else:
+            out.append(item)
+    if not out:
+        raise argparse.ArgumentTypeError("expected a comma-separated list of models")
+    return out
+
+
+def option(default: Any = None, help: str = "", parse: Callable[[str], Any] | None = None, flag: str | None = None,
+           factory: Callable[[], Any] | None = None, cli: bool = True) -> Any:
+    """A :class:`RunConfig` field with its CLI option: ``flag`` (default ``--field-name``), parser, help."""
+    meta = {"help": help, "parse": parse, "flag": flag, "cli": cli}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+#: Industry-average PUE reported by the Uptime Institute for 2024.
+DEFAULT_PUE = 1.56
+#: Images a model serves over its life, for the amortised-training boundary.
+DEFAULT_LIFETIME_IMAGES = 1_000_000
+#: Grid carbon intensity for gCO2e figures (codecarbon's world average), used by reports only.
+DEFAULT_GRID_GCO2_PER_KWH = 475.0
+#: Default quality band: FID at most this multiple of the reference's ...
+DEFAULT_FID_RATIO = 1.25
+#: ... and accuracy at most this much (a fraction) below the reference's.
+DEFAULT_ACCURACY_DROP = 0.03
+#: Images per model for quality (FID needs many: its bias shrinks with n).
+DEFAULT_QUALITY_SAMPLES = 1000
+
+
+#: Batch size of the single cell measured when none is given (capped at the images per window).
+DEFAULT_BATCH_SIZE = 16
+
+
+@dataclass
+class RunConfig:
+    """What to measure and how hard.
+
+    Attributes:
+        models: Model specs as written (``"sd"``, ``"sd:steps=10"``).
+        backbone: Backbone spec (``"digits"`` or ``"diffusers:PATH"``).
+        meters: Meter specs, or ``["auto"]`` for every registered meter (unavailable ones are
+            recorded with their reason).
+        images: Images per metered window (one generate call over that many prompts).
+        batch_sizes: Batch sizes to measure; each is its own cell. ``None``: one cell at
+            ``min(16, images)``. A batch larger than ``images`` is refused: a window never fills it.
+        seed: Seed of image 0; image ``i`` uses ``seed + i``.
+        min_repeats: Windows to measure at least.
+        min_duration_s: Total metered time to reach at least.
+        max_repeats: Hard cap on windows.
+        warmup: Unmetered generate calls before counting and measuring.
+        idle_s: Length of the idle-power window for whole-device meters (0 disables it).
+        quality_samples: Images per model for FID/KID/accuracy (0: quality not measured).
+        quality_seeds: Disjoint draws of ``quality_samples`` images each (digits): with 2 or more,
+            FID is their mean, its spread is recorded and a verdict within that noise is marginal.
+        reference: Model whose quality sets the band (and whose energy the ledger compares to).
+        fid_ratio: Quality-matched needs FID <= ``fid_ratio`` x the reference's FID ...
+        accuracy_drop: ... and accuracy at most this much (a fraction) below the reference's.
+        pue: Power usage effectiveness for the ledger's facility boundary.
+        lifetime_images: Images a model serves over its life (amortises its training energy).
+        backbone_options: Keyword options for the backbone (diffusers: ``device``, ``dtype``,
+            ``prompts_file``).
+        clip: Local CLIP model folder for quality on pipeline backbones (``None``: not measured).
+    """
+
+    models: list[str] = option(None, "comma-separated model specs or stacks, e.g. sd,sd:steps=10,sd-distilled+int8",
+                               models_list)
+    out: Path = option(None, "output folder (default: runs/<UTC time>)", Path)
+    backbone: str = option("digits", "digits or diffusers:PATH")
+    meters: list[str] = option(help="comma-separated meters, or auto", parse=csv(str), factory=lambda: ["auto"])
+    images: int = option(16, "images per metered window", positive_int)
+    batch_sizes: list[int] | None = option(None, "one or more batch sizes, each at most --images (default: 16, or "
+                                                 "--images if fewer)", csv(positive_int), flag="--batch-size")
+    seed: int = option(0, "seed of image 0; image i uses seed + i", int)
+    min_repeats: int = option(3, "metered windows at least", positive_int)
+    min_duration_s: float = option(2.0, "seconds of metered time at least", non_negative, flag="--min-duration")
+    max_repeats: int = option(100, "metered windows at most", positive_int)
+    warmup: int = option(1, "unmetered calls before measuring", int)
+    idle_s: float = option(2.0, "seconds of idle-power measurement (whole-device meters)", non_negative, flag="--idle")
+    quality_samples: int = option(DEFAULT_QUALITY_SAMPLES, "images per model for quality (0: not measured)", int)
+    quality_seeds: int = option(1, "digits: disjoint draws of --quality-samples images; 2 or more give FID's spread "
+                                   "and mark verdicts within it as marginal", positive_int)
+    reference: str = option("sd", "model whose quality sets the band and whose energy is 1x")
+    pue: float = option(DEFAULT_PUE, "power usage effectiveness for the ledger (Uptime Institute 2024 average)", finite)
+    lifetime_images: int = option(DEFAULT_LIFETIME_IMAGES, "images a model serves over its life; its training "
+                                                           "energy is divided by this", positive_int)
+    backbone_options: dict[str, Any] = option(factory=dict, cli=False)
+    clip: str | None = option(None, "diffusers backbones: local CLIP folder for CLIP-score quality")
+    fid_ratio: float = option(DEFAULT_FID_RATIO, "quality band: FID at most this x the reference's", finite)
+    accuracy_drop: float = option(DEFAULT_ACCURACY_DROP, "quality band: accuracy at most this much (a fraction) "
+                                                         "below the reference's", finite)
+
+    def validate(self) -> None:
+        for name in ("images", "min_repeats", "max_repeats"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
+        if self.batch_sizes is None:
+            self.batch_sizes = [min(DEFAULT_BATCH_SIZE, self.images)]
+        if any(b < 1 for b in self.batch_sizes) or not self.batch_sizes:
+            raise UserError(f"--batch-size must be positive integers, got {self.batch_sizes}")
+        too_big = [b for b in self.batch_sizes if b > self.images]
+        if too_big:
+            raise UserError(f"--batch-size {','.join(map(str, too_big))} is larger than --images {self.images}: a "
+                            f"window generates --images images, so it would never fill that batch (and the record "
+                            f"would name a batch size that never ran); raise --images or lower --batch-size")
+        if self.pue < 1 or self.lifetime_images < 1:
+            raise UserError("--pue must be >= 1 and --lifetime-images positive")
+        if self.quality_samples < 0 or not self.fid_ratio >= 1 or not 0 <= self.accuracy_drop <= 1:
+            raise UserError("--quality-samples must be >= 0, --fid-ratio >= 1, --accuracy-drop in [0, 1]")
+        if self.quality_seeds < 1:
+            raise UserError(f"--quality-seeds must be a positive integer, got {self.quality_seeds}")
+        if self.warmup < 0 or self.min_duration_s < 0 or self.idle_s < 0:
+            raise UserError("--warmup, --min-duration and --idle must not be negative")
+        if self.min_repeats > self.max_repeats:
+            raise UserError("--min-repeats must not exceed --max-repeats")
+        if not self.models:
+            raise UserError("no models given")
+        if self.out is None:
+            raise UserError("no output folder given")
+
+    def quality_options(self) -> QualityOptions:
+        return QualityOptions(samples=self.quality_samples, seeds=self.quality_seeds, fid_ratio=self.fid_ratio,
+                              accuracy_drop=self.accuracy_drop, clip=self.clip)
+
+

@@ -1,0 +1,283 @@
+"""Techniques as transforms of a denoiser, and the sampler base class that runs their hooks.
+
+A *model* is a diffusers denoiser (``UNet2DModel``, ``UNet2DConditionModel``, a transformer) plus
+the number of sampling steps and what each technique did to it (its *layers*). A :class:`Technique`
+takes a model and changes it in place: it may replace modules inside the denoiser (int8 layers),
+cast it (bf16), zero its weights (magnitude pruning), replace it (a shipped pruned or distilled
+network), or hook every denoiser call (DeepCache, contextual sparsity). It returns a :class:`Layer`
+that says what it changed and receives the sampler's hooks.
+
+The sampler belongs to the backbone (the digits DDIM loop; a pipeline's own ``__call__``). Every
+backbone's sampler derives from :class:`DenoiserGenerator`, which calls the same hooks everywhere:
+
+* ``before_batch`` / ``after_batch`` around each batch (one sampler run);
+* ``before_call`` / ``after_call`` around every denoiser call (``Run.call_index`` counts them);
+* a ``denoise_step`` phase around every denoiser call, and the phases layers add (``gate``).
+
+A stack (``sd-distilled+int8``) is a base model and techniques applied left to right; a stack that
+cannot work is refused by :meth:`Technique.check` from a :class:`Plan`, before anything loads.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from un0_bench.harness.errors import StackError
+from un0_bench.harness.generator import GenerationRequest, GenerationResult, Generator
+from un0_bench.harness.spec import Param
+
+if TYPE_CHECKING:
+    from un0_bench.harness.backbone import Backbone
+
+
+@dataclass
+class Plan:
+    """What a stack will be, known before any weights load: enough for every technique's check.
+
+    Attributes:
+        backbone_kind: ``"digits"``, ``"diffusers"``, ...
+        denoiser: Class name of the denoiser (``"UNet2DModel"``, ``"UNet2DConditionModel"``, a
+            transformer class), or ``None`` for a model that is not a denoiser (un0, references).
+        steps: Denoiser calls per image (sampling steps), or ``None`` when unknown.
+        layers: Names of the base and the techniques so far, in order.
+        weights: Who made the denoiser's weights so far (``"teacher"``, ``"sd-pruned"``, ...).
+    """
+
+    backbone_kind: str
+    denoiser: str | None
+    steps: int | None
+    layers: list[str] = field(default_factory=list)
+    weights: str = "base"
+
+
+@dataclass
+class Model:
+    """A denoiser with its sampling settings and the layers applied so far.
+
+    Attributes:
+        denoiser: The diffusers denoiser; techniques change it in place or replace it.
+        steps: Denoiser calls per image.
+        sampler: Backbone-specific sampler settings a technique may set (the digits DDIM loop
+            reads ``"schedule"``: explicit timesteps and predictions of a distilled student).
+        layers: What each technique did, in order.
+        derivation: Metadata of the training that produced the weights (its ``energy`` is
+            amortised by the ledger); replaced by techniques that ship their own weights.
+        host: The object that holds the denoiser (a diffusers pipeline), or ``None``.
+    """
+
+    denoiser: nn.Module
+    steps: int
+    sampler: dict[str, Any] = field(default_factory=dict)
+    layers: list[Layer] = field(default_factory=list)
+    derivation: dict[str, Any] | None = None
+    host: Any = None
+
+
+@dataclass
+class Run:
+    """The state of one batch, shared with every layer's hooks.
+
+    Attributes:
+        prompts: The batch's prompts.
+        call_index: Denoiser calls so far in this batch (the step index of the current call).
+        emit: ``(kind, phase)`` -> None: opens or closes a phase window (see :class:`Generator`).
+        timestep: The timestep of the current denoiser call (a tensor), once it began.
+    """
+
+    prompts: tuple[str, ...]
+    emit: Callable[[str, str], None]
+    call_index: int = 0
+    timestep: Any = None
+
+
+class Layer:
+    """What one technique did to a model, and its hooks. Subclasses override the hooks they need.
+
+    Attributes:
+        technique: Registry name (``"int8"``).
+        params: The technique's validated parameters.
+        changes: JSON facts for the record: what was changed (layers quantised, weights zeroed).
+        phases: Phases this layer adds before the first denoiser call of a batch (``("gate",)``).
+    """
+
+    phases: tuple[str, ...] = ()
+
+    def __init__(self, technique: str, params: dict[str, Any], changes: dict[str, Any] | None = None) -> None:
+        self.technique = technique
+        self.params = dict(params)
+        self.changes = dict(changes or {})
+
+    def before_batch(self, run: Run) -> None:
+        """Called before each sampler run (batch)."""
+
+    def before_call(self, run: Run, args: tuple, kwargs: dict) -> None:
+        """Called before every denoiser call, before its ``denoise_step`` phase opens."""
+
+    def after_call(self, run: Run) -> None:
+        """Called after every denoiser call, even one that raised."""
+
+    def after_batch(self, run: Run) -> None:
+        """Called after each sampler run, even one that raised."""
+
+    def reset_cache(self) -> None:
+        """Forget cached work, so the next call runs cold."""
+
+    def cache_stats(self) -> dict[str, Any] | None:
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        return {"technique": self.technique, "params": self.params, **self.changes}
+
+
+class Technique(abc.ABC):
+    """A transform of a denoiser, written once for every backbone.
+
+    Attributes:
+        name: Registry name, as written in a stack (``sd+int8``).
+        summary: One line for ``un0-bench list``.
+        params: Spec parameters with their types, defaults and ranges.
+        denoisers: Denoiser classes it applies to (empty: any).
+    """
+
+    name: str = ""
+    summary: str = ""
+    params: dict[str, Param] = {}
+    denoisers: tuple[str, ...] = ()
+
+    def check(self, plan: Plan, params: dict[str, Any]) -> None:
+        """Refuse (``StackError`` with the reason) a plan this technique cannot apply to.
+
+        Called before any model loads; update ``plan`` (steps, weights) when the technique changes them.
+        """
+        if plan.denoiser is None:
+            raise StackError(f"{self.name} transforms a diffusion denoiser; {plan.layers[0]} has none "
+                             "(techniques stack on sd and its derived models)")
+        if self.denoisers and plan.denoiser not in self.denoisers:
+            raise StackError(f"{self.name} applies to {' and '.join(self.denoisers)} denoisers; "
+                             f"{'+'.join(plan.layers)} on {plan.backbone_kind} has a {plan.denoiser}")
+
+    @abc.abstractmethod
+    def apply(self, model: Model, backbone: Backbone, **params: Any) -> Layer:
+        """Change ``model`` in place and return the layer describing the change."""
+
+
+class DenoiserGenerator(Generator):
+    """A backbone's sampler around a :class:`Model`: calls every layer's hooks, emits phases.
+
+    Subclasses implement :meth:`sample_batch` (one sampler run) and :meth:`check_prompts`; the
+    hooks, phases, caches and description of the layers live here, so they are the same on every
+    backbone. The denoiser hooks are registered ahead of any hook a technique registered itself,
+    so a ``denoise_step`` window covers everything the call does (casts included) and
+    ``before_call`` work (un0's gate) runs before the window opens.
+    """
+
+    technique = "diffusion"
+
+    def __init__(self, model: Model) -> None:
+        self.model = model
+        self.run: Run | None = None
+        self._handles = [
+            model.denoiser.register_forward_pre_hook(self._pre_call, with_kwargs=True, prepend=True),
+            model.denoiser.register_forward_hook(self._post_call, always_call=True),
+        ]
+
+    @property
+    def layers(self) -> list[Layer]:
+        return self.model.layers
+
+    def close(self) -> None:
+        """Remove this sampler's hooks from the denoiser (a calibration sampler is thrown away)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _pre_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        run = self.run
+        if run is None:
+            return
+        run.timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
+        for layer in self.layers:
+            layer.before_call(run, args, kwargs)
+        self.emit("begin", "denoise_step")
+
+    def _post_call(self, module: nn.Module, args: tuple, output: Any) -> None:
+        run = self.run
+        if run is None:
+            return
+        try:
+            for layer in reversed(self.layers):
+                layer.after_call(run)
+        finally:
+            self.emit("end", "denoise_step")
+            run.call_index += 1
+
+    @abc.abstractmethod
+    def check_prompts(self, prompts: tuple[str, ...]) -> None:
+        """Refuse bad prompts before any work."""
+
+    @abc.abstractmethod
+    def sample_batch(self, prompts: tuple[str, ...], seed: int, first: int) -> torch.Tensor:
+        """Images ``(B, C, H, W)`` in [0, 1] (float32, CPU) of one sampler run; image ``k`` uses ``seed + first + k``."""
+
+    @contextlib.contextmanager
+    def batch(self, prompts: tuple[str, ...]) -> Iterator[Run]:
+        """One sampler run's state, with the layers' batch hooks around it (even if it raises)."""
+        self.run = run = Run(prompts=tuple(prompts), emit=self.emit)
+        try:
+            for layer in self.layers:
+                layer.before_batch(run)
+            yield run
+        finally:
+            try:
+                for layer in reversed(self.layers):
+                    layer.after_batch(run)
+            finally:
+                self.run = None
+
+    def run_batch(self, prompts: tuple[str, ...], seed: int, first: int) -> torch.Tensor:
+        """One sampler run with the layers' batch hooks around it."""
+        with self.batch(tuple(prompts)):
+            return self.sample_batch(tuple(prompts), seed, first)
+
+    def generate(self, request: GenerationRequest) -> GenerationResult:
+        self.check_prompts(request.prompts)
+        out = [self.run_batch(prompts, request.seed, first) for first, prompts in request.batches()]
+        return GenerationResult(images=torch.cat(out), prompts=request.prompts, info={"steps": self.model.steps})
+
+    def phases(self) -> tuple[str, ...]:
+        added = [p for layer in self.layers for p in layer.phases]
+        return (*self.backbone_phases()[0], *dict.fromkeys(added), "denoise_step", *self.backbone_phases()[1])
+
+    def backbone_phases(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The sampler's own phases before and after the denoising loop (text encoder; VAE decode)."""
+        return (), ()
+
+    def reset_cache(self) -> None:
+        for layer in self.layers:
+            layer.reset_cache()
+
+    def cache_stats(self) -> dict[str, Any] | None:
+        stats = [s for layer in self.layers if (s := layer.cache_stats()) is not None]
+        return stats[0] if len(stats) == 1 else ({"layers": stats} if stats else None)
+
+    def describe(self) -> dict[str, Any]:
+        d = self.model.denoiser
+        techniques = [layer.technique for layer in self.layers]
+        return {
+            "technique": "+".join(techniques) if techniques else self.technique,
+            "steps": self.model.steps,
+            "denoiser_class": type(d).__name__,
+            "parameters": sum(p.numel() for p in d.parameters()),
+            "layers": [layer.describe() for layer in self.layers],
+            "phases": list(self.phases()),
+        }
+
+    def derivation(self) -> dict[str, Any] | None:
+        return self.model.derivation or None

@@ -1,0 +1,85 @@
+"""Every built-in backbone, generator, technique, meter and training target: the one registration point.
+
+This is the top floor: it names the concrete modules of every floor below, as lazy ``"module:attr"``
+strings, so nothing heavy is imported until a name is chosen. The instrument (``harness/``) owns
+the registries and knows none of these names.
+"""
+
+from __future__ import annotations
+
+from un0_bench.harness.registry import BACKBONES, GENERATORS, METERS, TECHNIQUES, TRAINERS
+
+_B = "un0_bench.baselines"
+_U = "un0_bench.un0_impl"
+_NO_TRAINING = ("needs a training run on the pipeline's own data, out of scope here; the shipped weights exist "
+                "for the digits teacher only")
+
+# --- backbones ---------------------------------------------------------------------------------
+BACKBONES.register("digits", "un0_bench.backbones.digits:DigitsBackbone", "sklearn handwritten digits, 16x16, CPU")
+BACKBONES.register("diffusers", "un0_bench.backbones.pipeline:PipelineBackbone",
+                   "diffusers:PATH, a text-to-image pipeline folder (Stable Diffusion and kin)")
+
+# --- techniques: transforms of a denoiser, stacked left to right on a base ---------------------
+TECHNIQUES.register("int8", f"{_B}.int8:Int8", "int8 convolutions and linears (scales: static calibrated or dynamic)")
+TECHNIQUES.register("bf16", f"{_B}.half:BFloat16", "denoiser weights and activations in bfloat16")
+TECHNIQUES.register("fp16", f"{_B}.half:Float16", "denoiser weights and activations in float16")
+TECHNIQUES.register("cached", f"{_B}.cached:DeepCache", "DeepCache: reuse the deep UNet features between full calls")
+TECHNIQUES.register("pruned-unstructured", f"{_B}.pruned:MagnitudePruning",
+                    "magnitude pruning, dense kernels (zeros still multiplied)")
+TECHNIQUES.register("pruned", f"{_B}.pruned:ChannelPruning", "50% channel pruning, fine-tuned (shipped weights)",
+                    kinds=("digits",), unsupported={"diffusers": f"structured pruning {_NO_TRAINING}"})
+TECHNIQUES.register("distilled", f"{_B}.distilled:Distillation", "few-step student (shipped weights, 4 or 1 step)",
+                    kinds=("digits",), unsupported={"diffusers": f"distillation {_NO_TRAINING} (use a published "
+                                                                 "few-step pipeline folder as the backbone)"})
+TECHNIQUES.register("contextual", f"{_U}.contextual:ContextualSparsity",
+                    "Un-0 contextual sparsity: per-prompt gated feed-forward units", kinds=("diffusers",),
+                    unsupported={"digits": "the digits teacher has no feed-forward layers (attention only); "
+                                           "un0 on digits is the trained gated generator"})
+
+# --- generators: base models, and names that stand for stacks -----------------------------------
+_BOTH = ("digits", "diffusers")
+GENERATORS.register("sd", "un0_bench.harness.stack:diffusion_base",
+                    "the backbone's diffusion model (digits teacher: DDIM, 50 steps; a pipeline as loaded)", kinds=_BOTH)
+GENERATORS.register("sd-bf16", None, "sd in bfloat16", alias={k: "sd+bf16" for k in _BOTH})
+GENERATORS.register("sd-fp16", None, "sd in float16 (slower than float32 on CPU)", alias={k: "sd+fp16" for k in _BOTH})
+GENERATORS.register("sd-int8", None, "sd with int8 convolutions and linears",
+                    alias={"digits": "sd+int8:scales=static", "diffusers": "sd+int8"})
+GENERATORS.register("sd-cached", None, "DeepCache-style reuse of deep UNet features", alias={k: "sd+cached" for k in _BOTH})
+GENERATORS.register("sd-pruned-unstructured", None, "50% magnitude-pruned, dense kernels (zero savings)",
+                    alias={k: "sd+pruned-unstructured" for k in _BOTH})
+GENERATORS.register("sd-pruned", None, "50% channel-pruned teacher, fine-tuned", alias={"digits": "sd+pruned"},
+                    unsupported={"diffusers": f"structured pruning {_NO_TRAINING} (sd-pruned-unstructured shows "
+                                              "what pruning without it saves: nothing)"})
+GENERATORS.register("sd-distilled", None, "few-step student distilled from the teacher",
+                    alias={"digits": "sd+distilled"},
+                    unsupported={"diffusers": f"distillation {_NO_TRAINING} (use a published few-step pipeline "
+                                              "folder as the backbone)"})
+GENERATORS.register("un0", {"digits": f"{_U}.gated:build"},
+                    "Un-0 reading 1: neuron-gated sparse generator (digits: trained; pipelines: contextual sparsity)",
+                    alias={"diffusers": "sd+contextual"})
+GENERATORS.register("un0-osc", {"digits": f"{_U}.oscillator:build"}, "Un-0 reading 2: coupled Kuramoto oscillators",
+                    unsupported={"diffusers": "the oscillator generator is a digits-world model trained from "
+                                              "scratch; it has no counterpart inside a pretrained pipeline"})
+GENERATORS.register("noise", {"digits": f"{_B}.references:build_noise"}, "uniform random images (quality floor)",
+                    unsupported={"diffusers": "a quality floor for FID on digits; on a pipeline, quality is the "
+                                              "CLIP score"})
+GENERATORS.register("real", {"digits": f"{_B}.references:build_real"}, "held-out real digits (quality ceiling)",
+                    unsupported={"diffusers": "held-out real digits; a pipeline backbone has no reference image set"})
+
+# --- meters --------------------------------------------------------------------------------------
+_M = "un0_bench.harness.meters"
+METERS.register("wall", f"{_M}.wall:WallMeter", "monotonic clock; time only")
+METERS.register("proxy", f"{_M}.proxy:ProxyMeter", "counted ops x energy per op (deterministic)")
+METERS.register("rapl", f"{_M}.rapl:RaplMeter", "Linux powercap RAPL: CPU package and DRAM")
+METERS.register("nvml", f"{_M}.nvml:NvmlMeter", "NVIDIA GPU energy counter via pynvml")
+METERS.register("codecarbon", f"{_M}.codecarbon:CodecarbonMeter", "codecarbon offline tracker")
+
+# --- training targets (registration order is training order: later ones derive from earlier) ---
+TRAINERS.register("teacher", "un0_bench.backbones.teacher:train_teacher",
+                  "the digits teacher UNet (everything derives from it)")
+TRAINERS.register("judge", "un0_bench.backbones.judge:train_judge", "digits classifier: FID/KID features and accuracy")
+TRAINERS.register("sd-int8", f"{_B}.int8:calibrate_int8", "int8 scales calibrated on real digits")
+TRAINERS.register("sd-pruned", f"{_B}.pruned:train_pruned", "channel pruning + fine-tuning")
+TRAINERS.register("sd-distilled", f"{_B}.distilled:train_distilled", "few-step students (4 and 1 step)")
+TRAINERS.register("un0", f"{_U}.gated:train_un0", "gated sparse Un-0 student")
+TRAINERS.register("un0-osc", f"{_U}.oscillator:train_oscillator", "coupled-oscillator Un-0")

@@ -16,10 +16,24 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-
-from un0_bench.backbones.digits import IMAGE_SHAPE, prompt_labels, to_unit
+from un0_bench.backbones.digits_data import IMAGE_SHAPE, prompt_labels, to_unit
+from un0_bench.backbones.hf import diffusers_class
 from un0_bench.harness.generator import image_noise
 from un0_bench.harness.technique import DenoiserGenerator, Model
+
+
+#: Noise schedule shared by training and sampling (DDIM, epsilon prediction, samples clipped to [-1, 1]).
+SCHEDULER_CONFIG: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_schedule": "squaredcos_cap_v2",
+    "prediction_type": "epsilon",
+    "clip_sample": True,
+    "set_alpha_to_one": True,
+}
+
+
+def make_scheduler() -> Any:
+    return diffusers_class("DDIMScheduler")(**SCHEDULER_CONFIG)
 
 
 def ddim_step(alphas_cumprod: torch.Tensor, x: torch.Tensor, out: torch.Tensor, t: int, t_next: int | None,
@@ -55,8 +69,6 @@ class DigitsSampler(DenoiserGenerator):
     """DDIM (eta = 0) on a class-conditional ``UNet2DModel``; image ``i`` starts from ``image_noise(seed, i)``."""
 
     def __init__(self, model: Model) -> None:
-        from un0_bench.backbones.teacher import make_scheduler
-
         model.denoiser.eval().requires_grad_(False)
         super().__init__(model)
         self.scheduler = make_scheduler()

@@ -16,8 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from un0_bench.backbones.digits import IMAGE_SIZE, WEIGHTS_DIR, load_data
+from un0_bench.backbones.digits_data import IMAGE_SIZE, WEIGHTS_DIR, load_data
 from un0_bench.harness.checkpoints import load_checkpoint, save_checkpoint
 from un0_bench.harness.training import metered_training, one_cycle, run_steps, training_metadata
 

@@ -21,8 +21,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-
-from un0_bench.backbones.hf import diffusers_class, from_pretrained_dtype_key, text2image_pipeline_classes, transformers_class
+from un0_bench.backbones.hf import (
+    diffusers_class,
+    from_pretrained_dtype_key,
+    text2image_pipeline_classes,
+    transformers_class,
+)
+from un0_bench.backbones.pipeline_parts import (  # noqa: F401  (re-exported for the techniques)
+    _TEXT_ENCODER,
+    DTYPES,
+    call_defaults,
+    denoiser_of,
+    dtype_label,
+    feed_forward_layers,
+    text_encoders_of,
+)
 from un0_bench.harness.backbone import Backbone, QualityOptions
 from un0_bench.harness.errors import PromptError, UserError
 
@@ -30,8 +43,6 @@ if TYPE_CHECKING:
     from un0_bench.harness.generator import GenerationResult, Generator
     from un0_bench.harness.technique import Model, Plan
 
-#: ``--dtype`` names.
-DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 #: Prompts of a benchmark run when no ``--prompts`` file is given (cycled over).
 BUILTIN_PROMPTS: tuple[str, ...] = (
@@ -66,8 +77,6 @@ CALIBRATION_PROMPTS: tuple[str, ...] = (
     "a cup of coffee with latte art, top view",
 )
 
-#: Model-index components that hold a text encoder.
-_TEXT_ENCODER = re.compile(r"^text_encoder(_\d+)?$")
 #: A tokenizer whose ``model_max_length`` is above this has no real limit (transformers' sentinel is 1e30).
 _NO_LIMIT = 1_000_000
 
@@ -93,12 +102,6 @@ def parse_dtype(text: str) -> torch.dtype:
     return DTYPES[text]
 
 
-def dtype_label(dtype: torch.dtype) -> str:
-    """The ``--dtype`` name of a torch dtype (``torch.float16`` -> ``"fp16"``)."""
-    for name, d in DTYPES.items():
-        if d == dtype:
-            return name
-    return str(dtype).removeprefix("torch.")
 
 
 def read_prompts_file(path: str | Path) -> tuple[str, ...]:
@@ -383,32 +386,12 @@ class PipelineBackbone(Backbone):
 # --- helpers the techniques use (so they need not import diffusers themselves) --------------------
 
 
-def denoiser_of(pipe: Any) -> tuple[str, torch.nn.Module]:
-    """``("unet" | "transformer", module)`` of a loaded pipeline."""
-    for name in ("unet", "transformer"):
-        module = getattr(pipe, name, None)
-        if module is not None:
-            return name, module
-    raise UserError(f"{type(pipe).__name__} has no unet or transformer denoiser")
 
 
-def text_encoders_of(pipe: Any) -> list[torch.nn.Module]:
-    """The pipeline's text encoders (``text_encoder``, ``text_encoder_2``, ...), in order."""
-    return [m for name, m in sorted(pipe.components.items()) if _TEXT_ENCODER.match(name) and m is not None]
 
 
-def feed_forward_layers(module: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    """``(path, FeedForward)`` of every diffusers feed-forward block inside ``module``."""
-    feed_forward = diffusers_class("FeedForward")
-    return [(name, m) for name, m in module.named_modules() if isinstance(m, feed_forward)]
 
 
-def call_defaults(pipe: Any) -> dict[str, Any]:
-    """Default values of the pipeline's ``__call__`` parameters (e.g. ``num_inference_steps``)."""
-    import inspect
-
-    return {k: p.default for k, p in inspect.signature(type(pipe).__call__).parameters.items()
-            if p.default is not inspect.Parameter.empty}
 
 
 # --- quality: CLIP score with a local CLIP model -------------------------------------------------

@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 from torch import nn
-
 from un0_bench.harness.backbone import Backbone
 from un0_bench.harness.errors import UserError
 from un0_bench.harness.technique import DenoiserGenerator, Model
@@ -42,7 +41,7 @@ class PipelineSampler(DenoiserGenerator):
     """
 
     def __init__(self, model: Model, backbone: Backbone) -> None:
-        from un0_bench.backbones.pipeline import call_defaults, denoiser_of, text_encoders_of
+        from un0_bench.backbones.pipeline_parts import call_defaults, denoiser_of, text_encoders_of
 
         self.backbone = backbone
         self.pipe = pipe = model.host
@@ -102,7 +101,7 @@ class PipelineSampler(DenoiserGenerator):
         return images.detach().float().cpu().clamp(0.0, 1.0)
 
     def describe(self) -> dict[str, Any]:
-        from un0_bench.backbones.pipeline import dtype_label
+        from un0_bench.backbones.pipeline_parts import dtype_label
 
         dtype = next(self.model.denoiser.parameters()).dtype
         return {

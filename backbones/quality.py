@@ -24,8 +24,7 @@ from typing import Any
 
 import torch
 from torch import nn
-
-from un0_bench.backbones.digits import IMAGE_SHAPE, load_data, prompt_labels, to_unit
+from un0_bench.backbones.digits_data import IMAGE_SHAPE, load_data, prompt_labels, to_unit
 from un0_bench.harness.config import DEFAULT_ACCURACY_DROP, DEFAULT_FID_RATIO
 from un0_bench.harness.generator import GenerationRequest, Generator
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-
-from un0_bench.backbones.digits import IMAGE_SIZE, WEIGHTS_DIR, load_data
+from un0_bench.backbones.ddim import SCHEDULER_CONFIG, make_scheduler  # noqa: F401  (the schedule it trains on)
+from un0_bench.backbones.digits_data import IMAGE_SIZE, WEIGHTS_DIR, load_data
 from un0_bench.backbones.hf import diffusers_class
 from un0_bench.harness.checkpoints import load_checkpoint, save_checkpoint
 from un0_bench.harness.training import ema_update, metered_training, one_cycle, run_steps, training_metadata
@@ -34,14 +34,6 @@ UNET_CONFIG: dict[str, Any] = {
     "num_class_embeds": 10,
 }
 
-#: Noise schedule shared by training and sampling (DDIM, epsilon prediction, samples clipped to [-1, 1]).
-SCHEDULER_CONFIG: dict[str, Any] = {
-    "num_train_timesteps": 1000,
-    "beta_schedule": "squaredcos_cap_v2",
-    "prediction_type": "epsilon",
-    "clip_sample": True,
-    "set_alpha_to_one": True,
-}
 
 TRAIN_DEFAULTS = {"steps": 1500, "batch_size": 128, "lr": 2e-3, "ema_decay": 0.995, "seed": 0}
 TEACHER_FILE = WEIGHTS_DIR / "teacher.safetensors"
@@ -50,9 +42,6 @@ TEACHER_FILE = WEIGHTS_DIR / "teacher.safetensors"
 def build_unet() -> torch.nn.Module:
     return diffusers_class("UNet2DModel")(**copy.deepcopy(UNET_CONFIG))
 
-
-def make_scheduler() -> Any:
-    return diffusers_class("DDIMScheduler")(**SCHEDULER_CONFIG)
 
 
 def load_teacher(path: Path = TEACHER_FILE) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -140,7 +129,7 @@ def teacher_pairs(n: int, steps: int = 50, batch_size: int = 256, path: Path = T
     """
     import hashlib
 
-    from un0_bench.backbones.digits import IMAGE_SHAPE
+    from un0_bench.backbones.digits_data import IMAGE_SHAPE
     from un0_bench.harness.generator import image_noise
 
     digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]

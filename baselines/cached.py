@@ -24,7 +24,6 @@ from typing import Any
 
 import torch
 from torch import nn
-
 from un0_bench.harness.backbone import Backbone
 from un0_bench.harness.errors import StackError
 from un0_bench.harness.spec import Param

@@ -46,7 +46,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-
 from un0_bench.backbones.ddim import ddim_sample, ddim_step
 from un0_bench.backbones.digits import DEFAULT_STEPS, WEIGHTS_DIR
 from un0_bench.harness.backbone import Backbone

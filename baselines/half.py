@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 from torch import nn
-
 from un0_bench.harness.backbone import Backbone
 from un0_bench.harness.technique import Layer, Model, Technique
 

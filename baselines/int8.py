@@ -34,7 +34,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 from un0_bench.harness.backbone import Backbone
 from un0_bench.harness.errors import StackError, UserError
 from un0_bench.harness.spec import Param
@@ -96,7 +95,7 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _dynamic_scale(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
-    """max |x| / 127 over ``dims`` (kept as size-1 dims); a tiny positive scale where x is all zero."""
+    """Max |x| / 127 over ``dims`` (kept as size-1 dims); a tiny positive scale where x is all zero."""
     return x.abs().amax(dim=dims, keepdim=True).clamp_(min=1e-12) / QMAX
 
 

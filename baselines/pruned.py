@@ -30,7 +30,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-
 from un0_bench.backbones.digits import WEIGHTS_DIR, load_data
 from un0_bench.backbones.hf import diffusers_class
 from un0_bench.harness.backbone import Backbone

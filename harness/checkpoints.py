@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from un0_bench.harness.errors import CheckpointError
 
 # A safetensors file starts with an 8-byte little-endian header length, then a JSON header.

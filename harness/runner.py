@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from un0_bench.harness.backbone import Backbone
 from un0_bench.harness.config import RunConfig
 from un0_bench.harness.errors import UserError

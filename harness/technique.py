@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-
 from un0_bench.harness.errors import StackError
 from un0_bench.harness.generator import GenerationRequest, GenerationResult, Generator
 from un0_bench.harness.spec import Param

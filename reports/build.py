@@ -13,7 +13,6 @@ from un0_bench.reports.claims import evaluate_claims
 from un0_bench.reports.tables import format_summary, load_records, meter_statuses, summary_frame, write_csv
 
 
-
 def _data_uri(png: bytes | None) -> str | None:
     return None if png is None else "data:image/png;base64," + base64.b64encode(png).decode()
 

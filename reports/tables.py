@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-
 from un0_bench.harness.results import ResultStore
 
 #: Columns of ``results.csv`` (flat; nested fields stay in results.jsonl).

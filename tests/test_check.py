@@ -6,7 +6,7 @@ import json
 
 from un0_bench import check
 from un0_bench.cli import main
-from tests.harness.test_cli import needs_teacher
+from tests.test_cli import needs_teacher
 
 
 def test_compare_flags_regressions_and_improvements():

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -168,12 +167,12 @@ def print_records(records: list[dict[str, Any]]) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from rich.progress import Progress
 
     from un0_bench.harness.results import ResultStore
     from un0_bench.harness.runner import RunConfig, Runner
-
-    import dataclasses
 
     out = args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     is_pipeline = args.backbone.partition(":")[0] == "diffusers"

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from un0_bench.harness.counters.ops import OpCounter
 from un0_bench.un0_impl.gated import UN0_CONFIG
 from un0_bench.un0_impl.sparse import GatedMLP, kept_units

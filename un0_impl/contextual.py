@@ -28,7 +28,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 from un0_bench.harness.backbone import Backbone
 from un0_bench.harness.counters.ops import gating_scope, mark_gating
 from un0_bench.harness.errors import StackError, UserError
@@ -297,7 +296,8 @@ class ContextualSparsity(Technique):
                              f"apply it first, right after sd (not after {'+'.join(plan.layers[1:])})")
 
     def apply(self, model: Model, backbone: Backbone, keep: float = 0.1) -> Layer:
-        from un0_bench.backbones.pipeline import CALIBRATION_PROMPTS, feed_forward_layers
+        from un0_bench.backbones.pipeline import CALIBRATION_PROMPTS
+        from un0_bench.backbones.pipeline_parts import feed_forward_layers
 
         denoiser = model.denoiser
         layers = feed_forward_layers(denoiser)

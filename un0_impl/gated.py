@@ -28,9 +28,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from un0_bench.harness.backbone import Backbone
 from un0_bench.backbones.digits import IMAGE_SHAPE, WEIGHTS_DIR, prompt_labels, to_unit
+from un0_bench.harness.backbone import Backbone
 from un0_bench.harness.counters.ops import gating_scope, mark_gating
 from un0_bench.harness.generator import GenerationRequest, GenerationResult, Generator, image_noise
 from un0_bench.harness.spec import Param, takes
@@ -371,8 +370,8 @@ def build(backbone: Backbone, keep: float, steps: int) -> Generator:
 
 def _teacher_pairs_cost(n: int, steps: int = 50, images: int = 2) -> dict[str, Any]:
     """Counted proxy cost of making ``n`` teacher pairs: one counted ``images``-image run, scaled."""
-    from un0_bench.backbones.teacher import load_teacher
     from un0_bench.backbones.ddim import ddim_sample
+    from un0_bench.backbones.teacher import load_teacher
     from un0_bench.harness.counters.ops import OpCounter
     from un0_bench.harness.meters.proxy import DEFAULT_PROFILE, proxy_energy
 

@@ -29,8 +29,11 @@ rate from their counted ops.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -38,9 +41,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from un0_bench.harness.backbone import Backbone
 from un0_bench.backbones.digits import IMAGE_SHAPE, IMAGE_SIZE, prompt_labels, to_unit
+from un0_bench.harness.backbone import Backbone
 from un0_bench.harness.counters.records import Counts
 from un0_bench.harness.errors import SpecError
 from un0_bench.harness.generator import GenerationRequest, GenerationResult, Generator, image_noise
@@ -209,11 +211,21 @@ class OscillatorNet(nn.Module):
         self.dynamics = KuramotoDynamics(cfg)
         self.decoder = PhaseDecoder(cfg)
 
-    def forward(self, noise: torch.Tensor, labels: torch.Tensor, steps: int) -> torch.Tensor:
-        """Image in [-1, 1] ``(B, 1, 16, 16)`` from noise ``(B, 1, 16, 16)`` and labels ``(B,)``."""
-        theta = self.encoder(noise)  # (B, N)
-        theta = self.dynamics(theta, labels, steps)  # (B, N)
-        return self.decoder(theta)
+    def forward(self, noise: torch.Tensor, labels: torch.Tensor, steps: int,
+                phase: Callable[[str], AbstractContextManager[Any]] | None = None) -> torch.Tensor:
+        """Image in [-1, 1] ``(B, 1, 16, 16)`` from noise ``(B, 1, 16, 16)`` and labels ``(B,)``.
+
+        ``phase(name)`` wraps each part (``encode``, ``oscillate``, ``decode``: the generator's phase
+        windows). The parts run inside this module's forward, so op counts keep their module paths
+        (``OscillatorNet.encoder...``), which :func:`digital_counts` selects by.
+        """
+        phase = phase or (lambda name: contextlib.nullcontext())
+        with phase("encode"):
+            theta = self.encoder(noise)  # (B, N)
+        with phase("oscillate"):
+            theta = self.dynamics(theta, labels, steps)  # (B, N)
+        with phase("decode"):
+            return self.decoder(theta)
 
     def symmetrize_(self) -> None:
         """Project ``K`` back onto symmetric matrices (after an optimizer step)."""
@@ -292,12 +304,7 @@ class OscillatorGenerator(Generator):
         for first, prompts in request.batches():
             noise = image_noise(request.seed, first, len(prompts), IMAGE_SHAPE)  # (B, 1, 16, 16)
             # The three parts of OscillatorNet.forward, each its own phase window.
-            with self.phase("encode"):
-                theta = self.net.encoder(noise)  # (B, N)
-            with self.phase("oscillate"):
-                theta = self.net.dynamics(theta, labels[first : first + len(prompts)], self.steps)  # (B, N)
-            with self.phase("decode"):
-                x = self.net.decoder(theta)
+            x = self.net(noise, labels[first : first + len(prompts)], self.steps, phase=self.phase)
             out.append(to_unit(x))
         return GenerationResult(images=torch.cat(out), prompts=request.prompts,
                                 info={"oscillator_steps_per_image": self.oscillator_steps_per_image})

@@ -23,7 +23,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 from un0_bench.harness.counters.ops import gating_scope, mark_gating
 
 __all__ = ["CompactMLP", "GatedMLP", "PromptGate", "SubnetCache", "kept_units", "layer_norm"]

@@ -46,7 +46,6 @@ import torch.utils.flop_counter as _torch_flops
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
-
 from un0_bench.harness.counters.records import Counts, OpStat
 
 __all__ = [

@@ -51,3 +51,23 @@ def test_training_unmeasured_by_a_meter_is_null():
 def test_pue_below_one_refused():
     with pytest.raises(ValueError, match="PUE"):
         boundaries(proxy("sd", 1.0), pue=0.9)
+
+
+def test_run_settings_come_from_the_run_unless_overridden():
+    from un0_bench.harness.config import DEFAULT_LIFETIME_IMAGES, DEFAULT_PUE
+    from un0_bench.harness.ledger import run_settings
+
+    run = {"reference": "un0", "pue": 1.2, "lifetime_images": 10}
+    records = [record("sd", "proxy", 1.0, config={"run": run}), record("un0", "proxy", 0.1, config={"run": run})]
+    assert run_settings(records) == run
+    # An override replaces only what it gives; None means "the run's own".
+    assert run_settings(records, {"reference": "sd", "pue": None, "lifetime_images": None}) == {**run,
+                                                                                                "reference": "sd"}
+    assert run_settings(records, {"pue": 2.0, "grid_gco2_per_kwh": 1.0}) == {**run, "pue": 2.0}
+    # A resumed folder: the newest record's setting wins.
+    later = record("x", "proxy", 1.0, config={"run": {**run, "pue": 1.4}})
+    assert run_settings([*records, later])["pue"] == 1.4
+    # Records without run settings (the fixtures' empty config.run): the defaults.
+    assert run_settings([record("sd", "proxy", 1.0)]) == {"reference": "sd", "pue": DEFAULT_PUE,
+                                                          "lifetime_images": DEFAULT_LIFETIME_IMAGES}
+    assert run_settings([]) == run_settings([record("sd", "proxy", 1.0)])

@@ -98,6 +98,9 @@ def test_exact_joules_idle_and_unavailable(tmp_path):
     # Per image: one (1, 16) @ (16, 16) matmul = 2 * 16 * 16 = 512 FLOPs, counted in the counting pass.
     assert seq["flops_per_image_by_dtype"]["float32"] >= 512
     assert (tmp_path / "out" / "samples" / "mm.png").is_file()
+    # The record names the stack it measured; the ledger is the reports' job, not the runner's.
+    assert seq["model_canonical"] == "mm" and seq["stack"] == [{"name": "mm", "params": {}}]
+    assert "ledger" not in seq
 
 
 def test_resume_skips_finished_cells(tmp_path):
@@ -129,6 +132,11 @@ def test_bad_names_fail_before_any_work(tmp_path):
         Runner(config(tmp_path, ["mn"]), **registries(built))
     with pytest.raises(UnknownNameError, match="unknown meter"):
         Runner(config(tmp_path, ["mm"], meters=["seqq"]), **registries(built))
+    # A stack that cannot work is refused too (mm2 is a model, not a technique).
+    from un0_bench.harness.errors import StackError
+
+    with pytest.raises(StackError, match="mm2 is a model, not a technique"):
+        Runner(config(tmp_path, ["mm+mm2"]), **registries(built))
     assert built == [] and not (tmp_path / "out" / "results.jsonl").exists()
 
 
@@ -147,9 +155,36 @@ def test_batch_larger_than_the_window_is_refused(tmp_path):
 
 @pytest.mark.parametrize(("kw", "message"), [
     ({"quality_seeds": 0}, "--quality-seeds must be a positive integer, got 0"),
-    ({"quality_seeds": 2, "backbone": "diffusers:/tmp/sd"}, "--quality-seeds applies to the digits backbone"),
     ({"fid_ratio": 0.9}, "--fid-ratio >= 1"),
 ])
 def test_quality_options_refused(tmp_path, kw, message):
     with pytest.raises(UserError, match=re.escape(message)):
         RunConfig(models=["sd"], out=tmp_path, **kw).validate()
+
+
+def test_backbone_refuses_its_quality_options_before_any_work(tmp_path):
+    # The runner asks the backbone (its check_quality_options) in its pre-flight, before any cell.
+    class OneDraw(TinyBackbone):
+        def check_quality_options(self, options):
+            if options.seeds > 1:
+                raise UserError(f"tiny: one draw only, got {options.seeds}")
+
+    built: list[str] = []
+    regs = registries(built)
+    regs["backbones"] = Registry("backbone")
+    regs["backbones"].register("tiny", OneDraw)
+    with pytest.raises(UserError, match="tiny: one draw only, got 2"):
+        Runner(config(tmp_path, ["mm"], quality_seeds=2), **regs)
+    assert built == [] and not (tmp_path / "out").exists()
+    Runner(config(tmp_path, ["mm"], quality_seeds=1), **regs)  # one draw is accepted
+
+
+def test_pipeline_backbone_refuses_quality_seeds():
+    from un0_bench.backbones.pipeline import PipelineBackbone
+    from un0_bench.harness.backbone import QualityOptions
+
+    # The rule needs no pipeline folder; an instance without one is enough to ask it.
+    backbone = PipelineBackbone.__new__(PipelineBackbone)
+    with pytest.raises(UserError, match=re.escape("--quality-seeds applies to the digits backbone")):
+        backbone.check_quality_options(QualityOptions(samples=16, seeds=2, fid_ratio=1.25, accuracy_drop=0.03))
+    backbone.check_quality_options(QualityOptions(samples=16, seeds=1, fid_ratio=1.25, accuracy_drop=0.03))

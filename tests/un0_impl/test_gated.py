@@ -6,8 +6,8 @@ import torch
 from un0_bench.harness.counters.ops import OpCounter
 from un0_bench.harness.errors import SpecError
 from un0_bench.harness.generator import GenerationRequest, image_noise
-from un0_bench.harness.runner import generator_factory
-from un0_bench.harness.spec import ModelSpec
+from un0_bench.harness.stack import resolve
+from un0_bench.backbones.digits import DigitsBackbone
 from tests.contract import GeneratorContract
 from un0_bench.un0_impl.gated import UN0_FILE, Un0Generator, Un0Net, build, pack_state, train_un0, unpack_state
 
@@ -107,6 +107,37 @@ def test_steps_scale_the_compute():
     assert step_cost > flops[1] - flops[1] // 2  # a later step costs more than half of the first
 
 
+def test_phases_gate_once_per_batch_and_one_refine_step_per_step_and_group():
+    gen = Un0Generator(tiny_net(), keep=0.1, steps=2)
+    assert gen.phases() == ("gate", "refine_step")
+    events = []
+    gen.phase_hook = lambda kind, phase: events.append((kind, phase))
+    # Two batches: ("3", "7", "3") has two prompt groups, ("1",) one.
+    gen.generate(GenerationRequest(("3", "7", "3", "1"), seed=0, batch_size=3))
+    gen.phase_hook = None
+    step = [("begin", "refine_step"), ("end", "refine_step")]
+    gate = [("begin", "gate"), ("end", "gate")]
+    assert events == gate + step * 4 + gate + step * 2
+
+
+def test_measured_phases_split_the_counted_work():
+    from un0_bench.harness.protocol import count_ops, measure_phases
+
+    gen = Un0Generator(tiny_net(), keep=0.1, steps=3)
+    req = GenerationRequest(("3", "7", "3", "1"), seed=0, batch_size=4)
+    gen.reset_cache()
+    cold = count_ops(gen, req)
+    phases = measure_phases(gen, req, {}, cold=True)
+    assert (phases["gate"]["calls"], phases["refine_step"]["calls"]) == (1, 3 * 3)
+    # Cold, every gating op runs in the gate phase; the steps run no gating op.
+    assert phases["gate"]["gating_flops"] == cold.flops("gating") > 0
+    assert phases["refine_step"]["gating_flops"] == 0
+    assert sum(phases[p]["flops"] for p in ("gate", "refine_step", "other")) == cold.flops()
+    warm = measure_phases(gen, req, {})  # the cache is full: the gate is three dict lookups
+    assert warm["gate"]["calls"] == 1 and warm["gate"]["flops"] == 0 and warm["gate"]["bytes"] == 0
+    assert warm["refine_step"]["flops"] == phases["refine_step"]["flops"]
+
+
 @pytest.mark.parametrize(("spec", "message"), [
     ("un0:keep=0", "keep must be a number > 0 and <= 1"),
     ("un0:keep=1.5", "keep must be a number > 0 and <= 1"),
@@ -117,7 +148,7 @@ def test_steps_scale_the_compute():
 ])
 def test_bad_params_refused_with_valid_range(spec, message):
     with pytest.raises(SpecError, match=message):
-        generator_factory(ModelSpec.parse(spec))
+        resolve(spec, DigitsBackbone())
 
 
 def test_generator_refuses_bad_params_directly():

@@ -9,7 +9,7 @@ from un0_bench.harness.counters.ops import OpCounter
 from un0_bench.harness.errors import SpecError
 from un0_bench.harness.generator import GenerationRequest
 from un0_bench.harness.meters.proxy import load_profiles, proxy_energy
-from un0_bench.harness.runner import make_generator
+from un0_bench.harness.stack import make_generator
 from tests.contract import GeneratorContract
 from un0_bench.un0_impl.oscillator import (
     DIGITAL_MODULES,
@@ -105,6 +105,38 @@ def test_digital_counts_hold_only_encoder_and_decoder():
     assert digital.flops() == 2 * hand
     # The rest is the dynamics: drive (2 small matmuls + cos, sin) and 2 steps.
     assert counts.flops() - digital.flops() >= 2 * 2 * (4 * n * n + 6 * n)
+
+
+def test_phases_encode_oscillate_decode_split_the_counted_work():
+    from un0_bench.harness.protocol import count_ops, measure_phases
+
+    gen = OscillatorGenerator(tiny_net(), steps=2)
+    assert gen.phases() == ("encode", "oscillate", "decode")
+    events = []
+    gen.phase_hook = lambda kind, phase: events.append((kind, phase))
+    req = GenerationRequest(("1", "2", "3"), seed=0, batch_size=2)  # two batches
+    gen.generate(req)
+    gen.phase_hook = None
+    one = [(k, p) for p in ("encode", "oscillate", "decode") for k in ("begin", "end")]
+    assert events == one * 2
+    counts = count_ops(gen, req)
+    phases = measure_phases(gen, req, {})
+    assert all(phases[p]["calls"] == 2 for p in gen.phases())
+    # The digital parts are exactly the encode and decode phases; the dynamics are the oscillate phase.
+    assert phases["encode"]["flops"] + phases["decode"]["flops"] == digital_counts(counts).flops() > 0
+    assert phases["oscillate"]["flops"] >= 3 * 2 * (4 * TINY.n**2 + 6 * TINY.n)  # 3 images x 2 steps
+    assert sum(phases[p]["flops"] for p in (*gen.phases(), "other")) == counts.flops()
+
+
+def test_registry_declares_un0_osc_digits_only():
+    from un0_bench.harness.errors import StackError
+    from un0_bench.harness.stack import resolve
+
+    class PipelineKind:
+        kind = "diffusers"
+
+    with pytest.raises(StackError, match="un0-osc is not available on diffusers backbones: .*no counterpart"):
+        resolve("un0-osc", PipelineKind())
 
 
 def test_analog_projection_and_projected_energy():

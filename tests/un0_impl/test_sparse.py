@@ -127,3 +127,44 @@ def test_cache_counts_hits_misses_and_bytes():
     cache.clear()
     s = cache.stats()
     assert (s["hits"], s["misses"], s["entries"], s["bytes"]) == (0, 0, 0, 0)
+    assert (s["evictions"], s["limit_bytes"]) == (0, None)
+
+
+def test_cache_lookup_and_put_count_separately():
+    cache = SubnetCache()
+    assert cache.lookup("a") is None  # a miss by lookup alone counts nothing: put counts it
+    assert (cache.hits, cache.misses) == (0, 0) and "a" not in cache
+    cache.put("a", _Entry(10))
+    assert (cache.hits, cache.misses) == (0, 1) and "a" in cache
+    assert cache.lookup("a").nbytes == 10
+    assert (cache.hits, cache.misses) == (1, 1)
+
+
+def test_cache_evicts_least_recently_used_over_the_limit():
+    cache = SubnetCache(limit_bytes=100)
+    cache.get("a", lambda: _Entry(40))
+    cache.get("b", lambda: _Entry(40))
+    cache.get("a", lambda: _Entry(999))  # a hit makes "a" the most recent
+    cache.get("c", lambda: _Entry(40))  # 120 bytes > 100: the least recent ("b") goes
+    assert "b" not in cache and "a" in cache and "c" in cache
+    s = cache.stats()
+    assert (s["hits"], s["misses"], s["evictions"], s["entries"], s["bytes"], s["limit_bytes"]) == (1, 3, 1, 2, 80, 100)
+    assert s["keys"] == ["a", "c"]
+    # An entry larger than the limit on its own is kept (never the entry just added); the rest go.
+    cache.get("big", lambda: _Entry(500))
+    s = cache.stats()
+    assert (s["evictions"], s["entries"], s["bytes"], s["keys"]) == (3, 1, 500, ["big"])
+    # "b" was evicted: using it again is a miss that builds it again.
+    built = []
+    cache.get("b", lambda: built.append(1) or _Entry(40))
+    assert built == [1] and cache.stats()["misses"] == 5
+    cache.clear()
+    s = cache.stats()
+    assert (s["hits"], s["misses"], s["evictions"], s["entries"], s["limit_bytes"]) == (0, 0, 0, 0, 100)
+
+
+def test_cache_without_limit_never_evicts():
+    cache = SubnetCache()
+    for k in range(20):
+        cache.get(k, lambda: _Entry(1_000_000))
+    assert cache.stats()["evictions"] == 0 and cache.stats()["entries"] == 20

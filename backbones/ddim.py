@@ -21,7 +21,6 @@ from un0_bench.backbones.hf import diffusers_class
 from un0_bench.harness.generator import image_noise
 from un0_bench.harness.technique import DenoiserGenerator, Model
 
-
 #: Noise schedule shared by training and sampling (DDIM, epsilon prediction, samples clipped to [-1, 1]).
 SCHEDULER_CONFIG: dict[str, Any] = {
     "num_train_timesteps": 1000,

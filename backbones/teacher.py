@@ -151,7 +151,8 @@ def teacher_pairs(n: int, steps: int = 50, batch_size: int = 256, path: Path = T
     noise = image_noise(PAIRS_SEED_BASE, 0, n, IMAGE_SHAPE)
     labels = torch.arange(n) % 10
     parts = [torch.load(cached[done], weights_only=True)["images"]] if done else []
-    parts += [ddim_sample(unet, steps, noise[i : i + batch_size], labels[i : i + batch_size]) for i in range(done, n, batch_size)]
+    parts += [ddim_sample(unet, steps, noise[i : i + batch_size], labels[i : i + batch_size])
+              for i in range(done, n, batch_size)]
     images = torch.cat(parts)
     cache.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"noise": noise, "labels": labels, "images": images}, cache.with_suffix(".tmp"))

@@ -76,12 +76,13 @@ class _DeepCacheLayer(Layer):
         self._deep: torch.Tensor | None = None  # (R, C, h, w) input of the last up block
         self._saved: tuple | None = None
         down0 = unet.down_blocks[0]
-        self._down_stubs = [_SkipDown(len(b.resnets) + (1 if getattr(b, "downsamplers", None) is not None else 0))
+        self._down_stubs = [_SkipDown(len(b.resnets) + (getattr(b, "downsamplers", None) is not None))
                             for b in unet.down_blocks[1:]]
         self._mid_stub = _Identity() if unet.mid_block is not None else None
         self._up_stubs = [_SkipUp(len(b.resnets), self._cached_feature) for b in unet.up_blocks[:-1]]
         downsamplers = getattr(down0, "downsamplers", None)
-        self._downsampler_stub = nn.ModuleList([_Identity() for _ in downsamplers]) if downsamplers is not None else None
+        self._downsampler_stub = (nn.ModuleList([_Identity() for _ in downsamplers])
+                                  if downsamplers is not None else None)
         unet.up_blocks[-1].register_forward_pre_hook(self._keep_deep, with_kwargs=True)
 
     def _cached_feature(self) -> torch.Tensor:
@@ -101,7 +102,8 @@ class _DeepCacheLayer(Layer):
                                "ran before it")
         unet = self.unet
         down0 = unet.down_blocks[0]
-        self._saved = (list(unet.down_blocks), unet.mid_block, list(unet.up_blocks), getattr(down0, "downsamplers", None))
+        self._saved = (list(unet.down_blocks), unet.mid_block, list(unet.up_blocks),
+                       getattr(down0, "downsamplers", None))
         for i, stub in enumerate(self._down_stubs, start=1):
             unet.down_blocks[i] = stub
         if self._mid_stub is not None:
@@ -133,7 +135,6 @@ class DeepCache(Technique):
     """``cached`` / ``cached:interval=N``."""
 
     name = "cached"
-    summary = "DeepCache: reuse the deep UNet features between full calls"
     params = {"interval": INTERVAL}
     denoisers = ("UNet2DModel", "UNet2DConditionModel")
 

@@ -171,15 +171,12 @@ class Distillation(Technique):
     """
 
     name = "distilled"
-    summary = "few-step student (shipped weights, 4 or 1 step)"
     params = {"steps": STEPS}
     denoisers = ("UNet2DModel",)
 
     def check(self, plan: Plan, params: dict[str, Any]) -> None:
         super().check(plan, params)
-        if plan.weights != "teacher" or plan.layers != ["sd"]:
-            raise StackError(f"distilled replaces the denoiser with a student distilled from the teacher, so it must "
-                             f"come right after sd, not after {'+'.join(plan.layers)}")
+        self.require_first(plan, "replaces the denoiser with a student distilled from the teacher")
         if plan.steps != DEFAULT_STEPS:
             raise StackError(f"distilled samples with the student's own steps; sd:steps={plan.steps} before it "
                              "would be ignored: write sd-distilled:steps=K (K = 4 or 1)")

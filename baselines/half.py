@@ -73,11 +73,9 @@ class _Cast(Technique):
 
 class BFloat16(_Cast):
     name = "bf16"
-    summary = "denoiser weights and activations in bfloat16"
     dtype = torch.bfloat16
 
 
 class Float16(_Cast):
     name = "fp16"
-    summary = "denoiser weights and activations in float16"
     dtype = torch.float16

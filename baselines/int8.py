@@ -499,7 +499,6 @@ class Int8(Technique):
     """``int8`` / ``int8:scales=static``: every Conv2d and Linear of the denoiser as an int8 kernel."""
 
     name = "int8"
-    summary = "int8 convolutions and linears (scales: dynamic, or static calibrated on digits)"
     params = {"scales": SCALES}
 
     def check(self, plan: Plan, params: dict[str, Any]) -> None:
@@ -508,9 +507,8 @@ class Int8(Technique):
             raise StackError(f"int8:scales=static uses the activation scales calibrated for the digits teacher "
                              f"(un0-bench train sd-int8); {'+'.join(plan.layers)} on {plan.backbone_kind} runs "
                              "other weights: use int8 (dynamic scales)")
-        if params["scales"] == "static" and plan.layers != ["sd"]:
-            raise StackError("int8:scales=static must come right after sd: its scales were calibrated on the "
-                             f"teacher's own activations, not after {'+'.join(plan.layers[1:])}")
+        if params["scales"] == "static":
+            self.require_first(plan, "with static scales uses scales calibrated on the teacher's own activations")
 
     def apply(self, model: Model, backbone: Backbone, scales: str = "dynamic") -> Layer:
         total = sum(p.numel() for p in model.denoiser.parameters())

@@ -7,7 +7,8 @@
   divides its multiply-adds by four: the counter sees 0.26x the FLOPs of ``sd``. The clock sees
   less (about 0.5x on a CPU): kernels this small are bound by per-op overhead as much as by
   arithmetic.
-* ``pruned-unstructured`` (``sd-pruned-unstructured``, any backbone): the smallest-magnitude half of every convolution and linear weight is
+* ``pruned-unstructured`` (``sd-pruned-unstructured``, any backbone): the smallest-magnitude half
+  of every convolution and linear weight is
   set to zero, and the network still runs dense kernels. It does exactly the work of ``sd``: the
   zeros are multiplied like any other number. It is here to show, with numbers, that sparsity saves
   nothing unless a kernel skips it. No training: it is derived from the teacher when built.
@@ -180,14 +181,11 @@ class ChannelPruning(Technique):
     """``pruned`` (``sd-pruned``): the shipped 50% channel-pruned network, fine-tuned from the teacher."""
 
     name = "pruned"
-    summary = "50% channel pruning, fine-tuned (shipped weights)"
     denoisers = ("UNet2DModel",)
 
     def check(self, plan: Plan, params: dict[str, Any]) -> None:
         super().check(plan, params)
-        if plan.weights != "teacher" or plan.layers != ["sd"]:
-            raise StackError(f"pruned replaces the denoiser with shipped weights fine-tuned from the teacher, so it "
-                             f"must come right after sd, not after {'+'.join(plan.layers)}")
+        self.require_first(plan, "replaces the denoiser with shipped weights fine-tuned from the teacher")
         plan.weights = "sd-pruned"
 
     def apply(self, model: Model, backbone: Backbone, **params: Any) -> Layer:
@@ -248,7 +246,6 @@ class MagnitudePruning(Technique):
     """``pruned-unstructured`` / ``pruned-unstructured:sparsity=0.3``: magnitude pruning, dense kernels."""
 
     name = "pruned-unstructured"
-    summary = "magnitude pruning, dense kernels (zeros still multiplied)"
     params = {"sparsity": SPARSITY}
 
     def check(self, plan: Plan, params: dict[str, Any]) -> None:

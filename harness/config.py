@@ -63,8 +63,10 @@ def csv(kind: Callable[[str], Any]) -> Callable[[str], list[Any]]:
 
 
 def models_list(text: str) -> list[str]:
-    """Comma-separated model specs. A spec's own parameters also use commas (un0-osc:n=1024,steps=32):
-    an item with '=' and no ':' continues the previous spec (and its last layer: sd+cached:interval=2,x=1).
+    """Comma-separated model specs.
+
+    A spec's own parameters also use commas (un0-osc:n=1024,steps=32): an item with '=' and no ':'
+    continues the previous spec (and its last layer: sd+cached:interval=2,x=1).
     """
     out: list[str] = []
     for item in (t.strip() for t in text.split(",")):

@@ -139,14 +139,12 @@ class Technique(abc.ABC):
     """A transform of a denoiser, written once for every backbone.
 
     Attributes:
-        name: Registry name, as written in a stack (``sd+int8``).
-        summary: One line for ``un0-bench list``.
+        name: Registry name, as written in a stack (``sd+int8``); its one-line summary is the registry's.
         params: Spec parameters with their types, defaults and ranges.
         denoisers: Denoiser classes it applies to (empty: any).
     """
 
     name: str = ""
-    summary: str = ""
     params: dict[str, Param] = {}
     denoisers: tuple[str, ...] = ()
 
@@ -161,6 +159,12 @@ class Technique(abc.ABC):
         if self.denoisers and plan.denoiser not in self.denoisers:
             raise StackError(f"{self.name} applies to {' and '.join(self.denoisers)} denoisers; "
                              f"{'+'.join(plan.layers)} on {plan.backbone_kind} has a {plan.denoiser}")
+
+    def require_first(self, plan: Plan, why: str) -> None:
+        """Refuse a plan where this technique would not come right after the base (``why`` says why)."""
+        if len(plan.layers) != 1:
+            raise StackError(f"{self.name} {why}, so it must come right after {plan.layers[0]}, not after "
+                             f"{'+'.join(plan.layers)}")
 
     @abc.abstractmethod
     def apply(self, model: Model, backbone: Backbone, **params: Any) -> Layer:
@@ -223,7 +227,7 @@ class DenoiserGenerator(Generator):
 
     @abc.abstractmethod
     def sample_batch(self, prompts: tuple[str, ...], seed: int, first: int) -> torch.Tensor:
-        """Images ``(B, C, H, W)`` in [0, 1] (float32, CPU) of one sampler run; image ``k`` uses ``seed + first + k``."""
+        """Images ``(B, C, H, W)`` in [0, 1] (float32, CPU) of one sampler run (image k: seed + first + k)."""
 
     @contextlib.contextmanager
     def batch(self, prompts: tuple[str, ...]) -> Iterator[Run]:

@@ -39,12 +39,14 @@ TECHNIQUES.register("contextual", f"{_U}.contextual:ContextualSparsity",
 # --- generators: base models, and names that stand for stacks -----------------------------------
 _BOTH = ("digits", "diffusers")
 GENERATORS.register("sd", "un0_bench.harness.stack:diffusion_base",
-                    "the backbone's diffusion model (digits teacher: DDIM, 50 steps; a pipeline as loaded)", kinds=_BOTH)
+                    "the backbone's diffusion model (digits teacher: DDIM, 50 steps; a pipeline as loaded)",
+                    kinds=_BOTH)
 GENERATORS.register("sd-bf16", None, "sd in bfloat16", alias={k: "sd+bf16" for k in _BOTH})
 GENERATORS.register("sd-fp16", None, "sd in float16 (slower than float32 on CPU)", alias={k: "sd+fp16" for k in _BOTH})
 GENERATORS.register("sd-int8", None, "sd with int8 convolutions and linears",
                     alias={"digits": "sd+int8:scales=static", "diffusers": "sd+int8"})
-GENERATORS.register("sd-cached", None, "DeepCache-style reuse of deep UNet features", alias={k: "sd+cached" for k in _BOTH})
+GENERATORS.register("sd-cached", None, "DeepCache-style reuse of deep UNet features",
+                    alias={k: "sd+cached" for k in _BOTH})
 GENERATORS.register("sd-pruned-unstructured", None, "50% magnitude-pruned, dense kernels (zero savings)",
                     alias={k: "sd+pruned-unstructured" for k in _BOTH})
 GENERATORS.register("sd-pruned", None, "50% channel-pruned teacher, fine-tuned", alias={"digits": "sd+pruned"},

@@ -46,7 +46,8 @@ def _run_options(c: argparse.ArgumentParser) -> None:
             continue
         flag = meta.get("flag") or "--" + f.name.replace("_", "-")
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        shown = "" if default is None else f" (default: {','.join(map(str, default)) if isinstance(default, list) else default})"
+        text = ",".join(map(str, default)) if isinstance(default, list) else default
+        shown = "" if default is None else f" (default: {text})"
         kwargs: dict[str, Any] = {"dest": f.name, "help": meta["help"] + shown}
         if meta.get("parse") is not None:
             kwargs["type"] = meta["parse"]

@@ -272,7 +272,7 @@ class _Phase:
 
 
 def run_phase(run: Run, name: str) -> _Phase:
-    """``with run_phase(run, "gate"):`` opens and closes a phase window from inside a layer hook."""
+    """A phase window opened and closed from inside a layer hook, as a context manager."""
     return _Phase(run, name)
 
 
@@ -280,7 +280,6 @@ class ContextualSparsity(Technique):
     """``contextual:keep=F`` (``un0`` on pipelines): per-prompt gated feed-forward units."""
 
     name = "contextual"
-    summary = "Un-0 contextual sparsity: per-prompt gated feed-forward units"
     params = {"keep": KEEP}
 
     def __init__(self, calibration_prompts: Sequence[str] | None = None, calibration_steps: int | None = None,
@@ -291,9 +290,7 @@ class ContextualSparsity(Technique):
 
     def check(self, plan: Plan, params: dict[str, Any]) -> None:
         super().check(plan, params)
-        if plan.weights != "pipeline":
-            raise StackError("contextual calibrates its gates on the pipeline's own feed-forward activations; "
-                             f"apply it first, right after sd (not after {'+'.join(plan.layers[1:])})")
+        self.require_first(plan, "calibrates its gates on the pipeline's own feed-forward activations")
 
     def apply(self, model: Model, backbone: Backbone, keep: float = 0.1) -> Layer:
         from un0_bench.backbones.pipeline import CALIBRATION_PROMPTS

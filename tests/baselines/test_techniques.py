@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from un0_bench.backbones.digits import DigitsBackbone
 from un0_bench.harness.counters.ops import OpCounter
 from un0_bench.harness.errors import StackError

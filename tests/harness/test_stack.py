@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from un0_bench.backbones.digits import DigitsBackbone
 from un0_bench.harness.counters.ops import OpCounter
 from un0_bench.harness.errors import SpecError, StackError

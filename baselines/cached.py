@@ -135,6 +135,7 @@ class DeepCache(Technique):
     """``cached`` / ``cached:interval=N``."""
 
     name = "cached"
+    stacking = "after the base, on a UNet making 2 or more denoiser calls per image"
     params = {"interval": INTERVAL}
     denoisers = ("UNet2DModel", "UNet2DConditionModel")
 

@@ -171,6 +171,7 @@ class Distillation(Technique):
     """
 
     name = "distilled"
+    stacking = "right after sd at its default steps (its weights are a student of the teacher)"
     params = {"steps": STEPS}
     denoisers = ("UNet2DModel",)
 

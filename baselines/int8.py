@@ -499,6 +499,7 @@ class Int8(Technique):
     """``int8`` / ``int8:scales=static``: every Conv2d and Linear of the denoiser as an int8 kernel."""
 
     name = "int8"
+    stacking = "anywhere after the base; scales=static right after sd on digits only"
     params = {"scales": SCALES}
 
     def check(self, plan: Plan, params: dict[str, Any]) -> None:

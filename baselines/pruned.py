@@ -181,6 +181,7 @@ class ChannelPruning(Technique):
     """``pruned`` (``sd-pruned``): the shipped 50% channel-pruned network, fine-tuned from the teacher."""
 
     name = "pruned"
+    stacking = "right after sd (its weights are fine-tuned from the teacher)"
     denoisers = ("UNet2DModel",)
 
     def check(self, plan: Plan, params: dict[str, Any]) -> None:

@@ -19,34 +19,26 @@ from un0_bench.harness.errors import UserError
 
 
 # --- parsers of option values (the CLI's ``type=``) ---------------------------------------------
-def positive_int(text: str) -> int:
+def _number(text: str, kind: type, ok: Callable[[Any], bool], what: str) -> Any:
     try:
-        v = int(text)
+        v = kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if not ok(v):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
     return v
+
+
+def positive_int(text: str) -> int:
+    return _number(text, int, lambda v: v >= 1, "a positive integer")
 
 
 def non_negative(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (v >= 0 and math.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"expected a finite non-negative number, got {text}")
-    return v
+    return _number(text, float, lambda v: v >= 0 and math.isfinite(v), "a finite non-negative number")
 
 
 def finite(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
-    return v
+    return _number(text, float, math.isfinite, "a finite number")
 
 
 def csv(kind: Callable[[str], Any]) -> Callable[[str], list[Any]]:

@@ -13,7 +13,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+#: 2: records name their stack (`stack`, `model_canonical`) and no longer store a ledger (reports compute
+#: it from the run's settings); files of version 1 are read the same way.
+SCHEMA_VERSION = 2
 RESULTS_FILE = "results.jsonl"
 
 #: Fields every record has (later issues add fields; these names stay).

@@ -142,11 +142,13 @@ class Technique(abc.ABC):
         name: Registry name, as written in a stack (``sd+int8``); its one-line summary is the registry's.
         params: Spec parameters with their types, defaults and ranges.
         denoisers: Denoiser classes it applies to (empty: any).
+        stacking: Where it may stand in a stack, for ``un0-bench list``.
     """
 
     name: str = ""
     params: dict[str, Param] = {}
     denoisers: tuple[str, ...] = ()
+    stacking: str = "anywhere after the base"
 
     def check(self, plan: Plan, params: dict[str, Any]) -> None:
         """Refuse (``StackError`` with the reason) a plan this technique cannot apply to.
@@ -277,7 +279,9 @@ class DenoiserGenerator(Generator):
             "technique": "+".join(techniques) if techniques else self.technique,
             "steps": self.model.steps,
             "denoiser_class": type(d).__name__,
-            "parameters": sum(p.numel() for p in d.parameters()),
+            # Weights held as buffers count too: int8 layers keep their weights and biases that way.
+            "parameters": sum(p.numel() for p in d.parameters())
+            + sum(b.numel() for name, b in d.named_buffers() if name.rpartition(".")[2] in ("weight", "bias")),
             "layers": [layer.describe() for layer in self.layers],
             "phases": list(self.phases()),
         }

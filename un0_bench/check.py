@@ -25,9 +25,13 @@ GATE_BACKBONE = "digits"
 GATE_PROFILE = "horowitz-45nm"
 
 
+#: Stacks the gate counts besides every registered name: the suite's combined models.
+GATE_STACKS = ["sd-distilled+int8", "sd-distilled:steps=1+int8"]
+
+
 def gate_models() -> list[str]:
-    """Every registered generator available on the gate's backbone, at its defaults (plugins included)."""
-    return [e.name for e in GENERATORS if e.supports(GATE_BACKBONE)]
+    """Every registered generator on the gate's backbone at its defaults, and the suite's combined stacks."""
+    return [e.name for e in GENERATORS if e.supports(GATE_BACKBONE)] + GATE_STACKS
 
 
 def measure(models: list[str]) -> dict[str, dict[str, float]]:

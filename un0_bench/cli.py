@@ -123,13 +123,14 @@ def cmd_list(args: argparse.Namespace) -> int:
     table.add_column("name")
     table.add_column("what it is")
     table.add_column("parameters")
+    table.add_column("stacks")
     for kind in kinds:
         table.add_column(f"on {kind}")
     for e in TECHNIQUES:
         tech = TECHNIQUES.get(e.name)
         params = ", ".join(f"{k} ({p.valid_range()}, default {p.default})" for k, p in tech.params.items()) or "-"
         cells = ["yes" if e.supports(k) else f"no: {e.why_not(k)}" for k in kinds]
-        table.add_row(e.name, e.summary, params, *cells)
+        table.add_row(e.name, e.summary, params, tech.stacking, *cells)
     console.print(table)
     for title, reg in (("backbones", BACKBONES), ("training targets", TRAINERS)):
         table = Table(title=title, show_lines=False)

@@ -280,6 +280,7 @@ class ContextualSparsity(Technique):
     """``contextual:keep=F`` (``un0`` on pipelines): per-prompt gated feed-forward units."""
 
     name = "contextual"
+    stacking = "right after sd (its gates are calibrated on the pipeline's own activations)"
     params = {"keep": KEEP}
 
     def __init__(self, calibration_prompts: Sequence[str] | None = None, calibration_steps: int | None = None,

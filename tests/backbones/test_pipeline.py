@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
-
 from un0_bench.backbones.pipeline import (
     BUILTIN_PROMPTS,
     CALIBRATION_PROMPTS,
@@ -15,12 +15,29 @@ from un0_bench.backbones.pipeline import (
     read_prompts_file,
 )
 from un0_bench.backbones.tiny_pipeline import IMAGE_SIZE, make_tiny_clip, make_tiny_pipeline
+from un0_bench.harness.backbone import QualityOptions
 from un0_bench.harness.errors import PromptError, UserError
+from un0_bench.harness.generator import GenerationRequest, GenerationResult
+from un0_bench.harness.technique import Plan
 
 
-@pytest.fixture(scope="module")
+def tiny_pipeline_dir(tmp_path_factory) -> Path:
+    """The tiny pipeline folder, built once per test session and shared by every module that asks.
+
+    (Modules' session fixtures are separate fixtures, so the folder itself is the shared state: it
+    is built in a staging folder and renamed into place, so a failed build leaves nothing behind.)
+    """
+    path = tmp_path_factory.getbasetemp() / "tiny-sd"
+    if not path.is_dir():
+        staging = tmp_path_factory.mktemp("tiny-sd-build") / "tiny-sd"
+        make_tiny_pipeline(staging)
+        staging.rename(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
-    return make_tiny_pipeline(tmp_path_factory.mktemp("pipe") / "tiny-sd")
+    return tiny_pipeline_dir(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -164,11 +181,60 @@ def test_clip_quality_with_a_local_tiny_clip(tmp_path):
         clip_quality(images, prompts[:2], clip)
 
 
+# -- the base model, its sampler and quality ---------------------------------------------------------
+
+
+def test_plan_base_reads_the_denoiser_class_without_loading(backbone, monkeypatch):
+    monkeypatch.setattr(type(backbone), "load_pipeline", lambda self, dtype=None: pytest.fail("a pipeline loaded"))
+    assert backbone.plan_base(None) == Plan("diffusers", "UNet2DConditionModel", 50, weights="pipeline")
+    assert backbone.plan_base(3).steps == 3
+
+
+def test_base_model_holds_the_pipelines_own_denoiser(backbone):
+    from un0_bench.backbones.pipeline_sampler import PipelineSampler
+
+    model = backbone.base_model(2)
+    assert model.steps == 2 and model.layers == [] and model.derivation is None
+    assert model.denoiser is model.host.unet and type(model.host).__name__ == "StableDiffusionPipeline"
+    assert backbone.base_model(None).steps == 50  # StableDiffusionPipeline.__call__'s default
+    sampler = backbone.sampler(model)
+    assert isinstance(sampler, PipelineSampler) and sampler.model is model
+    sampler.close()
+
+
+def _options(**kw):
+    return QualityOptions(**{"samples": 4, "seeds": 1, "fid_ratio": 1.25, "accuracy_drop": 0.03, **kw})
+
+
+def test_quality_options_are_checked_before_any_run(backbone, tmp_path):
+    backbone.check_quality_options(_options())
+    with pytest.raises(UserError, match="--quality-seeds applies to the digits backbone"):
+        backbone.check_quality_options(_options(seeds=2))
+    with pytest.raises(UserError, match="no such folder"):
+        backbone.check_quality_options(_options(clip=str(tmp_path / "no-clip")))
+    backbone.check_quality_options(_options(clip=str(tmp_path)))
+
+
+def test_quality_is_the_clip_score_of_the_measured_images(backbone, tmp_path):
+    clip = make_tiny_clip(tmp_path / "clip")
+    images = torch.rand(2, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(1))
+    measured = GenerationResult(images=images, prompts=("a cat", "a dog"))
+    assert backbone.evaluate_quality(None, measured, _options()) is None  # no --clip: not measured
+    assert backbone.quality_missing_reason(_options()) == "no --clip model given: energy is not quality-matched"
+    assert backbone.evaluate_quality(None, measured, _options(samples=0, clip=str(clip))) is None
+    assert backbone.quality_missing_reason(_options(samples=0)) == "--quality-samples 0"
+    q = backbone.evaluate_quality(None, measured, _options(clip=str(clip)))
+    assert q == clip_quality(images, ["a cat", "a dog"], str(clip))
+    # Matched: a CLIP score at most accuracy_drop (relative) below the reference's; no second criterion.
+    ref = {"clip_score": 20.0}
+    assert backbone.quality_band({"clip_score": 19.5}, ref, _options()) == (True, None)
+    assert backbone.quality_band({"clip_score": 19.3}, ref, _options()) == (False, None)
+
+
 @pytest.mark.gpu
 def test_cuda_fp16_pipeline(tiny_dir):
-    from un0_bench.baselines.pipeline_techniques import build_sd
-    from un0_bench.harness.generator import GenerationRequest
+    from un0_bench.harness.stack import make_generator
 
     bb = PipelineBackbone(str(tiny_dir), device="cuda", dtype="fp16")
-    out = build_sd(bb, steps=2).generate(GenerationRequest(("a cat",), seed=0))
+    out = make_generator("sd:steps=2", bb).generate(GenerationRequest(("a cat",), seed=0))
     assert out.images.shape == (1, 3, IMAGE_SIZE, IMAGE_SIZE) and out.images.dtype == torch.float32

@@ -1,4 +1,11 @@
-"""Techniques on a real pipeline's denoiser, run on the tiny pipeline built from configs."""
+"""The pipeline sampler (a pipeline's own ``__call__``) and the techniques on its denoiser, on the tiny pipeline.
+
+Every technique is the one implementation the digits backbone uses too; what is checked here is
+what it does to a real diffusers pipeline: int8 quantises every Conv2d and Linear of the UNet,
+DeepCache skips its deep blocks, magnitude pruning zeroes half of each weight and saves nothing,
+the 16-bit casts stop at the denoiser's boundary, and per-phase measurement sees the text
+encoder, every denoiser call and the VAE decode. (un0's contextual sparsity: tests/un0_impl/test_contextual.py.)
+"""
 
 from __future__ import annotations
 
@@ -6,32 +13,59 @@ import json
 
 import pytest
 import torch
-
 from un0_bench.backbones.pipeline import PipelineBackbone
-from un0_bench.backbones.tiny_pipeline import IMAGE_SIZE, make_tiny_pipeline
-from un0_bench.baselines import pipeline_techniques as pt
+from un0_bench.backbones.pipeline_sampler import PipelineSampler
+from un0_bench.backbones.tiny_pipeline import IMAGE_SIZE
+from un0_bench.baselines.int8 import Int8Conv2d, Int8Linear
 from un0_bench.harness.counters.ops import OpCounter
-from un0_bench.harness.errors import UserError
+from un0_bench.harness.errors import SpecError, StackError
 from un0_bench.harness.generator import GenerationRequest
 from un0_bench.harness.meters.proxy import ProxyMeter
 from un0_bench.harness.meters.wall import WallMeter
+from un0_bench.harness.protocol import count_ops, measure_phases
+from un0_bench.harness.registry import GENERATORS, TECHNIQUES
+from un0_bench.harness.stack import build, make_generator, resolve
+
+from tests.backbones.test_pipeline import tiny_pipeline_dir
 from tests.contract import GeneratorContract
 
 STEPS = 2
+SD = f"sd:steps={STEPS}"
 PROMPTS = ("a cat", "a red bicycle", "a lighthouse at dusk")
+#: Two batches (2 + 1 prompts), so every per-batch reset is exercised.
 REQUEST = GenerationRequest(PROMPTS, seed=0, batch_size=2)
 #: For comparisons of counted work (a counting pass costs a Python call per op).
 ONE = GenerationRequest(("a cat",), seed=0)
+FLOAT_LAYERS = (torch.nn.Conv2d, torch.nn.Linear)
+#: The ops of an nn.Conv2d / nn.Linear that carry its multiply-adds.
+MATMULS = ("aten.convolution.default", "aten.addmm.default", "aten.mm.default")
+#: What DeepCache skips on a cached call of the tiny two-level UNet.
+DEEP_BLOCKS = ("down_blocks.0.downsamplers", "down_blocks.1", "mid_block", "up_blocks.0")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread while this module runs: the tiny pipeline's ops are too small to share between
+    threads, and on a busy 2-core host two threads run them up to 20x slower (measured)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    return tiny_pipeline_dir(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
-def backbone(tmp_path_factory):
-    return PipelineBackbone(str(make_tiny_pipeline(tmp_path_factory.mktemp("pipe") / "tiny-sd")))
+def backbone(tiny_dir):
+    return PipelineBackbone(str(tiny_dir))
 
 
 @pytest.fixture(scope="module")
 def sd(backbone):
-    return pt.build_sd(backbone, steps=STEPS)
+    return make_generator(SD, backbone)
 
 
 @pytest.fixture(scope="module")
@@ -40,20 +74,18 @@ def sd_images(sd):
 
 
 @pytest.fixture(scope="module")
-def un0(backbone):
-    return pt.build_un0(backbone, keep=0.25, steps=STEPS, calibration_prompts=pt_calibration(), meter_calibration=False)
+def sd_counts(sd):
+    return count_ops(sd, ONE)
 
 
-def pt_calibration() -> tuple[str, ...]:
-    from un0_bench.backbones.pipeline import CALIBRATION_PROMPTS
+@pytest.fixture
+def nothing_loads(backbone, monkeypatch):
+    """A refused stack must be refused from its plan, before any pipeline loads."""
+    monkeypatch.setattr(type(backbone), "load_pipeline", lambda self, dtype=None: pytest.fail("a pipeline loaded"))
 
-    return CALIBRATION_PROMPTS[:6]
 
-
-def flops(generator, request=REQUEST):
-    with OpCounter() as c:
-        generator.generate(request)
-    return c.counts(images=len(request.prompts))
+def _float_layers(denoiser):
+    return [(n, m) for n, m in denoiser.named_modules() if type(m) in FLOAT_LAYERS]
 
 
 class _PipelineContract(GeneratorContract):
@@ -68,15 +100,9 @@ class TestPipelineContract(_PipelineContract):
         return sd
 
 
-class TestUn0Contract(_PipelineContract):
-    @pytest.fixture
-    def generator(self, un0):
-        return un0
-
-
 @pytest.fixture(scope="module")
 def cached(backbone):
-    return pt.build_cached(backbone, steps=3, interval=2)
+    return make_generator("sd:steps=3+cached:interval=2", backbone)
 
 
 class TestCachedContract(_PipelineContract):
@@ -85,23 +111,33 @@ class TestCachedContract(_PipelineContract):
         return cached
 
 
-# -- sd -------------------------------------------------------------------------------------------
+# -- the sampler ------------------------------------------------------------------------------------
 
 
 def test_sd_defaults_to_the_pipelines_own_steps(backbone):
-    gen = pt.build_sd(backbone)
-    assert gen.steps == 50  # StableDiffusionPipeline.__call__'s default
-    d = gen.describe()
-    assert json.loads(json.dumps(d)) == d
-    assert d["pipeline"] == "StableDiffusionPipeline" and d["scheduler"] == "DDIMScheduler"
-    assert (d["height"], d["width"], d["guidance_scale"]) == (IMAGE_SIZE, IMAGE_SIZE, 7.5)
+    stack = resolve("sd", backbone)
+    assert stack.canonical == "sd:steps=50" and stack.plan.steps == 50  # StableDiffusionPipeline.__call__'s default
+    gen = build(stack, backbone)
+    try:
+        assert isinstance(gen, PipelineSampler) and gen.spec == "sd" and gen.model.steps == 50
+        d = gen.describe()
+        assert json.loads(json.dumps(d)) == d
+        assert d["technique"] == "diffusion" and d["steps"] == 50 and d["layers"] == []
+        assert d["phases"] == ["text_encoder", "denoise_step", "vae_decode"]
+        assert d["pipeline"] == "StableDiffusionPipeline" and d["scheduler"] == "DDIMScheduler"
+        assert (d["denoiser"], d["denoiser_class"]) == ("unet", "UNet2DConditionModel")
+        assert (d["height"], d["width"], d["guidance_scale"]) == (IMAGE_SIZE, IMAGE_SIZE, 7.5)
+        assert (d["dtype"], d["pipeline_dtype"], d["device"]) == ("fp32", "fp32", "cpu")
+        assert d["backbone"] == backbone.name
+    finally:
+        gen.close()
 
 
 def test_phase_hook_brackets_every_phase(sd):
     events = []
     sd.phase_hook = lambda kind, phase: events.append((kind, phase))
     try:
-        sd.generate(GenerationRequest(("a cat",), seed=0))
+        sd.generate(ONE)
     finally:
         sd.phase_hook = None
     # Classifier-free guidance encodes the prompt and the empty negative prompt; one denoiser call per step.
@@ -116,168 +152,199 @@ def test_images_depend_on_the_seed_of_each_image(sd, sd_images):
     torch.testing.assert_close(shifted[0], sd_images[2], atol=1e-5, rtol=0)
 
 
-def test_factories_refuse_other_backbones_and_unsupported_names():
-    class Digits:
-        kind, name = "digits", "digits"
+def test_close_removes_every_hook_of_the_sampler(backbone):
+    model = backbone.base_model(1)
+    pipe = model.host
+    sampler = backbone.sampler(model)
+    assert "decode" in vars(pipe.vae)  # the instance's vae.decode is wrapped into a phase
+    assert len(model.denoiser._forward_pre_hooks) == len(model.denoiser._forward_hooks) == 1
+    assert len(pipe.text_encoder._forward_pre_hooks) == len(pipe.text_encoder._forward_hooks) == 1
+    sampler.close()
+    assert "decode" not in vars(pipe.vae)
+    assert not model.denoiser._forward_pre_hooks and not model.denoiser._forward_hooks
+    assert not pipe.text_encoder._forward_pre_hooks and not pipe.text_encoder._forward_hooks
 
-    with pytest.raises(UserError, match="runs on diffusers:PATH backbones"):
-        pt.build_sd(Digits())
-    assert {"sd-pruned", "sd-distilled", "un0-osc"} <= set(pt.NOT_SUPPORTED)
-    assert "fine-tuning" in pt.NOT_SUPPORTED["sd-pruned"]
+
+# -- stacks: what resolves, what is refused ----------------------------------------------------------
+
+
+def test_stacks_resolve_to_one_canonical_text(backbone, nothing_loads):
+    assert resolve("sd-int8+cached", backbone).canonical == "sd:steps=50+int8:scales=dynamic+cached:interval=3"
+    assert resolve("sd-cached:steps=20", backbone).canonical == "sd:steps=20+cached:interval=3"
+    assert resolve("sd:steps=2+cached:interval=2", backbone).canonical == "sd:steps=2+cached:interval=2"
+    assert resolve("sd-pruned-unstructured", backbone).canonical == "sd:steps=50+pruned-unstructured:sparsity=0.5"
+    assert resolve("sd-bf16", backbone).canonical == "sd:steps=50+bf16"
+    assert resolve("sd-fp16:steps=4", backbone).canonical == "sd:steps=4+fp16"
+
+
+@pytest.mark.parametrize("name", ["sd-pruned", "sd-distilled", "un0-osc", "noise", "real"])
+def test_unsupported_names_are_refused_with_their_reason(backbone, nothing_loads, name):
+    why = GENERATORS.entry(name).why_not("diffusers")
+    assert why and not why.startswith("it is available on")  # each name says why, not just where it runs
+    with pytest.raises(StackError) as e:
+        make_generator(name, backbone)
+    assert str(e.value) == f"{name} is not available on diffusers backbones: {why}"
+
+
+def test_techniques_that_cannot_apply_are_refused_with_their_reason(backbone, nothing_loads):
+    for tech in ("pruned", "distilled"):
+        why = TECHNIQUES.entry(tech).why_not("diffusers")
+        with pytest.raises(StackError) as e:
+            resolve(f"sd+{tech}", backbone)
+        assert str(e.value) == f"sd+{tech}: {tech} is not available on diffusers backbones: {why}"
+    with pytest.raises(StackError, match=r"use int8 \(dynamic scales\)"):
+        resolve("sd+int8:scales=static", backbone)
+    with pytest.raises(StackError, match="1 call per image, so there is nothing to reuse"):
+        resolve("sd:steps=1+cached", backbone)
+    with pytest.raises(SpecError, match="interval must be an integer >= 1"):
+        resolve("sd+cached:interval=0", backbone)
+    with pytest.raises(StackError, match=r"sparsity must be in \[0, 1\)"):
+        resolve("sd+pruned-unstructured:sparsity=1", backbone)
+    with pytest.raises(StackError, match="int8 appears twice"):
+        resolve("sd-int8+int8", backbone)
 
 
 # -- dtype, int8, pruning ----------------------------------------------------------------------------
 
 
-def test_fp16_denoiser(backbone, sd_images):
-    gen = pt.build_fp16(backbone, steps=STEPS)
-    assert gen.describe()["dtype"] == "fp16" and gen.describe()["pipeline_dtype"] == "fp32"
-    counts = flops(gen, ONE)
+def test_fp16_denoiser(backbone, sd_counts, sd_images):
+    gen = make_generator(f"sd-fp16:steps={STEPS}", backbone)
+    d = gen.describe()
+    assert d["technique"] == "fp16" and d["dtype"] == "fp16" and d["pipeline_dtype"] == "fp32"
+    counts = count_ops(gen, ONE)
+    assert counts.flops() == sd_counts.flops()  # a cast adds no counted work
     by_dtype = counts.flops_by_dtype()
     assert by_dtype["float16"] > by_dtype["float32"]  # the denoiser dominates
     torch.testing.assert_close(gen.generate(REQUEST).images, sd_images, atol=0.02, rtol=0)
 
 
 def test_bf16_denoiser_is_cast_at_its_boundary(backbone):
-    gen = pt.build_bf16(backbone, steps=1)
-    out = gen.generate(GenerationRequest(("a cat",), seed=0)).images
-    assert gen.denoiser.dtype == torch.bfloat16 and out.dtype == torch.float32
+    gen = make_generator("sd-bf16:steps=1", backbone)
+    unet = gen.model.denoiser
+    inside, outside = [], []
+    unet.conv_in.register_forward_pre_hook(lambda m, args: inside.append(args[0].dtype))
+    unet.register_forward_hook(lambda m, args, out: outside.append(out[0].dtype))  # after the cast back
+    out = gen.generate(ONE).images
+    assert unet.dtype == torch.bfloat16 and out.dtype == torch.float32
+    assert inside == [torch.bfloat16] and outside == [torch.float32]  # what the scheduler sees is float32
+    assert gen.pipe.vae.dtype == gen.pipe.text_encoder.dtype == torch.float32
 
 
-def test_int8_quantizes_every_linear_of_the_denoiser(backbone, sd, sd_images):
-    n_linear = sum(type(m) is torch.nn.Linear for m in sd.denoiser.modules())
-    gen = pt.build_int8(backbone, steps=STEPS)
-    q = gen.describe()["quantization"]
-    assert q["quantized_layers"] == n_linear and q["skipped_layers"] == []
-    assert q["backend"].startswith("torch._int_mm")
-    assert not any(type(m) is torch.nn.Linear for m in gen.denoiser.modules())
-    assert flops(gen, ONE).flops_by_dtype()["int8"] > 0
-    torch.testing.assert_close(gen.generate(REQUEST).images, sd_images, atol=0.05, rtol=0)
+def test_int8_quantizes_every_conv_and_linear_of_the_denoiser(backbone, sd, sd_images):
+    float_layers = {n for n, _ in _float_layers(sd.model.denoiser)}
+    gen = make_generator(f"sd-int8:steps={STEPS}", backbone)
+    q = gen.describe()["layers"][0]
+    assert q["technique"] == "int8" and q["params"] == {"scales": "dynamic"}
+    # Convolutions too (the old pipeline copy left them, most of a UNet's FLOPs, in float).
+    assert q["int8_layers"] == len(float_layers) and q["skipped_layers"] == []
+    assert q["kernel"].startswith("torch._int_mm")
+    unet = gen.model.denoiser
+    assert {n for n, m in unet.named_modules() if isinstance(m, (Int8Conv2d, Int8Linear))} == float_layers
+    assert not _float_layers(unet)
+    # Every multiply-add of those layers now runs in int8: exactly as many as sd runs in float.
+    with OpCounter(root=sd.model.denoiser) as c:
+        sd.generate(ONE)
+    float_mm = sum(s.flops for s in c.counts(images=1).stats if s.module in float_layers and s.op in MATMULS)
+    with OpCounter(root=unet) as c:
+        gen.generate(ONE)
+    counts = c.counts(images=1)
+    assert counts.flops_by_dtype()["int8"] == float_mm > 0
+    assert {s.module for s in counts.stats if s.dtype == "int8"} == float_layers
+    # Per-channel weights, per-token / per-image inputs: close to sd (measured max |diff| 0.06).
+    torch.testing.assert_close(gen.generate(REQUEST).images, sd_images, atol=0.1, rtol=0)
 
 
-def test_int8_linear_matches_float_closely():
+def test_dynamic_int8_layers_match_float_and_do_not_depend_on_the_batch():
     torch.manual_seed(0)
-    lin = torch.nn.Linear(32, 16)
-    x = torch.randn(3, 5, 32)
-    q = pt.Int8Linear(lin)
-    # Per-channel weights and per-token activations at 8 bits: about 1% relative error.
+    lin, conv = torch.nn.Linear(32, 16), torch.nn.Conv2d(8, 16, 3, padding=1)
+    ql, qc = Int8Linear.from_float(lin, torch.ones(1), None), Int8Conv2d.from_float(conv, torch.ones(1), None)
+    x, img = torch.randn(3, 5, 32), torch.randn(2, 8, 6, 6)
     with torch.no_grad():
-        err = (q(x) - lin(x)).norm() / lin(x).norm()
-    assert float(err) < 0.02
-    assert q(x).shape == (3, 5, 16)
+        for q, f, inp in ((ql, lin, x), (qc, conv, img)):
+            y = q(inp)
+            assert y.shape == f(inp).shape
+            # Per-channel weights and per-token (per-image) activations at 8 bits: about 1% relative error.
+            assert float((y - f(inp)).norm() / f(inp).norm()) < 0.02
+            # Dynamic scales come from each token (image) alone: a row's output does not depend on the others.
+            assert torch.equal(q(inp[:1]), y[:1])
 
 
-def test_unstructured_pruning_saves_nothing(backbone, sd, sd_images):
-    gen = pt.build_pruned_unstructured(backbone, steps=STEPS)
-    p = gen.describe()["pruning"]
-    assert p["sparsity"] == pytest.approx(0.5, abs=0.01)
-    assert flops(gen, ONE).flops() == flops(sd, ONE).flops()  # dense kernels multiply the zeros
+def test_unstructured_pruning_zeros_half_of_every_weight_and_saves_nothing(backbone, sd, sd_counts, sd_images):
+    gen = make_generator(f"sd-pruned-unstructured:steps={STEPS}", backbone)
+    dense, pruned = _float_layers(sd.model.denoiser), _float_layers(gen.model.denoiser)
+    assert [n for n, _ in dense] == [n for n, _ in pruned]
+    p = gen.describe()["layers"][0]
+    assert p["params"] == {"sparsity": 0.5} and p["pruned_layers"] == len(pruned)
+    assert not any(bool((m.weight == 0).any()) for _, m in dense)  # the tiny pipeline has no zeros of its own
+    for (name, d), (_, m) in zip(dense, pruned, strict=True):
+        w, w0 = m.weight.detach(), d.weight.detach()
+        zero = w == 0
+        assert int(zero.sum()) == w.numel() // 2, name  # floor(0.5 * numel) in every layer
+        assert torch.equal(w[~zero], w0[~zero]), name  # the rest untouched
+        assert float(w0.abs()[zero].max()) <= float(w0.abs()[~zero].min()), name  # the smallest went
+    assert p["weight_sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert count_ops(gen, ONE).flops() == sd_counts.flops()  # dense kernels multiply the zeros
     assert not torch.equal(gen.generate(REQUEST).images, sd_images)
-    with pytest.raises(UserError, match="sparsity"):
-        pt.build_pruned_unstructured(backbone, steps=STEPS, sparsity=1.0)
 
 
 # -- sd-cached ------------------------------------------------------------------------------------------
 
 
 def test_cached_interval_1_is_the_plain_pipeline(backbone, sd_images):
-    gen = pt.build_cached(backbone, steps=STEPS, interval=1)
+    gen = make_generator(f"sd:steps={STEPS}+cached:interval=1", backbone)
     assert torch.equal(gen.generate(REQUEST).images, sd_images)
 
 
-def test_cached_skips_the_deep_blocks_and_restores_them(backbone, sd):
-    steps = 4
-    plain = pt.build_sd(backbone, steps=steps)
-    gen = pt.build_cached(backbone, steps=steps, interval=2)
-    before = [type(b).__name__ for b in (*gen.denoiser.down_blocks, gen.denoiser.mid_block, *gen.denoiser.up_blocks)]
-    f_cached, f_plain = flops(gen, ONE).flops(), flops(plain, ONE).flops()
-    after = [type(b).__name__ for b in (*gen.denoiser.down_blocks, gen.denoiser.mid_block, *gen.denoiser.up_blocks)]
-    assert before == after  # stubs never outlive a cached call
-    assert gen.full_calls > 0 and gen.cached_calls > 0
-    assert f_cached < 0.9 * f_plain
-    assert gen.describe()["full_share"] == 0.5
-    with pytest.raises(UserError, match="interval"):
-        pt.build_cached(backbone, steps=steps, interval=0)
+def test_cached_skips_the_deep_blocks_and_restores_them(backbone, sd, sd_counts):
+    gen = make_generator(f"sd:steps={STEPS}+cached:interval=2", backbone)  # per batch: one full, one cached call
+    unet = gen.model.denoiser
+
+    def blocks():
+        return [b for b in (*unet.down_blocks, unet.mid_block, *unet.up_blocks, unet.down_blocks[0].downsamplers)]
+
+    before = blocks()
+    full_calls = []
+    unet.mid_block.register_forward_hook(lambda *a: full_calls.append(1))
+    f_cached = count_ops(gen, ONE).flops()
+    assert blocks() == before  # the stubs never outlive a cached call
+    assert len(full_calls) == 1
+    # The saving is exactly the deep blocks' work on one call (the shallow branch does the same work).
+    with OpCounter(root=sd.model.denoiser) as c:
+        sd.generate(ONE)
+    deep = sum(s.flops for s in c.counts(images=1).stats
+               if any(s.module == p or s.module.startswith(p + ".") for p in DEEP_BLOCKS))
+    assert deep > 0 and sd_counts.flops() - f_cached == deep // STEPS
+    assert f_cached < 0.95 * sd_counts.flops()
+    # The first call of every batch refreshes the cache: two batches, two full calls.
+    gen.generate(GenerationRequest(PROMPTS[:2], seed=0, batch_size=1))
+    assert len(full_calls) == 3
+    layer = gen.describe()["layers"][0]
+    assert (layer["full_calls_per_image"], layer["cached_calls_per_image"], layer["full_share"]) == (1, 1, 0.5)
 
 
-# -- un0 -------------------------------------------------------------------------------------------------
-
-
-def test_un0_gating_is_counted_as_gating(un0, sd):
-    un0.reset_cache()
-    cold = flops(un0)
-    assert cold.flops("gating") > 0 and cold.bytes_moved("gating") > 0
-    warm = flops(un0)  # every prompt cached: no gate, no gather
-    assert warm.flops("gating") == 0
-    assert flops(un0, ONE).flops() < flops(sd, ONE).flops()
-    stats = un0.cache_stats()
-    assert stats["entries"] == len(PROMPTS) and stats["bytes_held"] > 0 and stats["hits"] >= len(PROMPTS)
-    un0.reset_cache()
-    assert un0.cache_stats()["entries"] == 0
-
-
-def test_un0_keep_sets_depend_on_the_prompt(un0):
-    un0.reset_cache()
-    un0.generate(REQUEST)
-    subs = [un0._cache[p] for p in PROMPTS]
-    kept = [[tuple(s.w_out[0].tolist()) for s in layer] for layer in subs]
-    assert any(kept[0][i] != kept[1][i] for i in range(len(kept[0])))
-    d = un0.describe()
-    assert d["gated_layers"] == 4 and d["activations"] == ["GEGLU"]
-    assert d["kept_units"] == pytest.approx(0.25 * d["hidden_units"], abs=d["gated_layers"])
-
-
-def test_un0_keep_1_equals_the_pipeline(backbone, sd_images):
-    gen = pt.build_un0(backbone, keep=1.0, steps=STEPS, calibration_prompts=pt_calibration()[:2],
-                       meter_calibration=False)
-    torch.testing.assert_close(gen.generate(REQUEST).images, sd_images, atol=1e-5, rtol=0)
-    with pytest.raises(UserError, match="keep"):
-        pt.build_un0(backbone, keep=0.0, steps=STEPS)
-
-
-def test_un0_calibration_is_metered_into_its_derivation(backbone, monkeypatch):
-    import un0_bench.harness.training
-
-    monkeypatch.setattr(harness.training, "_TRAINING_METERS", ("wall",))  # skip the slow whole-host meters
-    gen = pt.build_un0(backbone, keep=0.5, steps=STEPS, calibration_prompts=pt_calibration()[:2])
-    meta = gen.derivation()
-    assert meta["calibration"]["prompts"] == 2 and meta["calibration"]["steps"] == STEPS
-    assert meta["energy"]["wall"]["status"] == "ok"
-    assert meta["energy"]["proxy"]["energy_j"] > 0 and meta["energy"]["proxy"]["flops"] > 0
+def test_int8_and_cached_stack(backbone, sd_counts):
+    gen = make_generator(f"sd-int8:steps={STEPS}+cached:interval=2", backbone)
+    assert gen.spec == f"sd-int8:steps={STEPS}+cached:interval=2" and gen.describe()["technique"] == "int8+cached"
+    counts = count_ops(gen, ONE)
+    assert counts.flops_by_dtype()["int8"] > 0.3 * counts.flops()
+    assert counts.flops() < sd_counts.flops()
 
 
 # -- per-phase measurement -------------------------------------------------------------------------------
 
 
-def test_measure_phases_un0_cold(un0):
-    res = pt.measure_phases(un0, REQUEST, [ProxyMeter(), WallMeter()], cold=True)
-    assert set(res) == {"text_encoder", "gate", "denoise_step", "vae_decode", "other"}
-    batches = len(REQUEST.batches())
-    assert res["denoise_step"]["calls"] == STEPS * batches
-    assert res["gate"]["calls"] == batches and res["vae_decode"]["calls"] == batches
-    for phase in un0.phases():
-        assert res[phase]["energy_j"]["proxy"] > 0, phase
-        assert res[phase]["energy_j"]["wall"] is None  # time only
-        assert res[phase]["duration_s"] > 0
-    assert res["gate"]["gating_flops"] == res["gate"]["flops"] > 0
-    # Phases plus "other" account for exactly the counted work of the whole call.
-    un0.reset_cache()
-    total = flops(un0).flops()
-    assert sum(r["flops"] for r in res.values()) == total
-
-
-def test_measure_phases_sd(sd):
-    res = pt.measure_phases(sd, GenerationRequest(("a cat",), seed=0), {"proxy": ProxyMeter()})
+def test_measure_phases_sd(sd, sd_counts):
+    res = measure_phases(sd, ONE, {"proxy": ProxyMeter(), "wall": WallMeter()})
     assert set(res) == {"text_encoder", "denoise_step", "vae_decode", "other"}
-    assert res["text_encoder"]["calls"] == 2  # prompt and negative prompt
+    assert [res[p]["calls"] for p in sd.phases()] == [2, STEPS, 1]  # prompt and negative prompt; steps; decode
     assert res["denoise_step"]["energy_j"]["proxy"] > res["text_encoder"]["energy_j"]["proxy"] > 0
-
-
-@pytest.mark.gpu
-def test_int8_on_cuda(tmp_path):
-    bb = PipelineBackbone(str(make_tiny_pipeline(tmp_path / "tiny")), device="cuda")
-    gen = pt.build_int8(bb, steps=STEPS)
-    assert gen.generate(GenerationRequest(("a cat",), seed=0)).images.shape == (1, 3, IMAGE_SIZE, IMAGE_SIZE)
+    for phase in sd.phases():
+        assert res[phase]["energy_j"]["wall"] is None  # time only
+        assert res[phase]["duration_s"] > 0 and res[phase]["status"] == {"proxy": "ok", "wall": "ok"}
+        assert res[phase]["gating_flops"] == 0
+    assert res["other"]["energy_j"]["wall"] is None and res["other"]["status"]["wall"] == "not windowed: between phases"
+    # Phases plus "other" account for exactly the counted work of the whole call.
+    assert sum(r["flops"] for r in res.values()) == sd_counts.flops()
 
 
 def test_measure_phases_sums_each_windows_energy(sd):
@@ -287,8 +354,15 @@ def test_measure_phases_sums_each_windows_energy(sd):
     # Each window reads the counter at (2k, 2k + 1) joules and seconds: 1 J and 1 s per window.
     seq = SequenceMeter(energy_j=[float(i) for i in range(10)], times_s=[float(i) for i in range(10)])
     seq.min_window_s = 10.0  # pretend the counter updates slower than any window here
-    res = pt.measure_phases(sd, GenerationRequest(("a cat",), seed=0), [seq])
+    res = measure_phases(sd, ONE, [seq])
     assert {p: res[p]["energy_j"]["seq"] for p in sd.phases()} == {"text_encoder": 2.0, "denoise_step": 2.0,
                                                                     "vae_decode": 1.0}
     assert all(res[p]["below_resolution"] == ["seq"] for p in sd.phases())
     assert res["other"]["energy_j"]["seq"] is None  # between phases nothing but the proxy can price
+
+
+@pytest.mark.gpu
+def test_int8_on_cuda(tiny_dir):
+    bb = PipelineBackbone(str(tiny_dir), device="cuda")
+    gen = make_generator(f"sd-int8:steps={STEPS}", bb)
+    assert gen.generate(ONE).images.shape == (1, 3, IMAGE_SIZE, IMAGE_SIZE)

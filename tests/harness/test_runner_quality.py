@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-
 from un0_bench.backbones.pipeline import PipelineBackbone
 from un0_bench.harness.backbone import Backbone, QualityOptions
 from un0_bench.harness.generator import GenerationRequest, GenerationResult, Generator

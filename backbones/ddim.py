@@ -110,9 +110,7 @@ class DigitsSampler(DenoiserGenerator):
         schedule = self.model.sampler.get("schedule")
         sampler = "DDIM (eta=0)" if schedule is None else (
             f"DDIM (eta=0) at timesteps {list(schedule[0])}, predicting {list(schedule[1])}")
-        dtype = next(self.model.denoiser.parameters()).dtype
-        return {**super().describe(), "backbone": "digits", "sampler": sampler,
-                "dtype": str(dtype).removeprefix("torch.")}
+        return {**super().describe(), "backbone": "digits", "sampler": sampler}
 
 
 def ddim_sample(unet: torch.nn.Module, steps: int, noise: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

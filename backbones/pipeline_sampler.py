@@ -103,9 +103,9 @@ class PipelineSampler(DenoiserGenerator):
     def describe(self) -> dict[str, Any]:
         from un0_bench.backbones.pipeline_parts import dtype_label
 
-        dtype = next(self.model.denoiser.parameters()).dtype
+        d = super().describe()
         return {
-            **super().describe(),
+            **d,
             "backbone": self.backbone.name,
             "pipeline": type(self.pipe).__name__,
             "scheduler": type(self.pipe.scheduler).__name__,
@@ -115,5 +115,6 @@ class PipelineSampler(DenoiserGenerator):
             "device": str(self.device),
             "pipeline_dtype": dtype_label(self.pipeline_dtype),
             "denoiser": self.denoiser_name,
-            "dtype": dtype_label(dtype),
+            # The backbone's --dtype names (fp16, bf16, fp32), or int8 for int8 weights.
+            "dtype": "int8" if d["dtype"] == "int8" else dtype_label(next(self.model.denoiser.parameters()).dtype),
         }

@@ -173,6 +173,13 @@ class Technique(abc.ABC):
         """Change ``model`` in place and return the layer describing the change."""
 
 
+def denoiser_dtype(denoiser: nn.Module) -> str:
+    """``"int8"`` when the denoiser's weights are int8 buffers, else its parameters' dtype (``"bfloat16"``)."""
+    if any(b.dtype == torch.int8 for name, b in denoiser.named_buffers() if name.endswith("weight")):
+        return "int8"
+    return str(next(denoiser.parameters()).dtype).removeprefix("torch.")
+
+
 class DenoiserGenerator(Generator):
     """A backbone's sampler around a :class:`Model`: calls every layer's hooks, emits phases.
 
@@ -282,6 +289,7 @@ class DenoiserGenerator(Generator):
             # Weights held as buffers count too: int8 layers keep their weights and biases that way.
             "parameters": sum(p.numel() for p in d.parameters())
             + sum(b.numel() for name, b in d.named_buffers() if name.rpartition(".")[2] in ("weight", "bias")),
+            "dtype": denoiser_dtype(d),
             "layers": [layer.describe() for layer in self.layers],
             "phases": list(self.phases()),
         }

@@ -1,7 +1,6 @@
 import pytest
 import torch
 from diffusers import UNet2DModel
-
 from un0_bench.backbones.digits import DigitsBackbone
 from un0_bench.baselines.cached import DeepCache
 from un0_bench.harness.counters.ops import OpCounter
@@ -9,7 +8,8 @@ from un0_bench.harness.errors import SpecError, StackError
 from un0_bench.harness.generator import GenerationRequest
 from un0_bench.harness.stack import make_generator, resolve
 from un0_bench.harness.technique import Model
-from tests.baselines.test_diffusion import TINY, TinyDigits, tiny, tiny_unet
+
+from tests.baselines.test_diffusion import TINY, TinyDigits, tiny
 from tests.contract import GeneratorContract
 
 
@@ -114,11 +114,12 @@ def test_reuse_changes_the_images_but_not_much():
 
 def test_interval_3_counts_full_calls_plus_shallow_calls():
     req = GenerationRequest(("1", "2"), seed=0, batch_size=2)
+    plain_gen, cached_gen = tiny("sd:steps=3"), tiny("sd:steps=3+cached:interval=3")
     with OpCounter() as c:
-        tiny("sd:steps=3").generate(req)
+        plain_gen.generate(req)
     plain = c.counts(images=2).flops()
     with OpCounter() as c:
-        tiny("sd:steps=3+cached:interval=3").generate(req)
+        cached_gen.generate(req)
     cached = c.counts(images=2).flops()
     # Call 0 is full (1/3 of the plain run's work); calls 1 and 2 run the shallow branch.
     # Hand count of the shallow branch's convolutions for one image of TINY (16x16 = 256 pixels,
@@ -146,8 +147,9 @@ def test_cached_teacher_counts_fewer_flops():
     req = GenerationRequest(("7",), seed=0, batch_size=1)
     flops = {}
     for text in ("sd:steps=4", "sd-cached:steps=4,interval=2"):
+        gen = make_generator(text, backbone)
         with OpCounter() as c:
-            make_generator(text, backbone).generate(req)
+            gen.generate(req)
         flops[text] = c.counts(images=1).flops()
     # Calls 0 and 2 are full, 1 and 3 shallow: half the full calls, plus two shallow ones.
     ratio = flops["sd-cached:steps=4,interval=2"] / flops["sd:steps=4"]

@@ -10,7 +10,6 @@ import json
 import pytest
 import torch
 from diffusers import UNet2DModel
-
 from un0_bench.backbones.ddim import DigitsSampler, ddim_sample
 from un0_bench.backbones.digits import DEFAULT_STEPS, IMAGE_SHAPE, DigitsBackbone
 from un0_bench.backbones.teacher import make_scheduler
@@ -19,6 +18,7 @@ from un0_bench.harness.errors import SpecError
 from un0_bench.harness.generator import GenerationRequest, image_noise
 from un0_bench.harness.stack import make_generator, resolve
 from un0_bench.harness.technique import Model
+
 from tests.contract import GeneratorContract
 
 TINY = dict(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
@@ -34,12 +34,13 @@ def tiny_unet(seed: int = 0) -> UNet2DModel:
 class TinyDigits(DigitsBackbone):
     """The digits backbone whose base model is a random tiny UNet (``tiny_unet(seed)``); reads no weights file.
 
-    Techniques that ship their own weights (``pruned``, ``distilled``, ``int8:scales=static``) need the
-    real backbone; every other technique stacks on this one exactly as on the teacher.
+    Techniques that ship their own weights (``pruned``, ``distilled``, ``int8:scales=static``) read them
+    from ``weights_dir`` (the shipped folder by default), where they were made for the teacher; every
+    other technique stacks on this one exactly as on the teacher.
     """
 
-    def __init__(self, seed: int = 0, derivation: dict | None = None) -> None:
-        super().__init__()
+    def __init__(self, seed: int = 0, derivation: dict | None = None, weights_dir=None) -> None:
+        super().__init__(weights_dir=weights_dir)
         self.seed, self.derivation = seed, derivation
 
     def base_model(self, steps: int | None) -> Model:
@@ -104,8 +105,9 @@ def test_steps_scale_the_work():
     req = GenerationRequest(("1", "2"), seed=0, batch_size=2)
     flops = {}
     for steps in (2, 4):
+        gen = tiny(f"sd:steps={steps}")
         with OpCounter() as c:
-            tiny(f"sd:steps={steps}").generate(req)
+            gen.generate(req)
         flops[steps] = c.counts(images=2).flops()
     # Work is dominated by the per-step UNet forward: twice the steps, close to twice the FLOPs.
     assert flops[4] / flops[2] == pytest.approx(2.0, rel=0.01)

@@ -1,18 +1,16 @@
+import functools
 import hashlib
 import json
 
 import pytest
 import torch
-
 import un0_bench.backbones.teacher as teacher_module
+from un0_bench.backbones.ddim import DigitsSampler, ddim_step
 from un0_bench.backbones.digits import DigitsBackbone
 from un0_bench.backbones.teacher import make_scheduler
 from un0_bench.baselines.distilled import (
     SAMPLERS,
-    DistilledGenerator,
     StudentSampler,
-    build,
-    ddim_step,
     distill_loss,
     distill_student,
     pack_int8,
@@ -22,9 +20,11 @@ from un0_bench.baselines.distilled import (
     unpack_int8,
 )
 from un0_bench.harness.checkpoints import load_checkpoint
-from un0_bench.harness.errors import SpecError
+from un0_bench.harness.errors import SpecError, StackError
 from un0_bench.harness.generator import GenerationRequest
-from un0_bench.harness.spec import ModelSpec, bind
+from un0_bench.harness.stack import make_generator, resolve
+from un0_bench.harness.technique import Model
+
 from tests.baselines.test_diffusion import TINY, tiny_unet
 from tests.contract import GeneratorContract
 
@@ -32,11 +32,17 @@ from tests.contract import GeneratorContract
 TINY_JSON = json.loads(json.dumps(TINY))
 
 
+def student(unet, sampler: StudentSampler) -> DigitsSampler:
+    """The digits sampler running ``unet`` on a student's schedule, as ``distilled`` sets it up."""
+    return DigitsSampler(Model(denoiser=unet, steps=sampler.steps,
+                               sampler={"schedule": (sampler.timesteps, sampler.predictions)}))
+
+
 class TestDistilledContract(GeneratorContract):
     @pytest.fixture
     def generator(self):
         # A random tiny UNet stands in for a trained student: the contract is about the plumbing.
-        return DistilledGenerator(tiny_unet(), StudentSampler((999, 499), ("epsilon", "epsilon")))
+        return student(tiny_unet(), StudentSampler((999, 499), ("epsilon", "epsilon")))
 
 
 def tiny_pairs(n: int = 20, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -65,7 +71,6 @@ def test_bad_samplers_are_refused(timesteps, predictions):
 @pytest.mark.parametrize("prediction", ["epsilon", "sample"])
 def test_ddim_step_is_diffusers_with_the_clipped_model_output(prediction):
     from diffusers import DDIMScheduler
-
     from un0_bench.backbones.teacher import SCHEDULER_CONFIG
 
     sched = DDIMScheduler(**{**SCHEDULER_CONFIG, "prediction_type": prediction, "timestep_spacing": "trailing"})
@@ -80,11 +85,30 @@ def test_ddim_step_is_diffusers_with_the_clipped_model_output(prediction):
 
 def test_one_step_student_outputs_its_clipped_x0_prediction():
     # With one step from t = 999 to alpha = 1, DDIM returns the network's x0 prediction, clipped.
-    gen = DistilledGenerator(tiny_unet(), StudentSampler((999,), ("sample",)))
+    gen = student(tiny_unet(), StudentSampler((999,), ("sample",)))
     noise, labels = torch.randn(2, 1, 16, 16), torch.tensor([3, 8])
     with torch.no_grad():
-        x0 = gen.unet(noise, torch.full((2,), 999), class_labels=labels).sample
+        x0 = gen.model.denoiser(noise, torch.full((2,), 999), class_labels=labels).sample
     torch.testing.assert_close(gen.sample(noise, labels), x0.clamp(-1, 1), atol=1e-5, rtol=0)
+
+
+def test_student_schedule_is_ddim_step_at_its_timesteps():
+    # The sampler's explicit schedule: one denoiser call per timestep, each stepped by ddim_step with
+    # its own prediction, the last one to the clean image.
+    sampler = StudentSampler((900, 400), ("epsilon", "sample"))
+    unet = tiny_unet().eval()
+    gen = student(tiny_unet(), sampler)
+    noise, labels = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(3)), torch.tensor([1, 6])
+    alphas = make_scheduler().alphas_cumprod
+    x = noise
+    with torch.no_grad():
+        out = unet(x, torch.full((2,), 900), class_labels=labels).sample
+        x, _ = ddim_step(alphas, x, out, 900, 400, "epsilon")
+        out = unet(x, torch.full((2,), 400), class_labels=labels).sample
+        x, _ = ddim_step(alphas, x, out, 400, None, "sample")
+    assert torch.equal(gen.sample(noise, labels), x)
+    d = gen.describe()
+    assert d["steps"] == 2 and d["sampler"] == "DDIM (eta=0) at timesteps [900, 400], predicting ['epsilon', 'sample']"
 
 
 def test_rollout_inputs_are_step_major():
@@ -145,17 +169,32 @@ def test_noise_target_makes_the_ddim_x0_the_teacher_image():
 @pytest.mark.parametrize("text, match", [
     ("sd-distilled:steps=3", r"steps must be 4 or 1"),
     ("sd-distilled:steps=2", r"steps must be 4 or 1"),
+    ("sd+distilled:steps=2", r"steps must be 4 or 1"),
     ("sd-distilled:steps=0", r"steps must be an integer >= 1 and <= 4"),
     ("sd-distilled:steps=8", r"steps must be an integer >= 1 and <= 4"),
 ])
 def test_unshipped_step_counts_are_refused(text, match):
-    # Through the factory's declared schema (as the registry binds it), then the factory itself.
+    # Refused when the stack is resolved, before any weights load.
     with pytest.raises(SpecError, match=match):
-        build(DigitsBackbone(), **bind(ModelSpec.parse(text), build.params))
+        resolve(text, DigitsBackbone())
 
 
 def test_default_is_the_4_step_student():
-    assert bind(ModelSpec.parse("sd-distilled"), build.params) == {"steps": 4}
+    stack = resolve("sd-distilled", DigitsBackbone())
+    assert stack.canonical == "sd:steps=50+distilled:steps=4"
+    assert stack.plan.steps == 4 and stack.plan.weights == "sd-distilled-4"
+    # sd-distilled:steps=K is the student's steps (distilled takes steps; it is the last layer that does).
+    assert resolve("sd-distilled:steps=1", DigitsBackbone()).canonical == "sd:steps=50+distilled:steps=1"
+
+
+@pytest.mark.parametrize("text, match", [
+    ("sd:steps=20+distilled", r"sd:steps=20 before it\s+would be ignored"),
+    ("sd:steps=4+bf16+distilled", r"must\s+come right after sd"),
+    ("sd-pruned+distilled", r"must\s+come right after sd"),
+])
+def test_a_student_replaces_the_teacher_so_it_comes_first(text, match):
+    with pytest.raises(StackError, match=match):
+        resolve(text, DigitsBackbone())
 
 
 def test_train_writes_both_students_that_build_loads(tmp_path, monkeypatch):
@@ -185,27 +224,51 @@ def test_train_writes_both_students_that_build_loads(tmp_path, monkeypatch):
         assert saved["storage"].startswith("int8")
         packed, _ = load_checkpoint(tmp_path / f"sd-distilled-{k}.safetensors")
         assert packed["conv_in.weight"].dtype == torch.int8 and packed["conv_in.bias"].dtype == torch.float32
-        gen = build(DigitsBackbone(weights_dir=tmp_path), steps=k)
-        assert gen.steps == k and gen.derivation()["student_steps"] == k
+        gen = make_generator(f"sd-distilled:steps={k}", DigitsBackbone(weights_dir=tmp_path))
+        assert gen.model.steps == k and gen.derivation()["student_steps"] == k
+        assert gen.model.sampler["schedule"] == (SAMPLERS[k].timesteps, SAMPLERS[k].predictions)
+        # The student's weights are the saved EMA weights, unpacked.
+        for name, w in unpack_int8(packed).items():
+            assert torch.equal(gen.model.denoiser.state_dict()[name], w), name
         out = gen.generate(GenerationRequest(("4", "5"), seed=0, batch_size=2)).images
         assert out.shape == (2, 1, 16, 16)
 
 
+REQUEST = GenerationRequest(tuple(str(i % 10) for i in range(20)), seed=0, batch_size=20)
+
+
+@functools.cache
+def _sd_images(steps: int) -> torch.Tensor:
+    return make_generator(f"sd:steps={steps}", DigitsBackbone()).generate(REQUEST).images
+
+
 @pytest.mark.parametrize("steps", [4, 1])
 def test_shipped_students_reproduce_the_teacher(steps):
-    from un0_bench.baselines.diffusion import build as build_sd
-
     backbone = DigitsBackbone()
     if not backbone.weights(f"sd-distilled-{steps}").is_file():
         pytest.skip("sd-distilled is not trained yet (un0-bench train sd-distilled)")
     assert backbone.weights(f"sd-distilled-{steps}").stat().st_size < 2_000_000  # int8 storage
-    req = GenerationRequest(tuple(str(i % 10) for i in range(20)), seed=0, batch_size=20)
-    student = build(backbone, steps=steps).generate(req).images
-    teacher = build_sd(backbone, steps=50).generate(req).images
+    gen = make_generator(f"sd-distilled:steps={steps}", backbone)
+    assert gen.model.steps == steps and gen.describe()["technique"] == "distilled"
+    student_images = gen.generate(REQUEST).images
+    teacher = _sd_images(50)
     # Same noise, same image: the students learned the teacher's noise -> image map. Measured on the
     # shipped files (mean |difference| in [0, 1]): 0.014 for 4 steps, 0.036 for 1 step, and 0.045
     # for the untrained teacher at 4 steps (sd:steps=4), which the students must beat.
-    diff = float((student - teacher).abs().mean())
+    diff = float((student_images - teacher).abs().mean())
     assert diff < {4: 0.025, 1: 0.042}[steps]
-    fewer_steps = build_sd(backbone, steps=4).generate(req).images
-    assert diff < float((fewer_steps - teacher).abs().mean())
+    assert diff < float((_sd_images(4) - teacher).abs().mean())
+
+
+def test_shipped_student_with_int8_runs_the_student_in_int8():
+    backbone = DigitsBackbone()
+    gen = make_generator("sd-distilled+int8", backbone)
+    plain = make_generator("sd-distilled", backbone)
+    d = gen.describe()
+    assert d["technique"] == "distilled+int8" and d["steps"] == 4
+    assert [layer["params"] for layer in d["layers"]] == [{"steps": 4}, {"scales": "dynamic"}]
+    # Dynamic scales need no calibration: the derivation is still the student's training.
+    assert gen.derivation() == plain.derivation() and gen.derivation()["student_steps"] == 4
+    req = GenerationRequest(("2", "7"), seed=0, batch_size=2)
+    a, b = gen.generate(req).images, plain.generate(req).images
+    assert not torch.equal(a, b) and float((a - b).abs().mean()) < 0.03

@@ -1,20 +1,16 @@
-import functools
+import json
 
 import pytest
 import torch
 import torch.nn.functional as F
+import un0_bench.backbones.teacher as teacher_module
 from torch import nn
-
 from un0_bench.backbones.digits import DigitsBackbone, load_data
-from un0_bench.baselines.diffusion import DiffusionGenerator
-from un0_bench.baselines.quantized import (
+from un0_bench.baselines.int8 import (
     INT8_SCHEME,
     Int8Conv2d,
-    Int8DiffusionGenerator,
     Int8Linear,
-    LowPrecisionGenerator,
     TimestepBucket,
-    build_int8,
     calibrate_activations,
     calibrate_int8,
     calibration_batches,
@@ -22,24 +18,52 @@ from un0_bench.baselines.quantized import (
     quantize_unet,
     quantize_weight,
 )
+from un0_bench.harness.checkpoints import save_checkpoint
 from un0_bench.harness.counters.ops import OpCounter
 from un0_bench.harness.counters.records import Counts
-from un0_bench.harness.errors import CheckpointError, UserError
+from un0_bench.harness.errors import CheckpointError, SpecError, StackError, UserError
 from un0_bench.harness.generator import GenerationRequest
 from un0_bench.harness.meters.proxy import get_profile, proxy_energy
-from tests.baselines.test_diffusion import tiny_unet
+from un0_bench.harness.stack import make_generator, resolve
+
+from tests.baselines.test_diffusion import TINY, TinyDigits, tiny, tiny_unet
 from tests.contract import GeneratorContract
 
+#: TINY as it reads back from a JSON metadata file (tuples become lists).
+TINY_JSON = json.loads(json.dumps(TINY))
+#: One calibration timestep in each of the ten buckets of the shipped scheme.
+BUCKET_TIMESTEPS = [950, 850, 750, 650, 550, 450, 350, 250, 150, 50]
 
-def tiny_int8(steps: int = 2, n_buckets: int = 2) -> tuple[Int8DiffusionGenerator, nn.Module]:
-    """The tiny UNet calibrated in memory on 4 batches of 8 real digits, one bucket per 500 timesteps."""
-    unet = tiny_unet()
+
+def _layers(unet: nn.Module) -> list[nn.Module]:
+    return [m for m in unet.modules() if type(m) in (nn.Conv2d, nn.Linear)]
+
+
+@pytest.fixture(scope="module")
+def static_dir(tmp_path_factory):
+    """A weights folder for ``int8:scales=static`` on :class:`TinyDigits`: the tiny UNet calibrated in
+    memory on 10 batches of 8 real digits, one per timestep bucket of the shipped scheme."""
+    folder = tmp_path_factory.mktemp("tiny-int8")
+    (folder / "teacher.safetensors").write_bytes(b"stands in for the tiny teacher's weights")  # hashed only
     data = load_data()
-    bucket = TimestepBucket(n_buckets)
-    batches = calibration_batches(data.train_images[:64], data.train_labels[:64], [900, 400], batches=4,
-                                  batch_size=8, seed=0)
+    bucket = TimestepBucket(INT8_SCHEME["timestep_buckets"])
+    batches = calibration_batches(data.train_images[:64], data.train_labels[:64], BUCKET_TIMESTEPS,
+                                  batches=len(BUCKET_TIMESTEPS), batch_size=8, seed=0)
+    unet = tiny_unet()
     scales = calibrate_activations(unet, batches, bucket)
-    return Int8DiffusionGenerator(quantize_unet(unet, scales, bucket), bucket, steps=steps), unet
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(teacher_module, "UNET_CONFIG", TINY_JSON)
+        config = int8_config(folder / "teacher.safetensors")
+    save_checkpoint(folder / "sd-int8.safetensors", quantize_unet(unet, scales, bucket).state_dict(),
+                    {"config": config, "energy": {}, "kind": "test calibration"})
+    return folder
+
+
+def tiny_static(folder, steps: int = 2):
+    """``sd:steps=N+int8:scales=static`` on TinyDigits, reading the calibration in ``folder``."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(teacher_module, "UNET_CONFIG", TINY_JSON)  # the config the calibration file must match
+        return make_generator(f"sd:steps={steps}+int8:scales=static", TinyDigits(weights_dir=folder))
 
 
 class TestBf16Contract(GeneratorContract):
@@ -48,18 +72,27 @@ class TestBf16Contract(GeneratorContract):
 
     @pytest.fixture
     def generator(self):
-        return LowPrecisionGenerator(tiny_unet(), steps=2, metadata=None, dtype=torch.bfloat16)
+        return tiny("sd:steps=2+bf16")
 
 
-@functools.cache
-def _shared_tiny_int8() -> Int8DiffusionGenerator:
-    return tiny_int8()[0]
+class TestFp16Contract(GeneratorContract):
+    batch_atol = 1e-2
 
-
-class TestInt8Contract(GeneratorContract):
     @pytest.fixture
     def generator(self):
-        return _shared_tiny_int8()  # calibrated once: the contract only reads it
+        return tiny("sd:steps=2+fp16")
+
+
+class TestInt8StaticContract(GeneratorContract):
+    @pytest.fixture
+    def generator(self, static_dir):
+        return tiny_static(static_dir)
+
+
+class TestInt8DynamicContract(GeneratorContract):
+    @pytest.fixture
+    def generator(self):
+        return tiny("sd:steps=2+int8")
 
 
 # -- numerics ----------------------------------------------------------------------------------
@@ -122,16 +155,69 @@ def test_activation_scale_follows_the_timestep_bucket():
         bucket.set(torch.tensor([10, 20]))
 
 
-def test_quantized_unet_tracks_the_float_unet():
-    gen, unet = tiny_int8(steps=4)
+def test_dynamic_linear_scales_each_token_by_hand():
+    lin = nn.Linear(2, 2)
+    with torch.no_grad():
+        # Rows with max |w| = 127: weight scale 1.0 per output channel, so the int8 weight is w itself.
+        lin.weight.copy_(torch.tensor([[127.0, -63.0], [10.0, 127.0]]))
+        lin.bias.copy_(torch.tensor([0.5, -1.0]))
+    q = Int8Linear.from_float(lin, torch.ones(1), None)  # bucket None: dynamic scales
+    assert q.dynamic and torch.equal(q.weight, lin.weight.to(torch.int8))
+    x = torch.tensor([[[254.0, -126.0], [1.27, 0.3]]])  # (1, 2 tokens, 2)
+    with torch.no_grad():
+        y = q(x)
+    # Token 0: scale 254 / 127 = 2, codes (127, -63).
+    #   out 0: 127*127 + (-63)(-63) = 20,098 -> 20,098 * 2 + 0.5 = 40,196.5
+    #   out 1: 127*10 + (-63)*127 = -6,731   -> -6,731 * 2 - 1   = -13,463
+    # Token 1: scale 1.27 / 127 = 0.01, codes (127, 30).
+    #   out 0: 127*127 + 30*(-63) = 14,239   -> 142.39 + 0.5 = 142.89
+    #   out 1: 127*10 + 30*127 = 5,080       -> 50.80 - 1   = 49.80
+    # (One scale for the whole tensor, 2, would code token 1 as (1, 0) and give (254.5, 19).)
+    expected = torch.tensor([[[40196.5, -13463.0], [142.89, 49.80]]])
+    assert y.shape == (1, 2, 2) and y.dtype == torch.float32
+    torch.testing.assert_close(y, expected, atol=1e-4, rtol=0)
+    # Per token: a token's output does not depend on the other tokens.
+    with torch.no_grad():
+        assert torch.equal(q(x[:, 1:]), y[:, 1:])
+
+
+def test_dynamic_conv_scales_each_image_by_hand():
+    conv = nn.Conv2d(1, 1, 1)
+    with torch.no_grad():
+        conv.weight.fill_(1.0)  # int8 code 127, weight scale 1/127
+        conv.bias.fill_(0.25)
+    q = Int8Conv2d.from_float(conv, torch.ones(1), None)
+    x = torch.tensor([[[[2.54, -1.0]]], [[[0.127, 0.05]]]])  # (2 images, 1, 1, 2)
+    with torch.no_grad():
+        y = q(x)
+    # Image 0: scale 2.54 / 127 = 0.02, codes (127, -50): 2.54 and -1.0 exactly, + 0.25.
+    # Image 1: scale 0.127 / 127 = 0.001, codes (127, 50): 0.127 and 0.05 exactly, + 0.25.
+    # (Image 0's scale for both would code image 1 as (6, 2): 0.12 and 0.04.)
+    expected = torch.tensor([[[[2.79, -0.75]]], [[[0.377, 0.30]]]])
+    torch.testing.assert_close(y, expected, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        assert torch.equal(q(x[1:]), y[1:])  # per image: the batch does not matter
+
+
+@pytest.mark.parametrize("text", ["sd:steps=4+int8:scales=static", "sd:steps=4+int8"])
+def test_quantized_unet_tracks_the_float_unet(text, static_dir):
+    gen = tiny_static(static_dir, steps=4) if "static" in text else tiny(text)
     req = GenerationRequest(("1", "4", "7", "9"), seed=0, batch_size=4)
     a = gen.generate(req).images
-    b = DiffusionGenerator(unet, steps=4).generate(req).images
+    b = tiny("sd:steps=4").generate(req).images
     # Random tiny UNet, 4 DDIM steps, images in [0, 1]: int8 stays within a few percent on average.
     assert float((a - b).abs().mean()) < 0.03
+    assert not torch.equal(a, b)
     d = gen.describe()
-    assert d["dtype"] == "int8" and d["int8_layers"] == sum(isinstance(m, (nn.Conv2d, nn.Linear))
-                                                           for m in unet.modules())
+    (layer,) = d["layers"]
+    assert d["technique"] == "int8" and layer["params"] == {"scales": "static" if "static" in text else "dynamic"}
+    float_layers = _layers(tiny_unet())
+    assert layer["int8_layers"] == len(float_layers) and layer["skipped_layers"] == []
+    assert layer["int8_parameters"] == sum(m.weight.numel() for m in float_layers)
+    assert not _layers(gen.model.denoiser)  # no float Conv2d or Linear is left
+    # Quantising changes how weights are stored, not how many there are (int8 weights are buffers).
+    assert d["parameters"] == sum(p.numel() for p in tiny_unet().parameters())
+    assert ("10 timestep buckets" in layer["activations"]) == ("static" in text)
 
 
 def test_calibration_must_cover_every_bucket():
@@ -151,13 +237,36 @@ def test_calibration_with_too_few_batches_is_refused_before_it_runs(tmp_path):
     assert not out.exists()
 
 
+# -- the stack ---------------------------------------------------------------------------------
+
+
+def test_stack_names_and_refusals():
+    backbone = DigitsBackbone()
+    assert resolve("sd-int8", backbone).canonical == "sd:steps=50+int8:scales=static"
+    assert resolve("sd+int8", backbone).canonical == "sd:steps=50+int8:scales=dynamic"
+    assert resolve("sd-distilled+int8", backbone).plan.layers == ["sd", "distilled", "int8"]
+    assert resolve("sd-pruned+int8", backbone).plan.layers == ["sd", "pruned", "int8"]
+    # Static scales were calibrated on the teacher's own activations.
+    for text in ("sd-distilled+int8:scales=static", "sd-pruned+int8:scales=static"):
+        with pytest.raises(StackError, match="calibrated for the digits teacher"):
+            resolve(text, backbone)
+    with pytest.raises(StackError, match="must come right after sd"):
+        resolve("sd:steps=2+bf16+int8:scales=static", backbone)
+    with pytest.raises(StackError, match="appears twice"):
+        resolve("sd-int8+int8", backbone)
+    with pytest.raises(SpecError, match="scales must be one of dynamic, static"):
+        resolve("sd+int8:scales=half", backbone)
+
+
 # -- counting and the proxy --------------------------------------------------------------------
 
 
-def test_counter_records_int8_matmul_with_hand_count():
+@pytest.mark.parametrize("bucket", [TimestepBucket(1), None], ids=["static", "dynamic"])
+def test_counter_records_int8_matmul_with_hand_count(bucket):
     lin = nn.Linear(24, 40)
-    q = Int8Linear.from_float(lin, torch.tensor([0.05]), TimestepBucket(1))
-    conv = Int8Conv2d.from_float(nn.Conv2d(8, 16, 3, stride=2, padding=1), torch.tensor([0.05]), TimestepBucket(1))
+    q = Int8Linear.from_float(lin, torch.tensor([0.05]) if bucket else torch.ones(1), bucket)
+    conv = Int8Conv2d.from_float(nn.Conv2d(8, 16, 3, stride=2, padding=1),
+                                 torch.tensor([0.05]) if bucket else torch.ones(1), bucket)
     with torch.no_grad(), OpCounter() as c:
         q(torch.randn(3, 5, 24))
         conv(torch.randn(2, 8, 9, 9))
@@ -189,19 +298,48 @@ def test_proxy_charges_int8_matmul_less_by_the_table_ratio():
     assert e_int8 / e_fp32 == pytest.approx(0.05, rel=1e-9)
 
 
-def test_int8_unet_work_is_mostly_int8():
-    gen, _ = tiny_int8()
+@pytest.mark.parametrize("policy", ["static", "dynamic"])
+def test_int8_unet_work_is_mostly_int8(policy, static_dir):
+    gen = tiny_static(static_dir) if policy == "static" else tiny("sd:steps=2+int8")
     with OpCounter() as c:
         gen.generate(GenerationRequest(("1", "2"), seed=0, batch_size=2))
-    by_dtype = c.counts(images=2).flops_by_dtype()
+    counts = c.counts(images=2)
+    by_dtype = counts.flops_by_dtype()
     # Convolutions and linears dominate even the tiny UNet; the rest (norms, SiLU, quantisation,
     # attention, DDIM update) stays float32.
     assert by_dtype["int8"] > by_dtype["float32"]
     assert "bfloat16" not in by_dtype
+    # Every Conv2d and Linear runs as one int8 matmul per denoiser call: 2 steps.
+    calls = sum(s.calls for s in counts.stats if s.op == "aten._int_mm.default")
+    assert calls == 2 * len(_layers(tiny_unet()))
+
+
+def test_dynamic_int8_of_the_teacher_counts_int8_flops():
+    backbone = DigitsBackbone()
+    req = GenerationRequest(("3",), seed=0, batch_size=1)
+    counts = {}
+    for text in ("sd:steps=1", "sd:steps=1+int8"):
+        gen = make_generator(text, backbone)
+        with OpCounter() as c:
+            gen.generate(req)
+        counts[text] = c.counts(images=1)
+    plain, int8 = counts["sd:steps=1"], counts["sd:steps=1+int8"]
+    by_dtype = int8.flops_by_dtype()
+    assert by_dtype["int8"] > 2 * by_dtype["float32"]
+    # The int8 matmuls do exactly the multiply-adds of the float convolutions and linears they replace
+    # (a linear on (B, tokens, C) runs as bmm; the attention scores are the separate SDPA op).
+    dense = sum(s.flops for s in plain.stats if s.op in ("aten.convolution.default", "aten.addmm.default",
+                                                         "aten.mm.default", "aten.bmm.default"))
+    assert by_dtype["int8"] == dense
+    plain_gen = make_generator("sd:steps=1", backbone)
+    layers = _layers(plain_gen.model.denoiser)
+    assert make_generator("sd:steps=1+int8", backbone).describe()["parameters"] == plain_gen.describe()["parameters"]
+    assert sum(s.calls for s in int8.stats if s.op == "aten._int_mm.default") == len(layers)
+    assert not any(s.op == "aten._int_mm.default" for s in plain.stats)
 
 
 def test_bf16_ops_are_counted_as_bfloat16():
-    gen = LowPrecisionGenerator(tiny_unet(), steps=2, metadata=None, dtype=torch.bfloat16)
+    gen = tiny("sd:steps=2+bf16")
     with OpCounter() as c:
         gen.generate(GenerationRequest(("1", "2"), seed=0, batch_size=2))
     stats = c.counts(images=2).stats
@@ -210,7 +348,19 @@ def test_bf16_ops_are_counted_as_bfloat16():
     by_dtype = c.counts(images=2).flops_by_dtype()
     # The UNet is bf16; only the DDIM update (a few elementwise ops on (2, 1, 16, 16)) is float32.
     assert by_dtype["bfloat16"] > 100 * by_dtype.get("float32", 0)
-    assert gen.describe()["dtype"] == "bfloat16"
+    d = gen.describe()
+    assert d["dtype"] == "bfloat16" and d["technique"] == "bf16"
+    assert d["layers"][0]["dtype"] == "bfloat16" and d["layers"][0]["dtype_before"] == "float32"
+
+
+@pytest.mark.parametrize("half", ["bf16", "fp16"])
+def test_half_precision_tracks_float32(half):
+    req = GenerationRequest(("2", "6"), seed=0, batch_size=2)
+    a = tiny(f"sd:steps=3+{half}").generate(req).images
+    b = tiny("sd:steps=3").generate(req).images
+    assert a.dtype == torch.float32  # the denoiser's output comes back in the sampler's dtype
+    assert not torch.equal(a, b)
+    assert float((a - b).abs().mean()) < {"bf16": 0.02, "fp16": 0.002}[half]
 
 
 # -- the calibration file ----------------------------------------------------------------------
@@ -220,7 +370,6 @@ def test_bf16_ops_are_counted_as_bfloat16():
 def weights_dir(tmp_path):
     """A weights folder with a random full-size teacher and a matching sd-int8 file (unit scales)."""
     from un0_bench.backbones.teacher import UNET_CONFIG, build_unet
-    from un0_bench.harness.checkpoints import save_checkpoint
 
     torch.manual_seed(0)
     teacher = build_unet().eval()
@@ -230,47 +379,43 @@ def weights_dir(tmp_path):
               if type(m) in (nn.Conv2d, nn.Linear)}
     qunet = quantize_unet(teacher, scales, bucket)
     save_checkpoint(tmp_path / "sd-int8.safetensors", qunet.state_dict(),
-                    {"config": int8_config(tmp_path / "teacher.safetensors")})
+                    {"config": int8_config(tmp_path / "teacher.safetensors"), "kind": "test calibration"})
     return tmp_path
 
 
-def test_build_int8_loads_a_matching_file(weights_dir):
-    gen = build_int8(DigitsBackbone(weights_dir=weights_dir), steps=2)
-    assert isinstance(gen, Int8DiffusionGenerator)
-    layer = gen.unet.conv_in
-    assert isinstance(layer, Int8Conv2d) and layer.weight.dtype == torch.int8
+def test_sd_int8_loads_a_matching_file(weights_dir):
+    gen = make_generator("sd-int8:steps=2", DigitsBackbone(weights_dir=weights_dir))
+    layer = gen.model.denoiser.conv_in
+    assert isinstance(layer, Int8Conv2d) and layer.weight.dtype == torch.int8 and not layer.dynamic
     torch.testing.assert_close(layer.act_scale, torch.full((INT8_SCHEME["timestep_buckets"],), 0.05))
+    assert gen.derivation()["kind"] == "test calibration"  # the calibration's metadata, not the teacher's
 
 
-def test_build_int8_refuses_a_mismatched_calibration(weights_dir):
-    import json
-
+def test_sd_int8_refuses_a_mismatched_calibration(weights_dir):
     meta_file = weights_dir / "sd-int8.json"
     meta = json.loads(meta_file.read_text())
     meta["config"]["scheme"]["timestep_buckets"] = 4
     meta_file.write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="config does not match"):
-        build_int8(DigitsBackbone(weights_dir=weights_dir), steps=2)
+        make_generator("sd-int8:steps=2", DigitsBackbone(weights_dir=weights_dir))
 
 
-def test_build_int8_refuses_a_calibration_of_another_teacher(weights_dir):
+def test_sd_int8_refuses_a_calibration_of_another_teacher(weights_dir):
     from un0_bench.backbones.teacher import UNET_CONFIG, build_unet
-    from un0_bench.harness.checkpoints import save_checkpoint
 
     torch.manual_seed(1)  # a different teacher file: its hash no longer matches the calibration
     save_checkpoint(weights_dir / "teacher.safetensors", build_unet().state_dict(), {"config": UNET_CONFIG})
     with pytest.raises(CheckpointError, match="teacher_sha256"):
-        build_int8(DigitsBackbone(weights_dir=weights_dir), steps=2)
+        make_generator("sd-int8:steps=2", DigitsBackbone(weights_dir=weights_dir))
 
 
 @pytest.mark.slow
-def test_shipped_int8_stays_close_to_sd():
-    from un0_bench.baselines.diffusion import build
-
+@pytest.mark.parametrize("text", ["sd-int8", "sd+int8"])
+def test_shipped_int8_stays_close_to_sd(text):
     backbone = DigitsBackbone()
-    if not backbone.weights("sd-int8").is_file():
+    if text == "sd-int8" and not backbone.weights("sd-int8").is_file():
         pytest.skip("sd-int8 is not calibrated yet (un0-bench train sd-int8)")
     req = GenerationRequest(tuple(str(i % 10) for i in range(20)), seed=0, batch_size=20)
-    a = build_int8(backbone, steps=50).generate(req).images
-    b = build(backbone, steps=50).generate(req).images
+    a = make_generator(text, backbone).generate(req).images
+    b = make_generator("sd", backbone).generate(req).images
     assert float((a - b).abs().mean()) < 0.03

@@ -3,22 +3,24 @@ from collections import defaultdict
 
 import pytest
 import torch
-
+from un0_bench.backbones.ddim import DigitsSampler
+from un0_bench.backbones.digits import DigitsBackbone
 from un0_bench.baselines.pruned import (
-    PrunedGenerator,
-    UnstructuredGenerator,
     load_pruned,
     magnitude_prune_,
     prune_channels,
     pruned_architecture,
     pruned_config,
-    unstructured_derivation,
     weight_sparsity,
 )
 from un0_bench.harness.checkpoints import save_checkpoint
 from un0_bench.harness.counters.ops import OpCounter
-from un0_bench.harness.errors import CheckpointError
-from tests.baselines.test_diffusion import TINY, tiny_unet
+from un0_bench.harness.errors import CheckpointError, SpecError, StackError
+from un0_bench.harness.generator import GenerationRequest
+from un0_bench.harness.stack import make_generator, resolve
+from un0_bench.harness.technique import Model
+
+from tests.baselines.test_diffusion import TINY, tiny, tiny_unet
 from tests.contract import GeneratorContract
 
 # Two images at two timesteps, one conditioning label each.
@@ -40,15 +42,14 @@ def _count(unet):
 class TestStructuredContract(GeneratorContract):
     @pytest.fixture
     def generator(self):
-        return PrunedGenerator(prune_channels(tiny_unet()), steps=2, base_parameters=1)
+        # The pruned tiny network (untrained) in the digits sampler: the contract is about the plumbing.
+        return DigitsSampler(Model(denoiser=prune_channels(tiny_unet()), steps=2))
 
 
 class TestUnstructuredContract(GeneratorContract):
     @pytest.fixture
     def generator(self):
-        unet = tiny_unet()
-        magnitude_prune_(unet)
-        return UnstructuredGenerator(unet, steps=2, metadata=unstructured_derivation({"energy": {}}))
+        return tiny("sd:steps=2+pruned-unstructured")
 
 
 def test_structured_pruning_quarters_conv_flops_and_still_runs():
@@ -85,13 +86,6 @@ def test_frozen_network_is_pruned_and_stays_frozen():
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 
 
-def test_structured_describe():
-    d = PrunedGenerator(prune_channels(tiny_unet()), steps=2, base_parameters=1000).describe()
-    assert d["technique"] == "structured-pruning" and d["pruning"]["ratio"] == 0.5
-    assert d["block_out_channels"] == [4, 8]  # TINY's (8, 16), halved
-    assert d["parameters_vs_teacher"] == d["parameters"] / 1000
-
-
 def test_pruned_shapes_do_not_depend_on_weights():
     a = {k: v.shape for k, v in prune_channels(tiny_unet(seed=1)).state_dict().items()}
     b = {k: v.shape for k, v in pruned_architecture(TINY).state_dict().items()}
@@ -117,6 +111,37 @@ def test_pruned_checkpoint_round_trip_and_refusals(tmp_path):
     save_checkpoint(bad, tiny_unet().state_dict(), {"config": pruned_config(TINY), "energy": {}})
     with pytest.raises(CheckpointError, match="do not fit the pruned architecture"):
         load_pruned(bad, base_config=TINY)
+
+
+def test_sd_pruned_is_the_shipped_pruned_network():
+    from un0_bench.backbones.teacher import load_teacher
+
+    backbone = DigitsBackbone()
+    gen = make_generator("sd-pruned:steps=2", backbone)
+    shipped, meta = load_pruned(backbone.weights("sd-pruned"))
+    for (name, a), b in zip(gen.model.denoiser.state_dict().items(), shipped.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    d = gen.describe()
+    assert json.loads(json.dumps(d)) == d
+    assert d["technique"] == "pruned" and d["steps"] == 2
+    (layer,) = d["layers"]
+    assert layer["pruning"]["ratio"] == 0.5 and layer["kernels"] == "dense, on smaller tensors"
+    assert layer["block_out_channels"] == [16, 32, 32]  # the teacher's (32, 64, 64), halved
+    teacher, _ = load_teacher(backbone.weights("teacher"))
+    assert layer["parameters_vs_teacher"] == d["parameters"] / sum(p.numel() for p in teacher.parameters())
+    # Its derivation is the fine-tuning run, which includes the teacher's training.
+    assert gen.derivation() == meta and meta["kind"] == "digits-pruned"
+    assert "teacher" in meta["energy"]["includes"]
+
+
+def test_structured_pruning_must_come_right_after_sd():
+    backbone = DigitsBackbone()
+    assert resolve("sd-pruned", backbone).canonical == "sd:steps=50+pruned"
+    for text in ("sd:steps=4+bf16+pruned", "sd-distilled+pruned", "sd-pruned-unstructured+pruned"):
+        with pytest.raises(StackError, match="must come right after sd"):
+            resolve(text, backbone)
+    with pytest.raises(SpecError, match="unknown parameter 'ratio'"):
+        resolve("sd+pruned:ratio=0.3", backbone)
 
 
 def test_unstructured_zeros_half_of_every_layer_and_saves_no_flops():
@@ -145,32 +170,63 @@ def test_unstructured_zeros_half_of_every_layer_and_saves_no_flops():
     assert counts.bytes_moved() == dense.bytes_moved()
 
 
+def test_magnitude_pruning_breaks_ties_by_position():
+    lin = torch.nn.Linear(5, 1, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[0.5, -0.5, 0.5, 2.0, -0.5]]))
+    magnitude_prune_(lin, 0.5)  # floor(0.5 * 5) = 2 of the four tied 0.5s go: the first two
+    assert lin.weight.tolist() == [[0.0, 0.0, 0.5, 2.0, -0.5]]
+
+
 def test_unstructured_describe_and_derivation():
-    unet = tiny_unet()
-    magnitude_prune_(unet)
-    teacher_energy = {"wall": {"status": "ok", "energy_j": None, "duration_s": 12.0}}
-    gen = UnstructuredGenerator(unet, steps=2, metadata=unstructured_derivation({"energy": teacher_energy}))
+    teacher_meta = {"energy": {"wall": {"status": "ok", "energy_j": None, "duration_s": 12.0}}}
+    gen = tiny("sd-pruned-unstructured:steps=2", derivation=teacher_meta)
     d = gen.describe()
-    assert d["technique"] == "unstructured-pruning"
-    assert d["weight_sparsity"] == pytest.approx(0.5, abs=1e-3)
-    assert gen.derivation()["energy"] == {"includes": {"teacher": teacher_energy}}
+    assert d["technique"] == "pruned-unstructured"
+    (layer,) = d["layers"]
+    assert layer["params"] == {"sparsity": 0.5} and layer["weight_sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert layer["pruned_layers"] == sum(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))
+                                         for m in tiny_unet().modules())
+    assert weight_sparsity(gen.model.denoiser) == layer["weight_sparsity"]
+    # No training: zeroing weights is free, so the derivation is the base model's, unchanged.
+    assert gen.derivation() == teacher_meta
+    sparser = tiny("sd:steps=2+pruned-unstructured:sparsity=0.3").describe()["layers"][0]
+    assert sparser["weight_sparsity"] == pytest.approx(0.3, abs=1e-3)
 
 
-@pytest.mark.slow
+def test_unstructured_sparsity_is_checked():
+    backbone = DigitsBackbone()
+    with pytest.raises(StackError, match="would zero every weight"):
+        resolve("sd+pruned-unstructured:sparsity=1", backbone)
+    with pytest.raises(SpecError, match="sparsity must be a number >= 0 and <= 1"):
+        resolve("sd+pruned-unstructured:sparsity=1.5", backbone)
+    # Any denoiser can be pruned this way, after any technique.
+    assert resolve("sd-distilled+pruned-unstructured", backbone).plan.layers == ["sd", "distilled",
+                                                                                 "pruned-unstructured"]
+
+
+def test_unstructured_teacher_does_the_work_of_sd():
+    backbone = DigitsBackbone()
+    req = GenerationRequest(("5",), seed=0, batch_size=1)
+    counts = {}
+    for text in ("sd:steps=1", "sd-pruned-unstructured:steps=1"):
+        gen = make_generator(text, backbone)  # built outside the counter: zeroing the weights is not the work
+        with OpCounter() as c:
+            gen.generate(req)
+        counts[text] = c.counts(images=1)
+    assert counts["sd-pruned-unstructured:steps=1"].flops() == counts["sd:steps=1"].flops()
+
+
 def test_shipped_sd_pruned_is_a_quarter_of_sd():
-    from un0_bench.backbones.digits import DigitsBackbone
-    from un0_bench.baselines.diffusion import build
-    from un0_bench.baselines.pruned import PRUNED_FILE, build_structured
-    from un0_bench.harness.generator import GenerationRequest
-
-    if not PRUNED_FILE.is_file():
+    backbone = DigitsBackbone()
+    if not backbone.weights("sd-pruned").is_file():
         pytest.skip("sd-pruned weights not shipped")
     req = GenerationRequest(("digit 3",), seed=0, batch_size=1)
     flops = {}
-    for name, factory in (("sd", build), ("sd-pruned", build_structured)):
-        gen = factory(DigitsBackbone(), steps=2)
+    for text in ("sd:steps=2", "sd-pruned:steps=2"):
+        gen = make_generator(text, backbone)
         with OpCounter() as c:
             gen.generate(req)
-        flops[name] = c.counts(images=1).flops()
+        flops[text] = c.counts(images=1).flops()
     # Measured 0.259 on the digits teacher (convs / 4; conv_in, conv_out, attention scores / 2).
-    assert flops["sd-pruned"] / flops["sd"] == pytest.approx(0.259, abs=0.005)
+    assert flops["sd-pruned:steps=2"] / flops["sd:steps=2"] == pytest.approx(0.259, abs=0.005)

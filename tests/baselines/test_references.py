@@ -1,11 +1,12 @@
 import pytest
 import torch
-
 from un0_bench.backbones.digits import DigitsBackbone, load_data, to_unit
 from un0_bench.baselines.references import NoiseGenerator, RealGenerator, build_noise, build_real
 from un0_bench.harness.counters.ops import OpCounter
-from un0_bench.harness.errors import UserError
+from un0_bench.harness.errors import SpecError, StackError
 from un0_bench.harness.generator import GenerationRequest
+from un0_bench.harness.stack import make_generator, resolve
+
 from tests.contract import GeneratorContract
 
 
@@ -82,7 +83,21 @@ class _OtherBackbone:
     name = "diffusers:/nowhere"
 
 
-@pytest.mark.parametrize("build", [build_noise, build_real])
-def test_refuses_other_backbones(build):
-    with pytest.raises(UserError, match="not available on backbone"):
-        build(_OtherBackbone())
+@pytest.mark.parametrize("name, why", [
+    ("noise", "a quality floor for FID on digits"),
+    ("real", "held-out real digits; a pipeline backbone has no reference image set"),
+])
+def test_refuses_other_backbones(name, why):
+    # Refused when the stack is resolved, from the registry's entry, before anything is built.
+    with pytest.raises(StackError, match=f"{name} is not available on diffusers backbones: {why}"):
+        resolve(name, _OtherBackbone())
+
+
+@pytest.mark.parametrize("name", ["noise", "real"])
+def test_references_build_through_the_stack_and_take_no_techniques(name):
+    gen = make_generator(name, DigitsBackbone())
+    assert isinstance(gen, NoiseGenerator if name == "noise" else RealGenerator) and gen.spec == name
+    with pytest.raises(StackError, match=f"int8 transforms a diffusion denoiser; {name} has none"):
+        resolve(f"{name}+int8", DigitsBackbone())
+    with pytest.raises(SpecError, match=f"unknown parameter 'steps'; {name} accepts: none"):
+        resolve(f"{name}:steps=2", DigitsBackbone())

@@ -79,3 +79,70 @@ def test_proxy_is_bit_identical_and_scales_with_steps(capsys, tmp_path):
     assert proxy_j(tmp_path / "a", "sd") == proxy_j(tmp_path / "b", "sd")
     # The UNet forward dominates and runs once per step: 50 / 10 steps -> 5x the energy.
     assert proxy_j(tmp_path / "a", "sd") / proxy_j(tmp_path / "a", "sd:steps=10") == pytest.approx(5.0, rel=0.01)
+
+
+def _report_contexts(monkeypatch) -> list[dict]:
+    """Every context the report renders (the real render still runs)."""
+    import un0_bench.reports.html as html
+
+    seen: list[dict] = []
+    real = html.render
+    monkeypatch.setattr(html, "render", lambda ctx: seen.append(ctx) or real(ctx))
+    return seen
+
+
+def _compute_factors(context: dict) -> dict[str, float]:
+    return {row["model"]: row["factors"]["compute"] for row in context["ledgers"]["proxy"]}
+
+
+@needs_teacher
+def test_report_keeps_the_runs_reference_unless_overridden(capsys, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    code, _, err = run(capsys, "compare", "--models", "un0,sd:steps=2", "--reference", "un0", "--out", str(out),
+                       "--meters", "proxy", "--images", "4", "--batch-size", "4", "--quality-samples", "0",
+                       "--min-repeats", "1", "--min-duration", "0", "--idle", "0", "--no-report")
+    assert code == 0, err
+    recs = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert {r["config"]["run"]["reference"] for r in recs} == {"un0"}
+    compute = {r["model"]: r["proxy_j_per_image_by_part"]["compute"] for r in recs}
+    seen = _report_contexts(monkeypatch)
+    # `report DIR` reads the run's own reference: un0 stays 1x, sd:steps=2 is measured against it.
+    code, _, err = run(capsys, "report", str(out))
+    assert code == 0, err
+    assert seen[-1]["options"]["reference"] == "un0"
+    factors = _compute_factors(seen[-1])
+    assert factors["un0"] == 1.0
+    assert factors["sd:steps=2"] == pytest.approx(compute["un0"] / compute["sd:steps=2"]) and factors["sd:steps=2"] < 1
+    # --reference overrides it.
+    code, _, err = run(capsys, "report", str(out), "--reference", "sd:steps=2")
+    assert code == 0, err
+    factors = _compute_factors(seen[-1])
+    assert seen[-1]["options"]["reference"] == "sd:steps=2" and factors["sd:steps=2"] == 1.0
+    assert factors["un0"] == pytest.approx(compute["sd:steps=2"] / compute["un0"]) and factors["un0"] > 1
+
+
+def test_report_overrides_of_run_settings(capsys, tmp_path, monkeypatch):
+    from tests.reports.fixtures import proxy, write
+
+    run_cfg = {"reference": "un0", "pue": 1.2, "lifetime_images": 1000}
+    records = [proxy("sd", compute=1.0, memory=1.0, config={"run": run_cfg}),
+               proxy("un0", compute=0.001, memory=0.01, config={"run": run_cfg})]
+    write(tmp_path, records)
+    seen = _report_contexts(monkeypatch)
+    assert run(capsys, "report", str(tmp_path))[0] == 0
+    opts = seen[-1]["options"]
+    assert (opts["reference"], opts["pue"], opts["lifetime_images"]) == ("un0", 1.2, 1000)
+    assert _compute_factors(seen[-1]) == {"sd": 0.001, "un0": 1.0}
+    pue_rows = {row["model"]: row["energy"]["pue"] for row in seen[-1]["ledgers"]["proxy"]}
+    assert pue_rows["un0"] == pytest.approx(0.011 * 1.2)
+    # Each of --reference, --pue and --lifetime-images overrides the run's own setting.
+    assert run(capsys, "report", str(tmp_path), "--reference", "sd", "--pue", "1.5")[0] == 0
+    opts = seen[-1]["options"]
+    assert (opts["reference"], opts["pue"], opts["lifetime_images"]) == ("sd", 1.5, 1000)
+    assert _compute_factors(seen[-1]) == {"sd": 1.0, "un0": 1000.0}
+    pue_rows = {row["model"]: row["energy"]["pue"] for row in seen[-1]["ledgers"]["proxy"]}
+    assert pue_rows["un0"] == pytest.approx(0.011 * 1.5)
+    assert run(capsys, "report", str(tmp_path), "--lifetime-images", "7")[0] == 0
+    assert seen[-1]["options"]["lifetime_images"] == 7 and seen[-1]["options"]["reference"] == "un0"
+    code, _, err = run(capsys, "report", str(tmp_path), "--pue", "0.5")
+    assert code == 2 and "--pue must be >= 1" in err

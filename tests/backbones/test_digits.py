@@ -30,3 +30,52 @@ def test_data_split_shapes_range_and_balance():
 def test_default_prompts_cycle_over_digits():
     prompts = DigitsBackbone().default_prompts(23)
     assert [prompt_label(p) for p in prompts] == [i % 10 for i in range(23)]
+
+
+# --- the Backbone interface: base model, sampler, quality rule ---------------------------------------
+def _options(samples=100, seeds=1, fid_ratio=1.25, accuracy_drop=0.03):
+    from un0_bench.harness.backbone import QualityOptions
+
+    return QualityOptions(samples=samples, seeds=seeds, fid_ratio=fid_ratio, accuracy_drop=accuracy_drop)
+
+
+def test_plan_base_knows_the_teacher_without_loading_it(tmp_path):
+    backbone = DigitsBackbone(weights_dir=tmp_path)  # an empty folder: nothing is read
+    plan = backbone.plan_base(None)
+    assert (plan.backbone_kind, plan.denoiser, plan.steps, plan.weights) == ("digits", "UNet2DModel", 50, "teacher")
+    assert backbone.plan_base(7).steps == 7
+
+
+def test_quality_options_and_rule():
+    from un0_bench.harness.errors import UserError
+
+    backbone = DigitsBackbone()
+    with pytest.raises(UserError, match="--quality-samples must be 0 .off. or at least 2 on digits"):
+        backbone.check_quality_options(_options(samples=1))
+    backbone.check_quality_options(_options(samples=0))
+    backbone.check_quality_options(_options(samples=2, seeds=3))
+    assert backbone.evaluate_quality(None, None, _options(samples=0)) is None
+    assert backbone.quality_missing_reason(_options(samples=0)) == "--quality-samples 0"
+    ref = {"fid": 1.0, "accuracy": 0.98}
+    # FID at most 1.25x the reference's and accuracy at most 3 points below it.
+    assert backbone.quality_band({"fid": 1.25, "accuracy": 0.95}, ref, _options()) == (True, None)
+    assert backbone.quality_band({"fid": 1.26, "accuracy": 0.98}, ref, _options())[0] is False
+    assert backbone.quality_band({"fid": 1.0, "accuracy": 0.94}, ref, _options())[0] is False
+    assert backbone.quality_band({"fid": 1.26, "accuracy": 0.98}, ref, _options(fid_ratio=1.3))[0] is True
+
+
+def test_sampler_of_the_base_model_is_ddim_from_each_images_own_noise():
+    from un0_bench.backbones.ddim import ddim_sample
+    from un0_bench.backbones.teacher import load_teacher
+    from un0_bench.harness.generator import GenerationRequest, image_noise
+
+    backbone = DigitsBackbone()
+    if not backbone.weights("teacher").is_file():
+        pytest.skip("teacher not trained")
+    model = backbone.base_model(2)
+    assert model.steps == 2 and model.derivation["command"].startswith("un0-bench train teacher")
+    gen = backbone.sampler(model)
+    out = gen.generate(GenerationRequest(("3", "digit 7"), seed=5, batch_size=1)).images
+    unet, _ = load_teacher()
+    ref = ddim_sample(unet, 2, image_noise(5, 0, 2, (1, 16, 16)), torch.tensor([3, 7]))
+    torch.testing.assert_close(out, ((ref + 1) / 2).clamp(0, 1), rtol=0, atol=1e-5)

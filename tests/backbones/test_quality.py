@@ -162,9 +162,9 @@ def test_marginal_verdict_is_judged_on_paired_draws():
 
 @functools.cache
 def sd_quality(steps: int, n: int = 200) -> dict:
-    from un0_bench.baselines.diffusion import build
+    from un0_bench.harness.stack import make_generator
 
-    return evaluate_generator(build(DigitsBackbone(), steps=steps), n=n)
+    return evaluate_generator(make_generator(f"sd:steps={steps}", DigitsBackbone()), n=n)
 
 
 def test_fid_ranks_noise_above_few_step_above_more_steps():

@@ -32,16 +32,17 @@ def test_load_refuses_a_file_made_for_another_config(tmp_path):
 
 
 def test_teacher_pairs_reuse_a_cached_prefix(tmp_path, monkeypatch):
-    from un0_bench.baselines.diffusion import DiffusionGenerator
+    import un0_bench.backbones.ddim as ddim
 
     calls: list[int] = []
-    sample = DiffusionGenerator.sample
+    sample = ddim.ddim_sample
 
-    def counted(self, noise, labels):
+    def counted(unet, steps, noise, labels):
         calls.append(len(noise))
-        return sample(self, noise, labels)
+        return sample(unet, steps, noise, labels)
 
-    monkeypatch.setattr(DiffusionGenerator, "sample", counted)
+    # teacher_pairs runs the digits sampler through ddim_sample, one call per batch of pairs.
+    monkeypatch.setattr(ddim, "ddim_sample", counted)
     monkeypatch.setenv("UN0_BENCH_CACHE", str(tmp_path / "a"))
     eight = teacher_pairs(8, steps=2, batch_size=4)
     assert calls == [4, 4]

@@ -101,6 +101,7 @@ def test_exact_joules_idle_and_unavailable(tmp_path):
     # The record names the stack it measured; the ledger is the reports' job, not the runner's.
     assert seq["model_canonical"] == "mm" and seq["stack"] == [{"name": "mm", "params": {}}]
     assert "ledger" not in seq
+    assert seq["quality"] is None and seq["quality_note"] == "not measured (--quality-samples 0)"
 
 
 def test_resume_skips_finished_cells(tmp_path):
@@ -188,3 +189,42 @@ def test_pipeline_backbone_refuses_quality_seeds():
     with pytest.raises(UserError, match=re.escape("--quality-seeds applies to the digits backbone")):
         backbone.check_quality_options(QualityOptions(samples=16, seeds=2, fid_ratio=1.25, accuracy_drop=0.03))
     backbone.check_quality_options(QualityOptions(samples=16, seeds=1, fid_ratio=1.25, accuracy_drop=0.03))
+
+
+class ScoredBackbone(TinyBackbone):
+    """Quality by a made-up score per model; matched when within accuracy_drop of the reference's."""
+
+    evaluated: list[str] = []
+
+    def evaluate_quality(self, generator, measured, options):
+        ScoredBackbone.evaluated.append(generator.spec)
+        return {"score": {"mm": 1.0, "mm2": 0.5}[generator.spec], "images": len(measured.prompts),
+                "samples": options.samples}
+
+    def quality_band(self, q, ref, options):
+        return q["score"] >= ref["score"] - options.accuracy_drop, None
+
+
+def test_quality_comes_from_the_backbone_once_per_folder(tmp_path):
+    built: list[str] = []
+    regs = registries(built)
+    regs["backbones"] = Registry("backbone")
+    regs["backbones"].register("tiny", ScoredBackbone)
+    ScoredBackbone.evaluated = []
+    cfg = config(tmp_path, ["mm2", "mm"], meters=["wall"], reference="mm", quality_samples=4, accuracy_drop=0.1)
+    records = Runner(cfg, **regs).run()
+    # The reference is measured first, so its quality is known when mm2 is judged.
+    assert [r["model"] for r in records] == ["mm", "mm2"] and ScoredBackbone.evaluated == ["mm", "mm2"]
+    by_model = {r["model"]: r for r in records}
+    assert by_model["mm"]["quality"] == {"score": 1.0, "images": 4, "samples": 4}
+    assert by_model["mm"]["quality_matched"] is True
+    assert by_model["mm2"]["quality_matched"] is False  # 0.5 < 1.0 - 0.1
+    assert by_model["mm2"]["quality_band"] == {"reference": "mm", "fid_ratio": 1.25, "accuracy_drop": 0.1}
+    lines = (cfg.out / "quality.jsonl").read_text().splitlines()
+    assert len(lines) == 2
+    # Another batch size in the same folder: quality is read back, not evaluated again.
+    again = Runner(config(tmp_path, ["mm2", "mm"], meters=["wall"], reference="mm", quality_samples=4,
+                          accuracy_drop=0.1, batch_sizes=[4]), **regs).run()
+    assert ScoredBackbone.evaluated == ["mm", "mm2"] and len(again) == 2
+    assert {r["model"]: r["quality_matched"] for r in again} == {"mm": True, "mm2": False}
+    assert len((cfg.out / "quality.jsonl").read_text().splitlines()) == 2

@@ -36,3 +36,12 @@ def test_bad_values_name_the_valid_range(text, message):
 def test_malformed_specs_are_refused(text):
     with pytest.raises(SpecError):
         ModelSpec.parse(text)
+
+
+def test_choices_are_checked_and_listed():
+    schema = {"scales": Param(str, "dynamic", choices=("static", "dynamic"))}
+    assert bind(ModelSpec.parse("int8:scales=static"), schema) == {"scales": "static"}
+    assert bind(ModelSpec.parse("int8"), schema) == {"scales": "dynamic"}
+    with pytest.raises(SpecError, match=r"int8:scales=fast: scales='fast' is not valid; scales must be one of static, "
+                                        r"dynamic"):
+        bind(ModelSpec.parse("int8:scales=fast"), schema)

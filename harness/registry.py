@@ -67,6 +67,9 @@ class Entry:
         return f"it is available on {', '.join(supported) or 'no backbone'} only"
 
     def target_for(self, kind: str | None) -> str | Callable[..., Any]:
+        """The target for backbone ``kind`` (``None``: the single target, whatever the kind)."""
+        if kind is not None and not self.supports(kind):
+            raise UserError(f"{self.name} is not available on {kind} backbones: {self.why_not(kind)}")
         if isinstance(self.target, dict):
             if kind not in self.target:
                 raise UserError(f"{self.name} is not available on {kind} backbones: {self.why_not(str(kind))}")

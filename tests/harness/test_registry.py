@@ -1,5 +1,6 @@
 import pytest
 
+from un0_bench.harness.errors import UserError
 from un0_bench.harness.registry import GENERATORS, METERS, Registry, UnknownNameError
 
 
@@ -56,6 +57,9 @@ def test_kinds_limit_an_entry_to_some_backbones():
     assert not a.is_alias("digits")
     assert reg.entry("any").supports("digits") and reg.entry("any").supports("whatever")
     assert reg.get("a", "digits")(9.0) == 3.0
+    with pytest.raises(UserError, match="a is not available on diffusers backbones: it is available on digits only"):
+        reg.get("a", "diffusers")
+    assert reg.get("a")(4.0) == 2.0  # no kind: the single target
 
 
 def test_a_target_per_kind_is_chosen_by_kind():

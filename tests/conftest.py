@@ -6,7 +6,6 @@ from typing import Any
 
 import pytest
 import torch
-
 from un0_bench.harness.generator import GenerationRequest, GenerationResult, Generator, image_noise
 from un0_bench.harness.meters.base import Meter, Reading
 
@@ -55,3 +54,21 @@ class SequenceMeter(Meter):
 @pytest.fixture
 def matmul_generator() -> MatmulGenerator:
     return MatmulGenerator()
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """The tiny Stable Diffusion pipeline folder, built once per test session."""
+    from un0_bench.backbones.tiny_pipeline import make_tiny_pipeline
+
+    return make_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "tiny-sd")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread while a module runs: the tiny pipeline's ops are too small to share between
+    threads, and on a busy 2-core host two threads ran them up to 20x slower (measured)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

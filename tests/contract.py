@@ -9,7 +9,6 @@ import json
 
 import pytest
 import torch
-
 from un0_bench.harness.counters.ops import OpCounter
 from un0_bench.harness.errors import PromptError
 from un0_bench.harness.generator import GenerationRequest, Generator

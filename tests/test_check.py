@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
+from tests.test_cli import needs_teacher
 from un0_bench import check
 from un0_bench.cli import main
-from tests.test_cli import needs_teacher
 
 
 def test_compare_flags_regressions_and_improvements():

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from un0_bench.backbones.digits import WEIGHTS_DIR
+
 from un0_bench.cli import main
 
 needs_teacher = pytest.mark.skipif(not (WEIGHTS_DIR / "teacher.safetensors").exists(), reason="teacher not trained")

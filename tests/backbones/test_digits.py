@@ -1,6 +1,5 @@
 import pytest
 import torch
-
 from un0_bench.backbones.digits import DigitsBackbone, load_data, prompt_label
 from un0_bench.harness.errors import PromptError
 

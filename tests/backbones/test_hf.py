@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from un0_bench.backbones import hf
 from un0_bench.harness.errors import UserError
 

@@ -3,7 +3,6 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-
 from un0_bench.backbones.digits import load_data
 from un0_bench.backbones.judge import (
     JUDGE_CONFIG,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,24 +19,9 @@ from un0_bench.harness.errors import PromptError, UserError
 from un0_bench.harness.generator import GenerationRequest, GenerationResult
 from un0_bench.harness.technique import Plan
 
+#: The tiny pipeline's ops are too small to share between threads (see conftest.one_torch_thread).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-def tiny_pipeline_dir(tmp_path_factory) -> Path:
-    """The tiny pipeline folder, built once per test session and shared by every module that asks.
-
-    (Modules' session fixtures are separate fixtures, so the folder itself is the shared state: it
-    is built in a staging folder and renamed into place, so a failed build leaves nothing behind.)
-    """
-    path = tmp_path_factory.getbasetemp() / "tiny-sd"
-    if not path.is_dir():
-        staging = tmp_path_factory.mktemp("tiny-sd-build") / "tiny-sd"
-        make_tiny_pipeline(staging)
-        staging.rename(path)
-    return path
-
-
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory):
-    return tiny_pipeline_dir(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

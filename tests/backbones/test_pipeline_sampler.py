@@ -26,8 +26,10 @@ from un0_bench.harness.protocol import count_ops, measure_phases
 from un0_bench.harness.registry import GENERATORS, TECHNIQUES
 from un0_bench.harness.stack import build, make_generator, resolve
 
-from tests.backbones.test_pipeline import tiny_pipeline_dir
 from tests.contract import GeneratorContract
+
+#: The tiny pipeline's ops are too small to share between threads (see conftest.one_torch_thread).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 STEPS = 2
 SD = f"sd:steps={STEPS}"
@@ -41,21 +43,6 @@ FLOAT_LAYERS = (torch.nn.Conv2d, torch.nn.Linear)
 MATMULS = ("aten.convolution.default", "aten.addmm.default", "aten.mm.default")
 #: What DeepCache skips on a cached call of the tiny two-level UNet.
 DEEP_BLOCKS = ("down_blocks.0.downsamplers", "down_blocks.1", "mid_block", "up_blocks.0")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread while this module runs: the tiny pipeline's ops are too small to share between
-    threads, and on a busy 2-core host two threads run them up to 20x slower (measured)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory):
-    return tiny_pipeline_dir(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -4,10 +4,8 @@ import statistics
 
 import pytest
 import torch
-
 from un0_bench.backbones.digits import DigitsBackbone
 from un0_bench.backbones.judge import JUDGE_FILE, build_judge
-from un0_bench.baselines.references import build_noise, build_real
 from un0_bench.backbones.quality import (
     EVAL_SEED,
     QualityBand,
@@ -18,6 +16,7 @@ from un0_bench.backbones.quality import (
     quality_matched,
     real_images,
 )
+from un0_bench.baselines.references import build_noise, build_real
 
 
 @functools.lru_cache(maxsize=1)

@@ -1,6 +1,5 @@
 import pytest
 import torch
-
 from un0_bench.backbones.teacher import UNET_CONFIG, load_teacher, teacher_pairs, train_teacher
 from un0_bench.harness.checkpoints import load_checkpoint
 from un0_bench.harness.errors import CheckpointError

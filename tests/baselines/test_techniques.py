@@ -16,26 +16,22 @@ from un0_bench.harness.errors import StackError
 from un0_bench.harness.generator import GenerationRequest
 from un0_bench.harness.stack import make_generator, resolve
 
+#: The tiny pipeline's ops are too small to share between threads (see conftest.one_torch_thread).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 #: Few steps keep each build and count fast; the relations hold at any step count.
 BASE = {"digits": "sd:steps=3", "diffusers": "sd:steps=3"}
 
 
-@pytest.fixture(scope="module")
-def tiny_pipeline_dir(tmp_path_factory):
-    from un0_bench.backbones.tiny_pipeline import make_tiny_pipeline
-
-    return make_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "tiny-sd")
-
-
 @pytest.fixture(scope="module", params=["digits", "diffusers"])
-def world(request, tiny_pipeline_dir):
+def world(request, tiny_dir):
     """``(backbone, prompts, counts of sd)`` for one backbone kind."""
     if request.param == "digits":
         backbone = DigitsBackbone()
     else:
         from un0_bench.backbones.pipeline import PipelineBackbone
 
-        backbone = PipelineBackbone(str(tiny_pipeline_dir))
+        backbone = PipelineBackbone(str(tiny_dir))
     prompts = tuple(backbone.default_prompts(2))
     return backbone, prompts, _counts(make_generator(BASE[backbone.kind], backbone), prompts)
 

@@ -3,7 +3,6 @@ import pickle
 
 import pytest
 import torch
-
 from un0_bench.harness.checkpoints import load_checkpoint, save_checkpoint
 from un0_bench.harness.errors import CheckpointError
 

@@ -1,6 +1,5 @@
 import pytest
 import torch
-
 from un0_bench.harness.generator import GenerationRequest, image_noise
 
 

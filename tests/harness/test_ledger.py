@@ -1,6 +1,6 @@
 import pytest
-
 from un0_bench.harness.ledger import boundaries, derivation_energy_j, ledger
+
 from tests.reports.fixtures import proxy, record
 
 

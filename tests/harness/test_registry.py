@@ -1,5 +1,4 @@
 import pytest
-
 from un0_bench.harness.errors import UserError
 from un0_bench.harness.registry import GENERATORS, METERS, Registry, UnknownNameError
 

@@ -1,5 +1,4 @@
 import pytest
-
 from un0_bench.harness.errors import UserError
 from un0_bench.harness.results import REQUIRED_FIELDS, ResultStore, check_writable
 

@@ -6,13 +6,13 @@ import re
 from typing import Any
 
 import pytest
-
 from un0_bench.harness.backbone import Backbone
 from un0_bench.harness.errors import UserError
 from un0_bench.harness.meters.base import Meter, Reading
 from un0_bench.harness.registry import Registry
 from un0_bench.harness.results import ResultStore
 from un0_bench.harness.runner import RunConfig, Runner
+
 from tests.conftest import MatmulGenerator, SequenceMeter
 
 

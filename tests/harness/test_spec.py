@@ -1,5 +1,4 @@
 import pytest
-
 from un0_bench.harness.errors import SpecError
 from un0_bench.harness.spec import ModelSpec, Param, bind
 

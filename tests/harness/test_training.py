@@ -6,7 +6,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from un0_bench.harness import training
 from un0_bench.harness.counters.ops import OpCounter
 from un0_bench.harness.meters.base import MeterUnavailable

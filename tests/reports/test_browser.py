@@ -6,8 +6,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from un0_bench.reports.build import build_report
+
 from tests.reports.fixtures import write
 from tests.reports.test_build import suite
 

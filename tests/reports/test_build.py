@@ -3,6 +3,7 @@ import re
 from un0_bench.reports.build import build_report
 from un0_bench.reports.claims import evaluate_claims
 from un0_bench.reports.plots import pareto_front
+
 from tests.reports.fixtures import proxy, record, write
 
 TEACHER = {"proxy": {"energy_j": 1000.0}}

@@ -31,8 +31,10 @@ from un0_bench.un0_impl.contextual import (
     RidgeGate,
 )
 
-from tests.backbones.test_pipeline import tiny_pipeline_dir
 from tests.contract import GeneratorContract
+
+#: The tiny pipeline's ops are too small to share between threads (see conftest.one_torch_thread).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 STEPS = 2
 PROMPTS = ("a cat", "a red bicycle", "a lighthouse at dusk")
@@ -120,20 +122,6 @@ def test_ridge_gate_fits_the_calibration_importances_in_closed_form():
 
 
 # -- the technique on the tiny pipeline -----------------------------------------------------------------
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread while this module runs (see tests/backbones/test_pipeline_sampler.py)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory):
-    return tiny_pipeline_dir(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

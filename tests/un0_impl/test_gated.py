@@ -2,14 +2,14 @@ import json
 
 import pytest
 import torch
-
+from un0_bench.backbones.digits import DigitsBackbone
 from un0_bench.harness.counters.ops import OpCounter
 from un0_bench.harness.errors import SpecError
 from un0_bench.harness.generator import GenerationRequest, image_noise
 from un0_bench.harness.stack import resolve
-from un0_bench.backbones.digits import DigitsBackbone
-from tests.contract import GeneratorContract
 from un0_bench.un0_impl.gated import UN0_FILE, Un0Generator, Un0Net, build, pack_state, train_un0, unpack_state
+
+from tests.contract import GeneratorContract
 
 TINY = dict(image_dim=256, dim=16, hidden=64, blocks=2, embed=8, classes=10, max_steps=4)
 

@@ -3,14 +3,12 @@ import math
 
 import pytest
 import torch
-
 from un0_bench.backbones.digits import DigitsBackbone
 from un0_bench.harness.counters.ops import OpCounter
 from un0_bench.harness.errors import SpecError
 from un0_bench.harness.generator import GenerationRequest
 from un0_bench.harness.meters.proxy import load_profiles, proxy_energy
 from un0_bench.harness.stack import make_generator
-from tests.contract import GeneratorContract
 from un0_bench.un0_impl.oscillator import (
     DIGITAL_MODULES,
     OscillatorConfig,
@@ -22,6 +20,8 @@ from un0_bench.un0_impl.oscillator import (
     load_oscillator,
     naive_coupling,
 )
+
+from tests.contract import GeneratorContract
 
 # n=256 oscillators (one channel on the 16x16 grid), 4 conditioning oscillators of rank 2, decoder 4 wide.
 TINY = OscillatorConfig(n=256, cond_oscillators=4, cond_rank=2, decoder_channels=4)

@@ -1,6 +1,5 @@
 import pytest
 import torch
-
 from un0_bench.harness.counters.ops import OpCounter, is_gating
 from un0_bench.un0_impl.sparse import GatedMLP, PromptGate, SubnetCache, kept_units
 

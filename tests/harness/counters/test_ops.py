@@ -2,7 +2,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 from un0_bench.harness.counters.ops import (
     OpCounter,
     count,

@@ -12,7 +12,6 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-
 from un0_bench.harness.meters import codecarbon as cc
 from un0_bench.harness.meters.base import MeterUnavailable
 from un0_bench.harness.meters.codecarbon import CodecarbonMeter, describe_sources

@@ -11,7 +11,6 @@ from unittest import mock
 
 import pynvml
 import pytest
-
 from un0_bench.harness.meters import nvml
 from un0_bench.harness.meters.base import MeterUnavailable
 from un0_bench.harness.meters.nvml import NvmlMeter, trapezoid_energy_mj

@@ -1,7 +1,6 @@
 import random
 
 import pytest
-
 from un0_bench.harness.counters.records import Counts, OpStat
 from un0_bench.harness.errors import UserError
 from un0_bench.harness.meters.proxy import (

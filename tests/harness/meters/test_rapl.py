@@ -6,7 +6,6 @@ import itertools
 from pathlib import Path
 
 import pytest
-
 from un0_bench.harness.meters import rapl
 from un0_bench.harness.meters.base import MeterUnavailable
 from un0_bench.harness.meters.rapl import RaplMeter, counter_delta_uj

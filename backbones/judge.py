@@ -165,7 +165,6 @@ def train_judge(steps: int | None = None, seed: int | None = None, out: Path | N
             "held_out_images": total,
             "parameters": sum(p.numel() for p in judge.parameters()),
             "data_sha256": data.sha256,
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         },
     )
     save_checkpoint(out, state, meta)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import re
-import time
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +96,6 @@ def train_teacher(out: Path = TEACHER_FILE, steps: int = TRAIN_DEFAULTS["steps"]
             "scheduler": SCHEDULER_CONFIG, "train": {"steps": steps, "batch_size": batch_size, "lr": lr,
                                                    "ema_decay": decay, "seed": seed},
             "final_loss": sum(losses[-50:]) / len(losses[-50:]), "data_sha256": data.sha256,
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         },
     )
     save_checkpoint(out, ema.state_dict(), meta)

@@ -361,7 +361,6 @@ def train_distilled(steps: int | None = None, seed: int | None = None, out: Path
                 "teacher_sha256": teacher_sha256,
                 "storage": STORAGE,
                 "final_loss": sum(losses[-50:]) / len(losses[-50:]),
-                "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             },
         )
         save_checkpoint(student_path(out, k), pack_int8(ema.state_dict()), meta)

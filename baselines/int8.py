@@ -25,7 +25,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
-import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -459,16 +458,11 @@ def calibrate_int8(steps: int | None = None, seed: int | None = None, out: Path 
     energy.count_proxy(lambda: calibrate_activations(teacher, [next(batches())], TimestepBucket(1), percentile),
                        batch_size, steps)
     energy.add_parent("teacher", teacher_meta)
-    meta = training_metadata(
-        kind="digits-sd-int8", config=int8_config(TEACHER_FILE), energy=energy,
-        extra={
-            "command": f"un0-bench train sd-int8 --steps {steps} --seed {seed}",
-            "calibration": {"steps": steps, "batch_size": batch_size, "seed": seed, "timesteps": timesteps,
-                            "percentile": percentile},
-            "data_sha256": data.sha256,
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        },
-    )
+    calibration = {"steps": steps, "batch_size": batch_size, "seed": seed, "timesteps": timesteps,
+                   "percentile": percentile}
+    command = f"un0-bench train sd-int8 --steps {steps} --seed {seed}"
+    meta = training_metadata(kind="digits-sd-int8", config=int8_config(TEACHER_FILE), energy=energy,
+                             extra={"command": command, "calibration": calibration, "data_sha256": data.sha256})
     save_checkpoint(out, qunet.state_dict(), meta)
     return meta
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -353,7 +352,6 @@ def train_pruned(steps: int | None = None, seed: int | None = None, out: Path | 
             "teacher_sha256": hashlib.sha256(TEACHER_FILE.read_bytes()).hexdigest(),
             "final_loss": sum(losses[-50:]) / len(losses[-50:]),
             "data_sha256": data.sha256,
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         },
     )
     save_checkpoint(out, ema.state_dict(), meta)

@@ -181,6 +181,7 @@ def training_metadata(
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "git_commit": git_commit(),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **extra,
     }
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -478,7 +477,6 @@ def train_un0(steps: int | None = None, seed: int | None = None, out: Path | Non
             "storage": {**{k: "int8, float32 scale per row" for k in INT8_STORED},
                         **{k: "float16" for k in FP16_STORED}},
             "parameters": sum(p.numel() for p in ema.parameters()),
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         },
     )
     save_checkpoint(out, state, meta)

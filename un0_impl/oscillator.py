@@ -527,7 +527,6 @@ def train_oscillator(steps: int | None = None, seed: int | None = None, out: Pat
                       "loss": "L1 to the teacher's 50-step DDIM image from the same noise"},
             "train_wall_s": train_s,
             "final_loss": sum(losses[-50:]) / len(losses[-50:]),
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         },
     )
     save_checkpoint(Path(out), state, meta)

@@ -141,6 +141,11 @@ class Runner:
         return out
 
     def run(self) -> list[dict[str, Any]]:
+        """Measure every pending cell, holding the folder's lock (one writer at a time)."""
+        with self.store.lock():
+            return self._run()
+
+    def _run(self) -> list[dict[str, Any]]:
         from un0_bench.harness.environment import environment
 
         cfg = self.config
@@ -282,7 +287,8 @@ class Runner:
             return None
         with self._quality_file().open("a") as f:
             f.write(json.dumps({"model": model, "backbone": cfg.backbone, "samples_requested": cfg.quality_samples,
-                                "seeds_requested": cfg.quality_seeds, "quality": q}, sort_keys=True) + "\n")
+                                "seeds_requested": cfg.quality_seeds, "quality": q}, sort_keys=True,
+                               allow_nan=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
         cache[model] = q

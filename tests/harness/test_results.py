@@ -1,12 +1,33 @@
+import json
+import os
+import random
+import subprocess
+import sys
+
 import pytest
 from un0_bench.harness.errors import UserError
-from un0_bench.harness.results import REQUIRED_FIELDS, ResultStore, check_writable
+from un0_bench.harness.results import (
+    REQUIRED_FIELDS,
+    SCHEMA_VERSION,
+    ResultStore,
+    SchemaVersionError,
+    check_writable,
+    record_problem,
+)
 
 
 def record(model, meter="wall"):
     r = {k: None for k in REQUIRED_FIELDS}
-    r.update(model=model, backbone="digits", batch_size=4, meter=meter, status="ok")
+    r.update(model=model, backbone="digits", batch_size=4, meter=meter, status="ok", images=4)
     return r
+
+
+def store(tmp_path):
+    """A store whose warnings are collected (``store.warned``) instead of printed."""
+    warned = []
+    s = ResultStore(tmp_path, warn=warned.append)
+    s.warned = warned
+    return s
 
 
 def test_append_load_and_done(tmp_path):
@@ -17,16 +38,165 @@ def test_append_load_and_done(tmp_path):
     assert ("sd", "digits", 4, "proxy") in store.done()
 
 
-def test_torn_last_line_is_ignored(tmp_path):
-    store = ResultStore(tmp_path)
-    store.append([record("sd")])
-    with store.path.open("a") as f:
+def test_torn_last_line_is_ignored_with_a_warning(tmp_path):
+    s = store(tmp_path)
+    s.append([record("sd")])
+    with s.path.open("a") as f:
         f.write('{"model": "half')
-    assert len(store.load()) == 1
+    assert len(s.load()) == 1
+    assert s.problems == [f"{s.path} line 2: skipped: torn last line (no newline at its end: an interrupted write)"]
+    assert s.warned == s.problems
+
+
+def test_append_after_a_torn_tail_starts_on_a_line_boundary(tmp_path):
+    # kill -9 mid-write leaves a fragment without newline; the next record must not be glued onto it.
+    s = store(tmp_path)
+    s.append([record("sd")])
+    with s.path.open("a") as f:
+        f.write('{"model": "half", "backb')
+    s.append([record("sd:steps=10")])
+    assert [r["model"] for r in s.load()] == ["sd", "sd:steps=10"]
+    assert s.problems == []
+    assert s.warned == [f"{s.path} line 2: cut a torn last line (24 bytes, an interrupted write)"]
+    assert s.path.read_text().count("\n") == 2
+
+
+def test_a_complete_last_record_without_newline_is_ended_not_cut(tmp_path):
+    s = store(tmp_path)
+    s.path.write_text(json.dumps({"schema": 2, **record("sd")}))
+    s.append([record("sd2")])
+    assert [r["model"] for r in s.load()] == ["sd", "sd2"]
+    assert s.warned == [f"{s.path} line 1: had no newline at its end; ended it"]
+
+
+@pytest.mark.parametrize("line, why", [
+    (b'{"model":"x"}', "lacks required fields ['backbone', 'batch_size', 'meter', 'status', 'images', "
+                       "'energy_j_per_image', 'energy_ci95_j', 'flops_per_image', 'bytes_per_image', "
+                       "'duration_s_per_image', 'uncounted_ops', 'config', 'environment']"),
+    (b"[1,2,3]", "not a record (a JSON list, expected an object)"),
+    (b"garbage", "not JSON (Expecting value: line 1 column 1 (char 0))"),
+    (b'{"a": \xff}', "not UTF-8 text (invalid start byte at byte 6)"),
+    (None, "energy_j_per_image must be a finite number or null, got 'a lot'"),
+    (b'{"energy_j_per_image": NaN}', "not JSON (NaN is not strict JSON)"),
+])
+def test_every_bad_line_is_reported_with_its_number_and_skipped(tmp_path, line, why):
+    s = store(tmp_path)
+    s.append([record("sd")])
+    if line is None:
+        line = json.dumps({**record("bad"), "energy_j_per_image": "a lot"}).encode()
+    with s.path.open("ab") as f:
+        f.write(line + b"\n")
+    s.append([record("sd2")])
+    assert [r["model"] for r in s.load()] == ["sd", "sd2"]
+    assert s.problems == [f"{s.path} line 2: skipped: {why}"]
+    assert ("sd2", "digits", 4, "wall") in s.done()
+
+
+def test_version_1_records_are_read_and_an_unknown_version_is_refused(tmp_path):
+    s = store(tmp_path)
+    s.path.write_text(json.dumps({"schema": 1, **record("old")}) + "\n" + json.dumps(record("older")) + "\n")
+    assert [r["model"] for r in s.load()] == ["old", "older"]
+    with s.path.open("a") as f:
+        f.write(json.dumps({**record("new"), "schema": 3}) + "\n")
+    with pytest.raises(SchemaVersionError) as e:
+        s.load()
+    assert str(e.value) == (f"{s.path} line 3: schema version 3; this un0-bench reads versions 1, 2: written by a "
+                            f"newer un0-bench; use that version, or another output folder")
+    assert isinstance(e.value, UserError)  # the CLI's one line and exit 2
+
+
+def test_the_one_schema_check():
+    assert record_problem({"schema": SCHEMA_VERSION, **record("sd")}) is None
+    assert record_problem({**record("sd"), "batch_size": True}) == "batch_size must be a positive integer, got True"
+    assert record_problem({**record("sd"), "batch_size": 0}) == "batch_size must be a positive integer, got 0"
+    assert record_problem({**record("sd"), "model": 3}) == "model must be a non-empty string, got 3"
+    assert record_problem({**record("sd"), "energy_ci95_j": [1]}) == "energy_ci95_j must be [low, high] or null, got [1]"
+    assert record_problem({**record("sd"), "config": []}) == "config must be an object or null, got list"
+    with pytest.raises(SchemaVersionError, match="schema version 'two'"):
+        record_problem({**record("sd"), "schema": "two"})
+
+
+def test_appends_are_strict_json(tmp_path):
+    with pytest.raises(ValueError, match="energy_j_per_image must be a finite number or null, got nan"):
+        ResultStore(tmp_path).append([{**record("sd"), "energy_j_per_image": float("nan")}])
+    with pytest.raises(ValueError, match="Out of range float values are not JSON compliant"):
+        ResultStore(tmp_path).append([{**record("sd"), "extra": float("inf")}])
+    assert not (tmp_path / "results.jsonl").exists() or (tmp_path / "results.jsonl").read_text() == ""
+
+
+def test_reader_fuzz_no_exception_every_good_record_kept_every_bad_line_reported(tmp_path):
+    rng = random.Random(12)
+    good_line = json.dumps({"schema": 2, **record("good")})
+    wrong_types = [(k, v) for k in ("model", "backbone", "meter", "status") for v in ("", 3, None, [1])]
+    wrong_types += [(k, v) for k in ("batch_size", "images") for v in ("4", -1, 0, True, 1.5, None)]
+    wrong_types += [(k, v) for k in ("energy_j_per_image", "flops_per_image") for v in ("x", [1], True, {})]
+    wrong_types += [("energy_ci95_j", v) for v in ("x", [1], [1, "a"], 2.0)]
+    wrong_types += [(k, v) for k in ("config", "environment", "uncounted_ops") for v in ("x", [1, 2, 3], 5)]
+    bad_makers = [
+        lambda: good_line[: rng.randrange(1, len(good_line) - 1)],  # random truncation
+        lambda: bytes(rng.randrange(256) for _ in range(rng.randrange(1, 40))).replace(b"\n", b"x"),
+        lambda: json.dumps({**record("w"), **dict([rng.choice(wrong_types)])}),
+        lambda: json.dumps(rng.choice([[1, 2, 3], "text", 42, None, True, {}, {"model": "x"}])),
+        lambda: "{" * rng.randrange(1, 3000),
+    ]
+    for trial in range(150):
+        lines = []
+        for i in range(rng.randrange(1, 15)):
+            if rng.random() < 0.5:
+                lines.append(good_line.encode())
+            else:
+                made = rng.choice(bad_makers)()
+                raw = made if isinstance(made, bytes) else made.encode()
+                if not raw.strip():
+                    raw = b"?"
+                lines.append(raw)
+        data = b"\n".join(lines) + (b"\n" if rng.random() < 0.7 else b"")
+        d = tmp_path / str(trial)
+        d.mkdir()
+        (d / "results.jsonl").write_bytes(data)
+        s = store(d)
+        records = s.load()  # no exception escapes
+        # A line is good iff it is the exact good line; every other line is reported with its number.
+        kept = [i + 1 for i, raw in enumerate(lines) if raw == good_line.encode()]
+        assert len(records) == len(kept) and all(r["model"] == "good" for r in records)
+        reported = sorted(int(p.split(" line ")[1].split(":")[0]) for p in s.problems)
+        assert reported == [i + 1 for i, raw in enumerate(lines) if raw != good_line.encode()]
+        # Appending after any of these starts on a line boundary and keeps every good record.
+        s.append([record("after")])
+        assert [r["model"] for r in s.load()][-1] == "after"
+        assert len(s.load()) == len(kept) + 1
+
+
+def _dead_pid():
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_one_writer_at_a_time(tmp_path):
+    s = store(tmp_path)
+    holder = os.getppid()  # a live process that is not this one
+    s.lock_path.write_text(f"{holder}\n")
+    with pytest.raises(UserError) as e:
+        with s.lock():
+            pass
+    assert str(e.value) == (f"{tmp_path} is being written by another run (process {holder}, lock {s.lock_path}); "
+                            f"wait for it to finish or choose another --out")
+    assert s.lock_path.read_text() == f"{holder}\n"  # the holder's lock is left alone
+
+
+def test_a_stale_lock_of_a_dead_process_is_taken_over_with_a_note(tmp_path):
+    s = store(tmp_path)
+    dead = _dead_pid()
+    s.lock_path.write_text(f"{dead}\n")
+    with s.lock():
+        assert s.lock_path.read_text() == f"{os.getpid()}\n"
+    assert s.warned == [f"{s.lock_path}: took over a stale lock (process {dead}, no longer running)"]
+    assert not s.lock_path.exists()  # released
 
 
 def test_incomplete_record_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="required fields"):
+    with pytest.raises(ValueError, match="invalid record: lacks required fields"):
         ResultStore(tmp_path).append([{"model": "sd"}])
 
 

@@ -228,3 +228,27 @@ def test_quality_comes_from_the_backbone_once_per_folder(tmp_path):
     assert ScoredBackbone.evaluated == ["mm", "mm2"] and len(again) == 2
     assert {r["model"]: r["quality_matched"] for r in again} == {"mm": True, "mm2": False}
     assert len((cfg.out / "quality.jsonl").read_text().splitlines()) == 2
+
+
+def test_a_second_writer_refuses_before_any_work_and_names_the_holder(tmp_path):
+    import os
+
+    built: list[str] = []
+    cfg = config(tmp_path, ["mm"], meters=["wall"])
+    cfg.out.mkdir()
+    (cfg.out / ".lock").write_text(f"{os.getppid()}\n")
+    with pytest.raises(UserError, match=rf"being written by another run \(process {os.getppid()}, lock "):
+        Runner(cfg, **registries(built)).run()
+    assert built == [] and not (cfg.out / "results.jsonl").exists()
+
+
+def test_resume_after_a_torn_write_loses_no_record(tmp_path):
+    built: list[str] = []
+    cfg = config(tmp_path, ["mm", "mm2"], meters=["wall"])
+    Runner(config(tmp_path, ["mm"], meters=["wall"]), **registries(built)).run()
+    with (cfg.out / "results.jsonl").open("a") as f:
+        f.write('{"model": "mm2", "backbone": "ti')  # SIGKILL mid-write
+    Runner(cfg, **registries(built)).run()
+    assert built == ["mm", "mm2"]
+    assert [r["model"] for r in ResultStore(cfg.out).load()] == ["mm", "mm2"]
+    assert not (cfg.out / ".lock").exists()

@@ -9,7 +9,7 @@ from typing import Any
 from un0_bench.harness.config import DEFAULT_GRID_GCO2_PER_KWH
 from un0_bench.harness.ledger import BOUNDARIES, BOUNDARY_LABELS, find_reference, ledger, run_settings
 from un0_bench.reports import plots, units
-from un0_bench.reports.claims import evaluate_claims
+from un0_bench.reports.claims import evaluate_claims, is_reference, meter_kind
 from un0_bench.reports.tables import format_summary, load_records, meter_statuses, summary_frame, write_csv
 
 
@@ -35,6 +35,10 @@ def with_ledgers(records: list[dict[str, Any]], reference: str, pue: float, life
     for r in records:
         ref = r if r["model"] == reference else find_reference(records, r, reference)
         r["ledger"] = ledger(r, ref, pue=pue, lifetime_images=lifetime_images)
+        if is_reference(r):
+            # A bound (real data, noise), not a generator: its energy is shown, never an efficiency factor.
+            for entry in r["ledger"].values():
+                entry["factor_vs_reference"] = None
 
 
 def ledger_rows(records: list[dict[str, Any]], meter: str) -> list[dict[str, Any]]:
@@ -45,6 +49,7 @@ def ledger_rows(records: list[dict[str, Any]], meter: str) -> list[dict[str, Any
         lg = r.get("ledger") or {}
         rows.append({
             "model": r["model"], "batch": r["batch_size"], "quality_matched": r.get("quality_matched"),
+            "reference_bound": is_reference(r),
             "quality_marginal": r.get("quality_marginal"),
             "energy": {b: (lg.get(b) or {}).get("energy_j_per_image") for b in BOUNDARIES},
             "factors": {b: (lg.get(b) or {}).get("factor_vs_reference") for b in BOUNDARIES},
@@ -117,7 +122,21 @@ def build_report(out_dir: Path, options: dict[str, Any] | None = None) -> Path:
             "phases": first.get("phases"), "phase_images": first.get("images"),
             "quality_note": first.get("quality_note"),
         })
+    claims = evaluate_claims(records, opts["reference"])
+    kinds = {m: meter_kind(records, m) for m in meters_with_energy}
+    kinds = dict(sorted(kinds.items(), key=lambda kv: kv[0] != "proxy"))
+    lead = next((c for c in claims if c["measure"] == "energy" and c["model"]), None)
+    env = records[0]["environment"] if records else {}
+    question = {
+        "claim": lead["claim"] if lead else None, "model": lead["model"] if lead else None,
+        "reference": opts["reference"],
+        "backbones": sorted({r["backbone"] for r in records}),
+        "host": ", ".join(str(x) for x in [env.get("cpu"), *(env.get("gpus") or [])] if x) or "unknown host",
+    }
     context = {
+        "question": question,
+        "lead": lead,
+        "frontiers": {m: [name for _, _, name in plots.generator_front(records, m, is_reference)] for m in kinds},
         "records": records,
         "options": opts,
         "summary_columns": list(summary.columns) if summary is not None else [],
@@ -126,13 +145,15 @@ def build_report(out_dir: Path, options: dict[str, Any] | None = None) -> Path:
         "boundaries": list(BOUNDARIES),
         "boundary_labels": BOUNDARY_LABELS,
         "ledgers": {m: ledger_rows(records, m) for m in meters_with_energy},
-        "claims": evaluate_claims(records, opts["reference"]),
+        "claims": claims,
         "footprint": footprint_rows(records, opts["pue"], opts["grid_gco2_per_kwh"]),
         "landauer_j_per_bit": units.LANDAUER_J_PER_BIT_300K,
         "meters": meter_statuses(records),
         "plots": {
             "energy_per_image": _data_uri(plots.energy_per_image(records)),
-            "energy_vs_fid": _data_uri(plots.energy_vs_fid(records)),
+            "energy_vs_quality": _data_uri(plots.energy_vs_quality(records, is_reference, kinds)),
+            "ladder": _data_uri(plots.ladder(lead["table"], list(BOUNDARIES), BOUNDARY_LABELS, lead["claimed_low"],
+                                             f"{lead['model']} vs {opts['reference']}") if lead else None),
             "ledger": _data_uri(plots.ledger_factors(proxy_ledger, list(BOUNDARIES), BOUNDARY_LABELS)),
             "flops_vs_joules": _data_uri(plots.flops_vs_joules(records)),
         },

@@ -1,14 +1,37 @@
-"""Claims versus measured: each claim from a data file next to what a run measured."""
+"""Claims versus measured: each claim from a data file next to what a run measured.
+
+A claim's verdict is a table, not one word: for each meter that measured energy (the proxy counts,
+the others measure; a meter that estimated is marked) and each accounting boundary, the factor vs the
+reference with its 95% CI. The one-line verdict names where the claim holds and where it fails, and
+it reads "holds" only if the claim holds on a measured meter whenever the run has one.
+"""
 
 from __future__ import annotations
 
 import csv
 import fnmatch
 import io
+import math
 from pathlib import Path
 from typing import Any
 
+from un0_bench.harness.ledger import BOUNDARIES, BOUNDARY_LABELS
+
 CLAIMS_FILE = Path(__file__).with_name("claims.csv")
+
+#: Models that bound the scale rather than generate: they never win a claim, never sit on a frontier.
+REFERENCE_MODELS = ("real", "noise")
+
+_PHRASES = {"compute": "active compute", "gating": "+ gating", "memory": "+ memory", "idle": "+ idle power",
+            "pue": "x PUE", "training": "+ amortised training"}
+
+HOLDS, FAILS, WITHIN = "holds", "fails", "within uncertainty"
+
+
+def is_reference(record: dict[str, Any]) -> bool:
+    """A bound (`real` data, `noise`), not a generator: by its technique, else by its name."""
+    gen = (record.get("config") or {}).get("generator") or {}
+    return gen.get("technique") == "reference" or record["model"] in REFERENCE_MODELS
 
 
 def load_claims(path: Path | None = None) -> list[dict[str, Any]]:
@@ -30,16 +53,152 @@ def _parameters(record: dict[str, Any]) -> float | None:
     return ((record.get("config") or {}).get("generator") or {}).get("parameters")
 
 
-def evaluate_claims(records: list[dict[str, Any]], reference: str, claims: list[dict[str, Any]] | None = None,
-                    meter: str = "proxy") -> list[dict[str, Any]]:
-    """One row per claim: the best model that fits it (quality-matched first) and its measured factor."""
+def fmt_factor(f: float | None) -> str:
+    if f is None:
+        return "—"
+    if math.isinf(f):
+        return "∞x"
+    return f"{f:,.0f}x" if f >= 100 else f"{f:.3g}x"
+
+
+def meter_kind(records: list[dict[str, Any]], meter: str) -> dict[str, Any]:
+    """How a meter knows its figure: the proxy counts; others measure, some of them by estimate."""
+    estimate = any((r.get("meter_details") or {}).get("estimate") for r in records if r["meter"] == meter)
+    if meter == "proxy":
+        return {"meter": meter, "kind": "counted", "estimate": False, "label": "op-count proxy"}
+    return {"meter": meter, "kind": "measured", "estimate": estimate,
+            "label": f"measured {meter} energy" + (" (estimate)" if estimate else "")}
+
+
+def energy_ci(record: dict[str, Any], boundary: str) -> tuple[float, float] | None:
+    """95% CI of the record's energy per image at ``boundary`` (ledger already attached).
+
+    The proxy counts, so its CI is zero width. A measured meter's boundary 3 is its energy net of idle
+    (the net CI if recorded); the other boundaries scale the gross CI by their energy (PUE multiplies;
+    the amortised training term is treated as exact, so its relative CI is the gross one's, a slight
+    over-statement).
+    """
+    e = ((record.get("ledger") or {}).get(boundary) or {}).get("energy_j_per_image")
+    if e is None:
+        return None
+    if record["meter"] == "proxy":
+        return (e, e)
+    if boundary == "memory" and record.get("energy_net_ci95_j"):
+        lo, hi = record["energy_net_ci95_j"]
+        return (float(lo), float(hi))
+    gross, ci = record.get("energy_j_per_image"), record.get("energy_ci95_j")
+    if not gross or not ci:
+        return (e, e)
+    return (e * ci[0] / gross, e * ci[1] / gross)
+
+
+def factor_ci(mine: tuple[float, float], ref: tuple[float, float]) -> tuple[float, float]:
+    """Reference / model from both CIs: lowest = ref low / model high, highest = ref high / model low."""
+    lo = ref[0] / mine[1] if mine[1] > 0 else math.inf
+    hi = ref[1] / mine[0] if mine[0] > 0 else math.inf
+    return (lo, hi)
+
+
+def cell_status(ci: tuple[float, float], claimed_low: float) -> str:
+    if ci[0] >= claimed_low:
+        return HOLDS
+    if ci[1] < claimed_low:
+        return FAILS
+    return WITHIN
+
+
+def _find(records: list[dict[str, Any]], model: str, meter: str, like: dict[str, Any] | None = None):
+    same = [r for r in records if r["model"] == model and r["meter"] == meter
+            and (like is None or r["backbone"] == like["backbone"])]
+    exact = [r for r in same if like is not None and r["batch_size"] == like["batch_size"]]
+    return (exact or same or [None])[0]
+
+
+def verdict_table(records: list[dict[str, Any]], model: str, reference: str, claimed_low: float,
+                  like: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """One row per meter that measured ``model``'s energy: the factor with its 95% CI at each boundary."""
+    meters = list(dict.fromkeys(r["meter"] for r in records if r["model"] == model and r.get("status") == "ok"
+                                and r.get("energy_j_per_image")))
+    meters.sort(key=lambda m: m != "proxy")  # the counted figure first, then the measured ones
+    rows = []
+    for meter in meters:
+        mine = _find(records, model, meter, like)
+        ref = _find(records, reference, meter, mine)
+        cells = {}
+        for b in BOUNDARIES:
+            entry = (mine.get("ledger") or {}).get(b) or {}
+            cell: dict[str, Any] = {"energy": entry.get("energy_j_per_image"), "factor": None, "ci": None,
+                                    "status": None, "why": entry.get("why", "")}
+            m_ci, r_ci = energy_ci(mine, b), energy_ci(ref, b) if ref else None
+            if m_ci and r_ci and cell["energy"]:
+                r_e = ref["ledger"][b]["energy_j_per_image"]
+                cell["factor"] = r_e / cell["energy"]
+                cell["ci"] = (cell["factor"], cell["factor"]) if meter == "proxy" else factor_ci(m_ci, r_ci)
+                cell["status"] = cell_status(cell["ci"], claimed_low)
+            elif ref is None:
+                cell["why"] = f"{reference} not measured with {meter}"
+            cells[b] = cell
+        rows.append({**meter_kind(records, meter), "cells": cells})
+    return rows
+
+
+def _where(row: dict[str, Any], boundary: str, widest: bool = False) -> str:
+    cell = row["cells"][boundary]
+    f = fmt_factor(cell["factor"])
+    if row["kind"] != "counted" and cell["ci"] and cell["ci"][0] != cell["ci"][1]:
+        f += f", 95% CI {fmt_factor(cell['ci'][0])}–{fmt_factor(cell['ci'][1])}"
+    n, label = BOUNDARY_LABELS[boundary].split(" ", 1)[0], _PHRASES[boundary]
+    if widest:
+        return f"at the widest boundary {n} ({label}) on the {row['label']} ({f})"
+    return f"at boundary {n} ({label}) on the {row['label']} ({f})"
+
+
+def summarise(table: list[dict[str, Any]], boundary: str) -> tuple[str, str]:
+    """(overall, one line) from a verdict table for a claim made at ``boundary``.
+
+    Each meter is judged at the claim's boundary, or the first wider one it fills (a whole-device meter
+    cannot split compute). The overall verdict comes from the measured meters if the run has any,
+    else from the proxy: any "fails" fails, all "holds" holds, anything else is within uncertainty.
+    Each meter's widest boundary is named too, so the line shows how far the claim carries.
+    """
+    order = list(BOUNDARIES)
+    start = order.index(boundary) if boundary in order else 0
+    judged, phrases = [], {HOLDS: [], FAILS: [], WITHIN: []}
+    for row in table:
+        filled = [b for b in order if row["cells"][b]["status"] is not None]
+        at = next((b for b in order[start:] if b in filled), None)
+        if at is None:
+            continue
+        judged.append((row, row["cells"][at]["status"]))
+        phrases[row["cells"][at]["status"]].append((0, _where(row, at)))
+        if filled[-1] != at:
+            phrases[row["cells"][filled[-1]]["status"]].append((1, _where(row, filled[-1], widest=True)))
+    if not judged:
+        return "not measured", "not measured in this run"
+    measured = [s for row, s in judged if row["kind"] == "measured"]
+    deciding = measured or [s for _, s in judged]
+    overall = FAILS if FAILS in deciding else HOLDS if all(s == HOLDS for s in deciding) else WITHIN
+    # Within each group: every meter at the claim's boundary first, then the widest boundaries.
+    parts = [f"{status} " + " and ".join(text for _, text in sorted(p, key=lambda t: t[0]))
+             for status, p in phrases.items() if p]
+    return overall, f"{overall.capitalize()}: " + "; ".join(parts)
+
+
+def evaluate_claims(records: list[dict[str, Any]], reference: str,
+                    claims: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """One row per claim: the best generator that fits it (quality-matched first, by its counted
+    factor at the claim's boundary), its verdict table over meters x boundaries, and the verdict.
+
+    References (`real`, `noise`) are bounds and never fit a claim.
+    """
     claims = claims if claims is not None else load_claims()
-    by_model = {r["model"]: r for r in records if r["meter"] == meter and r["model"] != reference}
-    ref = next((r for r in records if r["meter"] == meter and r["model"] == reference), None)
+    proxies = {r["model"]: r for r in records if r["meter"] == "proxy" and r["model"] != reference
+               and not is_reference(r)}
+    ref = next((r for r in records if r["meter"] == "proxy" and r["model"] == reference), None)
     rows = []
     for c in claims:
         candidates = []
-        for model, r in by_model.items():
+        for model, r in proxies.items():
             if not _matches(model, c["models"]):
                 continue
             if c["measure"] == "parameters":
@@ -47,23 +206,32 @@ def evaluate_claims(records: list[dict[str, Any]], reference: str, claims: list[
                 factor = rp / p if p and rp else None
             else:
                 factor = ((r.get("ledger") or {}).get(c["boundary"]) or {}).get("factor_vs_reference")
-            widest = ((r.get("ledger") or {}).get("training") or {}).get("factor_vs_reference")
             if factor is not None:
-                candidates.append((bool(r.get("quality_matched")), factor, model, widest, r.get("quality_matched")))
-        row = {"claim": c["claim"], "source": c["source"], "measure": c["measure"],
-               "boundary": c["boundary"] or "—", "claimed": _claimed(c)}
+                candidates.append((r.get("quality_matched") is True, factor, model))
+        row: dict[str, Any] = {"claim": c["claim"], "source": c["source"], "measure": c["measure"],
+                               "boundary": c["boundary"] or "—", "claimed": _claimed(c),
+                               "claimed_low": c["claimed_low"], "table": [], "overall": "not measured"}
         if not candidates:
-            row.update(model=None, factor=None, widest_factor=None, quality_matched=None,
-                       verdict="not measured in this run")
+            row.update(model=None, factor=None, quality_matched=None, quality=None, quality_marginal=None,
+                       reference_quality=None, verdict="not measured in this run")
+            rows.append(row)
+            continue
+        _, factor, model = max(candidates)
+        qm = proxies[model].get("quality_matched")
+        row.update(model=model, factor=factor, quality_matched=qm, quality=proxies[model].get("quality"),
+                   quality_marginal=proxies[model].get("quality_marginal"),
+                   reference_quality=(ref or {}).get("quality"))
+        if c["measure"] == "parameters":
+            overall = HOLDS if factor >= c["claimed_low"] else FAILS
+            verdict = f"{overall.capitalize()}: {fmt_factor(factor)} fewer parameters (counted)"
         else:
-            matched, factor, model, widest, qm = max(candidates)
-            verdict = ("meets the claim" if factor >= c["claimed_low"] else
-                       f"falls short: {factor:.3g}x measured vs {_claimed(c)} claimed")
-            if qm is False:
-                verdict += " (not quality-matched)"
-            elif qm is None:
-                verdict += " (quality not measured)"
-            row.update(model=model, factor=factor, widest_factor=widest, quality_matched=qm, verdict=verdict)
+            row["table"] = verdict_table(records, model, reference, c["claimed_low"], proxies[model])
+            overall, verdict = summarise(row["table"], c["boundary"])
+        if qm is False:
+            verdict += f" — {model} is not quality-matched"
+        elif qm is None:
+            verdict += " — quality not measured"
+        row.update(overall=overall, verdict=verdict)
         rows.append(row)
     return rows
 

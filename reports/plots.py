@@ -59,28 +59,6 @@ def pareto_front(points: list[tuple[float, float, str]]) -> list[tuple[float, fl
     return sorted(front)
 
 
-def energy_vs_fid(records: list[dict[str, Any]], meter: str = "proxy") -> bytes | None:
-    """Energy per image against FID, the Pareto frontier marked (lower-left is better)."""
-    pts = [(r["energy_j_per_image"], r["quality"]["fid"], r["model"]) for r in records
-           if r["meter"] == meter and r.get("energy_j_per_image") and (r.get("quality") or {}).get("fid") is not None]
-    if not pts:
-        return None
-    front = pareto_front(pts)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    on_front = {name for _, _, name in front}
-    for e, f, name in pts:
-        ax.scatter(e, max(f, 1e-6), color="tab:red" if name in on_front else "tab:blue", zorder=3)
-        ax.annotate(name, (e, max(f, 1e-6)), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.plot([p[0] for p in front], [max(p[1], 1e-6) for p in front], color="tab:red", lw=1, label="Pareto frontier")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel(f"energy per image, {meter} (J)")
-    ax.set_ylabel("FID (judge features; lower is better)")
-    ax.legend()
-    ax.grid(alpha=0.3, which="both")
-    return _png(fig)
-
-
 def ledger_factors(rows: list[dict[str, Any]], boundaries: list[str], labels: dict[str, str]) -> bytes | None:
     """Efficiency factor vs the reference at each boundary, grouped by model (log scale)."""
     rows = [r for r in rows if any(r["factors"].get(b) for b in boundaries)]
@@ -120,4 +98,110 @@ def flops_vs_joules(records: list[dict[str, Any]]) -> bytes | None:
     ax.set_ylabel("energy per image (J)")
     ax.legend(title="meter")
     ax.grid(alpha=0.3, which="both")
+    return _png(fig)
+
+
+def _place_labels(ax: Any, fig: Any, points: list[tuple[float, float, str]]) -> None:
+    """Annotate points, trying a few offsets per label so no two labels overlap."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    placed: list[Any] = []
+    offsets = [(4, 4), (4, -10), (-4, 4), (-4, -10), (4, 14), (4, -20), (-4, 14), (-4, -20), (4, 24), (4, -30)]
+    for x, y, name in points:
+        text = None
+        for dx, dy in offsets:
+            text = ax.annotate(name, (x, y), fontsize=7, xytext=(dx, dy), textcoords="offset points",
+                               ha="left" if dx > 0 else "right")
+            box = text.get_window_extent(renderer).expanded(1.05, 1.1)
+            if not any(box.overlaps(other) for other in placed):
+                break
+            text.remove()
+            text = None
+        if text is None:  # every offset collides: the last one, with a leader line
+            text = ax.annotate(name, (x, y), fontsize=7, xytext=offsets[-1], textcoords="offset points",
+                               arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "0.5"})
+        placed.append(text.get_window_extent(renderer))
+
+
+def generator_front(records: list[dict[str, Any]], meter: str, is_reference: Any) -> list[tuple[float, float, str]]:
+    """The Pareto frontier in (energy, FID) by ``meter`` over generators only: references are bounds."""
+    return pareto_front([(r["energy_j_per_image"], max(r["quality"]["fid"], 1e-6), r["model"]) for r in records
+                         if r["meter"] == meter and r.get("energy_j_per_image") and not is_reference(r)
+                         and (r.get("quality") or {}).get("fid") is not None])
+
+
+def energy_vs_quality(records: list[dict[str, Any]], is_reference: Any, kinds: dict[str, dict[str, Any]],
+                      ) -> bytes | None:
+    """Energy per image against FID, one panel per meter (counted proxy, each measured meter).
+
+    The Pareto frontier runs over generators only; references (`real`, `noise`) are bounds drawn as
+    labelled horizontal lines at their FID. Quality-matched points are filled, unmatched hollow.
+    """
+    meters = [m for m in kinds if any(r["meter"] == m and r.get("energy_j_per_image")
+                                      and (r.get("quality") or {}).get("fid") is not None for r in records)]
+    if not meters:
+        return None
+    fig, axes = plt.subplots(1, len(meters), figsize=(6.2 * len(meters), 4.6), squeeze=False)
+    for ax, meter in zip(axes[0], meters):
+        rows = [r for r in records if r["meter"] == meter and r.get("energy_j_per_image")
+                and (r.get("quality") or {}).get("fid") is not None]
+        gens = [r for r in rows if not is_reference(r)]
+        pts = [(r["energy_j_per_image"], max(r["quality"]["fid"], 1e-6), r["model"]) for r in gens]
+        front = generator_front(records, meter, is_reference)
+        matched = [p for p, r in zip(pts, gens) if r.get("quality_matched") is True]
+        unmatched = [p for p, r in zip(pts, gens) if r.get("quality_matched") is not True]
+        if matched:
+            ax.scatter([p[0] for p in matched], [p[1] for p in matched], color="tab:blue", zorder=3,
+                       label="quality-matched")
+        if unmatched:
+            ax.scatter([p[0] for p in unmatched], [p[1] for p in unmatched], facecolors="none",
+                       edgecolors="tab:gray", zorder=3, label="not quality-matched")
+        if front:
+            ax.plot([p[0] for p in front], [p[1] for p in front], color="tab:red", lw=1, zorder=2,
+                    label="Pareto frontier (generators)")
+        for r in rows:
+            if is_reference(r):
+                fid = max(r["quality"]["fid"], 1e-6)
+                ax.axhline(fid, color="tab:green", ls=":", lw=1)
+                ax.annotate(f"{r['model']} (bound, FID {r['quality']['fid']:.3g})", (0.01, fid),
+                            xycoords=("axes fraction", "data"), fontsize=7, color="tab:green",
+                            xytext=(0, 2), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        kind = kinds[meter]
+        ax.set_title(f"{meter}: {kind['kind']}" + (", estimate" if kind.get("estimate") else ""), fontsize=9)
+        ax.set_xlabel(f"energy per image, {meter} (J)")
+        ax.set_ylabel("FID (lower is better)")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7, loc="upper right")
+        _place_labels(ax, fig, sorted(pts, key=lambda p: (p[1], p[0])))
+    fig.tight_layout()
+    return _png(fig)
+
+
+def ladder(table: list[dict[str, Any]], boundaries: list[str], labels: dict[str, str], claimed: float,
+           title: str = "") -> bytes | None:
+    """A claim's factor across the boundaries, one line per meter (95% CI as a band), the claim as a line."""
+    rows = [row for row in table if any(row["cells"][b]["factor"] for b in boundaries)]
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    for row in rows:
+        xs = [i for i, b in enumerate(boundaries) if row["cells"][b]["factor"]]
+        ys = [row["cells"][boundaries[i]]["factor"] for i in xs]
+        line = ax.plot(xs, ys, marker="o", label=row["label"])[0]
+        lo = [row["cells"][boundaries[i]]["ci"][0] for i in xs]
+        hi = [min(row["cells"][boundaries[i]]["ci"][1], 1e30) for i in xs]
+        ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15)
+    ax.axhline(claimed, color="tab:red", ls="--", lw=1, label=f"claimed {claimed:g}x")
+    ax.axhline(1.0, color="black", lw=0.6)
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(boundaries)))
+    ax.set_xticklabels([labels[b] for b in boundaries], rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("x less energy than the reference")
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(axis="y", which="both", alpha=0.3)
+    fig.tight_layout()
     return _png(fig)

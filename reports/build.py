@@ -156,6 +156,7 @@ def build_report(out_dir: Path, options: dict[str, Any] | None = None) -> Path:
                                              f"{lead['model']} vs {opts['reference']}") if lead else None),
             "ledger": _data_uri(plots.ledger_factors(proxy_ledger, list(BOUNDARIES), BOUNDARY_LABELS)),
             "flops_vs_joules": _data_uri(plots.flops_vs_joules(records)),
+            "joules": _data_uri(plots.joules_stacked(plots.where_the_joules_go(records, is_reference))),
         },
         "samples": _sample_grids(out_dir, records),
         "details": details,

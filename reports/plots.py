@@ -205,3 +205,50 @@ def ladder(table: list[dict[str, Any]], boundaries: list[str], labels: dict[str,
     ax.grid(axis="y", which="both", alpha=0.3)
     fig.tight_layout()
     return _png(fig)
+
+
+def where_the_joules_go(records: list[dict[str, Any]], is_reference: Any) -> dict[str, dict[str, dict[str, float]]]:
+    """Per generator, proxy J/image split by phase (from ``phases``) and by part (compute, gating, memory).
+
+    A record's ``phases`` cover one request of ``images`` images, so each phase's energy is divided by
+    ``images``. References are bounds and left out.
+    """
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for r in records:
+        if r["meter"] != "proxy" or r.get("status") != "ok" or is_reference(r) or r["model"] in out:
+            continue
+        images = r.get("images") or 1
+        phases = {name: ph["energy_j"]["proxy"] / images for name, ph in (r.get("phases") or {}).items()
+                  if (ph.get("energy_j") or {}).get("proxy") is not None}
+        parts = r.get("proxy_j_per_image_by_part") or {}
+        split = {"compute": parts.get("compute", 0.0), "gating": parts.get("gating", 0.0),
+                 "memory": parts.get("memory", 0.0) + parts.get("gating_memory", 0.0)}
+        out[r["model"]] = {"phase": phases, "part": {k: v for k, v in split.items() if v}}
+    return out
+
+
+def joules_stacked(split: dict[str, dict[str, dict[str, float]]]) -> bytes | None:
+    """100% stacked bars per model: share of proxy J/image by phase (left) and by part (right)."""
+    models = [m for m, s in split.items() if sum(s["part"].values()) > 0 or sum(s["phase"].values()) > 0]
+    if not models:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.45 * len(models) + 1.6), squeeze=False)
+    for ax, key, title in ((axes[0][0], "phase", "by phase"), (axes[0][1], "part", "compute vs gating vs memory")):
+        names = list(dict.fromkeys(n for m in models for n in split[m][key]))
+        left = [0.0] * len(models)
+        for name in names:
+            shares = []
+            for m in models:
+                total = sum(split[m][key].values())
+                shares.append(100 * split[m][key].get(name, 0.0) / total if total else 0.0)
+            ax.barh(range(len(models)), shares, left=left, label=name)
+            left = [a + b for a, b in zip(left, shares)]
+        ax.set_yticks(range(len(models)))
+        ax.set_yticklabels([f"{m} ({sum(split[m][key].values()):.3g} J)" for m in models], fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlim(0, 100)
+        ax.set_xlabel("% of proxy energy per image")
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return _png(fig)

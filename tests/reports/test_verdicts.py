@@ -116,3 +116,21 @@ def test_references_never_win_nor_sit_on_the_frontier():
     assert noise["ledger"]["compute"]["energy_j_per_image"] == 1e-9
     # Without the bounds, sd (1.0 J, FID 4.0) and sd-int8 (0.4 J, FID 4.1) are both on the frontier.
     assert [p[2] for p in generator_front(recs, "proxy", is_reference)] == ["sd-int8", "sd"]
+
+
+def test_where_the_joules_go_per_image_by_phase_and_part():
+    from un0_bench.reports.plots import joules_stacked, where_the_joules_go
+
+    phases = {"denoise_step": {"energy_j": {"proxy": 0.8, "codecarbon": 3.0}},
+              "decode": {"energy_j": {"proxy": 0.16}}, "other": {"energy_j": {"proxy": None}}}
+    recs = [proxy("sd", compute=0.1, gating=0.02, memory=0.0, phases=phases),  # images = 8 in the fixture
+            proxy("noise", compute=1e-9, fid=20.0, phases=phases)]
+    recs[0]["proxy_j_per_image_by_part"]["gating_memory"] = 0.005
+    split = where_the_joules_go(recs, is_reference)
+    # 0.8 J / 8 images = 0.1 J; 0.16 / 8 = 0.02 J; a phase the proxy did not window is left out.
+    assert list(split) == ["sd"]  # noise is a bound
+    assert split["sd"]["phase"] == pytest.approx({"denoise_step": 0.1, "decode": 0.02})
+    # memory 0.0 + gating_memory 0.005 = 0.005 J; zero parts are dropped
+    assert split["sd"]["part"] == pytest.approx({"compute": 0.1, "gating": 0.02, "memory": 0.005})
+    assert joules_stacked(split)[:8] == b"\x89PNG\r\n\x1a\n"
+    assert joules_stacked({}) is None

@@ -30,7 +30,7 @@ def save_checkpoint(weights: Path, state_dict: dict[str, torch.Tensor], metadata
     save_file(tensors, str(tmp))
     os.replace(tmp, weights)
     meta_tmp = metadata_path(weights).with_suffix(".json.tmp")
-    meta_tmp.write_text(json.dumps(metadata, indent=2, sort_keys=True, default=str) + "\n")
+    meta_tmp.write_text(json.dumps(metadata, indent=2, sort_keys=True, default=str, allow_nan=False) + "\n")
     os.replace(meta_tmp, metadata_path(weights))
 
 

@@ -8,9 +8,10 @@ their defaults from here.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,18 @@ def _number(text: str, kind: type, ok: Callable[[Any], bool], what: str) -> Any:
 
 def positive_int(text: str) -> int:
     return _number(text, int, lambda v: v >= 1, "a positive integer")
+
+
+def non_negative_int(text: str) -> int:
+    return _number(text, int, lambda v: v >= 0, "a non-negative integer")
+
+
+#: Seeds are at most this (numpy and torch generators both take them; image i uses seed + i).
+MAX_SEED = 2**32 - 1
+
+
+def seed_int(text: str) -> int:
+    return _number(text, int, lambda v: 0 <= v <= MAX_SEED, f"an integer from 0 to {MAX_SEED}")
 
 
 def non_negative(text: str) -> float:
@@ -100,6 +113,20 @@ DEFAULT_QUALITY_SAMPLES = 1000
 DEFAULT_BATCH_SIZE = 16
 
 
+#: :class:`RunConfig` fields that shape a measurement (resume is keyed by them as well as by the cell);
+#: ``pue``, ``lifetime_images`` and the like only shape the ledger, which reports compute.
+MEASUREMENT_FIELDS = ("backbone_options", "images", "seed", "min_repeats", "min_duration_s", "max_repeats", "warmup",
+                      "idle_s", "quality_samples", "quality_seeds", "reference", "fid_ratio", "accuracy_drop", "clip")
+
+
+def flag_of(name: str) -> str:
+    """The CLI flag of a :class:`RunConfig` field."""
+    if name == "backbone_options":
+        return "backbone options (--device, --dtype, --prompts)"
+    f = {f.name: f for f in fields(RunConfig)}.get(name)
+    return (f.metadata.get("flag") if f is not None else None) or "--" + name.replace("_", "-")
+
+
 @dataclass
 class RunConfig:
     """What to measure and how hard.
@@ -139,13 +166,14 @@ class RunConfig:
     images: int = option(16, "images per metered window", positive_int)
     batch_sizes: list[int] | None = option(None, "one or more batch sizes, each at most --images (default: 16, or "
                                                  "--images if fewer)", csv(positive_int), flag="--batch-size")
-    seed: int = option(0, "seed of image 0; image i uses seed + i", int)
+    seed: int = option(0, "seed of image 0; image i uses seed + i", seed_int)
     min_repeats: int = option(3, "metered windows at least", positive_int)
     min_duration_s: float = option(2.0, "seconds of metered time at least", non_negative, flag="--min-duration")
     max_repeats: int = option(100, "metered windows at most", positive_int)
-    warmup: int = option(1, "unmetered calls before measuring", int)
+    warmup: int = option(1, "unmetered calls before measuring", non_negative_int)
     idle_s: float = option(2.0, "seconds of idle-power measurement (whole-device meters)", non_negative, flag="--idle")
-    quality_samples: int = option(DEFAULT_QUALITY_SAMPLES, "images per model for quality (0: not measured)", int)
+    quality_samples: int = option(DEFAULT_QUALITY_SAMPLES, "images per model for quality (0: not measured)",
+                                  non_negative_int)
     quality_seeds: int = option(1, "digits: disjoint draws of --quality-samples images; 2 or more give FID's spread "
                                    "and mark verdicts within it as marginal", positive_int)
     reference: str = option("sd", "model whose quality sets the band and whose energy is 1x")
@@ -158,7 +186,28 @@ class RunConfig:
     accuracy_drop: float = option(DEFAULT_ACCURACY_DROP, "quality band: accuracy at most this much (a fraction) "
                                                          "below the reference's", finite)
 
+    fresh: bool = option(False, "start the output folder over (its earlier files are moved aside)", cli=False)
+
+    def measurement(self) -> dict[str, Any]:
+        """What shapes a measurement besides its cell (model, backbone, batch size, meter).
+
+        As stored in a record's ``config.run``: a folder's records must all share it, or resuming would mix them.
+        """
+        return json.loads(json.dumps({k: getattr(self, k) for k in MEASUREMENT_FIELDS}, default=str))
+
     def validate(self) -> None:
+        # Every number is a real number of the right kind first (a config built in code skips the CLI's parsers).
+        for f in fields(self):
+            v = getattr(self, f.name)
+            flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+            if f.type in ("int", int) and (not isinstance(v, int) or isinstance(v, bool)):
+                raise UserError(f"{flag} must be an integer, got {v!r}")
+            if f.type in ("float", float) and (isinstance(v, bool) or not isinstance(v, (int, float))
+                                                 or not math.isfinite(v)):
+                raise UserError(f"{flag} must be a finite number, got {v!r}")
+        if not 0 <= self.seed <= MAX_SEED - self.images:
+            raise UserError(f"--seed must be from 0 to {MAX_SEED - self.images} (image i uses seed + i), "
+                            f"got {self.seed}")
         for name in ("images", "min_repeats", "max_repeats"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")

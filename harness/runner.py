@@ -74,6 +74,10 @@ def make_meter(text: str, registry: Registry = METERS) -> Meter | str:
     return meter if status == "ok" else status
 
 
+def _shown(value: Any) -> str:
+    return "none" if value is None else json.dumps(value) if isinstance(value, (dict, list, str)) else str(value)
+
+
 def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")
 
@@ -115,11 +119,78 @@ class Runner:
         self.backbone = load_backbone(config.backbone, backbones, **config.backbone_options)
         self.quality_options = config.quality_options()
         self.backbone.check_quality_options(self.quality_options)
+        self.notes: list[str] = []
         self.stacks = {m: self._resolve(m) for m in config.models}
-        if config.quality_samples:
-            self._resolve(config.reference)
+        self._include_reference()
         self._quality_cache: dict[str, dict[str, Any]] | None = None
         check_writable(config.out)
+        if not config.fresh:
+            self._check_folder()
+
+    def _check_folder(self) -> None:
+        """Refuse a folder whose records were measured with another configuration (resume would mix them)."""
+        from dataclasses import MISSING, fields
+
+        from un0_bench.harness.config import flag_of
+
+        cfg = self.config
+        now = cfg.measurement()
+        defaults = {f.name: (f.default_factory() if f.default_factory is not MISSING else f.default)
+                    for f in fields(RunConfig)}
+        differ: dict[str, Any] = {}
+        for record in self.store.load():
+            if record["backbone"] != cfg.backbone:
+                continue  # another backbone's cells: a separate comparison in the same folder
+            run = (record.get("config") or {}).get("run")
+            run = run if isinstance(run, dict) else {}
+            for key, value in now.items():
+                old = run.get(key, defaults[key])
+                if old != value and key not in differ:
+                    differ[key] = old
+        if differ:
+            listed = "; ".join(f"{flag_of(k)} {_shown(v)} there, {_shown(now[k])} now" for k, v in differ.items())
+            raise UserError(f"{cfg.out} holds results measured with another configuration ({listed}); run with "
+                            f"the folder's options to resume it, another --out, or --fresh to start it over")
+
+    def _start_over(self) -> None:
+        """``--fresh``: move the folder's earlier files aside (nothing is deleted)."""
+        out = self.config.out
+        earlier = [out / n for n in ("results.jsonl", "quality.jsonl", "samples") if (out / n).exists()]
+        if not earlier:
+            return
+        aside = out / time.strftime("replaced-%Y%m%d-%H%M%S", time.gmtime())
+        n = 1
+        while aside.exists():
+            aside = aside.with_name(aside.name.split("~")[0] + f"~{n}")
+            n += 1
+        aside.mkdir()
+        for path in earlier:
+            path.rename(aside / path.name)
+        self._quality_cache = None
+        self._note(f"--fresh: moved the folder's earlier {', '.join(p.name for p in earlier)} to {aside}")
+
+    def _note(self, text: str) -> None:
+        self.notes.append(text)
+        self.on_event("note", {"text": text})
+
+    def _include_reference(self) -> None:
+        """The reference is checked like a model name, and is measured in the run.
+
+        Its energy is 1x and its quality sets the band: one not among the models is added to them, saying so.
+        """
+        cfg = self.config
+        ref = self._resolve(cfg.reference)  # unknown names: "did you mean"
+        same = [m for m, s in self.stacks.items() if s.canonical == ref.canonical]
+        if cfg.reference in self.stacks:
+            return
+        if same:
+            self._note(f"--reference {cfg.reference} is {same[0]} of --models (the same model); using {same[0]}")
+            cfg.reference = same[0]
+            return
+        self._note(f"--reference {cfg.reference} is not among --models: added to the run (its energy is 1x and "
+                   f"its quality sets the band)")
+        cfg.models = [*cfg.models, cfg.reference]
+        self.stacks[cfg.reference] = ref
 
     def _resolve(self, text: str) -> Stack:
         return resolve(text, self.backbone, self.generators, self.techniques)
@@ -143,6 +214,8 @@ class Runner:
     def run(self) -> list[dict[str, Any]]:
         """Measure every pending cell, holding the folder's lock (one writer at a time)."""
         with self.store.lock():
+            if self.config.fresh:
+                self._start_over()
             return self._run()
 
     def _run(self) -> list[dict[str, Any]]:

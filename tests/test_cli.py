@@ -26,6 +26,7 @@ def run(capsys, *argv):
         (["compare", "--models", "sd", "--backbone", "digit"], "unknown backbone 'digit'. Did you mean 'digits'"),
         (["compare", "--models", "sd:steps=0"], "steps must be an integer >= 1"),
         (["train", "teachr"], "Did you mean 'teacher'"),
+        (["compare", "--models", "sd", "--reference", "sdd"], "unknown generator 'sdd'. Did you mean 'sd'"),
     ],
 )
 def test_bad_names_one_line_exit_2(capsys, tmp_path, argv, message):
@@ -41,6 +42,30 @@ def test_non_positive_counts_are_refused(capsys, flag, value):
         main(["compare", "--models", "sd", flag, value])
     assert e.value.code == 2
     assert "expected a positive integer" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--pue", "--fid-ratio", "--accuracy-drop", "--min-duration", "--idle",
+                                  "--grid-gco2-per-kwh"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "NaN"])
+def test_non_finite_numbers_are_refused(capsys, flag, value):
+    with pytest.raises(SystemExit) as e:
+        main(["compare", "--models", "sd", f"{flag}={value}"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: expected a finite" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--seed", "-1", "expected an integer from 0 to 4294967295, got -1"),
+    ("--seed", "1e3", "expected an integer from 0 to 4294967295, got '1e3'"),
+    ("--warmup", "-1", "expected a non-negative integer, got -1"),
+    ("--quality-samples", "-5", "expected a non-negative integer, got -5"),
+])
+def test_integers_out_of_range_are_refused(capsys, flag, value, message):
+    with pytest.raises(SystemExit) as e:
+        main(["compare", "--models", "sd", flag, value])
+    assert e.value.code == 2
+    assert f"argument {flag}: {message}" in capsys.readouterr().err
 
 
 def test_unwritable_output_checked_before_work(capsys, tmp_path):
@@ -146,3 +171,32 @@ def test_report_overrides_of_run_settings(capsys, tmp_path, monkeypatch):
     assert seen[-1]["options"]["lifetime_images"] == 7 and seen[-1]["options"]["reference"] == "un0"
     code, _, err = run(capsys, "report", str(tmp_path), "--pue", "0.5")
     assert code == 2 and "--pue must be >= 1" in err
+
+
+def test_rerun_with_changed_options_is_refused_in_one_line(capsys, tmp_path):
+    from un0_bench.harness.config import RunConfig
+
+    from tests.reports.fixtures import proxy, write
+
+    run_options = {k: v for k, v in RunConfig(models=["sd"], out=tmp_path).measurement().items()}
+    write(tmp_path, [proxy("sd", 2.0, config={"generator": {}, "run": {**run_options, "images": 4}})])
+    code, _, err = run(capsys, "compare", "--models", "sd", "--images", "8", "--batch-size", "4", "--seed", "3",
+                       "--out", str(tmp_path))
+    assert code == 2
+    assert err == (f"un0-bench: error: {tmp_path} holds results measured with another configuration (--images 4 "
+                   f"there, 8 now; --seed 0 there, 3 now); run with the folder's options to resume it, another --out, "
+                   f"or --fresh to start it over\n")
+
+
+def test_bad_lines_of_a_results_file_are_reported_not_a_traceback(capsys, tmp_path):
+    from tests.reports.fixtures import proxy, write
+
+    write(tmp_path, [proxy("sd", 2.0), proxy("un0", 1.0)])
+    with (tmp_path / "results.jsonl").open("ab") as f:
+        f.write(b'{"model":"x"}\n[1,2,3]\n\xff\n' + b'{"model": "sd", "backbone": "digits", "batch_size": "8"}\n')
+    code, out, err = run(capsys, "report", str(tmp_path))
+    assert code == 0, err
+    path = tmp_path / "results.jsonl"
+    warned = [line for line in err.splitlines() if line.startswith("un0-bench: warning: ")]
+    assert [w.split(": skipped: ")[0] for w in warned] == [f"un0-bench: warning: {path} line {n}" for n in (3, 4, 5, 6)]
+    assert "Traceback" not in err and out.startswith("report: ")

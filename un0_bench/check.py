@@ -112,7 +112,8 @@ def protocol() -> dict[str, Any]:
 
 def write_baseline(path: Path, current: dict[str, dict[str, float]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"protocol": protocol(), "models": current}, indent=2, sort_keys=True) + "\n")
+    path.write_text(json.dumps({"protocol": protocol(), "models": current}, indent=2, sort_keys=True,
+                               allow_nan=False) + "\n")
 
 
 def format_changes(changes: list[Change]) -> str:

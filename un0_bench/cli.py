@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument(f"--{name}", default=None, help=text, type=Path if name == "prompts" else str)
     _ledger_options(c)
     c.add_argument("--no-report", action="store_true", help="write results only")
+    c.add_argument("--fresh", action="store_true", help="start --out over: its earlier results are moved aside "
+                                                        "(needed when they were measured with other options)")
 
     r = sub.add_parser("report", help="rebuild the report of a folder from its results.jsonl alone")
     r.add_argument("dir", type=Path)
@@ -185,7 +187,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.clip and not is_pipeline:
         raise UserError("--clip applies to diffusers:PATH backbones only (digits quality uses its own judge)")
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig) if f.metadata.get("cli")}
-    cfg = RunConfig(**{**given, "out": out, "backbone_options": options})
+    cfg = RunConfig(**{**given, "out": out, "backbone_options": options, "fresh": args.fresh})
     with Progress(transient=True) as bar:
         task = bar.add_task("measuring", total=None)
 
@@ -198,6 +200,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
                 bar.update(task, description=f"quality of {info['model']}")
             elif kind == "done":
                 bar.advance(task)
+            elif kind == "note":
+                bar.console.print(f"un0-bench: note: {info['text']}", markup=False, highlight=False)
 
         runner = Runner(cfg, on_event=on_event)
         try:

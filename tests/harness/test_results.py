@@ -110,7 +110,8 @@ def test_the_one_schema_check():
     assert record_problem({**record("sd"), "batch_size": True}) == "batch_size must be a positive integer, got True"
     assert record_problem({**record("sd"), "batch_size": 0}) == "batch_size must be a positive integer, got 0"
     assert record_problem({**record("sd"), "model": 3}) == "model must be a non-empty string, got 3"
-    assert record_problem({**record("sd"), "energy_ci95_j": [1]}) == "energy_ci95_j must be [low, high] or null, got [1]"
+    assert record_problem({**record("sd"), "energy_ci95_j": [1]}) == ("energy_ci95_j must be [low, high] or null, "
+                                                                      "got [1]")
     assert record_problem({**record("sd"), "config": []}) == "config must be an object or null, got list"
     with pytest.raises(SchemaVersionError, match="schema version 'two'"):
         record_problem({**record("sd"), "schema": "two"})
@@ -141,7 +142,7 @@ def test_reader_fuzz_no_exception_every_good_record_kept_every_bad_line_reported
     ]
     for trial in range(150):
         lines = []
-        for i in range(rng.randrange(1, 15)):
+        for _ in range(rng.randrange(1, 15)):
             if rng.random() < 0.5:
                 lines.append(good_line.encode())
             else:

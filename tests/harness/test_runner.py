@@ -19,7 +19,7 @@ from tests.conftest import MatmulGenerator, SequenceMeter
 class TinyBackbone(Backbone):
     kind = "tiny"
 
-    def __init__(self, arg=None):
+    def __init__(self, arg=None, **options):
         self.name = "tiny"
 
     def check_prompt(self, prompt):
@@ -71,6 +71,7 @@ def registries(built: list[str], interrupt_on: str | None = None):
 
 
 def config(tmp_path, models, meters=("seq", "wall", "broken"), **kw):
+    kw.setdefault("reference", models[0])
     base = dict(models=list(models), out=tmp_path / "out", backbone="tiny", meters=list(meters), images=4,
                 batch_sizes=[2], min_repeats=3, max_repeats=3, min_duration_s=0.0, idle_s=0.01,
                 quality_samples=0)
@@ -252,3 +253,88 @@ def test_resume_after_a_torn_write_loses_no_record(tmp_path):
     assert built == ["mm", "mm2"]
     assert [r["model"] for r in ResultStore(cfg.out).load()] == ["mm", "mm2"]
     assert not (cfg.out / ".lock").exists()
+
+
+def test_a_reference_not_among_the_models_is_added_saying_so(tmp_path):
+    built: list[str] = []
+    notes: list[str] = []
+    cfg = config(tmp_path, ["mm"], meters=["wall"], reference="mm2")
+    runner = Runner(cfg, on_event=lambda kind, info: notes.append(info["text"]) if kind == "note" else None,
+                    **registries(built))
+    assert notes == ["--reference mm2 is not among --models: added to the run (its energy is 1x and its quality "
+                     "sets the band)"]
+    assert runner.notes == notes and cfg.models == ["mm", "mm2"]
+    runner.run()
+    assert built == ["mm2", "mm"]  # the reference first
+    assert sorted(r["model"] for r in ResultStore(cfg.out).load()) == ["mm", "mm2"]
+
+
+def test_an_unknown_reference_is_refused_like_a_model_name(tmp_path):
+    from un0_bench.harness.registry import UnknownNameError
+
+    with pytest.raises(UnknownNameError, match="unknown generator 'mm3'. Did you mean 'mm'"):
+        Runner(config(tmp_path, ["mm"], reference="mm3"), **registries([]))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("pue", float("nan"), "--pue must be a finite number, got nan"),
+    ("pue", float("inf"), "--pue must be a finite number, got inf"),
+    ("fid_ratio", float("nan"), "--fid-ratio must be a finite number, got nan"),
+    ("accuracy_drop", float("-inf"), "--accuracy-drop must be a finite number, got -inf"),
+    ("min_duration_s", float("inf"), "--min-duration must be a finite number, got inf"),
+    ("idle_s", float("nan"), "--idle must be a finite number, got nan"),
+    ("images", 2.5, "--images must be an integer, got 2.5"),
+    ("warmup", True, "--warmup must be an integer, got True"),
+    ("seed", -1, "--seed must be from 0 to 4294967291 (image i uses seed + i), got -1"),
+    ("seed", 2**40, "--seed must be from 0 to 4294967291 (image i uses seed + i), got 1099511627776"),
+])
+def test_every_number_is_finite_and_in_range(tmp_path, field, value, message):
+    with pytest.raises(UserError) as e:
+        Runner(config(tmp_path, ["mm"], **{field: value}), **registries([]))
+    assert str(e.value) == message
+
+
+@pytest.mark.parametrize("changed, listed", [
+    ({"images": 8}, "--images 4 there, 8 now"),
+    ({"seed": 7}, "--seed 0 there, 7 now"),
+    ({"min_repeats": 2}, "--min-repeats 3 there, 2 now"),
+    ({"warmup": 0, "idle_s": 0.5}, "--warmup 1 there, 0 now; --idle 0.01 there, 0.5 now"),
+    ({"backbone_options": {"dtype": "fp16"}},
+     'backbone options (--device, --dtype, --prompts) {} there, {"dtype": "fp16"} now'),
+])
+def test_a_folder_made_with_another_configuration_is_refused_with_the_differences(tmp_path, changed, listed):
+    built: list[str] = []
+    Runner(config(tmp_path, ["mm"], meters=["wall"]), **registries(built)).run()
+    cfg = config(tmp_path, ["mm"], meters=["wall"], **changed)
+    with pytest.raises(UserError) as e:
+        Runner(cfg, **registries(built))
+    assert str(e.value) == (f"{cfg.out} holds results measured with another configuration ({listed}); run with the "
+                            f"folder's options to resume it, another --out, or --fresh to start it over")
+    assert built == ["mm"]
+
+
+def test_fresh_starts_the_folder_over_and_keeps_the_earlier_files_aside(tmp_path):
+    built: list[str] = []
+    Runner(config(tmp_path, ["mm"], meters=["wall"]), **registries(built)).run()
+    cfg = config(tmp_path, ["mm"], meters=["wall"], seed=7, fresh=True)
+    notes: list[str] = []
+    Runner(cfg, on_event=lambda kind, info: notes.append(info["text"]) if kind == "note" else None,
+           **registries(built)).run()
+    assert built == ["mm", "mm"]  # measured again with the new seed
+    (record,) = ResultStore(cfg.out).load()
+    assert record["config"]["run"]["seed"] == 7
+    (aside,) = cfg.out.glob("replaced-*")
+    assert notes == [f"--fresh: moved the folder's earlier results.jsonl, samples to {aside}"]
+    assert [r["config"]["run"]["seed"] for r in ResultStore(aside).load()] == [0]
+    # Resuming with the new options now finds the cell done.
+    cfg.fresh = False
+    assert Runner(cfg, **registries(built)).run() == [] and built == ["mm", "mm"]
+
+
+def test_options_that_shape_only_the_ledger_do_not_block_resume(tmp_path):
+    built: list[str] = []
+    Runner(config(tmp_path, ["mm"], meters=["wall"]), **registries(built)).run()
+    assert Runner(config(tmp_path, ["mm"], meters=["wall"], pue=1.2, lifetime_images=5),
+                  **registries(built)).run() == []
+    assert built == ["mm"]

@@ -84,7 +84,7 @@ def test_quality_band_by_the_clip_rule_and_cached_per_folder(tmp_path):
     assert records["far"]["quality_band"] == {"reference": "ref", "fid_ratio": 1.25, "accuracy_drop": 0.03}
     assert ScoredBackbone.evaluated == [0.80, 0.79, 0.70]  # each model once, the reference first
     # A second run into the folder with a new model reuses the cached reference quality.
-    cfg = _config(tmp_path, ["far"], images=4, batch_sizes=[4])
+    cfg = _config(tmp_path, ["far"], batch_sizes=[1])
     Runner(cfg, **_registries()).run()
     assert ScoredBackbone.evaluated == [0.80, 0.79, 0.70]
     lines = (tmp_path / "out" / "quality.jsonl").read_text().splitlines()
@@ -101,7 +101,7 @@ def test_a_tighter_band_changes_the_verdict(tmp_path):
 
 
 def test_no_quality_says_why(tmp_path):
-    cfg = _config(tmp_path, ["close"])
+    cfg = _config(tmp_path, ["close"], reference="close")
     cfg.quality_samples = 0
     Runner(cfg, **_registries()).run()
     (record,) = ResultStore(tmp_path / "out").load()

@@ -249,6 +249,9 @@ def joules_stacked(split: dict[str, dict[str, dict[str, float]]]) -> bytes | Non
         ax.set_xlim(0, 100)
         ax.set_xlabel("% of proxy energy per image")
         ax.set_title(title, fontsize=9)
-        ax.legend(fontsize=7, loc="lower right")
+        if names:
+            ax.legend(fontsize=7, loc="lower right")
+        else:
+            ax.text(50, (len(models) - 1) / 2, "no phases recorded", ha="center", va="center", fontsize=8)
     fig.tight_layout()
     return _png(fig)

@@ -72,7 +72,8 @@ def summary_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     reason is in the meters table), never 0.
     """
     rows: dict[tuple[str, int], dict[str, Any]] = {}
-    meters = list(dict.fromkeys(r["meter"] for r in records))
+    # Only meters that gave energy somewhere: an unavailable meter's reason is in the meters table, once.
+    meters = list(dict.fromkeys(r["meter"] for r in records if r.get("energy_j_per_image") is not None))
     # A meter whose figures are estimates (codecarbon without RAPL) says so in its column name.
     estimates = {r["meter"] for r in records if (r.get("meter_details") or {}).get("estimate")}
 
@@ -88,7 +89,7 @@ def summary_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
         })
         if r.get("quality_marginal") and r.get("quality_matched") is not None:
             row["quality-matched"] = ("yes" if r["quality_matched"] else "no") + " (marginal)"
-        if r["meter"] != "wall":
+        if r["meter"] in meters and r["meter"] != "wall":
             row[col(r["meter"])] = r.get("energy_j_per_image")
         if r["meter"] == "wall" or row["ms/image"] is None:
             d = r.get("duration_s_per_image")

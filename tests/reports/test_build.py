@@ -32,7 +32,10 @@ def test_report_is_self_contained_escaped_and_complete(tmp_path):
     assert "http://" not in html and "https://" not in html
     for section in ("Summary", "Ledger", "Claims versus measured", "Plots", "Environment", "Meters", "Configuration"):
         assert section in html
-    assert "unavailable: no powercap sysfs" in html
+    # An unavailable meter's reason appears once (the meters table), not as a column or row per model.
+    assert html.count("unavailable: no powercap sysfs") == 1 and "J/image rapl" not in html
+    # The ledger's device-meter reason is a numbered note under its table, once per meter, not per cell.
+    assert html.count("codecarbon sees the whole device and cannot split compute, gating and memory") == 1
     assert "J/image codecarbon (estimate)" in html
     # Headline: un0 vs sd at the compute boundary, 1.0 / 0.0005 = 2,000x.
     assert "2,000x" in html

@@ -134,3 +134,14 @@ def test_where_the_joules_go_per_image_by_phase_and_part():
     assert split["sd"]["part"] == pytest.approx({"compute": 0.1, "gating": 0.02, "memory": 0.005})
     assert joules_stacked(split)[:8] == b"\x89PNG\r\n\x1a\n"
     assert joules_stacked({}) is None
+
+
+def test_ladder_plots_every_meter_that_has_a_factor():
+    from un0_bench.harness.ledger import BOUNDARIES, BOUNDARY_LABELS
+    from un0_bench.reports.plots import ladder
+
+    row = verdict([*sd_records(), proxy("un0", compute=0.0005, fid=4.2),
+                   record("un0", "codecarbon", 0.01, meter_details=EST, energy_net_j_per_image=0.01)])
+    assert ladder(row["table"], list(BOUNDARIES), BOUNDARY_LABELS, 1000.0)[:8] == b"\x89PNG\r\n\x1a\n"
+    empty = [{**t, "cells": {b: {**c, "factor": None} for b, c in t["cells"].items()}} for t in row["table"]]
+    assert ladder(empty, list(BOUNDARIES), BOUNDARY_LABELS, 1000.0) is None

@@ -9,6 +9,7 @@ from typing import Any
 from un0_bench.harness.config import DEFAULT_GRID_GCO2_PER_KWH
 from un0_bench.harness.ledger import BOUNDARIES, BOUNDARY_LABELS, find_reference, ledger, run_settings
 from un0_bench.reports import plots, units
+from un0_bench.reports.markdown import summary_markdown
 from un0_bench.reports.claims import evaluate_claims, is_reference, meter_kind
 from un0_bench.reports.tables import format_summary, load_records, meter_statuses, summary_frame, write_csv
 
@@ -87,7 +88,7 @@ def footprint_rows(records: list[dict[str, Any]], pue: float, grid: float) -> li
 
 
 def build_report(out_dir: Path, options: dict[str, Any] | None = None) -> Path:
-    """Write results.csv and a self-contained report.html; returns the HTML path.
+    """Write results.csv, a self-contained report.html and summary.md (Markdown); returns the HTML path.
 
     ``options``: ``grid_gco2_per_kwh``, and ``reference``, ``pue``, ``lifetime_images`` as overrides
     of the run's own settings (``None`` or absent: the run's).
@@ -165,4 +166,6 @@ def build_report(out_dir: Path, options: dict[str, Any] | None = None) -> Path:
     }
     path = out_dir / "report.html"
     path.write_text(render(context))
+    (out_dir / "summary.md").write_text(summary_markdown(question, claims, context["summary_rows"],
+                                                         context["summary_columns"]))
     return path

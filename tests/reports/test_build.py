@@ -95,3 +95,18 @@ def test_marginal_verdicts_are_marked(tmp_path):
     csv = pd.read_csv(tmp_path / "results.csv").set_index("model")
     assert (csv.loc["un0", "fid_std"], csv.loc["un0", "quality_seeds"]) == (0.012, 3)
     assert bool(csv.loc["un0", "quality_marginal"]) is True
+
+
+def test_summary_md_carries_the_verdict_table(tmp_path):
+    from tests.reports.test_browser import browser_suite
+
+    write(tmp_path, browser_suite())
+    build_report(tmp_path)
+    md = (tmp_path / "summary.md").read_text()
+    # un0 vs sd: proxy 1.0 / 0.0005 = 2,000x at compute; codecarbon net 2.0 / 0.01 = 200x (CI 1.8/0.011 = 164x to
+    # 2.2/0.009 = 244x), gross 5.0 / 0.01 = 500x (CI 4.5/0.011 = 409x to 5.5/0.009 = 611x).
+    assert "| codecarbon (measured, estimate) | — | — | ❌ 200x (164x–244x) | ❌ 500x (409x–611x) |" in md
+    assert "| proxy (counted) | ✅ 2,000x |" in md
+    assert "**Fails: holds at boundary 1 (active compute) on the op-count proxy (2,000x); fails at boundary 3" in md
+    # HTML in model names is shown as text; the unavailable rapl meter has no column.
+    assert "<script>" not in md and "&lt;script&gt;" in md and "rapl" not in md

@@ -121,6 +121,7 @@ class Runner:
         self.backbone.check_quality_options(self.quality_options)
         self.notes: list[str] = []
         self.stacks = {m: self._resolve(m) for m in config.models}
+        self._measure_each_cell_once()
         self._include_reference()
         self._quality_cache: dict[str, dict[str, Any]] | None = None
         check_writable(config.out)
@@ -173,6 +174,31 @@ class Runner:
         self.notes.append(text)
         self.on_event("note", {"text": text})
 
+    def _measure_each_cell_once(self) -> None:
+        """A model given twice (``sd,sd``; ``sd,sd:steps=50``: one canonical stack) is measured once, saying so.
+
+        So is a batch size given twice.
+        """
+        cfg = self.config
+        first: dict[str, str] = {}
+        for model in list(cfg.models):
+            canonical = self.stacks[model].canonical
+            if canonical not in first:
+                first[canonical] = model
+                continue
+            same = first[canonical]
+            if model == same:
+                self._note(f"--models gives {model} twice: measured once")
+            else:
+                self._note(f"--models {model} is the same model as {same} ({canonical}): measured once, as {same}")
+                del self.stacks[model]
+        cfg.models = list(first.values())
+        batches = list(dict.fromkeys(cfg.batch_sizes or []))
+        if len(batches) < len(cfg.batch_sizes or []):
+            twice = sorted({b for b in cfg.batch_sizes if cfg.batch_sizes.count(b) > 1})
+            self._note(f"--batch-size gives {', '.join(map(str, twice))} more than once: each measured once")
+            cfg.batch_sizes = batches
+
     def _include_reference(self) -> None:
         """The reference is checked like a model name, and is measured in the run.
 
@@ -199,14 +225,23 @@ class Runner:
         stack = self.stacks.get(text) or self._resolve(text)
         return build(stack, self.backbone, self.generators, self.techniques)
 
+    def canonical_of(self, record: dict[str, Any]) -> str:
+        """A record's canonical model (version 1 records lack it: a model of this run gives its own)."""
+        if isinstance(record.get("model_canonical"), str):
+            return record["model_canonical"]
+        stack = self.stacks.get(record["model"])
+        return stack.canonical if stack is not None else record["model"]
+
     def pending(self) -> list[tuple[str, int, list[str]]]:
-        done = self.store.done()
+        # A cell is done when its canonical model was measured, under whichever name (sd or sd:steps=50).
+        done = {(self.canonical_of(r), r["backbone"], int(r["batch_size"]), r["meter"]) for r in self.store.load()}
         out = []
         # The reference goes first, so its quality is known when later cells are judged.
         models = sorted(self.config.models, key=lambda m: m != self.config.reference)
         for model in models:
             for bs in self.config.batch_sizes:
-                missing = [m for m in self.meter_names if (model, self.config.backbone, bs, m) not in done]
+                canonical = self.stacks[model].canonical
+                missing = [m for m in self.meter_names if (canonical, self.config.backbone, bs, m) not in done]
                 if missing:
                     out.append((model, bs, missing))
         return out

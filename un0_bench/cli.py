@@ -211,7 +211,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
             print(f"interrupted: {kept} finished records kept in {out}; run the same command to resume",
                   file=sys.stderr)
             return 130
-    records = [r for r in ResultStore(out).load() if r["model"] in cfg.models and r["backbone"] == cfg.backbone]
+    measured = {s.canonical for s in runner.stacks.values()}
+    records = [r for r in ResultStore(out).load() if r["backbone"] == cfg.backbone
+               and (r["model"] in cfg.models or runner.canonical_of(r) in measured)]
     print_records(records)
     if not args.no_report:
         from un0_bench.reports.build import build_report

@@ -338,3 +338,32 @@ def test_options_that_shape_only_the_ledger_do_not_block_resume(tmp_path):
     assert Runner(config(tmp_path, ["mm"], meters=["wall"], pue=1.2, lifetime_images=5),
                   **registries(built)).run() == []
     assert built == ["mm"]
+
+
+def _with_param_model(regs, built):
+    from un0_bench.harness.spec import Param
+
+    def build(backbone, n=4):
+        built.append(f"mmp:n={n}")
+        return MatmulGenerator()
+    build.params = {"n": Param(int, 4, low=1)}
+    regs["generators"].register("mmp", build)
+    return regs
+
+
+def test_each_canonical_cell_is_measured_once_and_said_so(tmp_path):
+    built: list[str] = []
+    notes: list[str] = []
+    cfg = config(tmp_path, ["mm", "mm", "mmp", "mmp:n=4", "mmp:n=2"], meters=["wall"], batch_sizes=[2, 2, 1])
+    runner = Runner(cfg, on_event=lambda kind, info: notes.append(info["text"]) if kind == "note" else None,
+                    **_with_param_model(registries(built), built))
+    assert notes == ["--models gives mm twice: measured once",
+                     "--models mmp:n=4 is the same model as mmp (mmp:n=4): measured once, as mmp",
+                     "--batch-size gives 2 more than once: each measured once"]
+    assert cfg.models == ["mm", "mmp", "mmp:n=2"] and cfg.batch_sizes == [2, 1]
+    runner.run()
+    cells = sorted((r["model"], r["batch_size"]) for r in ResultStore(cfg.out).load())
+    assert cells == [("mm", 1), ("mm", 2), ("mmp", 1), ("mmp", 2), ("mmp:n=2", 1), ("mmp:n=2", 2)]
+    # A later run naming the same canonical model another way finds its cells done.
+    later = config(tmp_path, ["mmp:n=4"], meters=["wall"], batch_sizes=[2, 1], reference="mm")
+    assert Runner(later, **_with_param_model(registries(built), built)).pending() == []

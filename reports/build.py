@@ -134,9 +134,11 @@ def build_report(out_dir: Path, options: dict[str, Any] | None = None) -> Path:
         "backbones": sorted({r["backbone"] for r in records}),
         "host": ", ".join(str(x) for x in [env.get("cpu"), *(env.get("gpus") or [])] if x) or "unknown host",
     }
+    fits = plots.proxy_vs_measured(records, is_reference)
     context = {
         "question": question,
         "lead": lead,
+        "proxy_fits": fits,
         "frontiers": {m: [name for _, _, name in plots.generator_front(records, m, is_reference)] for m in kinds},
         "records": records,
         "options": opts,
@@ -157,6 +159,7 @@ def build_report(out_dir: Path, options: dict[str, Any] | None = None) -> Path:
                                              f"{lead['model']} vs {opts['reference']}") if lead else None),
             "ledger": _data_uri(plots.ledger_factors(proxy_ledger, list(BOUNDARIES), BOUNDARY_LABELS)),
             "flops_vs_joules": _data_uri(plots.flops_vs_joules(records)),
+            "proxy_vs_measured": _data_uri(plots.proxy_vs_measured_plot(fits)),
             "joules": _data_uri(plots.joules_stacked(plots.where_the_joules_go(records, is_reference))),
         },
         "samples": _sample_grids(out_dir, records),

@@ -255,3 +255,57 @@ def joules_stacked(split: dict[str, dict[str, dict[str, float]]]) -> bytes | Non
             ax.text(50, (len(models) - 1) / 2, "no phases recorded", ha="center", va="center", fontsize=8)
     fig.tight_layout()
     return _png(fig)
+
+
+def proxy_vs_measured(records: list[dict[str, Any]], is_reference: Any) -> dict[str, dict[str, Any]]:
+    """Per measured meter: generators' (proxy, measured) J/image and a least-squares line in log10-log10.
+
+    ``slope`` 1 means the meter scales with the counted figure; ``ratio`` is the median measured/proxy.
+    """
+    import numpy as np
+
+    proxy = {(r["model"], r["batch_size"]): r["energy_j_per_image"] for r in records
+             if r["meter"] == "proxy" and r.get("energy_j_per_image") and not is_reference(r)}
+    out: dict[str, dict[str, Any]] = {}
+    for r in records:
+        key = (r["model"], r["batch_size"])
+        if r["meter"] == "proxy" or not r.get("energy_j_per_image") or key not in proxy or r.get("status") != "ok":
+            continue
+        out.setdefault(r["meter"], {"points": []})["points"].append((proxy[key], r["energy_j_per_image"], r["model"]))
+    for meter, fit in out.items():
+        x = np.log10([p[0] for p in fit["points"]])
+        y = np.log10([p[1] for p in fit["points"]])
+        fit["n"] = len(x)
+        fit["ratio"] = float(np.median(10 ** (y - x)))
+        if len(x) >= 2 and np.ptp(x) > 0:
+            slope, intercept = np.polyfit(x, y, 1)
+            resid = y - (slope * x + intercept)
+            ss = float(np.sum((y - y.mean()) ** 2))
+            fit.update(slope=float(slope), intercept=float(intercept),
+                       r2=1.0 - float(np.sum(resid ** 2)) / ss if ss > 0 else 1.0)
+        else:
+            fit.update(slope=None, intercept=None, r2=None)
+    return out
+
+
+def proxy_vs_measured_plot(fits: dict[str, dict[str, Any]]) -> bytes | None:
+    """Scatter of proxy vs measured J/image per measured meter, with the fitted log-log line."""
+    if not fits:
+        return None
+    fig, axes = plt.subplots(1, len(fits), figsize=(5.5 * len(fits), 4.2), squeeze=False)
+    for ax, (meter, fit) in zip(axes[0], fits.items()):
+        xs, ys = [p[0] for p in fit["points"]], [p[1] for p in fit["points"]]
+        ax.scatter(xs, ys, zorder=3)
+        _place_labels(ax, fig, fit["points"])
+        if fit["slope"] is not None:
+            lo, hi = min(xs), max(xs)
+            ax.plot([lo, hi], [10 ** fit["intercept"] * lo ** fit["slope"], 10 ** fit["intercept"] * hi ** fit["slope"]],
+                    color="tab:red", lw=1, label=f"fit: slope {fit['slope']:.2f}, r² {fit['r2']:.2f} (log-log)")
+            ax.legend(fontsize=7)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("proxy J/image (counted)")
+        ax.set_ylabel(f"{meter} J/image (measured)")
+        ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    return _png(fig)

@@ -145,3 +145,22 @@ def test_ladder_plots_every_meter_that_has_a_factor():
     assert ladder(row["table"], list(BOUNDARIES), BOUNDARY_LABELS, 1000.0)[:8] == b"\x89PNG\r\n\x1a\n"
     empty = [{**t, "cells": {b: {**c, "factor": None} for b, c in t["cells"].items()}} for t in row["table"]]
     assert ladder(empty, list(BOUNDARIES), BOUNDARY_LABELS, 1000.0) is None
+
+
+def test_proxy_against_measured_fit():
+    from un0_bench.reports.plots import proxy_vs_measured
+
+    recs = [proxy("sd", compute=1.0), record("sd", "codecarbon", 100.0),
+            proxy("a", compute=0.1), record("a", "codecarbon", 10.0),
+            proxy("b", compute=0.01), record("b", "codecarbon", 2.0),
+            proxy("noise", compute=1e-9, fid=20.0), record("noise", "codecarbon", 1.0)]
+    fit = proxy_vs_measured(recs, is_reference)["codecarbon"]
+    # log10 points (0, 2), (-1, 1), (-2, 0.30103); noise is a bound and left out.
+    # slope = cov/var: x mean -1, y mean 1.100343, dy = 0.899657, -0.100343, -0.799313;
+    # sum dx*dy = 0.899657 + 0 + 0.799313 = 1.698970, sum dx^2 = 2 -> slope 0.849485. Ratios 100, 100, 200 -> 100.
+    assert fit["n"] == 3 and fit["ratio"] == pytest.approx(100.0)
+    assert fit["slope"] == pytest.approx(0.849485, rel=1e-5)
+    # intercept = 1.100343 + 0.849485 = 1.949828; fitted 1.949828, 1.100343, 0.250858; residuals 0.050172,
+    # -0.100343, 0.050172 -> SSres 0.015103; SStot 0.809383 + 0.010069 + 0.638901 = 1.458353 -> r² 0.989644
+    assert fit["intercept"] == pytest.approx(1.949828, rel=1e-5)
+    assert fit["r2"] == pytest.approx(0.989644, rel=1e-5)

@@ -78,8 +78,22 @@ def _shown(value: Any) -> str:
     return "none" if value is None else json.dumps(value) if isinstance(value, (dict, list, str)) else str(value)
 
 
+#: Longest file-name stem derived from a spec (file systems allow 255 bytes a name).
+MAX_SLUG = 80
+
+
 def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")
+    """A file-name stem for a spec: bounded and unique (specs that differ never share a stem).
+
+    A spec that is already a safe, short name is its own stem; any other gets a digest of the spec.
+    """
+    import hashlib
+
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_.") or "model"
+    if safe == text and len(text) <= MAX_SLUG:
+        return text
+    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+    return f"{safe[:MAX_SLUG - 13]}-{digest}"
 
 
 def save_grid(images: torch.Tensor, path: Path, per_row: int = 10, scale: int = 4) -> None:

@@ -27,6 +27,8 @@ def run(capsys, *argv):
         (["compare", "--models", "sd:steps=0"], "steps must be an integer >= 1"),
         (["train", "teachr"], "Did you mean 'teacher'"),
         (["compare", "--models", "sd", "--reference", "sdd"], "unknown generator 'sdd'. Did you mean 'sd'"),
+        (["compare", "--models", "sd", "--prompts", "p.txt"], "--prompts applies to diffusers:PATH backbones only"),
+        (["compare", "--models", "sd", "--dtype", "fp16"], "--dtype applies to diffusers:PATH backbones only"),
     ],
 )
 def test_bad_names_one_line_exit_2(capsys, tmp_path, argv, message):

@@ -183,7 +183,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     options = {k: v for k, v in (("device", args.device), ("dtype", args.dtype), ("prompts_file", args.prompts))
                if v is not None}
     if options and not is_pipeline:
-        raise UserError(f"--{next(iter(options)).replace('_file', 's')} applies to diffusers:PATH backbones only")
+        flag = {"device": "--device", "dtype": "--dtype", "prompts_file": "--prompts"}[next(iter(options))]
+        raise UserError(f"{flag} applies to diffusers:PATH backbones only")
     if args.clip and not is_pipeline:
         raise UserError("--clip applies to diffusers:PATH backbones only (digits quality uses its own judge)")
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig) if f.metadata.get("cli")}

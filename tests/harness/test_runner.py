@@ -367,3 +367,24 @@ def test_each_canonical_cell_is_measured_once_and_said_so(tmp_path):
     # A later run naming the same canonical model another way finds its cells done.
     later = config(tmp_path, ["mmp:n=4"], meters=["wall"], batch_sizes=[2, 1], reference="mm")
     assert Runner(later, **_with_param_model(registries(built), built)).pending() == []
+
+
+def test_file_names_from_specs_are_bounded_and_unique():
+    from un0_bench.harness.runner import slug
+
+    assert slug("mm") == "mm" and slug("sd-int8") == "sd-int8"
+    long = "sd:steps=10+cached:interval=2" + ",x=1" * 1000
+    assert len(slug(long)) == 80 and slug(long) != slug(long + ",y=2")
+    assert len({slug("sd:steps=10"), slug("sd_steps=10"), slug("sd_steps_10"), slug("sd steps 10")}) == 4
+    assert slug("sd:steps=10").startswith("sd_steps_10-") and slug("../x") != slug("x")
+    assert "/" not in slug("../../etc") and not slug("..").startswith(".")
+
+
+def test_a_3000_character_spec_writes_its_sample_grid(tmp_path):
+    built: list[str] = []
+    regs = _with_param_model(registries(built), built)
+    model = "mmp:n=" + "0" * 2990 + "3"
+    Runner(config(tmp_path, [model], meters=["wall"]), **regs).run()
+    (record,) = ResultStore(tmp_path / "out").load()
+    assert len(record["sample_grid"]) == len("samples/") + 80 + len(".png")
+    assert (tmp_path / "out" / record["sample_grid"]).is_file()

@@ -59,19 +59,6 @@ def ledger_rows(records: list[dict[str, Any]], meter: str) -> list[dict[str, Any
     return rows
 
 
-def headline(records: list[dict[str, Any]], reference: str) -> dict[str, Any] | None:
-    """The best quality-matched Un-0 by proxy compute factor (else the best Un-0, flagged)."""
-    cands = [r for r in records if r["meter"] == "proxy" and r["model"].startswith("un0")
-             and ((r.get("ledger") or {}).get("compute") or {}).get("factor_vs_reference")]
-    if not cands:
-        return None
-    best = max(cands, key=lambda r: (bool(r.get("quality_matched")), r["ledger"]["compute"]["factor_vs_reference"]))
-    return {"model": best["model"], "quality_matched": best.get("quality_matched"), "quality": best.get("quality"),
-            "quality_marginal": best.get("quality_marginal"),
-            "factors": {b: best["ledger"][b].get("factor_vs_reference") for b in BOUNDARIES},
-            "why": {b: best["ledger"][b].get("why", "") for b in BOUNDARIES}, "reference": reference}
-
-
 def footprint_rows(records: list[dict[str, Any]], pue: float, grid: float) -> list[dict[str, Any]]:
     rows = []
     for r in records:
@@ -144,7 +131,6 @@ def build_report(out_dir: Path, options: dict[str, Any] | None = None) -> Path:
         "options": opts,
         "summary_columns": list(summary.columns) if summary is not None else [],
         "summary_rows": summary.to_dict("records") if summary is not None else [],
-        "headline": headline(records, opts["reference"]),
         "boundaries": list(BOUNDARIES),
         "boundary_labels": BOUNDARY_LABELS,
         "ledgers": {m: ledger_rows(records, m) for m in meters_with_energy},

@@ -26,6 +26,7 @@ def browser_suite():
     return [*suite(), record("un0", "codecarbon", 0.01, meter_details={"estimate": True}, energy_net_j_per_image=0.01),
             record("noise", "codecarbon", 1e-6, meter_details={"estimate": True}, energy_net_j_per_image=1e-7,
                    fid=200.0, matched=False),
+            record("sd", "wall", None),  # time only: a blank energy cell
             record("real", "proxy", 1e-9, fid=0.01, parts={"compute": 0.0, "gating": 0.0, "memory": 1e-9,
                                                            "gating_memory": 0.0})]
 
@@ -58,6 +59,23 @@ def test_report_first_screen_in_chromium(tmp_path):
             question = page.inner_text("#question")
             frontier = page.inner_text(".frontier")
             page.screenshot(path=str(ARTIFACTS / "report-desktop.png"))
+            # Sort the (collapsed) results table by energy with a click: ascending, then descending.
+            page.evaluate("document.querySelector('#results + details').open = true")
+            header = page.locator("#results + details th", has_text="energy / image")
+            energies = ("Array.from(document.querySelectorAll('#results + details tr')).slice(1)"
+                        ".map(tr => tr.children[4].dataset.sort)")
+            header.click()
+            ascending = page.evaluate(energies)
+            header.click()
+            descending = page.evaluate(energies)
+            # Printed on A4 (794 px at 96 dpi): the first screen does not overflow.
+            page.emulate_media(media="print")
+            page.set_viewport_size({"width": 794, "height": 1123})
+            page.wait_for_timeout(100)
+            print_widths = page.evaluate(
+                "[document.documentElement.scrollWidth, document.querySelector('#verdict').scrollWidth]")
+            page.pdf(path=str(ARTIFACTS / "report.pdf"))
+            page.emulate_media(media="screen")
             page.set_viewport_size({"width": 390, "height": 844})
             page.wait_for_timeout(100)
             widths = page.evaluate("[document.documentElement.scrollWidth, document.body.scrollWidth]")
@@ -75,5 +93,11 @@ def test_report_first_screen_in_chromium(tmp_path):
     # References are bounds: on neither frontier, though noise is cheapest on both meters and real best in FID.
     assert "noise" not in frontier and "real" not in frontier and "un0" in frontier
     assert max(widths) <= 390, widths
+    assert max(print_widths) <= 794, print_widths
+    # Numbers sort as numbers (blanks, e.g. wall's energy, last either way).
+    values = [float(v) for v in ascending if v]
+    assert values == sorted(values) and len(values) >= 8
+    assert [float(v) for v in descending if v] == sorted(values, reverse=True)
+    assert ascending[-1] == "" and descending[-1] == ""
     for name in ("report-desktop.png", "report-mobile.png"):
         assert (ARTIFACTS / name).stat().st_size > 10_000

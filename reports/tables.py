@@ -99,8 +99,16 @@ def summary_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(list(rows.values()))
 
 
+def _si(v: float) -> str:
+    """3 significant digits with an SI suffix: 6.62e9 -> 6.62G."""
+    for scale, unit in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(v) >= scale:
+            return f"{v / scale:.3g}{unit}"
+    return f"{v:.3g}"
+
+
 def format_summary(frame: pd.DataFrame) -> pd.DataFrame:
-    """The summary as display strings (3 significant digits, accuracy in %)."""
+    """The summary as display strings (3 significant digits, counts with SI suffixes, accuracy in %)."""
 
     def fmt(col: str, v: Any) -> str:
         if v is None or (isinstance(v, float) and v != v):
@@ -109,6 +117,8 @@ def format_summary(frame: pd.DataFrame) -> pd.DataFrame:
             return f"{100 * v:.1f}%"
         if col == "quality-matched":
             return v if isinstance(v, str) else ("yes" if v else "no")
+        if col in ("FLOPs/image", "bytes/image") and isinstance(v, (int, float)):
+            return _si(float(v))
         if isinstance(v, float):
             return f"{v:.3g}"
         return str(v)

@@ -110,3 +110,5 @@ def test_summary_md_carries_the_verdict_table(tmp_path):
     assert "**Fails: holds at boundary 1 (active compute) on the op-count proxy (2,000x); fails at boundary 3" in md
     # HTML in model names is shown as text; the unavailable rapl meter has no column.
     assert "<script>" not in md and "&lt;script&gt;" in md and "rapl" not in md
+    # Main figures: 3 significant digits, counts with SI suffixes (1e9 FLOPs -> 1G, 1e8 bytes -> 100M).
+    assert "| un0 | 8 | 0.0106 | 0.01 | 1G | 100M | 10 |" in md

@@ -164,3 +164,21 @@ def test_proxy_against_measured_fit():
     # -0.100343, 0.050172 -> SSres 0.015103; SStot 0.809383 + 0.010069 + 0.638901 = 1.458353 -> r² 0.989644
     assert fit["intercept"] == pytest.approx(1.949828, rel=1e-5)
     assert fit["r2"] == pytest.approx(0.989644, rel=1e-5)
+
+
+def test_point_labels_do_not_overlap():
+    import matplotlib.pyplot as plt
+    from un0_bench.reports.plots import _place_labels
+
+    fig, ax = plt.subplots(figsize=(4, 3))
+    pts = [(1.0, 1.0, "sd-distilled+int8"), (1.0, 1.0, "sd-distilled:steps=1+int8"), (1.02, 1.0, "sd-int8"),
+           (1.01, 1.01, "sd-pruned-unstructured")]
+    ax.scatter([p[0] for p in pts], [p[1] for p in pts])
+    ax.set_xlim(0.5, 2)
+    ax.set_ylim(0.5, 2)
+    _place_labels(ax, fig, pts)
+    fig.canvas.draw()
+    boxes = [t.get_window_extent() for t in ax.texts]
+    assert len(boxes) == 4
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    plt.close(fig)

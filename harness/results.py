@@ -199,6 +199,16 @@ class ResultStore:
             f.flush()
             os.fsync(f.fileno())
 
+    def refuse_if_locked(self) -> None:
+        """Pre-flight: refuse now if a live process holds the folder (:meth:`lock` checks again)."""
+        holder = _lock_holder(self.lock_path) if self.lock_path.exists() else None
+        if holder is not None and holder != os.getpid() and _alive(holder):
+            raise UserError(self._held_by(holder))
+
+    def _held_by(self, holder: int) -> str:
+        return (f"{self.out_dir} is being written by another run (process {holder}, lock {self.lock_path}); wait "
+                f"for it to finish or choose another --out")
+
     @contextmanager
     def lock(self) -> Iterator[None]:
         """Hold ``DIR/.lock`` (this process's id) while writing; refuse if a live process holds it."""
@@ -209,8 +219,7 @@ class ResultStore:
             except FileExistsError:
                 holder = _lock_holder(self.lock_path)
                 if holder is not None and holder != os.getpid() and _alive(holder):
-                    raise UserError(f"{self.out_dir} is being written by another run (process {holder}, lock "
-                                    f"{self.lock_path}); wait for it to finish or choose another --out") from None
+                    raise UserError(self._held_by(holder)) from None
                 who = ("an unreadable lock" if holder is None else "left by this process" if holder == os.getpid()
                        else f"process {holder}, no longer running")
                 self._report(f"{self.lock_path}: took over a stale lock ({who})")

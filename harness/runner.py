@@ -139,6 +139,7 @@ class Runner:
         self._include_reference()
         self._quality_cache: dict[str, dict[str, Any]] | None = None
         check_writable(config.out)
+        self.store.refuse_if_locked()
         if not config.fresh:
             self._check_folder()
 

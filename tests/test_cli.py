@@ -202,3 +202,29 @@ def test_bad_lines_of_a_results_file_are_reported_not_a_traceback(capsys, tmp_pa
     warned = [line for line in err.splitlines() if line.startswith("un0-bench: warning: ")]
     assert [w.split(": skipped: ")[0] for w in warned] == [f"un0-bench: warning: {path} line {n}" for n in (3, 4, 5, 6)]
     assert "Traceback" not in err and out.startswith("report: ")
+
+
+def test_third_party_warnings_are_not_printed_ahead_of_our_error(capsys, monkeypatch):
+    import warnings
+
+    from un0_bench.harness.errors import UserError
+
+    import un0_bench.cli as cli
+
+    def refused(args):
+        warnings.warn_explicit("an import-time deprecation", FutureWarning, "/x/site-packages/somelib/__init__.py", 3)
+        raise UserError("no such thing")
+
+    monkeypatch.setitem(cli.COMMANDS, "list", refused)
+    code, out, err = run(capsys, "list")
+    assert code == 2 and err == "un0-bench: error: no such thing\n"
+
+    def fine(args):
+        warnings.warn_explicit("an import-time deprecation", FutureWarning, "/x/site-packages/somelib/__init__.py", 3)
+        print("listed")
+        return 0
+
+    monkeypatch.setitem(cli.COMMANDS, "list", fine)
+    code, out, err = run(capsys, "list")
+    assert code == 0 and out == "listed\n"
+    assert "FutureWarning: an import-time deprecation" in err  # shown after the output, not lost

@@ -189,22 +189,30 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise UserError("--clip applies to diffusers:PATH backbones only (digits quality uses its own judge)")
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig) if f.metadata.get("cli")}
     cfg = RunConfig(**{**given, "out": out, "backbone_options": options, "fresh": args.fresh})
-    with Progress(transient=True) as bar:
-        task = bar.add_task("measuring", total=None)
+    live: dict[str, Any] = {}
 
-        def on_event(kind: str, info: dict[str, Any]) -> None:
-            if kind == "plan":
-                bar.update(task, total=info["cells"])
-            elif kind == "cell":
-                bar.update(task, description=f"measuring {info['model']} (batch {info['batch_size']})")
-            elif kind == "quality":
-                bar.update(task, description=f"quality of {info['model']}")
-            elif kind == "done":
-                bar.advance(task)
-            elif kind == "note":
+    def on_event(kind: str, info: dict[str, Any]) -> None:
+        bar, task = live.get("bar"), live.get("task")
+        if kind == "note":
+            if bar is not None:
                 bar.console.print(f"un0-bench: note: {info['text']}", markup=False, highlight=False)
+            else:
+                print(f"un0-bench: note: {info['text']}", file=sys.stderr)
+        elif bar is None:
+            return
+        elif kind == "plan":
+            bar.update(task, total=info["cells"])
+        elif kind == "cell":
+            bar.update(task, description=f"measuring {info['model']} (batch {info['batch_size']})")
+        elif kind == "quality":
+            bar.update(task, description=f"quality of {info['model']}")
+        elif kind == "done":
+            bar.advance(task)
 
-        runner = Runner(cfg, on_event=on_event)
+    # Pre-flight (names, stacks, numbers, the folder) before any progress bar: a refused run prints one line.
+    runner = Runner(cfg, on_event=on_event)
+    with Progress(transient=True) as bar:
+        live.update(bar=bar, task=bar.add_task("measuring", total=None))
         try:
             runner.run()
         except KeyboardInterrupt:
@@ -299,13 +307,30 @@ COMMANDS = {"list": cmd_list, "compare": cmd_compare, "report": cmd_report, "tra
             "make-tiny-pipeline": cmd_make_tiny_pipeline}
 
 
+def _ours(filename: str) -> bool:
+    """Whether a warning comes from this project's code (not from a third-party library)."""
+    root = str(Path(__file__).resolve().parent.parent)
+    return filename.startswith(root) and "site-packages" not in filename and "/.venv/" not in filename
+
+
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
     args = build_parser().parse_args(argv)
-    try:
-        return COMMANDS[args.command](args)
-    except UserError as e:
-        print(f"un0-bench: error: {e}", file=sys.stderr)
-        return 2
+    # Warnings are held back while the command runs: a refused command prints its one line first (and
+    # third-party warnings, e.g. of imports, not at all); a finished one shows them after its output.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        try:
+            code = COMMANDS[args.command](args)
+            failed = False
+        except UserError as e:
+            print(f"un0-bench: error: {e}", file=sys.stderr)
+            code, failed = 2, True
+    for w in caught:
+        if not failed or _ours(w.filename):
+            print(warnings.formatwarning(w.message, w.category, w.filename, w.lineno), file=sys.stderr, end="")
+    return code
 
 
 if __name__ == "__main__":

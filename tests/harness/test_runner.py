@@ -239,7 +239,12 @@ def test_a_second_writer_refuses_before_any_work_and_names_the_holder(tmp_path):
     cfg.out.mkdir()
     (cfg.out / ".lock").write_text(f"{os.getppid()}\n")
     with pytest.raises(UserError, match=rf"being written by another run \(process {os.getppid()}, lock "):
-        Runner(cfg, **registries(built)).run()
+        Runner(cfg, **registries(built))  # pre-flight
+    (cfg.out / ".lock").unlink()
+    runner = Runner(cfg, **registries(built))
+    (cfg.out / ".lock").write_text(f"{os.getppid()}\n")  # taken between pre-flight and the run
+    with pytest.raises(UserError, match=rf"being written by another run \(process {os.getppid()}, lock "):
+        runner.run()
     assert built == [] and not (cfg.out / "results.jsonl").exists()
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from un0_bench.backbones.digits_data import IMAGE_SIZE, WEIGHTS_DIR, load_data
-from un0_bench.harness.checkpoints import load_checkpoint, save_checkpoint
+from un0_bench.harness.checkpoints import load_checkpoint, load_into, save_checkpoint
 from un0_bench.harness.training import metered_training, one_cycle, run_steps, training_metadata
 
 #: Architecture. Two conv stages (16 -> 8 -> 4 px), then a ``features``-wide penultimate layer.
@@ -78,7 +78,7 @@ def load_judge(path: Path = JUDGE_FILE) -> tuple[DigitsJudge, dict[str, Any]]:
     """The trained judge in eval mode, with its metadata. Refuses a file made for another config."""
     state, meta = load_checkpoint(path, expected_config=JUDGE_CONFIG)
     judge = build_judge()
-    judge.load_state_dict(state)
+    load_into(judge, state, path)
     return judge.eval().requires_grad_(False), meta
 
 

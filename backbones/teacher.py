@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from un0_bench.backbones.ddim import SCHEDULER_CONFIG, make_scheduler  # noqa: F401  (the schedule it trains on)
 from un0_bench.backbones.digits_data import IMAGE_SIZE, WEIGHTS_DIR, load_data
 from un0_bench.backbones.hf import diffusers_class
-from un0_bench.harness.checkpoints import load_checkpoint, save_checkpoint
+from un0_bench.harness.checkpoints import load_checkpoint, load_into, save_checkpoint
 from un0_bench.harness.training import ema_update, metered_training, one_cycle, run_steps, training_metadata
 
 #: UNet2DModel config. Three resolutions (16, 8, 4), attention at 8x8, 10 class embeddings.
@@ -47,7 +47,7 @@ def load_teacher(path: Path = TEACHER_FILE) -> tuple[torch.nn.Module, dict[str, 
     """The trained teacher in eval mode, with its metadata. Refuses a file made for another config."""
     state, meta = load_checkpoint(path, expected_config=UNET_CONFIG)
     unet = build_unet()
-    unet.load_state_dict(state)
+    load_into(unet, state, path)
     return unet.eval().requires_grad_(False), meta
 
 

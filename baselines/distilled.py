@@ -188,10 +188,11 @@ class Distillation(Technique):
         plan.steps, plan.weights = params["steps"], f"sd-distilled-{params['steps']}"
 
     def apply(self, model: Model, backbone: Backbone, steps: int = SHIPPED_STEPS[0]) -> Layer:
-        from un0_bench.harness.checkpoints import load_checkpoint
+        from un0_bench.harness.checkpoints import load_checkpoint, load_into, unpacked
 
-        state, meta = load_checkpoint(backbone.weights(f"sd-distilled-{steps}"), expected_config=student_config(steps))
-        model.denoiser.load_state_dict(unpack_int8(state))
+        path = backbone.weights(f"sd-distilled-{steps}")
+        state, meta = load_checkpoint(path, expected_config=student_config(steps))
+        load_into(model.denoiser, unpacked(unpack_int8, state, path), path)
         sampler = SAMPLERS[steps]
         model.steps, model.derivation = steps, meta
         model.sampler["schedule"] = (sampler.timesteps, sampler.predictions)

@@ -557,12 +557,13 @@ def _static_teacher(teacher: nn.Module, backbone: Backbone) -> tuple[nn.Module, 
         CheckpointError: If the calibration file is missing or was made for another UNet config,
             scheme or teacher file (run ``un0-bench train sd-int8``).
     """
-    from un0_bench.harness.checkpoints import load_checkpoint
+    from un0_bench.harness.checkpoints import load_checkpoint, load_into
 
-    state, meta = load_checkpoint(backbone.weights("sd-int8"), expected_config=int8_config(backbone.weights("teacher")))
+    path = backbone.weights("sd-int8")
+    state, meta = load_checkpoint(path, expected_config=int8_config(backbone.weights("teacher")))
     bucket = TimestepBucket(INT8_SCHEME["timestep_buckets"])
     names = quantizable_layers(teacher)
     # Placeholder scales: the loaded state overwrites every int8 buffer.
     qunet = quantize_unet(teacher, {n: torch.ones(bucket.n_buckets) for n in names}, bucket)
-    qunet.load_state_dict(state, strict=True)
+    load_into(qunet, state, path)
     return qunet, bucket, meta

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ def save_checkpoint(weights: Path, state_dict: dict[str, torch.Tensor], metadata
 
 
 def _check_header(weights: Path) -> None:
+    """The safetensors header: an object of tensors (dtype, shape, data_offsets) within the file."""
     size = weights.stat().st_size
     with weights.open("rb") as f:
         head = f.read(8)
@@ -47,11 +49,62 @@ def _check_header(weights: Path) -> None:
             )
         try:
             header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             raise CheckpointError(f"{weights}: not a safetensors file (header is not JSON)") from None
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{weights}: not a safetensors file (header is a JSON {type(header).__name__}, "
+                              f"expected an object of tensors)")
+    meta = header.get("__metadata__")
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise CheckpointError(f"{weights}: bad safetensors header (__metadata__ must be an object of strings)")
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    if not tensors:
+        raise CheckpointError(f"{weights}: holds no tensors (empty safetensors header)")
+    end = 0
+    for key, entry in tensors.items():
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2
+                and all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
+                and offsets[0] <= offsets[1]):
+            raise CheckpointError(f"{weights}: bad safetensors header (tensor {key!r}: expected data_offsets "
+                                  f"[start, end] with 0 <= start <= end, got "
+                                  f"{offsets if isinstance(entry, dict) else entry!r})")
+        if not isinstance(entry.get("shape"), list) or not isinstance(entry.get("dtype"), str):
+            raise CheckpointError(f"{weights}: bad safetensors header (tensor {key!r}: expected a dtype and a shape)")
+        end = max(end, offsets[1])
     if 8 + n + end > size:
         raise CheckpointError(f"{weights}: truncated (tensors need {8 + n + end} bytes, file has {size})")
+
+
+def unpacked(unpack: Callable[..., dict[str, torch.Tensor]], state: dict[str, torch.Tensor], weights: Path,
+             *args: Any) -> dict[str, torch.Tensor]:
+    """``unpack(state, *args)`` of a packed file, refusing a file it cannot unpack (another model's) in one line."""
+    try:
+        return unpack(state, *args)
+    except (KeyError, ValueError, RuntimeError, IndexError) as e:
+        raise CheckpointError(f"{weights}: not the weights of this model (cannot unpack them: "
+                              f"{type(e).__name__}: {e})") from None
+
+
+def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], weights: Path) -> None:
+    """``module.load_state_dict(state)``, refusing the weights of another model in one clear line."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} of its {len(own)} tensors missing (first: {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} tensors it does not have (first: {unexpected[0]})")
+        if shapes:
+            k = shapes[0]
+            parts.append(f"{len(shapes)} of other shapes (first: {k} is {tuple(state[k].shape)}, expected "
+                         f"{tuple(own[k].shape)})")
+        raise CheckpointError(f"{weights}: not the weights of this model ({type(module).__name__}): "
+                              f"{'; '.join(parts)}")
+    module.load_state_dict(state)
 
 
 def load_checkpoint(
@@ -77,10 +130,14 @@ def load_checkpoint(
         raise CheckpointError(f"{weights}: metadata file {meta_file.name} is missing")
     try:
         metadata = json.loads(meta_file.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise CheckpointError(f"{meta_file}: not valid JSON ({e})") from None
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{meta_file}: metadata is a JSON {type(metadata).__name__}, expected an object")
     if expected_config is not None:
         found = metadata.get("config")
+        if not isinstance(found, dict):
+            raise CheckpointError(f"{meta_file}: metadata has no config object (expected the model's config)")
         if found != expected_config:
             diff = sorted(
                 k for k in set(expected_config) | set(found or {})

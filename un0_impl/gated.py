@@ -347,11 +347,11 @@ class Un0Generator(Generator):
 
 def load_un0(path: Path = UN0_FILE) -> tuple[Un0Net, dict[str, Any]]:
     """The trained network (float32) and its metadata. Refuses a file made for another config."""
-    from un0_bench.harness.checkpoints import load_checkpoint
+    from un0_bench.harness.checkpoints import load_checkpoint, load_into, unpacked
 
     state, meta = load_checkpoint(path, expected_config=UN0_CONFIG)
     net = Un0Net.from_config(UN0_CONFIG)
-    net.load_state_dict(unpack_state(state))
+    load_into(net, unpacked(unpack_state, state, path), path)
     return net.eval().requires_grad_(False), meta
 
 

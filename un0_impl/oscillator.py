@@ -267,7 +267,7 @@ def _unpack_state(state: dict[str, torch.Tensor], n: int) -> dict[str, torch.Ten
 
 def load_oscillator(path: Path) -> tuple[OscillatorNet, dict[str, Any]]:
     """A trained :class:`OscillatorNet` in eval mode, with its metadata."""
-    from un0_bench.harness.checkpoints import load_checkpoint
+    from un0_bench.harness.checkpoints import load_checkpoint, load_into, unpacked
 
     state, meta = load_checkpoint(path)
     cfg_dict = meta.get("config") or {}
@@ -278,7 +278,7 @@ def load_oscillator(path: Path) -> tuple[OscillatorNet, dict[str, Any]]:
 
         raise CheckpointError(f"{path}: not an oscillator checkpoint (config {cfg_dict!r}: {e})") from None
     net = OscillatorNet(cfg)
-    net.load_state_dict(_unpack_state(state, cfg.n))
+    load_into(net, unpacked(_unpack_state, state, path, cfg.n), path)
     return net.eval().requires_grad_(False), meta
 
 

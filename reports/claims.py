@@ -142,15 +142,18 @@ def verdict_table(records: list[dict[str, Any]], model: str, reference: str, cla
     return rows
 
 
-def _where(row: dict[str, Any], boundary: str, widest: bool = False) -> str:
+def _on(row: dict[str, Any], boundary: str) -> str:
+    """'the <meter> (<factor>[, 95% CI lo–hi])' for one cell."""
     cell = row["cells"][boundary]
     f = fmt_factor(cell["factor"])
     if row["kind"] != "counted" and cell["ci"] and cell["ci"][0] != cell["ci"][1]:
         f += f", 95% CI {fmt_factor(cell['ci'][0])}–{fmt_factor(cell['ci'][1])}"
-    n, label = BOUNDARY_LABELS[boundary].split(" ", 1)[0], _PHRASES[boundary]
-    if widest:
-        return f"at the widest boundary {n} ({label}) on the {row['label']} ({f})"
-    return f"at boundary {n} ({label}) on the {row['label']} ({f})"
+    return f"the {row['label']} ({f})"
+
+
+def _at(boundary: str, widest: bool = False) -> str:
+    n = BOUNDARY_LABELS[boundary].split(" ", 1)[0]
+    return f"at {'the widest boundary' if widest else 'boundary'} {n} ({_PHRASES[boundary]})"
 
 
 def summarise(table: list[dict[str, Any]], boundary: str) -> tuple[str, str]:
@@ -163,24 +166,37 @@ def summarise(table: list[dict[str, Any]], boundary: str) -> tuple[str, str]:
     """
     order = list(BOUNDARIES)
     start = order.index(boundary) if boundary in order else 0
-    judged, phrases = [], {HOLDS: [], FAILS: [], WITHIN: []}
+    judged: list[tuple[dict[str, Any], str]] = []
+    # status -> [(at-phrase, [on-phrase, ...])]: the claim's boundary first, then the widest, each
+    # boundary named once with every meter that lands there.
+    groups: dict[str, list[tuple[str, list[str]]]] = {HOLDS: [], FAILS: [], WITHIN: []}
+
+    def add(status: str, at: str, on: str) -> None:
+        for key, ons in groups[status]:
+            if key == at:
+                ons.append(on)
+                return
+        groups[status].append((at, [on]))
+
+    widest_cells = []
     for row in table:
         filled = [b for b in order if row["cells"][b]["status"] is not None]
         at = next((b for b in order[start:] if b in filled), None)
         if at is None:
             continue
         judged.append((row, row["cells"][at]["status"]))
-        phrases[row["cells"][at]["status"]].append((0, _where(row, at)))
+        add(row["cells"][at]["status"], _at(at), _on(row, at))
         if filled[-1] != at:
-            phrases[row["cells"][filled[-1]]["status"]].append((1, _where(row, filled[-1], widest=True)))
+            widest_cells.append((row, filled[-1]))
+    for row, b in widest_cells:
+        add(row["cells"][b]["status"], _at(b, widest=True), _on(row, b))
     if not judged:
-        return "not measured", "not measured in this run"
+        return "not measured", "Not measured in this run"
     measured = [s for row, s in judged if row["kind"] == "measured"]
     deciding = measured or [s for _, s in judged]
     overall = FAILS if FAILS in deciding else HOLDS if all(s == HOLDS for s in deciding) else WITHIN
-    # Within each group: every meter at the claim's boundary first, then the widest boundaries.
-    parts = [f"{status} " + " and ".join(text for _, text in sorted(p, key=lambda t: t[0]))
-             for status, p in phrases.items() if p]
+    parts = [f"{status} " + ", ".join(f"{at} on " + " and on ".join(ons) for at, ons in g)
+             for status, g in groups.items() if g]
     return overall, f"{overall.capitalize()}: " + "; ".join(parts)
 
 
@@ -213,7 +229,7 @@ def evaluate_claims(records: list[dict[str, Any]], reference: str,
                                "claimed_low": c["claimed_low"], "table": [], "overall": "not measured"}
         if not candidates:
             row.update(model=None, factor=None, quality_matched=None, quality=None, quality_marginal=None,
-                       reference_quality=None, verdict="not measured in this run")
+                       reference_quality=None, verdict="Not measured in this run")
             rows.append(row)
             continue
         _, factor, model = max(candidates)

@@ -73,7 +73,7 @@ def test_claims_pick_the_best_quality_matched_model():
     q = rows["Quantization"]
     # int8: 1.0 / 0.4 = 2.5x at the compute boundary, inside the claimed 2-4x
     assert q["model"] == "sd-int8" and q["factor"] == 2.5 and q["overall"] == "holds"
-    assert rows["Pruning"]["verdict"] == "not measured in this run"
+    assert rows["Pruning"]["verdict"] == "Not measured in this run" and rows["Pruning"]["overall"] == "not measured"
 
 
 def test_pareto_front():
@@ -107,7 +107,11 @@ def test_summary_md_carries_the_verdict_table(tmp_path):
     # 2.2/0.009 = 244x), gross 5.0 / 0.01 = 500x (CI 4.5/0.011 = 409x to 5.5/0.009 = 611x).
     assert "| codecarbon (measured, estimate) | — | — | ❌ 200x (164x–244x) | ❌ 500x (409x–611x) |" in md
     assert "| proxy (counted) | ✅ 2,000x |" in md
-    assert "**Fails: holds at boundary 1 (active compute) on the op-count proxy (2,000x); fails at boundary 3" in md
+    # Each boundary is named once per status, with every meter that lands there.
+    assert ("**Fails: holds at boundary 1 (active compute) on the op-count proxy (2,000x); fails at boundary 3"
+            " (+ memory) on the measured codecarbon energy (estimate) (200x, 95% CI 164x–244x), at the widest"
+            " boundary 6 (+ amortised training) on the op-count proxy (189x) and on the measured codecarbon energy"
+            " (estimate) (500x, 95% CI 409x–611x)**") in md
     # HTML in model names is shown as text; the unavailable rapl meter has no column.
     assert "<script>" not in md and "&lt;script&gt;" in md and "rapl" not in md
     # Main figures: 3 significant digits, counts with SI suffixes (1e9 FLOPs -> 1G, 1e8 bytes -> 100M).

@@ -56,9 +56,11 @@ def test_holds_everywhere():
     assert cc["idle"]["factor"] == 5000.0 and cc["idle"]["ci"] == pytest.approx((4090.909, 6111.111), rel=1e-6)
     assert [t["kind"] for t in row["table"]] == ["counted", "measured"]
     assert row["table"][1]["estimate"] is True
-    assert row["verdict"].startswith("Holds: holds at boundary 1 (active compute) on the op-count proxy (2,000x)")
-    assert "at boundary 3 (+ memory) on the measured codecarbon energy (estimate) (2,000x, 95% CI 1,636x–2,444x)" \
-        in row["verdict"]
+    assert row["verdict"] == (
+        "Holds: holds at boundary 1 (active compute) on the op-count proxy (2,000x), at boundary 3 (+ memory) on the"
+        " measured codecarbon energy (estimate) (2,000x, 95% CI 1,636x–2,444x), at the widest boundary 6"
+        " (+ amortised training) on the op-count proxy (2,000x) and on the measured codecarbon energy (estimate)"
+        " (5,000x, 95% CI 4,091x–6,111x)")
     assert "fails" not in row["verdict"]
 
 
@@ -69,7 +71,7 @@ def test_holds_only_on_the_proxy_reads_as_failing():
     assert row["overall"] == FAILS
     assert row["verdict"].startswith("Fails: holds at boundary 1 (active compute) on the op-count proxy (2,000x)")
     assert ("fails at boundary 3 (+ memory) on the measured codecarbon energy (estimate) (200x, 95% CI 164x–244x)"
-            " and at the widest boundary 6 (+ amortised training) on the measured codecarbon energy (estimate)"
+            ", at the widest boundary 6 (+ amortised training) on the measured codecarbon energy (estimate)"
             " (500x, 95% CI 409x–611x)") in row["verdict"]
 
 
@@ -88,7 +90,7 @@ def test_not_quality_matched_is_said_and_matched_wins():
     row = verdict(list(recs))
     # 1.0 / 0.0001 = 10,000x, but un0 is not quality-matched
     assert row["model"] == "un0" and row["quality_matched"] is False and row["overall"] == HOLDS
-    assert row["verdict"] == ("Holds: holds at boundary 1 (active compute) on the op-count proxy (10,000x) and at"
+    assert row["verdict"] == ("Holds: holds at boundary 1 (active compute) on the op-count proxy (10,000x), at"
                               " the widest boundary 6 (+ amortised training) on the op-count proxy (10,000x)"
                               " — un0 is not quality-matched")
     # A matched model is preferred over a better unmatched one: 1.0 / 0.002 = 500x, which fails.

@@ -9,8 +9,8 @@ from typing import Any
 from un0_bench.harness.config import DEFAULT_GRID_GCO2_PER_KWH
 from un0_bench.harness.ledger import BOUNDARIES, BOUNDARY_LABELS, find_reference, ledger, run_settings
 from un0_bench.reports import plots, units
-from un0_bench.reports.markdown import summary_markdown
 from un0_bench.reports.claims import evaluate_claims, is_reference, meter_kind
+from un0_bench.reports.markdown import summary_markdown
 from un0_bench.reports.tables import format_summary, load_records, meter_statuses, summary_frame, write_csv
 
 

@@ -202,10 +202,10 @@ def summarise(table: list[dict[str, Any]], boundary: str) -> tuple[str, str]:
 
 def evaluate_claims(records: list[dict[str, Any]], reference: str,
                     claims: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
-    """One row per claim: the best generator that fits it (quality-matched first, by its counted
-    factor at the claim's boundary), its verdict table over meters x boundaries, and the verdict.
+    """One row per claim: the best fitting generator, its verdict table over meters x boundaries, the verdict.
 
-    References (`real`, `noise`) are bounds and never fit a claim.
+    The generator is the best quality-matched one by its counted factor at the claim's boundary (else
+    the best unmatched one, flagged). References (`real`, `noise`) are bounds and never fit a claim.
     """
     claims = claims if claims is not None else load_claims()
     proxies = {r["model"]: r for r in records if r["meter"] == "proxy" and r["model"] != reference

@@ -47,7 +47,8 @@ def summary_markdown(question: dict[str, Any], claims: list[dict[str, Any]], sum
     lines = ["# un0-bench summary", ""]
     if question.get("claim"):
         lines += [f"**Question:** “{_esc(question['claim'])}” — `{_esc(question['model'])}` against the reference "
-                  f"`{_esc(question['reference'])}` on {', '.join(question['backbones'])}, host {_esc(question['host'])}.",
+                  f"`{_esc(question['reference'])}` on {', '.join(question['backbones'])}, "
+                  f"host {_esc(question['host'])}.",
                   ""]
     lines += ["## Verdicts", "",
               "Times less energy per image than the reference at each accounting boundary; measured meters show "

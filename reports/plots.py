@@ -142,14 +142,14 @@ def energy_vs_quality(records: list[dict[str, Any]], is_reference: Any, kinds: d
     if not meters:
         return None
     fig, axes = plt.subplots(1, len(meters), figsize=(6.2 * len(meters), 4.6), squeeze=False)
-    for ax, meter in zip(axes[0], meters):
+    for ax, meter in zip(axes[0], meters, strict=False):
         rows = [r for r in records if r["meter"] == meter and r.get("energy_j_per_image")
                 and (r.get("quality") or {}).get("fid") is not None]
         gens = [r for r in rows if not is_reference(r)]
         pts = [(r["energy_j_per_image"], max(r["quality"]["fid"], 1e-6), r["model"]) for r in gens]
         front = generator_front(records, meter, is_reference)
-        matched = [p for p, r in zip(pts, gens) if r.get("quality_matched") is True]
-        unmatched = [p for p, r in zip(pts, gens) if r.get("quality_matched") is not True]
+        matched = [p for p, r in zip(pts, gens, strict=True) if r.get("quality_matched") is True]
+        unmatched = [p for p, r in zip(pts, gens, strict=True) if r.get("quality_matched") is not True]
         if matched:
             ax.scatter([p[0] for p in matched], [p[1] for p in matched], color="tab:blue", zorder=3,
                        label="quality-matched")
@@ -242,7 +242,7 @@ def joules_stacked(split: dict[str, dict[str, dict[str, float]]]) -> bytes | Non
                 total = sum(split[m][key].values())
                 shares.append(100 * split[m][key].get(name, 0.0) / total if total else 0.0)
             ax.barh(range(len(models)), shares, left=left, label=name)
-            left = [a + b for a, b in zip(left, shares)]
+            left = [a + b for a, b in zip(left, shares, strict=True)]
         ax.set_yticks(range(len(models)))
         ax.set_yticklabels([f"{m} ({sum(split[m][key].values()):.3g} J)" for m in models], fontsize=7)
         ax.invert_yaxis()
@@ -272,7 +272,7 @@ def proxy_vs_measured(records: list[dict[str, Any]], is_reference: Any) -> dict[
         if r["meter"] == "proxy" or not r.get("energy_j_per_image") or key not in proxy or r.get("status") != "ok":
             continue
         out.setdefault(r["meter"], {"points": []})["points"].append((proxy[key], r["energy_j_per_image"], r["model"]))
-    for meter, fit in out.items():
+    for fit in out.values():
         x = np.log10([p[0] for p in fit["points"]])
         y = np.log10([p[1] for p in fit["points"]])
         fit["n"] = len(x)
@@ -293,14 +293,15 @@ def proxy_vs_measured_plot(fits: dict[str, dict[str, Any]]) -> bytes | None:
     if not fits:
         return None
     fig, axes = plt.subplots(1, len(fits), figsize=(5.5 * len(fits), 4.2), squeeze=False)
-    for ax, (meter, fit) in zip(axes[0], fits.items()):
+    for ax, (meter, fit) in zip(axes[0], fits.items(), strict=False):
         xs, ys = [p[0] for p in fit["points"]], [p[1] for p in fit["points"]]
         ax.scatter(xs, ys, zorder=3)
         _place_labels(ax, fig, fit["points"])
         if fit["slope"] is not None:
             lo, hi = min(xs), max(xs)
-            ax.plot([lo, hi], [10 ** fit["intercept"] * lo ** fit["slope"], 10 ** fit["intercept"] * hi ** fit["slope"]],
-                    color="tab:red", lw=1, label=f"fit: slope {fit['slope']:.2f}, r² {fit['r2']:.2f} (log-log)")
+            scale = 10 ** fit["intercept"]
+            ax.plot([lo, hi], [scale * lo ** fit["slope"], scale * hi ** fit["slope"]], color="tab:red", lw=1,
+                    label=f"fit: slope {fit['slope']:.2f}, r² {fit['r2']:.2f} (log-log)")
             ax.legend(fontsize=7)
         ax.set_xscale("log")
         ax.set_yscale("log")

@@ -6,9 +6,8 @@ reference sd: proxy compute 1.0 J; codecarbon 5.0 J gross, 2.0 J net of idle (ne
 
 import pytest
 from un0_bench.reports.build import with_ledgers
-from un0_bench.reports.claims import FAILS, HOLDS, WITHIN, cell_status, evaluate_claims, factor_ci
+from un0_bench.reports.claims import FAILS, HOLDS, WITHIN, cell_status, evaluate_claims, factor_ci, is_reference
 from un0_bench.reports.plots import generator_front
-from un0_bench.reports.claims import is_reference
 
 from tests.reports.fixtures import proxy, record
 

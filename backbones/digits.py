@@ -96,6 +96,11 @@ class DigitsBackbone(Backbone):
     def check_quality_options(self, options: QualityOptions) -> None:
         if options.samples == 1:
             raise UserError("--quality-samples must be 0 (off) or at least 2 on digits: FID needs two images")
+        if options.samples > 0:
+            # Pre-flight: the judge opens and fits its config now, not after the first cell is measured.
+            from un0_bench.backbones import quality
+
+            quality.default_judge()
 
     def quality_band(self, q: dict[str, Any], ref: dict[str, Any], options: QualityOptions
                      ) -> tuple[bool, bool | None]:

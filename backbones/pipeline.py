@@ -364,6 +364,8 @@ class PipelineBackbone(Backbone):
             if not p.is_dir():
                 raise UserError(f"--clip {options.clip!r}: no such folder (a CLIP model saved with save_pretrained, "
                                 "with its processor: nothing is downloaded)")
+            if options.samples > 0:
+                load_clip(p)  # pre-flight: a folder without a CLIP model is refused before the first cell
 
     def evaluate_quality(self, generator: Generator, measured: GenerationResult,
                          options: QualityOptions) -> dict[str, Any] | None:

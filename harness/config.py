@@ -54,6 +54,13 @@ def finite(text: str) -> float:
     return _number(text, float, math.isfinite, "a finite number")
 
 
+def path_arg(text: str) -> Path:
+    """A path option: an empty one (``--out ""``) would silently mean the current folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a path, got an empty one")
+    return Path(text)
+
+
 def csv(kind: Callable[[str], Any]) -> Callable[[str], list[Any]]:
     def parse(text: str) -> list[Any]:
         items = [t.strip() for t in text.split(",") if t.strip()]
@@ -160,7 +167,7 @@ class RunConfig:
 
     models: list[str] = option(None, "comma-separated model specs or stacks, e.g. sd,sd:steps=10,sd-distilled+int8",
                                models_list)
-    out: Path = option(None, "output folder (default: runs/<UTC time>)", Path)
+    out: Path = option(None, "output folder (default: runs/<UTC time>)", path_arg)
     backbone: str = option("digits", "digits or diffusers:PATH")
     meters: list[str] = option(help="comma-separated meters, or auto", parse=csv(str), factory=lambda: ["auto"])
     images: int = option(16, "images per metered window", positive_int)

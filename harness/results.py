@@ -271,15 +271,49 @@ def _jsonable(o: Any) -> Any:
     raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
 
 
-def check_writable(out_dir: Path) -> None:
-    """Fail before any work starts if ``out_dir`` cannot hold results."""
+def _unwritable(folder: Path) -> str | None:
+    """Why files cannot be made in ``folder`` (which need not exist yet), or ``None``; creates nothing."""
+    if folder.exists() and not folder.is_dir():
+        return f"{folder} is not a folder"
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is not a folder"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{probe} is not writable"
+    if probe == folder:
+        try:
+            test = folder / f".write-test-{os.getpid()}"
+            test.write_text("ok")
+            test.unlink()
+        except OSError as e:
+            return str(e.strerror or e)
+    return None
+
+
+def check_writable(out_dir: Path, what: str = "output folder") -> None:
+    """Fail before any work starts if ``out_dir`` cannot hold results.
+
+    Creates nothing: a refused run leaves no empty folders behind (the folder is made with its first file).
+    """
     out_dir = Path(out_dir)
+    if str(out_dir).strip() == "":
+        raise UserError(f"the {what} is an empty path; name a folder")
     if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"output folder {out_dir} exists and is not a folder")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"cannot write to output folder {out_dir}: {e.strerror or e}") from None
+        raise UserError(f"{what} {out_dir} exists and is not a folder")
+    why = _unwritable(out_dir)
+    if why is not None:
+        raise UserError(f"cannot write to {what} {out_dir}: {why}")
+
+
+def check_file_writable(path: Path, what: str = "output file") -> None:
+    """Fail before any work starts if the file ``path`` cannot be written; creates nothing."""
+    path = Path(path)
+    if str(path).strip() == "":
+        raise UserError(f"the {what} is an empty path; name a file")
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a folder; name a file")
+    why = _unwritable(path.parent)
+    if why is not None:
+        raise UserError(f"cannot write {what} {path}: {why}")

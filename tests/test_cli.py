@@ -228,3 +228,32 @@ def test_third_party_warnings_are_not_printed_ahead_of_our_error(capsys, monkeyp
     code, out, err = run(capsys, "list")
     assert code == 0 and out == "listed\n"
     assert "FutureWarning: an import-time deprecation" in err  # shown after the output, not lost
+
+
+@pytest.mark.parametrize("argv", [["compare", "--models", "sd", "--out", ""], ["report", ""],
+                                  ["make-tiny-pipeline", " "], ["train", "teacher", "--out", ""]])
+def test_an_empty_path_is_refused(capsys, argv):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert "expected a path, got an empty one" in capsys.readouterr().err
+
+
+def test_unwritable_outputs_of_every_command_fail_before_work(capsys, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, _, err = run(capsys, "train", "teacher", "--out", str(blocker / "w.safetensors"))
+    assert (code, err) == (2, f"un0-bench: error: cannot write weights file {blocker / 'w.safetensors'}: {blocker} "
+                              f"is not a folder\n")
+    code, _, err = run(capsys, "train", "teacher", "--out", str(tmp_path))
+    assert (code, err) == (2, f"un0-bench: error: weights file {tmp_path} is a folder; name a file\n")
+    code, _, err = run(capsys, "make-tiny-pipeline", str(blocker / "pipe"))
+    assert (code, err) == (2, f"un0-bench: error: cannot write to pipeline folder {blocker / 'pipe'}: {blocker} is "
+                              f"not a folder\n")
+
+
+def test_a_refused_run_leaves_no_empty_folders(capsys, tmp_path):
+    out = tmp_path / "new" / "deep"
+    code, _, err = run(capsys, "compare", "--models", "sd", "--reference", "sdd", "--out", str(out))
+    assert code == 2 and "Did you mean 'sd'" in err
+    assert not (tmp_path / "new").exists()

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from un0_bench.harness.config import finite, models_list, non_negative, positive_int
+from un0_bench.harness.config import finite, models_list, non_negative, path_arg, positive_int
 from un0_bench.harness.errors import UserError
 
 #: ``compare``'s options that go to the backbone (diffusers backbones only).
@@ -72,14 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="measure models side by side and write a report")
     _run_options(c)
     for name, text in _BACKBONE_OPTIONS:
-        c.add_argument(f"--{name}", default=None, help=text, type=Path if name == "prompts" else str)
+        c.add_argument(f"--{name}", default=None, help=text, type=path_arg if name == "prompts" else str)
     _ledger_options(c)
     c.add_argument("--no-report", action="store_true", help="write results only")
     c.add_argument("--fresh", action="store_true", help="start --out over: its earlier results are moved aside "
                                                         "(needed when they were measured with other options)")
 
     r = sub.add_parser("report", help="rebuild the report of a folder from its results.jsonl alone")
-    r.add_argument("dir", type=Path)
+    r.add_argument("dir", type=path_arg)
     _ledger_options(r, overrides=True)
 
     k = sub.add_parser("check", help="CI energy gate: recount a small proxy-only suite against a baseline")
@@ -89,13 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--update", action="store_true", help="rewrite the baseline with the current figures")
 
     m = sub.add_parser("make-tiny-pipeline", help="write a tiny Stable Diffusion pipeline (for smoke tests)")
-    m.add_argument("dir", type=Path)
+    m.add_argument("dir", type=path_arg)
 
     t = sub.add_parser("train", help="reproduce a shipped weights file from its seed")
     t.add_argument("target", help="what to train (see `un0-bench list`), or all")
     t.add_argument("--steps", type=positive_int, default=None, help="training steps (default: the shipped run's)")
     t.add_argument("--seed", type=int, default=None)
-    t.add_argument("--out", type=Path, default=None,
+    t.add_argument("--out", type=path_arg, default=None,
                    help="weights file (default: the shipped location; sd-distilled writes <stem>-4 and <stem>-1 "
                         "beside it)")
     return p
@@ -280,8 +280,14 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_make_tiny_pipeline(args: argparse.Namespace) -> int:
     from un0_bench.backbones.tiny_pipeline import make_tiny_pipeline
+    from un0_bench.harness.results import check_writable
 
-    print(f"tiny pipeline written: {make_tiny_pipeline(args.dir)}")
+    check_writable(args.dir, "pipeline folder")
+    try:
+        written = make_tiny_pipeline(args.dir)
+    except OSError as e:
+        raise UserError(f"cannot write the pipeline to {args.dir}: {e.strerror or e}") from None
+    print(f"tiny pipeline written: {written}")
     return 0
 
 
@@ -295,6 +301,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         TRAINERS.entry(args.target)  # "did you mean" for an unknown target
         targets = [args.target]
+    if args.out is not None:
+        from un0_bench.harness.results import check_file_writable
+
+        check_file_writable(args.out, "weights file")  # before training, not minutes after
     for name in targets:
         kwargs = {k: v for k, v in (("steps", args.steps), ("seed", args.seed), ("out", args.out)) if v is not None}
         meta = TRAINERS.get(name)(**kwargs)

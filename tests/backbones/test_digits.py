@@ -78,3 +78,22 @@ def test_sampler_of_the_base_model_is_ddim_from_each_images_own_noise():
     unet, _ = load_teacher()
     ref = ddim_sample(unet, 2, image_noise(5, 0, 2, (1, 16, 16)), torch.tensor([3, 7]))
     torch.testing.assert_close(out, ((ref + 1) / 2).clamp(0, 1), rtol=0, atol=1e-5)
+
+
+def test_the_judge_is_checked_before_the_first_cell(monkeypatch):
+    from un0_bench.backbones import quality
+    from un0_bench.harness.errors import CheckpointError
+
+    calls = []
+
+    def truncated():
+        calls.append(1)
+        raise CheckpointError("judge.safetensors: truncated (tensors need 900 bytes, file has 800)")
+
+    monkeypatch.setattr(quality, "default_judge", truncated)
+    backbone = DigitsBackbone()
+    backbone.check_quality_options(_options(samples=0))  # quality off: the judge is not needed
+    assert calls == []
+    with pytest.raises(CheckpointError, match=r"^judge.safetensors: truncated \(tensors need 900 bytes"):
+        backbone.check_quality_options(_options(samples=2))
+    assert calls == [1]

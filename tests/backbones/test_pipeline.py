@@ -196,7 +196,12 @@ def test_quality_options_are_checked_before_any_run(backbone, tmp_path):
         backbone.check_quality_options(_options(seeds=2))
     with pytest.raises(UserError, match="no such folder"):
         backbone.check_quality_options(_options(clip=str(tmp_path / "no-clip")))
-    backbone.check_quality_options(_options(clip=str(tmp_path)))
+    # A folder without a CLIP model is refused now, not after the first model is measured.
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match=r"^--clip '.*empty': cannot load a CLIP model and processor from it"):
+        backbone.check_quality_options(_options(clip=str(tmp_path / "empty")))
+    backbone.check_quality_options(_options(samples=0, clip=str(tmp_path / "empty")))  # quality off: not needed
+    backbone.check_quality_options(_options(clip=str(make_tiny_clip(tmp_path / "clip"))))
 
 
 def test_quality_is_the_clip_score_of_the_measured_images(backbone, tmp_path):

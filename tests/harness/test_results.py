@@ -208,3 +208,19 @@ def test_unwritable_output_folder(tmp_path):
         check_writable(f)
     with pytest.raises(UserError, match="cannot write"):
         check_writable(f / "sub")
+
+
+def test_checking_a_folder_creates_nothing(tmp_path):
+    check_writable(tmp_path / "a" / "b")
+    assert list(tmp_path.iterdir()) == []
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if os.access(ro, os.W_OK):
+            pytest.skip("running as a user who can write anywhere")
+        with pytest.raises(UserError) as e:
+            check_writable(ro / "out")
+        assert str(e.value) == f"cannot write to output folder {ro / 'out'}: {ro} is not writable"
+    finally:
+        ro.chmod(0o700)

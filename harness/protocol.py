@@ -134,9 +134,28 @@ def counts_fields(counts: Counts, profile: str, prefix: str = "") -> dict[str, A
         "gating_flops_per_image": counts.flops("gating") / n,
         "gating_bytes_per_image": counts.bytes_moved("gating") / n,
         "flops_per_image_by_dtype": {k: v / n for k, v in sorted(counts.flops_by_dtype().items())},
+        "proxy_j_per_image_by_module": {group: proxy_energy(part, profile).total_j / n
+                                        for group, part in module_groups(counts).items()},
         "uncounted_ops": counts.uncounted_ops(),
     }
     return {prefix + k: v for k, v in fields.items()}
+
+
+#: Module-path parts that name a layer group: ``UNet2DModel.down_blocks.0`` (class, blocks, index).
+MODULE_GROUP_DEPTH = 3
+
+
+def module_groups(counts: Counts, depth: int = MODULE_GROUP_DEPTH) -> dict[str, Counts]:
+    """The counted ops split by layer group: the first ``depth`` parts of each op's module path.
+
+    Ops run outside any module (the sampler's update, image post-processing) form the group
+    ``"(outside modules)"``. Groups are sorted by name.
+    """
+    groups: dict[str, list[OpStat]] = {}
+    for s in counts.stats:
+        group = ".".join(s.module.split(".")[:depth]) if s.module else "(outside modules)"
+        groups.setdefault(group, []).append(s)
+    return {g: Counts(images=counts.images, stats=stats) for g, stats in sorted(groups.items())}
 
 
 

@@ -223,7 +223,18 @@ def where_the_joules_go(records: list[dict[str, Any]], is_reference: Any) -> dic
         parts = r.get("proxy_j_per_image_by_part") or {}
         split = {"compute": parts.get("compute", 0.0), "gating": parts.get("gating", 0.0),
                  "memory": parts.get("memory", 0.0) + parts.get("gating_memory", 0.0)}
-        out[r["model"]] = {"phase": phases, "part": {k: v for k, v in split.items() if v}}
+        modules = _top_groups(r.get("proxy_j_per_image_by_module") or {})
+        out[r["model"]] = {"phase": phases, "part": {k: v for k, v in split.items() if v}, "module": modules}
+    return out
+
+
+def _top_groups(by_module: dict[str, float], keep: int = 6) -> dict[str, float]:
+    """The ``keep`` costliest layer groups by name, the rest summed as ``"other modules"``."""
+    ranked = sorted(by_module.items(), key=lambda kv: -kv[1])
+    out = dict(ranked[:keep])
+    rest = sum(v for _, v in ranked[keep:])
+    if rest:
+        out["other modules"] = rest
     return out
 
 
@@ -232,25 +243,27 @@ def joules_stacked(split: dict[str, dict[str, dict[str, float]]]) -> bytes | Non
     models = [m for m, s in split.items() if sum(s["part"].values()) > 0 or sum(s["phase"].values()) > 0]
     if not models:
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(11, 0.45 * len(models) + 1.6), squeeze=False)
-    for ax, key, title in ((axes[0][0], "phase", "by phase"), (axes[0][1], "part", "compute vs gating vs memory")):
-        names = list(dict.fromkeys(n for m in models for n in split[m][key]))
+    panels = [("phase", "by phase"), ("part", "compute vs gating vs memory"), ("module", "by layer group")]
+    panels = [(k, t) for k, t in panels if any(split[m].get(k) for m in models) or k != "module"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 0.45 * len(models) + 1.6), squeeze=False)
+    for ax, (key, title) in zip(axes[0], panels, strict=True):
+        names = list(dict.fromkeys(n for m in models for n in split[m].get(key, {})))
         left = [0.0] * len(models)
         for name in names:
             shares = []
             for m in models:
-                total = sum(split[m][key].values())
-                shares.append(100 * split[m][key].get(name, 0.0) / total if total else 0.0)
+                total = sum(split[m].get(key, {}).values())
+                shares.append(100 * split[m].get(key, {}).get(name, 0.0) / total if total else 0.0)
             ax.barh(range(len(models)), shares, left=left, label=name)
             left = [a + b for a, b in zip(left, shares, strict=True)]
         ax.set_yticks(range(len(models)))
-        ax.set_yticklabels([f"{m} ({sum(split[m][key].values()):.3g} J)" for m in models], fontsize=7)
+        ax.set_yticklabels([f"{m} ({sum(split[m].get(key, {}).values()):.3g} J)" for m in models], fontsize=7)
         ax.invert_yaxis()
         ax.set_xlim(0, 100)
         ax.set_xlabel("% of proxy energy per image")
         ax.set_title(title, fontsize=9)
         if names:
-            ax.legend(fontsize=7, loc="lower right")
+            ax.legend(fontsize=6 if key == "module" else 7, loc="lower right")
         else:
             ax.text(50, (len(models) - 1) / 2, "no phases recorded", ha="center", va="center", fontsize=8)
     fig.tight_layout()

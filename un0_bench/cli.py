@@ -228,8 +228,24 @@ def cmd_compare(args: argparse.Namespace) -> int:
         from un0_bench.reports.build import build_report
 
         path = build_report(out, report_options(args))
+        print_verdicts(out)
         print(f"report: {path}")
     return 0
+
+
+def print_verdicts(out: Path) -> None:
+    """Each claim's one-line verdict (meter and boundary named), as the report's first screen gives it."""
+    from un0_bench.harness.ledger import run_settings
+    from un0_bench.reports.build import with_ledgers
+    from un0_bench.reports.claims import evaluate_claims
+    from un0_bench.reports.tables import load_records
+
+    records = load_records(out)
+    settings = run_settings(records)
+    with_ledgers(records, settings["reference"], settings["pue"], settings["lifetime_images"])
+    for row in evaluate_claims(records, settings["reference"]):
+        if row["model"] is not None:
+            print(f"claim: {row['claim']} ({row['model']} vs {settings['reference']})\n  {row['verdict']}")
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -103,3 +103,20 @@ def test_a_stack_is_its_layers_applied_in_order(digits):
     assert gen.describe()["layers"][0]["full_calls_per_image"] == 2
     cached, plain = _counts(gen), _counts(make_generator("sd:steps=4", backbone))
     assert cached.flops() < plain.flops()
+
+
+def test_proxy_energy_by_layer_group_adds_up_to_the_whole(digits):
+    from un0_bench.harness.meters.proxy import proxy_energy
+    from un0_bench.harness.protocol import counts_fields, module_groups
+
+    backbone, _ = digits
+    counts = _counts(make_generator("sd:steps=2", backbone))
+    groups = module_groups(counts)
+    # The teacher's layer groups: its blocks by index, the embeddings, the head, and the sampler's
+    # update outside any module.
+    assert {"UNet2DModel.down_blocks.0", "UNet2DModel.mid_block.attentions", "UNet2DModel.up_blocks.2",
+            "UNet2DModel.conv_out", "(outside modules)"} <= set(groups)
+    assert sum(g.flops() for g in groups.values()) == counts.flops()
+    by_module = counts_fields(counts, "horowitz-45nm")["proxy_j_per_image_by_module"]
+    whole = proxy_energy(counts, "horowitz-45nm").total_j / 2
+    assert sum(by_module.values()) == pytest.approx(whole, rel=1e-12)

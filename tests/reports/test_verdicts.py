@@ -137,6 +137,17 @@ def test_where_the_joules_go_per_image_by_phase_and_part():
     assert joules_stacked({}) is None
 
 
+def test_where_the_joules_go_by_layer_group_keeps_the_six_costliest():
+    from un0_bench.reports.plots import joules_stacked, where_the_joules_go
+
+    rec = proxy("sd", compute=0.1)
+    # Eight groups of 8, 7, ..., 1 J: the six costliest by name, the last two (2 + 1 J) as "other modules".
+    rec["proxy_j_per_image_by_module"] = {f"UNet2DModel.g{k}": float(k) for k in range(1, 9)}
+    split = where_the_joules_go([rec], is_reference)
+    assert split["sd"]["module"] == {**{f"UNet2DModel.g{k}": float(k) for k in range(8, 2, -1)}, "other modules": 3.0}
+    assert joules_stacked(split)[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_ladder_plots_every_meter_that_has_a_factor():
     from un0_bench.harness.ledger import BOUNDARIES, BOUNDARY_LABELS
     from un0_bench.reports.plots import ladder

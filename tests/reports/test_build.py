@@ -116,3 +116,15 @@ def test_summary_md_carries_the_verdict_table(tmp_path):
     assert "<script>" not in md and "&lt;script&gt;" in md and "rapl" not in md
     # Main figures: 3 significant digits, counts with SI suffixes (1e9 FLOPs -> 1G, 1e8 bytes -> 100M).
     assert "| un0 | 8 | 0.0106 | 0.01 | 1G | 100M | 10 |" in md
+
+
+def test_negative_net_of_idle_is_below_the_meters_resolution(tmp_path):
+    # A whole-device meter whose net of idle came out below zero (the work is lost in idle noise):
+    # the table says so instead of printing negative joules; a positive net is printed as joules.
+    low = record("un0", "codecarbon", 0.0005, energy_net_j_per_image=-0.0002743)
+    high = record("sd", "codecarbon", 19.5, energy_net_j_per_image=5.0)
+    write(tmp_path, [low, high, proxy("sd", compute=0.0157), proxy("un0", compute=2.6e-6)])
+    html = build_report(tmp_path).read_text()
+    assert html.count("below the meter's resolution") == 1
+    assert "net of idle -0.000274 J" in html
+    assert "-0.000274" not in html.replace("net of idle -0.000274 J", "")

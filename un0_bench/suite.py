@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--meters", default="auto")
     p.add_argument("--images", type=int, default=RunConfig.images)
     # FID reads ~10% higher and varies ~10% between seeds at 500 samples, about 2% at 1,000 (the
-    # run configuration's default). The whole suite takes ~5 minutes on 2 quiet cores at 1,000.
+    # run configuration's default). With per-phase windows and 19 models the suite took over 40 min on 2 shared cores.
     p.add_argument("--quality-samples", type=int, default=DEFAULT_QUALITY_SAMPLES)
     p.add_argument("--quality-seeds", type=int, default=1, help="draws per model; 3 for a close call (3x the time)")
     p.add_argument("--fresh", action="store_true", help="discard earlier results in --out first")

@@ -95,6 +95,15 @@ class Run:
     call_index: int = 0
     timestep: Any = None
 
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """``with run.phase("gate"): ...`` opens and closes a phase window from inside a layer hook."""
+        self.emit("begin", name)
+        try:
+            yield
+        finally:
+            self.emit("end", name)
+
 
 class Layer:
     """What one technique did to a model, and its hooks. Subclasses override the hooks they need.

@@ -219,7 +219,7 @@ class ContextualLayer(Layer):
     def before_call(self, run: Run, args: tuple, kwargs: dict) -> None:
         if run.call_index != 0:
             return
-        with run_phase(run, "gate"), gating_scope():
+        with run.phase("gate"), gating_scope():
             prompts = run.prompts
             subnets: dict[str, PromptSubnet] = {}
             new: list[int] = []
@@ -260,20 +260,6 @@ class ContextualLayer(Layer):
         return stats
 
 
-class _Phase:
-    def __init__(self, run: Run, name: str) -> None:
-        self.run, self.name = run, name
-
-    def __enter__(self) -> None:
-        self.run.emit("begin", self.name)
-
-    def __exit__(self, *exc: Any) -> None:
-        self.run.emit("end", self.name)
-
-
-def run_phase(run: Run, name: str) -> _Phase:
-    """A phase window opened and closed from inside a layer hook, as a context manager."""
-    return _Phase(run, name)
 
 
 class ContextualSparsity(Technique):

@@ -70,6 +70,13 @@ class DigitsBackbone(Backbone):
 
         return Plan("digits", "UNet2DModel", DEFAULT_STEPS if steps is None else steps, weights="teacher")
 
+    def check_base_weights(self) -> list[Path]:
+        from un0_bench.backbones.teacher import UNET_CONFIG
+        from un0_bench.harness.checkpoints import check_checkpoint
+
+        check_checkpoint(self.weights("teacher"), expected_config=UNET_CONFIG)
+        return [self.weights("teacher")]
+
     def base_model(self, steps: int | None) -> Model:
         """The shipped teacher (fresh copy) with ``steps`` DDIM steps; its derivation is its training."""
         from un0_bench.backbones.teacher import load_teacher

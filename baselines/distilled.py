@@ -38,7 +38,6 @@ of sampling the teacher pairs (counted and scaled, since the pairs usually come 
 from __future__ import annotations
 
 import copy
-import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +48,7 @@ import torch.nn.functional as F
 from un0_bench.backbones.ddim import ddim_sample, ddim_step
 from un0_bench.backbones.digits import DEFAULT_STEPS, WEIGHTS_DIR
 from un0_bench.harness.backbone import Backbone
+from un0_bench.harness.checkpoints import file_sha256
 from un0_bench.harness.errors import SpecError, StackError
 from un0_bench.harness.spec import Param
 from un0_bench.harness.technique import Layer, Model, Plan, Technique
@@ -186,6 +186,12 @@ class Distillation(Technique):
             raise SpecError(f"sd-distilled: steps={params['steps']} is not valid; steps must be {valid} "
                             "(a student is distilled for one step count, and only these are shipped)")
         plan.steps, plan.weights = params["steps"], f"sd-distilled-{params['steps']}"
+
+    def check_weights(self, backbone: Backbone, steps: int = SHIPPED_STEPS[0]) -> list[Path]:
+        from un0_bench.harness.checkpoints import check_checkpoint
+
+        check_checkpoint(backbone.weights(f"sd-distilled-{steps}"), expected_config=student_config(steps))
+        return [backbone.weights(f"sd-distilled-{steps}")]
 
     def apply(self, model: Model, backbone: Backbone, steps: int = SHIPPED_STEPS[0]) -> Layer:
         from un0_bench.harness.checkpoints import load_checkpoint, load_into, unpacked
@@ -334,7 +340,7 @@ def train_distilled(steps: int | None = None, seed: int | None = None, out: Path
     seed = SEED if seed is None else seed
     out = DEFAULT_OUT if out is None else Path(out)
     teacher, teacher_meta = load_teacher(TEACHER_FILE)
-    teacher_sha256 = hashlib.sha256(Path(TEACHER_FILE).read_bytes()).hexdigest()
+    teacher_sha256 = file_sha256(TEACHER_FILE)
     pairs = teacher_pairs(PAIRS)
     pairs_meta = teacher_pairs_energy(teacher, PAIRS)
     command = (f"un0-bench train sd-distilled --seed {seed}" + (f" --steps {steps}" if steps is not None else "")

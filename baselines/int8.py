@@ -23,7 +23,6 @@ attention scores and softmax, the embeddings and the residual adds.
 from __future__ import annotations
 
 import copy
-import hashlib
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from un0_bench.harness.backbone import Backbone
+from un0_bench.harness.checkpoints import file_sha256
 from un0_bench.harness.errors import StackError, UserError
 from un0_bench.harness.spec import Param
 from un0_bench.harness.technique import Layer, Model, Plan, Run, Technique
@@ -389,16 +389,12 @@ INT8_SCHEME: dict[str, Any] = {
 }
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def int8_config(teacher_path: Path) -> dict[str, Any]:
     """The config an ``sd-int8`` calibration file must carry: the UNet, the scheme and the teacher file."""
     from un0_bench.backbones.teacher import UNET_CONFIG
 
     return {"unet": copy.deepcopy(UNET_CONFIG), "scheme": copy.deepcopy(INT8_SCHEME),
-            "teacher_sha256": _sha256(teacher_path)}
+            "teacher_sha256": file_sha256(teacher_path)}
 
 
 def calibrate_int8(steps: int | None = None, seed: int | None = None, out: Path | None = None) -> dict[str, Any]:
@@ -504,6 +500,14 @@ class Int8(Technique):
                              "other weights: use int8 (dynamic scales)")
         if params["scales"] == "static":
             self.require_first(plan, "with static scales uses scales calibrated on the teacher's own activations")
+
+    def check_weights(self, backbone: Backbone, scales: str = "dynamic") -> list[Path]:
+        if scales != "static":
+            return []  # dynamic scales are computed from each call's own activations
+        from un0_bench.harness.checkpoints import check_checkpoint
+
+        check_checkpoint(backbone.weights("sd-int8"), expected_config=int8_config(backbone.weights("teacher")))
+        return [backbone.weights("sd-int8")]
 
     def apply(self, model: Model, backbone: Backbone, scales: str = "dynamic") -> Layer:
         total = sum(p.numel() for p in model.denoiser.parameters())

@@ -23,7 +23,6 @@ weights, refusing any shape that does not match.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ import torch.nn.functional as F
 from un0_bench.backbones.digits import WEIGHTS_DIR, load_data
 from un0_bench.backbones.hf import diffusers_class
 from un0_bench.harness.backbone import Backbone
-from un0_bench.harness.checkpoints import load_checkpoint, save_checkpoint
+from un0_bench.harness.checkpoints import check_checkpoint, file_sha256, load_checkpoint, save_checkpoint
 from un0_bench.harness.errors import CheckpointError, StackError
 from un0_bench.harness.spec import Param
 from un0_bench.harness.technique import Layer, Model, Plan, Technique
@@ -187,6 +186,12 @@ class ChannelPruning(Technique):
         super().check(plan, params)
         self.require_first(plan, "replaces the denoiser with shipped weights fine-tuned from the teacher")
         plan.weights = "sd-pruned"
+
+    def check_weights(self, backbone: Backbone, **params: Any) -> list[Path]:
+        from un0_bench.backbones.teacher import UNET_CONFIG
+
+        check_checkpoint(backbone.weights("sd-pruned"), expected_config=pruned_config(UNET_CONFIG, PRUNING))
+        return [backbone.weights("sd-pruned")]
 
     def apply(self, model: Model, backbone: Backbone, **params: Any) -> Layer:
         base_parameters = sum(p.numel() for p in model.denoiser.parameters())
@@ -349,7 +354,7 @@ def train_pruned(steps: int | None = None, seed: int | None = None, out: Path | 
             "parameters": sum(p.numel() for p in ema.parameters()),
             "teacher_parameters": sum(p.numel() for p in teacher.parameters()),
             # The pruned weights are only valid for this teacher: retrain when it changes.
-            "teacher_sha256": hashlib.sha256(TEACHER_FILE.read_bytes()).hexdigest(),
+            "teacher_sha256": file_sha256(TEACHER_FILE),
             "final_loss": sum(losses[-50:]) / len(losses[-50:]),
             "data_sha256": data.sha256,
         },

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -70,6 +71,13 @@ class Backbone(abc.ABC):
     def base_model(self, steps: int | None) -> Model:
         """The base diffusion model: a fresh denoiser (techniques change it in place) and its steps."""
         raise NotImplementedError(f"backbone {self.kind} has no base diffusion model")
+
+    def check_base_weights(self) -> list[Path]:
+        """Open the base model's weights files without loading them (pre-flight); return their paths.
+
+        Raise ``CheckpointError`` naming the file. Default: no file to check.
+        """
+        return []
 
     def sampler(self, model: Model) -> Generator:
         """The backbone's sampler around ``model``: a generator that calls every layer's hooks."""

@@ -107,18 +107,28 @@ def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], weights: 
     module.load_state_dict(state)
 
 
-def load_checkpoint(
-    weights: Path, expected_config: dict[str, Any] | None = None
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Load ``(state_dict, metadata)``, refusing missing, truncated, foreign or mismatched files.
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes (a weights file's identity in records and resume keys)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_checkpoint(weights: Path, expected_config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Open ``weights`` without reading its tensors: its header, its metadata and their config.
+
+    The pre-flight half of :func:`load_checkpoint`: a run checks every file it will load with this
+    before the first cell is measured. Returns the metadata.
 
     Args:
         weights: Path to a ``.safetensors`` file with a ``.json`` metadata file beside it.
         expected_config: If given, must equal ``metadata["config"]``; otherwise the file was made
             for a different model and is refused, naming both configs' differences.
     """
-    from safetensors.torch import load_file
-
     weights = Path(weights)
     if not weights.is_file():
         raise CheckpointError(f"{weights}: no such weights file (run `un0-bench train` to make it)")
@@ -139,14 +149,25 @@ def load_checkpoint(
         if not isinstance(found, dict):
             raise CheckpointError(f"{meta_file}: metadata has no config object (expected the model's config)")
         if found != expected_config:
-            diff = sorted(
-                k for k in set(expected_config) | set(found or {})
-                if (found or {}).get(k) != expected_config.get(k)
-            )
+            diff = sorted(k for k in set(expected_config) | set(found) if found.get(k) != expected_config.get(k))
             shown = ", ".join(
-                f"{k}: model has {expected_config.get(k)!r}, file has {(found or {}).get(k)!r}" for k in diff[:5]
+                f"{k}: model has {expected_config.get(k)!r}, file has {found.get(k)!r}" for k in diff[:5]
             )
             raise CheckpointError(f"{weights}: checkpoint config does not match the model ({shown})")
+    return metadata
+
+
+def load_checkpoint(
+    weights: Path, expected_config: dict[str, Any] | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load ``(state_dict, metadata)``, refusing missing, truncated, foreign or mismatched files.
+
+    Checks the file as :func:`check_checkpoint` does (same arguments), then reads its tensors.
+    """
+    from safetensors.torch import load_file
+
+    weights = Path(weights)
+    metadata = check_checkpoint(weights, expected_config)
     try:
         state = load_file(str(weights))
     except Exception as e:  # safetensors raises its own error types

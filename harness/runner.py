@@ -36,7 +36,7 @@ from un0_bench.harness.protocol import (
 from un0_bench.harness.registry import BACKBONES, GENERATORS, METERS, TECHNIQUES, Registry
 from un0_bench.harness.results import ResultStore, check_writable
 from un0_bench.harness.spec import ModelSpec
-from un0_bench.harness.stack import Stack, build, resolve
+from un0_bench.harness.stack import Stack, build, check_weights, resolve
 from un0_bench.harness.stats import median_ci95
 
 __all__ = ["RunConfig", "Runner", "load_backbone", "make_meter", "resolve_meters"]
@@ -76,6 +76,20 @@ def make_meter(text: str, registry: Registry = METERS) -> Meter | str:
 
 def _shown(value: Any) -> str:
     return "none" if value is None else json.dumps(value) if isinstance(value, (dict, list, str)) else str(value)
+
+
+def _record_weights(record: dict[str, Any]) -> dict[str, str]:
+    """File name -> sha256 of the weights a record's model loaded (from its ``stack`` layers)."""
+    out: dict[str, str] = {}
+    for layer in record.get("stack") or []:
+        weights = layer.get("weights") if isinstance(layer, dict) else None
+        if isinstance(weights, dict):
+            out.update({str(k): str(v) for k, v in weights.items()})
+    return out
+
+
+def _sha(digest: str | None) -> str:
+    return f"sha256 {digest[:12]}" if digest else "not loaded"
 
 
 #: Longest file-name stem derived from a spec (file systems allow 255 bytes a name).
@@ -154,17 +168,29 @@ class Runner:
         defaults = {f.name: (f.default_factory() if f.default_factory is not MISSING else f.default)
                     for f in fields(RunConfig)}
         differ: dict[str, Any] = {}
+        weights_now = {s.canonical: s.weights() for s in self.stacks.values()}
+        changed: dict[str, str] = {}
         for record in self.store.load():
             if record["backbone"] != cfg.backbone:
                 continue  # another backbone's cells: a separate comparison in the same folder
+            canonical = self.canonical_of(record)
+            if canonical in weights_now and record.get("model") not in changed:
+                old = _record_weights(record)
+                for name in sorted(set(old) | set(weights_now[canonical])):
+                    was, now_sha = old.get(name), weights_now[canonical].get(name)
+                    if old and was != now_sha:  # records older than weights hashing carry none: no claim
+                        changed[record["model"]] = (f"{record['model']}'s {name} {_sha(was)} there, "
+                                                    f"{_sha(now_sha)} now")
+                        break
             run = (record.get("config") or {}).get("run")
             run = run if isinstance(run, dict) else {}
             for key, value in now.items():
                 old = run.get(key, defaults[key])
                 if old != value and key not in differ:
                     differ[key] = old
-        if differ:
-            listed = "; ".join(f"{flag_of(k)} {_shown(v)} there, {_shown(now[k])} now" for k, v in differ.items())
+        if differ or changed:
+            listed = "; ".join([*(f"{flag_of(k)} {_shown(v)} there, {_shown(now[k])} now" for k, v in differ.items()),
+                                *(f"weights: {text}" for text in changed.values())])
             raise UserError(f"{cfg.out} holds results measured with another configuration ({listed}); run with "
                             f"the folder's options to resume it, another --out, or --fresh to start it over")
 
@@ -234,7 +260,9 @@ class Runner:
         self.stacks[cfg.reference] = ref
 
     def _resolve(self, text: str) -> Stack:
-        return resolve(text, self.backbone, self.generators, self.techniques)
+        """A checked stack whose weights files were opened (pre-flight) and named by their hashes."""
+        stack = resolve(text, self.backbone, self.generators, self.techniques)
+        return check_weights(stack, self.backbone, self.generators, self.techniques)
 
     def make_generator(self, text: str) -> Generator:
         stack = self.stacks.get(text) or self._resolve(text)

@@ -10,6 +10,7 @@ techniques in order.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from un0_bench.harness.backbone import Backbone
@@ -26,6 +27,8 @@ class LayerSpec:
 
     name: str
     params: tuple[tuple[str, Any], ...]
+    #: ``(file name, sha256)`` of each weights file the layer loads, once :func:`check_weights` opened them.
+    weights: tuple[tuple[str, str], ...] = ()
 
     def text(self) -> str:
         shown = ",".join(f"{k}={_fmt(v)}" for k, v in self.params if v is not None)
@@ -56,7 +59,13 @@ class Stack:
         return "+".join(layer.text() for layer in self.layers)
 
     def describe(self) -> list[dict[str, Any]]:
-        return [{"name": layer.name, "params": dict(layer.params)} for layer in self.layers]
+        return [{"name": layer.name, "params": dict(layer.params), **({"weights": dict(layer.weights)}
+                                                                     if layer.weights else {})}
+                for layer in self.layers]
+
+    def weights(self) -> dict[str, str]:
+        """Every weights file the stack loads (file name -> sha256): its identity in resume keys."""
+        return {name: digest for layer in self.layers for name, digest in layer.weights}
 
 
 def _schema(obj: Any) -> dict[str, Param]:
@@ -132,6 +141,27 @@ def resolve(text: str, backbone: Backbone, generators: Registry = GENERATORS,
     return Stack(text=text.strip(), layers=tuple(bound), plan=plan)
 
 
+def check_weights(stack: Stack, backbone: Backbone, generators: Registry = GENERATORS,
+                  techniques: Registry = TECHNIQUES) -> Stack:
+    """Pre-flight: open every weights file ``stack`` will load (no tensors read) and name each by its hash.
+
+    Raises ``CheckpointError`` naming the file (missing, truncated, foreign, another config). Returns
+    the stack with each layer's files and their SHA-256 (:meth:`Stack.weights`).
+    """
+    from dataclasses import replace
+
+    from un0_bench.harness.checkpoints import file_sha256
+
+    base = generators.get(stack.layers[0].name, backbone.kind)
+    checker = getattr(base, "check_weights", None)
+    found = [checker(backbone, **dict(stack.layers[0].params)) if checker else []]
+    found += [_technique(layer.name, techniques).check_weights(backbone, **dict(layer.params))
+              for layer in stack.layers[1:]]
+    layers = tuple(replace(layer, weights=tuple((Path(f).name, file_sha256(f)) for f in files))
+                   for layer, files in zip(stack.layers, found))
+    return replace(stack, layers=layers)
+
+
 def build(stack: Stack, backbone: Backbone, generators: Registry = GENERATORS,
           techniques: Registry = TECHNIQUES) -> Generator:
     """Build the base of ``stack`` on ``backbone`` and apply its techniques left to right."""
@@ -169,4 +199,9 @@ def _plan_base(backbone: Backbone, steps: int | None = None) -> Plan:
     return backbone.plan_base(steps)
 
 
+def _check_base_weights(backbone: Backbone, steps: int | None = None) -> list[Path]:
+    return backbone.check_base_weights()
+
+
 diffusion_base.plan = _plan_base  # type: ignore[attr-defined]
+diffusion_base.check_weights = _check_base_weights  # type: ignore[attr-defined]

@@ -24,6 +24,7 @@ import abc
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -176,6 +177,14 @@ class Technique(abc.ABC):
         if len(plan.layers) != 1:
             raise StackError(f"{self.name} {why}, so it must come right after {plan.layers[0]}, not after "
                              f"{'+'.join(plan.layers)}")
+
+    def check_weights(self, backbone: Backbone, **params: Any) -> list[Path]:
+        """Open every weights file :meth:`apply` will load (header, metadata, config; not the tensors).
+
+        Called before the first cell is measured; returns the files' paths (their hashes key resume).
+        Raise ``CheckpointError`` naming the file. Default: the technique loads no file.
+        """
+        return []
 
     @abc.abstractmethod
     def apply(self, model: Model, backbone: Backbone, **params: Any) -> Layer:

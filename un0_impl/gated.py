@@ -362,6 +362,16 @@ def build(backbone: Backbone, keep: float, steps: int) -> Generator:
     return Un0Generator(net, keep=keep, steps=steps, metadata=meta)
 
 
+def _check_weights(backbone: Backbone, **params: Any) -> list[Path]:
+    from un0_bench.harness.checkpoints import check_checkpoint
+
+    check_checkpoint(backbone.weights("un0"), expected_config=UN0_CONFIG)
+    return [backbone.weights("un0")]
+
+
+build.check_weights = _check_weights  # type: ignore[attr-defined]
+
+
 # ---------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------

@@ -265,18 +265,26 @@ def _unpack_state(state: dict[str, torch.Tensor], n: int) -> dict[str, torch.Ten
     return state
 
 
+def _oscillator_config(path: Path, meta: dict[str, Any], n: int | None = None) -> OscillatorConfig:
+    """The network config a checkpoint's metadata records, refused when it is not one (or not ``n`` oscillators)."""
+    from un0_bench.harness.errors import CheckpointError
+
+    cfg_dict = meta.get("config") or {}
+    try:
+        cfg = OscillatorConfig(**cfg_dict)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: not an oscillator checkpoint (config {cfg_dict!r}: {e})") from None
+    if n is not None and cfg.n != n:
+        raise CheckpointError(f"{path}: has {cfg.n} oscillators, expected {n}")
+    return cfg
+
+
 def load_oscillator(path: Path) -> tuple[OscillatorNet, dict[str, Any]]:
     """A trained :class:`OscillatorNet` in eval mode, with its metadata."""
     from un0_bench.harness.checkpoints import load_checkpoint, load_into, unpacked
 
     state, meta = load_checkpoint(path)
-    cfg_dict = meta.get("config") or {}
-    try:
-        cfg = OscillatorConfig(**cfg_dict)
-    except (TypeError, ValueError) as e:
-        from un0_bench.harness.errors import CheckpointError
-
-        raise CheckpointError(f"{path}: not an oscillator checkpoint (config {cfg_dict!r}: {e})") from None
+    cfg = _oscillator_config(path, meta)
     net = OscillatorNet(cfg)
     load_into(net, unpacked(_unpack_state, state, path, cfg.n), path)
     return net.eval().requires_grad_(False), meta
@@ -440,11 +448,21 @@ def build(backbone: Backbone, n: int, steps: int) -> Generator:
         valid = ", ".join(str(k) for k in sorted(SHIPPED))
         raise SpecError(f"un0-osc:n={n}: no trained model has {n} oscillators; n must be one of {valid}")
     net, meta = load_oscillator(backbone.weights(SHIPPED[n]))
-    if net.cfg.n != n:
-        from un0_bench.harness.errors import CheckpointError
-
-        raise CheckpointError(f"{backbone.weights(SHIPPED[n])}: has {net.cfg.n} oscillators, expected {n}")
+    _oscillator_config(backbone.weights(SHIPPED[n]), meta, n)
     return OscillatorGenerator(net, steps=steps, metadata=meta)
+
+
+def _check_weights(backbone: Backbone, n: int, **params: Any) -> list[Path]:
+    from un0_bench.harness.checkpoints import check_checkpoint
+
+    if n not in SHIPPED:
+        return []  # build() refuses it with the valid sizes
+    path = backbone.weights(SHIPPED[n])
+    _oscillator_config(path, check_checkpoint(path), n)
+    return [path]
+
+
+build.check_weights = _check_weights  # type: ignore[attr-defined]
 
 
 # -- training --------------------------------------------------------------------------------------

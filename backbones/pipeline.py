@@ -318,6 +318,29 @@ class PipelineBackbone(Backbone):
 
     # -- the base model and its sampler ----------------------------------------------------------
 
+    def check_base_weights(self) -> list[Path]:
+        """Every component's weights files: safetensors headers opened (no tensors read), ``.bin`` files listed.
+
+        Their hashes key resume; diffusers reads them at load time.
+        """
+        from un0_bench.harness.checkpoints import check_header
+
+        if self.path is None:
+            return []  # a hub id: diffusers resolves its files at load time
+        files: list[Path] = []
+        for component in self.components:
+            folder = self.path / component
+            if not folder.is_dir():
+                continue
+            for f in sorted(folder.glob("*.safetensors")):
+                check_header(f)
+                files.append(f)
+            files.extend(sorted(folder.glob("*.bin")))
+        return files
+
+    def weights_name(self, path: Path) -> str:
+        return Path(path).relative_to(self.path).as_posix() if self.path is not None else Path(path).name
+
     def _denoiser_class(self) -> str | None:
         """Class name of the denoiser, from its config file (nothing loaded)."""
         if self.path is None or self.denoiser is None:

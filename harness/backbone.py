@@ -79,6 +79,10 @@ class Backbone(abc.ABC):
         """
         return []
 
+    def weights_name(self, path: Path) -> str:
+        """How records name a weights file of this backbone (default: its file name)."""
+        return Path(path).name
+
     def sampler(self, model: Model) -> Generator:
         """The backbone's sampler around ``model``: a generator that calls every layer's hooks."""
         raise NotImplementedError(f"backbone {self.kind} has no sampler")

@@ -35,7 +35,7 @@ def save_checkpoint(weights: Path, state_dict: dict[str, torch.Tensor], metadata
     os.replace(meta_tmp, metadata_path(weights))
 
 
-def _check_header(weights: Path) -> None:
+def check_header(weights: Path) -> None:
     """The safetensors header: an object of tensors (dtype, shape, data_offsets) within the file."""
     size = weights.stat().st_size
     with weights.open("rb") as f:
@@ -107,15 +107,27 @@ def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], weights: 
     module.load_state_dict(state)
 
 
+_SHA256: dict[tuple[str, int, int], str] = {}
+
+
 def file_sha256(path: Path) -> str:
-    """SHA-256 of a file's bytes (a weights file's identity in records and resume keys)."""
+    """SHA-256 of a file's bytes (a weights file's identity in records and resume keys).
+
+    Remembered per (path, size, modification time) within a process, so a pipeline's gigabytes are
+    read once per run, not once per model.
+    """
     import hashlib
 
+    st = Path(path).stat()
+    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    if key in _SHA256:
+        return _SHA256[key]
     digest = hashlib.sha256()
     with Path(path).open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
-    return digest.hexdigest()
+    _SHA256[key] = digest.hexdigest()
+    return _SHA256[key]
 
 
 def check_checkpoint(weights: Path, expected_config: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -134,7 +146,7 @@ def check_checkpoint(weights: Path, expected_config: dict[str, Any] | None = Non
         raise CheckpointError(f"{weights}: no such weights file (run `un0-bench train` to make it)")
     if weights.suffix != ".safetensors":
         raise CheckpointError(f"{weights}: expected a .safetensors file (pickled checkpoints are refused)")
-    _check_header(weights)
+    check_header(weights)
     meta_file = metadata_path(weights)
     if not meta_file.is_file():
         raise CheckpointError(f"{weights}: metadata file {meta_file.name} is missing")

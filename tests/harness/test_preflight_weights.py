@@ -119,3 +119,21 @@ def test_records_without_weights_hashes_still_resume(tmp_path, weights_dir):
             layer.pop("weights")
     results.write_text("".join(json.dumps(r) + "\n" for r in lines))
     assert Runner(_config(tmp_path, weights_dir, models)).run() == []
+
+
+def test_a_pipelines_component_weights_are_opened_before_the_first_cell(tmp_path, tiny_dir):
+    """A truncated UNet file in a pipeline folder: refused at construction, named by its place in the folder."""
+    folder = tmp_path / "pipe"
+    shutil.copytree(tiny_dir, folder)
+    cfg = RunConfig(models=["sd:steps=2"], backbone=f"diffusers:{folder}", out=tmp_path / "out", meters=["proxy"],
+                    images=1, batch_sizes=[1], warmup=0, min_repeats=1, min_duration_s=0.0, idle_s=0.0,
+                    quality_samples=0, reference="sd:steps=2")
+    stack = Runner(cfg).stacks["sd:steps=2"]
+    names = stack.weights()
+    assert "unet/diffusion_pytorch_model.safetensors" in names
+    assert names["unet/diffusion_pytorch_model.safetensors"] == _sha(folder / "unet/diffusion_pytorch_model.safetensors")
+    unet = folder / "unet/diffusion_pytorch_model.safetensors"
+    unet.write_bytes(unet.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match="diffusion_pytorch_model.safetensors: truncated"):
+        Runner(cfg)
+    assert not cfg.out.exists()

@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--models", type=models_list, default=None, help="default: every registered generator")
     k.add_argument("--update", action="store_true", help="rewrite the baseline with the current figures")
 
+    _estimate_options(sub)
+
     m = sub.add_parser("make-tiny-pipeline", help="write a tiny Stable Diffusion pipeline (for smoke tests)")
     m.add_argument("dir", type=path_arg)
 
@@ -99,6 +101,86 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights file (default: the shipped location; sd-distilled writes <stem>-4 and <stem>-1 "
                         "beside it)")
     return p
+
+
+def _estimate_options(sub: Any) -> None:
+    """``estimate`` and ``calibrate`` (issue 14, part B): projections of counted architectures."""
+    e = sub.add_parser("estimate", help="count a real architecture (no weights) and project its time and energy "
+                                        "per image on a GPU profile: a projection, not a measurement")
+    e.add_argument("--arch", required=True, help="architecture (e.g. sd1.5, sd2.1, sdxl, sdxl-turbo)")
+    e.add_argument("--profile", default="a100-sxm4-40gb",
+                   help="GPU profile(s), comma-separated (harness/meters/gpu_profiles.csv; default a100-sxm4-40gb)")
+    e.add_argument("--steps", type=positive_int, default=None, help="denoising steps (default: the architecture's)")
+    e.add_argument("--resolution", type=positive_int, default=None, help="image side in pixels (default: the architecture's)")
+    e.add_argument("--batch-size", type=positive_int, default=1)
+    e.add_argument("--guidance", type=non_negative, default=None,
+                   help="classifier-free guidance scale; above 1 doubles the denoiser passes (default: the architecture's)")
+    e.add_argument("--dtype", default="fp16", help="dtype the work is counted in (default fp16, as served on a GPU)")
+    e.add_argument("--calibration", type=path_arg, default=None,
+                   help="calibration file (default: the shipped one, fitted on ML.ENERGY's SD 2.1 on A100)")
+    e.add_argument("--out", type=path_arg, default=None, help="report folder (default runs/estimate-<time>)")
+    e.add_argument("--no-report", action="store_true", help="write results only")
+
+    c = sub.add_parser("calibrate", help="fit energy coefficients: this host's from a meter (--meter), or the "
+                                         "projection's from its published point (--projection)")
+    how = c.add_mutually_exclusive_group(required=True)
+    how.add_argument("--meter", help="rapl, nvml or codecarbon: run fixed workloads and fit E = e_flop*F + e_byte*B + "
+                                     "static*t")
+    how.add_argument("--projection", action="store_true",
+                     help="recount SD 2.1 (50 steps, 768x768, guidance 7.5, fp16) and refit the projection on "
+                          "ML.ENERGY's A100 measurement")
+    c.add_argument("--name", default=None, help="profile name to save (default host-<meter>)")
+    c.add_argument("--out", type=path_arg, default=None,
+                   help="--meter: folder for profiles.csv and fit.json (default runs/calibrate-<meter>); "
+                        "--projection: calibration file (default: the shipped one)")
+    c.add_argument("--window-s", type=finite, default=0.5, help="--meter: seconds per window (default 0.5)")
+
+
+def cmd_estimate(args: argparse.Namespace) -> int:
+    from un0_bench import estimate
+    from un0_bench.harness.projection import load_calibration
+
+    profiles = [p.strip() for p in args.profile.split(",") if p.strip()]
+    if not profiles:
+        raise UserError("--profile names no GPU profile")
+    cal = load_calibration(args.calibration)
+    records = estimate.estimate_records(args.arch, profiles, calibration=cal, steps=args.steps,
+                                        resolution=args.resolution, batch_size=args.batch_size,
+                                        guidance=args.guidance, dtype=args.dtype)
+    for rec in records:
+        print(estimate.describe(rec))
+    out = args.out or Path("runs") / time.strftime("estimate-%Y%m%d-%H%M%S", time.gmtime())
+    path = estimate.write_report(records, out, report=not args.no_report)
+    print(f"results: {out / 'results.jsonl'} (records marked projected)")
+    if path is not None:
+        print(f"report: {path}")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from un0_bench import estimate
+
+    if args.projection:
+        cal = estimate.refit_projection(args.out)
+        print(f"calibration {cal.name}: efficiency {cal.efficiency:.6g}, power fraction {cal.power_fraction:.6g}")
+        print(f"  fitted on {cal.setting} measured {cal.measured}; counted {cal.counted.get('flops_per_image'):.6g} "
+              f"FLOP/image")
+        print(f"  source: {cal.source}")
+        return 0
+    if args.meter not in ("rapl", "nvml", "codecarbon"):
+        raise UserError(f"--meter must be rapl, nvml or codecarbon, got {args.meter!r}")
+    name = args.name or f"host-{args.meter}"
+    out = args.out or Path("runs") / f"calibrate-{args.meter}"
+    result = estimate.calibrate_host(args.meter, name, out, window_s=args.window_s)
+    fit = result["fit"]
+    print(f"{len(result['samples'])} windows; fit E = e_flop*F + e_byte*B + static*t:")
+    print(f"  energy per FLOP {fit['e_flop_j']:.4g} J, per byte {fit['e_byte_j']:.4g} J, static {fit['static_w']:.4g} W; "
+          f"relative residual {fit['rel_residual']:.3%}")
+    print(f"  time only: E = {fit['time_only_power_w']:.4g} W x t, relative residual {fit['time_only_rel_residual']:.3%}")
+    print(f"  finding: {fit['finding']}")
+    print(f"profile {name!r} written to {out / 'profiles.csv'} (fit and samples in {out / 'fit.json'}); use it with\n"
+          f"  un0-bench compare ... --meters proxy:profile={name},profiles_path={out / 'profiles.csv'}")
+    return 0
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -337,6 +419,9 @@ def _ours(filename: str) -> bool:
     """Whether a warning comes from this project's code (not from a third-party library)."""
     root = str(Path(__file__).resolve().parent.parent)
     return filename.startswith(root) and "site-packages" not in filename and "/.venv/" not in filename
+
+
+COMMANDS.update(estimate=cmd_estimate, calibrate=cmd_calibrate)  # issue 14, part B
 
 
 def main(argv: list[str] | None = None) -> int:

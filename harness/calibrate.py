@@ -143,8 +143,8 @@ class Fit:
         time_only_power_w: The time-only model's power (W), ``E = P * t``.
         time_only_rel_residual: Its relative residual.
         share_time: Share of the fitted energy of all samples that the static term explains.
-        proportional_to_time: True when the time-only model fits within 1% and the static term
-            explains over 99% of the energy: the meter's figure is time x a constant power.
+        proportional_to_time: True when the time-only model fits within 5% and the static term
+            explains over 95% of the energy: the meter's figure is time x a (near) constant power.
         finding: One sentence saying what the fit reveals.
     """
 
@@ -182,7 +182,9 @@ def fit_samples(samples: list[Sample]) -> Fit:
     parts = np.abs(a * coef).sum(axis=0)  # |term| summed over samples: flops, bytes, time
     share_time = float(parts[2] / (parts.sum() or 1.0))
     rel, rel_t = float(np.linalg.norm(resid)) / norm_e, float(np.linalg.norm(resid_t)) / norm_e
-    proportional = rel_t < 0.01 and share_time > 0.99
+    # NB: 5% and 95%, not exact: codecarbon's estimate is TDP x machine-wide CPU load x time, and the load of
+    # other processes on a shared host moves it by a few percent between windows.
+    proportional = rel_t < 0.05 and share_time > 0.95
     if proportional:
         finding = (f"the meter's energy is proportional to time: E = {p:.4g} W x t fits within {rel_t:.2%} and the "
                    f"static term explains {share_time:.1%} of the energy, so it does not see FLOPs or bytes "

@@ -84,3 +84,20 @@ def test_fitted_profile_is_a_proxy_profile(tmp_path):
 def test_the_fixed_workloads_mix_flops_and_bytes():
     kinds = {w.kind for w in WORKLOADS}
     assert kinds == {"matmul", "copy", "add"}
+
+
+def test_codecarbon_on_this_host_is_revealed_proportional_to_time():
+    """No RAPL here: codecarbon falls back to TDP x load x time, and the fit must show it."""
+    from un0_bench.harness.runner import make_meter
+
+    meter = make_meter("codecarbon")
+    if isinstance(meter, str):
+        pytest.skip(f"codecarbon cannot measure here: {meter}")
+    try:
+        samples = run_workloads(meter, WORKLOADS, window_s=0.2, windows=1)
+    finally:
+        meter.close()
+    if not all(s.details.get("estimate") for s in samples):
+        pytest.skip("codecarbon measures this host (RAPL or NVML), it does not estimate")
+    fit = fit_samples(samples)
+    assert fit.proportional_to_time, fit.finding

@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 import torch
-
 from un0_bench.harness.counters.ops import OpCounter
 from un0_bench.harness.counters.records import Counts, OpStat
 from un0_bench.harness.errors import UserError
@@ -199,8 +198,11 @@ def fit_samples(samples: list[Sample]) -> Fit:
 
 
 def profile_csv(fit: Fit, name: str, source: str, dtype: str = "fp32") -> str:
-    """Rows in the proxy's profile format for ``fit``: add = mult = energy per FLOP of ``dtype``
-    (the proxy charges a FLOP (add + mult) / 2), 64-bit access = 8 x energy per byte, static power."""
+    """Rows in the proxy's profile format for ``fit``.
+
+    add = mult = energy per FLOP of ``dtype`` (the proxy charges a FLOP (add + mult) / 2), 64-bit
+    access = 8 x energy per byte, and the static power.
+    """
     # NB: a negative coefficient (collinear workloads, noise) is clipped to 0: a profile prices work,
     # it cannot refund it. The fit's own figures, negative or not, are in the fit file.
     e_flop_pj = max(fit.e_flop_j, 0.0) * 1e12

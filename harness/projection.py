@@ -175,7 +175,8 @@ def load_gpu_profiles(path: str | os.PathLike[str] | None = None) -> dict[str, G
                 raise UserError(f"{row['_where']}: GPU profile {name!r} is already defined in {origin_of[name]}")
             key = (row["quantity"], row["dtype"] if row["quantity"] == PEAK else "")
             if key in values.setdefault(name, {}):
-                raise UserError(f"{row['_where']}: {name!r} already has a {key[0]!r} row{f' for {key[1]!r}' if key[1] else ''}")
+                which = f" for {key[1]!r}" if key[1] else ""
+                raise UserError(f"{row['_where']}: {name!r} already has a {key[0]!r} row{which}")
             values[name][key] = _value(row)
             sources.setdefault(name, {})[key] = row["source"]
     profiles = {}
@@ -257,8 +258,11 @@ class Calibration:
 
 def fit_calibration(counted: dict[str, Any], profile: GpuProfile, *, time_s: float, energy_j: float, name: str,
                     source: str, setting: dict[str, Any], command: str = "") -> Calibration:
-    """Fit ``efficiency`` and ``power_fraction`` so that ``counted`` on ``profile`` gives exactly
-    ``time_s`` and ``energy_j`` per image (two equations, two unknowns: no freedom left)."""
+    """Fit ``efficiency`` and ``power_fraction`` to one published point.
+
+    ``counted`` on ``profile`` then gives exactly ``time_s`` and ``energy_j`` per image (two equations,
+    two unknowns: no freedom left).
+    """
     if time_s <= 0 or energy_j <= 0:
         raise UserError("a calibration point needs a positive time and energy per image")
     roof = roofline_s(counted, profile)
@@ -273,8 +277,11 @@ def fit_calibration(counted: dict[str, Any], profile: GpuProfile, *, time_s: flo
 
 
 def load_calibration(path: str | os.PathLike[str] | None = None) -> Calibration:
-    """The shipped calibration (``harness/projection_calibration.json``) or one written by
-    ``un0-bench calibrate --projection --out FILE``."""
+    """The projection's calibration.
+
+    The shipped one (``harness/projection_calibration.json``) or one written by
+    ``un0-bench calibrate --projection --out FILE``.
+    """
     if path is None:
         ref = resources.files("un0_bench.harness").joinpath(CALIBRATION_FILE)
         where = f"harness/{CALIBRATION_FILE}"
@@ -322,8 +329,10 @@ def project(record: dict[str, Any], profile: GpuProfile, calibration: Calibratio
 
 
 def projected_record(counted: dict[str, Any], profile: GpuProfile, calibration: Calibration) -> dict[str, Any]:
-    """A counted record turned into a result record marked projected (``status: "projected"``,
-    ``meter: "projection:<profile>"``), never measured: energy and time come from :func:`project`."""
+    """A counted record turned into a result record marked projected, never measured.
+
+    ``status: "projected"``, ``meter: "projection:<profile>"``; energy and time come from :func:`project`.
+    """
     p = project(counted, profile, calibration)
     rec = {k: v for k, v in counted.items() if k not in ("meter", "status", "meter_details")}
     rec.update({

@@ -297,7 +297,8 @@ def judge_projected(c: dict[str, Any], records: list[dict[str, Any]]) -> dict[st
 
     def fmt(s: dict[str, Any]) -> str:
         extra = f" = {s['kwh_per_1000']:.3g} kWh/1,000" if s["kwh_per_1000"] is not None else ""
-        return f"{s['model']} on {s['profile']} {s['value']:.3g} {unit}{extra} ({'in' if s['agrees'] else 'outside'} the band)"
+        where = "in" if s["agrees"] else "outside"
+        return f"{s['model']} on {s['profile']} {s['value']:.3g} {unit}{extra} ({where} the band)"
 
     row.update(model=", ".join(f"{s['model']}@{s['profile']}" for s in row["settings"]), overall=overall,
                verdict=f"{word} (projected, not measured): " + "; ".join(fmt(s) for s in row["settings"]))

@@ -35,7 +35,8 @@ def verdict_markdown(claim: dict[str, Any]) -> list[str]:
             lines.append(f"| {_esc(row['meter'])} ({kind}) | " + " | ".join(_cell(row, b) for b in BOUNDARIES) + " |")
         lines.append("")
     for s in claim.get("settings") or []:
-        lines.append(f"- `{_esc(s['model'])}` on {_esc(s['profile'])}: projected {s['value']:.3g} {s['unit']} per image "
+        lines.append(f"- `{_esc(s['model'])}` on {_esc(s['profile'])}: projected {s['value']:.3g} {s['unit']} per "
+                     "image "
                      f"({'agrees' if s['agrees'] else 'disagrees'})")
     if claim.get("settings"):
         lines.append("")

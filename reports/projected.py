@@ -134,7 +134,8 @@ def scale_plot(scale: dict[str, Any]) -> bytes | None:
         if pts:
             ax.scatter([r["energy_j"] for r in pts], [r["fid"] for r in pts], marker=marker, label=family)
             for r in pts:
-                ax.annotate(r["model"], (r["energy_j"], r["fid"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+                ax.annotate(r["model"], (r["energy_j"], r["fid"]), fontsize=7, xytext=(3, 3),
+                            textcoords="offset points")
     ax.set_xscale("log")
     ax.set_xlabel(f"projected GPU energy per image (J) on {rows[0]['profile']} — projected, not measured")
     ax.set_ylabel("published FID@50k (lower is better)")

@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from un0_bench import estimate, scale
-from un0_bench.cli import main
 from un0_bench.harness.projection import fit_calibration, get_gpu_profile
 from un0_bench.reports.claims import evaluate_claims
 from un0_bench.reports.projected import scale_rows, validation_rows
+
+from un0_bench import estimate, scale
+from un0_bench.cli import main
 
 
 def fake_count_arch(arch, *, steps=None, resolution=None, batch_size=1, guidance=None, dtype=None):

@@ -111,10 +111,12 @@ def _estimate_options(sub: Any) -> None:
     e.add_argument("--profile", default="a100-sxm4-40gb",
                    help="GPU profile(s), comma-separated (harness/meters/gpu_profiles.csv; default a100-sxm4-40gb)")
     e.add_argument("--steps", type=positive_int, default=None, help="denoising steps (default: the architecture's)")
-    e.add_argument("--resolution", type=positive_int, default=None, help="image side in pixels (default: the architecture's)")
+    e.add_argument("--resolution", type=positive_int, default=None,
+                   help="image side in pixels (default: the architecture's)")
     e.add_argument("--batch-size", type=positive_int, default=1)
     e.add_argument("--guidance", type=non_negative, default=None,
-                   help="classifier-free guidance scale; above 1 doubles the denoiser passes (default: the architecture's)")
+                   help="classifier-free guidance scale; above 1 doubles the denoiser passes (default: the "
+                        "architecture's)")
     e.add_argument("--dtype", default="fp16", help="dtype the work is counted in (default fp16, as served on a GPU)")
     e.add_argument("--calibration", type=path_arg, default=None,
                    help="calibration file (default: the shipped one, fitted on ML.ENERGY's SD 2.1 on A100)")
@@ -174,9 +176,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     result = estimate.calibrate_host(args.meter, name, out, window_s=args.window_s)
     fit = result["fit"]
     print(f"{len(result['samples'])} windows; fit E = e_flop*F + e_byte*B + static*t:")
-    print(f"  energy per FLOP {fit['e_flop_j']:.4g} J, per byte {fit['e_byte_j']:.4g} J, static {fit['static_w']:.4g} W; "
+    print(f"  energy per FLOP {fit['e_flop_j']:.4g} J, per byte {fit['e_byte_j']:.4g} J, "
+          f"static {fit['static_w']:.4g} W; "
           f"relative residual {fit['rel_residual']:.3%}")
-    print(f"  time only: E = {fit['time_only_power_w']:.4g} W x t, relative residual {fit['time_only_rel_residual']:.3%}")
+    print(f"  time only: E = {fit['time_only_power_w']:.4g} W x t, "
+          f"relative residual {fit['time_only_rel_residual']:.3%}")
     print(f"  finding: {fit['finding']}")
     print(f"profile {name!r} written to {out / 'profiles.csv'} (fit and samples in {out / 'fit.json'}); use it with\n"
           f"  un0-bench compare ... --meters proxy:profile={name},profiles_path={out / 'profiles.csv'}")

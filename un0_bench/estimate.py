@@ -117,8 +117,10 @@ def describe(rec: dict[str, Any]) -> str:
     setting = ", ".join(f"{k} {cfg[k]}" for k in ("steps", "resolution", "guidance", "dtype") if cfg.get(k) is not None)
     lines = [f"{rec['model']} ({setting or 'its default setting'}; batch {rec['batch_size']}) "
              f"on {p['profile']} — PROJECTED, not measured",
-             f"  counted work per image: {_si(rec['flops_per_image'], 'FLOP')}, {_si(rec['bytes_per_image'], 'B')} moved; "
-             f"by dtype: " + ", ".join(f"{d} {_si(v, 'FLOP')}" for d, v in sorted(rec['flops_per_image_by_dtype'].items()))]
+             f"  counted work per image: {_si(rec['flops_per_image'], 'FLOP')}, "
+             f"{_si(rec['bytes_per_image'], 'B')} moved; "
+             "by dtype: " + ", ".join(f"{d} {_si(v, 'FLOP')}"
+                                      for d, v in sorted(rec["flops_per_image_by_dtype"].items()))]
     phases = rec.get("phases") or {}
     if phases:
         lines.append("  by phase: " + "; ".join(f"{n} {_si(ph.get('flops', 0) / max(rec.get('images', 1), 1), 'FLOP')}"
@@ -135,8 +137,10 @@ def describe(rec: dict[str, Any]) -> str:
 
 # --- the projection's calibration -----------------------------------------------------------------
 def refit_projection(out: Path | None = None, count_fn: CountFn | None = None) -> Calibration:
-    """Recount the published setting and refit the projection's two factors; write them to ``out``
-    (default: the shipped ``harness/projection_calibration.json``)."""
+    """Recount the published setting and refit the projection's two factors.
+
+    Writes them to ``out`` (default: the shipped ``harness/projection_calibration.json``).
+    """
     pub = PUBLISHED_CALIBRATION
     s = pub["setting"]
     counted = count(pub["arch"], steps=s["steps"], resolution=s["resolution"], batch_size=s["batch_size"],

@@ -151,7 +151,9 @@ def scale_records(cal: Any, profile: str = DEFAULT_PROFILE, count_fn: CountFn | 
     return out
 
 
-def run(out: Path, profile: str = DEFAULT_PROFILE, count_fn: CountFn | None = None, report: bool = True) -> list[dict[str, Any]]:
+def run(out: Path, profile: str = DEFAULT_PROFILE, count_fn: CountFn | None = None,
+        report: bool = True) -> list[dict[str, Any]]:
+    """Project the scale table, the validation points and the claims' settings; write results and report."""
     cal = load_calibration()
     cache: dict[str, dict[str, Any]] = {}
     records = scale_records(cal, profile, count_fn) + validation_records(cal, count_fn, cache=cache) \
@@ -181,13 +183,14 @@ def main(argv: list[str] | None = None) -> int:
     from un0_bench.reports.projected import scale_rows, validation_rows
 
     print("PROJECTED, not measured (calibration: " + records[0]["projection"]["calibration"]["name"] + ")")
-    print(f"{'model':26} {'FLOPs/image':>12} {'J/image':>10} {'FID@50k':>8} {'factor':>8} {'break-even J/osc-step':>22}")
+    print(f"{'model':26} {'FLOPs/image':>12} {'J/image':>10} {'FID@50k':>8} {'factor':>8} "
+          f"{'break-even J/osc-step':>22}")
     for r in scale_rows(records)["rows"]:
         be = f"{r['break_even_j']:.3g} ({r['break_even_j'] * 1e15:.3g} fJ)" if r["break_even_j"] else (
             "unreachable" if r["why"] else "—")
         fac = f"{r['factor']:.3g}x" if r["factor"] else "—"
-        print(f"{r['model']:26} {r['flops']:12.4g} {r['energy_j']:10.4g} {r['fid'] if r['fid'] is not None else '—':>8} "
-              f"{fac:>8} {be:>22}")
+        fid = r["fid"] if r["fid"] is not None else "—"
+        print(f"{r['model']:26} {r['flops']:12.4g} {r['energy_j']:10.4g} {fid:>8} {fac:>8} {be:>22}")
     print("\nvalidation (projected / measured):")
     for v in validation_rows(records):
         print(f"  {v['id']:26} {v['role']:11} {v['quantity']:10} measured {v['measured']:<8.4g} projected "

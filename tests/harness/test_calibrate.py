@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 
 import pytest
-
 from un0_bench.harness.calibrate import WORKLOADS, Sample, Workload, fit_samples, profile_csv, run_workloads
 from un0_bench.harness.meters.base import Meter, Reading
 from un0_bench.harness.meters.proxy import load_profiles

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from un0_bench.harness.errors import UserError
 from un0_bench.harness.projection import (
     fit_calibration,

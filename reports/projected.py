@@ -26,8 +26,7 @@ def is_projected(record: dict[str, Any]) -> bool:
 
 
 def _setting(r: dict[str, Any]) -> str:
-    cfg = r.get("config") or {}
-    parts = [f"{k} {cfg[k]}" for k in ("steps", "resolution", "guidance", "dtype") if cfg.get(k) is not None]
+    parts = [f"{k} {r[k]}" for k in ("steps", "resolution", "guidance", "dtype") if r.get(k) is not None]
     return ", ".join(parts + [f"batch {r['batch_size']}"])
 
 
@@ -81,6 +80,11 @@ def validation_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def _fid(published: Any) -> float | None:
+    """A published FID@50k: a number, or ``{"value": ...}`` with its source."""
+    return published.get("value") if isinstance(published, dict) else published
+
+
 def scale_rows(records: list[dict[str, Any]]) -> dict[str, Any]:
     """Un-0 sizes vs the diffusion model of their dataset, digitally; and the analog break-even.
 
@@ -90,7 +94,8 @@ def scale_rows(records: list[dict[str, Any]]) -> dict[str, Any]:
 
         e_osc_step = (E_diffusion / 1000 - E_decoder_digital) / oscillator_steps_per_image
 
-    ``None`` where the digital decoder alone already exceeds the budget (no analog energy suffices).
+    ``None`` where the digital decoder alone already exceeds the budget (no analog energy suffices);
+    ``ceiling`` is then the factor reached with oscillators of zero energy (E_diffusion / E_decoder).
     """
     proj = [r for r in records if is_projected(r) and r.get("scale")]
     diffusion = {(r["scale"].get("dataset"), r["projection"]["profile"]): r for r in proj
@@ -102,14 +107,16 @@ def scale_rows(records: list[dict[str, Any]]) -> dict[str, Any]:
         e = r["projection"]["energy_j_per_image"]
         row = {"model": r["model"], "family": s.get("family"), "dataset": s.get("dataset"),
                "profile": r["projection"]["profile"], "flops": r.get("flops_per_image"), "energy_j": e,
-               "time_s": r["projection"]["time_s_per_image"], "fid": r.get("published_fid50k"),
-               "reference": ref["model"] if ref else None, "factor": None, "break_even_j": None,
+               "time_s": r["projection"]["time_s_per_image"], "fid": _fid(r.get("published_fid50k")),
+               "reference": ref["model"] if ref else None, "factor": None, "break_even_j": None, "ceiling": None,
                "oscillator_steps": s.get("oscillator_steps_per_image"),
                "decoder_j": s.get("decoder_energy_j_per_image"), "why": ""}
         if s.get("family") == "un0" and ref is not None:
             e_ref = ref["projection"]["energy_j_per_image"]
             row["factor"] = e_ref / e if e else None
             steps, dec = s.get("oscillator_steps_per_image"), s.get("decoder_energy_j_per_image")
+            if dec:
+                row["ceiling"] = e_ref / dec  # the factor with oscillators at zero energy
             if steps and dec is not None:
                 budget = e_ref / TARGET_FACTOR - dec
                 if budget > 0:

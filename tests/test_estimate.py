@@ -31,8 +31,8 @@ def fake_count_arch(arch, *, steps=None, resolution=None, batch_size=1, guidance
         # Oscillator part 4e6 FLOPs per oscillator, decoder 1e9 FLOPs; 10 Euler steps.
         rec.update(flops_per_image=4e6 * n + 1e9, flops_per_image_by_dtype={"float16": 4e6 * n + 1e9},
                    bytes_per_image=1e7, oscillators=n, steps=10, published_fid50k=10.0 - n / 4096,
-                   phases={"oscillators": {"flops": 4e6 * n * batch_size, "bytes": 5e6 * batch_size},
-                           "decoder": {"flops": 1e9 * batch_size, "bytes": 5e6 * batch_size}})
+                   phases={"oscillate": {"flops": 4e6 * n * batch_size, "bytes": 5e6 * batch_size},
+                           "decode": {"flops": 1e9 * batch_size, "bytes": 5e6 * batch_size}})
     if arch.startswith("adm-"):
         rec.update(flops_per_image=2.5e14, flops_per_image_by_dtype={"float16": 2.5e14}, bytes_per_image=1e12,
                    published_fid50k=2.07)
@@ -42,9 +42,9 @@ def fake_count_arch(arch, *, steps=None, resolution=None, batch_size=1, guidance
 @pytest.fixture
 def toy_cal(tmp_path, monkeypatch):
     monkeypatch.setattr(estimate, "_count_arch", lambda: fake_count_arch)
-    counted = estimate.count("sd2.1", steps=50, resolution=768, guidance=7.5, dtype="fp16")
+    counted = estimate.count("sd21", steps=50, resolution=768, guidance=7.5, dtype="fp16")
     cal = fit_calibration(counted, get_gpu_profile("a100-sxm4-40gb"), time_s=2.29, energy_j=871.0, name="toy-cal",
-                          source="test", setting={"arch": "sd2.1"})
+                          source="test", setting={"arch": "sd21"})
     path = tmp_path / "cal.json"
     path.write_text(json.dumps(cal.to_dict()))
     return cal, path
@@ -83,9 +83,10 @@ def test_scale_table_factor_and_break_even(tmp_path, toy_cal, monkeypatch):
     rows = {r["model"]: r for r in scale_rows(records)["rows"]}
     adm, un0 = rows["adm-imagenet64"], rows["un0-imagenet64-16384"]
     assert un0["reference"] == "adm-imagenet64" and un0["factor"] == pytest.approx(adm["energy_j"] / un0["energy_j"])
-    # 16,384 oscillators x 10 steps; decoder = its 1e9 of the 4e6 * 16384 + 1e9 FLOPs, projected alone.
+    # 16,384 oscillators x 10 steps; digital part = the decoder's 1e9 of the 4e6 * 16384 + 1e9 FLOPs, alone.
     assert un0["oscillator_steps"] == 163840
     assert un0["break_even_j"] == pytest.approx((adm["energy_j"] / 1000 - un0["decoder_j"]) / 163840)
+    assert un0["ceiling"] == pytest.approx(adm["energy_j"] / un0["decoder_j"])
     assert rows["un0-cifar10-1024"]["factor"] is None  # no diffusion model of CIFAR-10 in the table
     v = {(x["id"], x["quantity"]): x for x in validation_rows(records)}
     # The calibration point: the toy calibration was fitted on the same toy counts, so the ratio is 1.

@@ -31,8 +31,8 @@ PUBLISHED_CALIBRATION = {
     "source": ("ML.ENERGY Leaderboard (ml.energy/leaderboard; Chung et al., The ML.ENERGY Benchmark, arXiv "
                "2505.06371): NVIDIA A100-SXM4-40GB, stabilityai/stable-diffusion-2-1, 50 steps, batch 1: 2.29 s and "
                "871 J per image, GPU energy only (Zeus/NVML)"),
-    "arch": "sd2.1", "profile": "a100-sxm4-40gb",
-    "setting": {"arch": "sd2.1", "steps": 50, "resolution": 768, "guidance": 7.5, "batch_size": 1, "dtype": "fp16"},
+    "arch": "sd21", "profile": "a100-sxm4-40gb",
+    "setting": {"arch": "sd21", "steps": 50, "resolution": 768, "guidance": 7.5, "batch_size": 1, "dtype": "fp16"},
     "time_s": 2.29, "energy_j": 871.0,
 }
 REFIT_COMMAND = "un0-bench calibrate --projection"
@@ -54,7 +54,12 @@ def count(arch: str, *, steps: int | None = None, resolution: int | None = None,
     fn = count_fn or _count_arch()
     rec = fn(arch, steps=steps, resolution=resolution, batch_size=batch_size, guidance=guidance, dtype=dtype)
     rec = dict(rec)
-    rec.setdefault("model", arch)
+    # Named by the architecture and the settings given (count_arch names the stack, e.g. "sd:steps=50",
+    # the same for every architecture): one row per architecture and setting in the report.
+    given = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+             for k, v in (("steps", steps), ("resolution", resolution), ("guidance", guidance)) if v is not None]
+    rec["stack_text"] = rec.get("model")
+    rec["model"] = arch + (":" + ",".join(given) if given else "")
     rec.setdefault("backbone", f"arch:{arch}")
     rec.setdefault("batch_size", batch_size)
     rec.setdefault("images", batch_size)
@@ -113,8 +118,7 @@ def describe(rec: dict[str, Any]) -> str:
     """The printed lines of one projected record: counted work, projected time and energy, calibration."""
     p = rec["projection"]
     cal = p["calibration"]
-    cfg = rec.get("config") or {}
-    setting = ", ".join(f"{k} {cfg[k]}" for k in ("steps", "resolution", "guidance", "dtype") if cfg.get(k) is not None)
+    setting = ", ".join(f"{k} {rec[k]}" for k in ("steps", "resolution", "guidance", "dtype") if rec.get(k) is not None)
     lines = [f"{rec['model']} ({setting or 'its default setting'}; batch {rec['batch_size']}) "
              f"on {p['profile']} — PROJECTED, not measured",
              f"  counted work per image: {_si(rec['flops_per_image'], 'FLOP')}, "

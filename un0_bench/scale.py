@@ -38,6 +38,9 @@ UN0_ARCHS = {
 }
 DIFFUSION_ARCHS = {"imagenet64": "adm-imagenet64"}
 DEFAULT_PROFILE = "h100-sxm5"
+#: Images per sampler run in the scale table: a serving batch. At batch 1 an Un-0 step reads its whole
+#: N x N coupling matrix for one image and is memory-bound; a batch shares that read.
+SCALE_BATCH = 64
 
 
 def parse_setting(text: str) -> tuple[str, dict[str, Any], str]:
@@ -105,11 +108,14 @@ def claim_records(cal: Any, count_fn: CountFn | None = None,
     return out
 
 
-def _decoder_energy_j(rec: dict[str, Any], gpu: GpuProfile, cal: Any) -> float | None:
-    """Projected energy of the record's decoder phase alone, per image (digital, kept on the GPU)."""
+def _digital_energy_j(rec: dict[str, Any], gpu: GpuProfile, cal: Any) -> float | None:
+    """Projected energy per image of every phase but the oscillation (encoder, decoder), kept digital.
+
+    The oscillation phase (its name contains "oscillat") is what an analog substrate would replace.
+    """
     phases = rec.get("phases") or {}
-    names = [n for n in phases if "decod" in n.lower()]
-    if not names:
+    names = [n for n in phases if "oscillat" not in n.lower()]
+    if not names or len(names) == len(phases):
         return None
     images = max(int(rec.get("images") or 1), 1)
     flops = sum(float(phases[n].get("flops") or 0) for n in names) / images
@@ -117,46 +123,52 @@ def _decoder_energy_j(rec: dict[str, Any], gpu: GpuProfile, cal: Any) -> float |
     total = float(rec["flops_per_image"]) or 1.0
     # NB: the decoder's dtype mix is taken as the whole image's (phases record totals, not dtypes).
     by_dtype = {d: v * flops / total for d, v in rec["flops_per_image_by_dtype"].items()}
-    sub = {"model": f"{rec['model']} decoder", "flops_per_image": flops, "bytes_per_image": nbytes,
+    # NB: the digital part gets its own roofline (the phases run one after another).
+    sub = {"model": f"{rec['model']} digital part", "flops_per_image": flops, "bytes_per_image": nbytes,
            "flops_per_image_by_dtype": by_dtype}
     return project(sub, gpu, cal)["energy_j_per_image"] if flops or nbytes else 0.0
 
 
 def _oscillator_steps(rec: dict[str, Any]) -> float | None:
+    """Oscillators x integration steps per image.
+
+    NB: the population only: the conditioning pool's phases are learned per class and held fixed (the
+    arch config's assumption), so they are read, not integrated.
+    """
     if rec.get("oscillator_steps_per_image"):
         return float(rec["oscillator_steps_per_image"])
     for where in (rec, rec.get("config") or {}, (rec.get("config") or {}).get("generator") or {}):
         n, steps = where.get("oscillators"), where.get("steps")
         if n and steps:
-            pool = where.get("conditioning_oscillators") or 0
-            return float((n + pool) * steps)
+            return float(n * steps)
     return None
 
 
-def scale_records(cal: Any, profile: str = DEFAULT_PROFILE, count_fn: CountFn | None = None) -> list[dict[str, Any]]:
+def scale_records(cal: Any, profile: str = DEFAULT_PROFILE, count_fn: CountFn | None = None,
+                  batch_size: int = SCALE_BATCH) -> list[dict[str, Any]]:
     """Un-0 sizes and the diffusion model projected on ``profile``, with what the scale table needs."""
     gpu = get_gpu_profile(profile)
     out = []
     for dataset, archs in UN0_ARCHS.items():
         for arch in archs + ([DIFFUSION_ARCHS[dataset]] if dataset in DIFFUSION_ARCHS else []):
-            counted = count(arch, count_fn=count_fn, dtype="fp16")
+            counted = count(arch, count_fn=count_fn, dtype="fp16", batch_size=batch_size)
             counted["model"] = arch
             rec = projected_record(counted, gpu, cal)
             family = "diffusion" if arch == DIFFUSION_ARCHS.get(dataset) else "un0"
             rec["scale"] = {"family": family, "dataset": dataset,
                             "oscillator_steps_per_image": _oscillator_steps(counted) if family == "un0" else None,
-                            "decoder_energy_j_per_image": _decoder_energy_j(counted, gpu, cal) if family == "un0"
+                            "decoder_energy_j_per_image": _digital_energy_j(counted, gpu, cal) if family == "un0"
                             else None}
             out.append(rec)
     return out
 
 
 def run(out: Path, profile: str = DEFAULT_PROFILE, count_fn: CountFn | None = None,
-        report: bool = True) -> list[dict[str, Any]]:
+        report: bool = True, batch_size: int = SCALE_BATCH) -> list[dict[str, Any]]:
     """Project the scale table, the validation points and the claims' settings; write results and report."""
     cal = load_calibration()
     cache: dict[str, dict[str, Any]] = {}
-    records = scale_records(cal, profile, count_fn) + validation_records(cal, count_fn, cache=cache) \
+    records = scale_records(cal, profile, count_fn, batch_size) + validation_records(cal, count_fn, cache=cache) \
         + claim_records(cal, count_fn, cache=cache)
     when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     for r in records:
@@ -170,13 +182,14 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("reports/scale"))
     p.add_argument("--profile", default=DEFAULT_PROFILE, help=f"GPU profile (default {DEFAULT_PROFILE})")
+    p.add_argument("--batch-size", type=int, default=SCALE_BATCH, help=f"scale table batch (default {SCALE_BATCH})")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     try:
         if (args.out / "results.jsonl").exists():
             # A projection is recomputed whole each time: the folder holds only this run.
             (args.out / "results.jsonl").replace(args.out / f"results.{time.strftime('%Y%m%d-%H%M%S')}.jsonl.old")
-        records = run(args.out, args.profile)
+        records = run(args.out, args.profile, batch_size=args.batch_size)
     except UserError as e:
         print(f"un0-bench: error: {e}", file=sys.stderr)
         return 2
@@ -184,13 +197,13 @@ def main(argv: list[str] | None = None) -> int:
 
     print("PROJECTED, not measured (calibration: " + records[0]["projection"]["calibration"]["name"] + ")")
     print(f"{'model':26} {'FLOPs/image':>12} {'J/image':>10} {'FID@50k':>8} {'factor':>8} "
-          f"{'break-even J/osc-step':>22}")
+          f"{'break-even J/osc-step for 1,000x':>34}")
     for r in scale_rows(records)["rows"]:
         be = f"{r['break_even_j']:.3g} ({r['break_even_j'] * 1e15:.3g} fJ)" if r["break_even_j"] else (
-            "unreachable" if r["why"] else "—")
+            f"unreachable (ceiling {r['ceiling']:.3g}x)" if r["why"] and r["ceiling"] else "—")
         fac = f"{r['factor']:.3g}x" if r["factor"] else "—"
         fid = r["fid"] if r["fid"] is not None else "—"
-        print(f"{r['model']:26} {r['flops']:12.4g} {r['energy_j']:10.4g} {fid:>8} {fac:>8} {be:>22}")
+        print(f"{r['model']:26} {r['flops']:12.4g} {r['energy_j']:10.4g} {fid:>8} {fac:>8} {be:>34}")
     print("\nvalidation (projected / measured):")
     for v in validation_rows(records):
         print(f"  {v['id']:26} {v['role']:11} {v['quantity']:10} measured {v['measured']:<8.4g} projected "

@@ -78,7 +78,7 @@ def test_toy_roofline_by_hand(tmp_path):
 
 def test_shipped_calibration_reproduces_its_published_point_exactly():
     cal = load_calibration()
-    assert cal.setting["arch"] == "sd2.1" and cal.setting["profile"] == "a100-sxm4-40gb"
+    assert cal.setting["arch"] == "sd21" and cal.setting["profile"] == "a100-sxm4-40gb"
     assert cal.setting["steps"] == 50 and cal.setting["resolution"] == 768 and cal.setting["guidance"] == 7.5
     assert cal.measured == {"time_s_per_image": 2.29, "energy_j_per_image": 871.0}
     p = project(cal.counted, get_gpu_profile("a100-sxm4-40gb"), cal)
@@ -124,3 +124,15 @@ def test_projected_record_is_marked_projected_never_measured():
     assert rec["projection"]["assumes"] and rec["projection"]["leaves_out"]
     assert rec["projection"]["calibration"]["name"] == "ml-energy-sd2.1-a100"
     json.dumps(rec)  # a result record: JSON all the way down
+
+
+def test_shipped_calibration_counts_are_what_count_arch_gives_today():
+    """The calibration's counted work is the current count of its setting (else rerun its command)."""
+    from un0_bench.backbones.archs import count_arch
+
+    cal = load_calibration()
+    s = cal.setting
+    rec = count_arch(s["arch"], steps=s["steps"], resolution=s["resolution"], batch_size=s["batch_size"],
+                     guidance=s["guidance"], dtype=s["dtype"])
+    assert rec["flops_per_image"] == cal.counted["flops_per_image"], f"stale: run `{cal.command}`"
+    assert rec["bytes_per_image"] == cal.counted["bytes_per_image"], f"stale: run `{cal.command}`"

@@ -109,12 +109,16 @@ def scale_rows(records: list[dict[str, Any]]) -> dict[str, Any]:
                "profile": r["projection"]["profile"], "flops": r.get("flops_per_image"), "energy_j": e,
                "time_s": r["projection"]["time_s_per_image"], "fid": _fid(r.get("published_fid50k")),
                "reference": ref["model"] if ref else None, "factor": None, "break_even_j": None, "ceiling": None,
+               "digital_osc_step_j": None,
                "oscillator_steps": s.get("oscillator_steps_per_image"),
                "decoder_j": s.get("decoder_energy_j_per_image"), "why": ""}
+        steps, dec = s.get("oscillator_steps_per_image"), s.get("decoder_energy_j_per_image")
+        if s.get("family") == "un0" and steps and dec is not None:
+            # What one oscillator-step costs simulated digitally on this GPU (the projection, not analog).
+            row["digital_osc_step_j"] = (e - dec) / steps
         if s.get("family") == "un0" and ref is not None:
             e_ref = ref["projection"]["energy_j_per_image"]
             row["factor"] = e_ref / e if e else None
-            steps, dec = s.get("oscillator_steps_per_image"), s.get("decoder_energy_j_per_image")
             if dec:
                 row["ceiling"] = e_ref / dec  # the factor with oscillators at zero energy
             if steps and dec is not None:

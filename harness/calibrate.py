@@ -197,6 +197,10 @@ def fit_samples(samples: list[Sample]) -> Fit:
                finding=finding)
 
 
+#: The dtype rows a proxy profile needs (every dtype the counters report maps to one of them).
+PROFILE_DTYPES = ("fp32", "fp16", "bf16", "fp64", "int8", "int32")
+
+
 def profile_csv(fit: Fit, name: str, source: str, dtype: str = "fp32") -> str:
     """Rows in the proxy's profile format for ``fit``.
 
@@ -210,7 +214,10 @@ def profile_csv(fit: Fit, name: str, source: str, dtype: str = "fp32") -> str:
     static_w = max(fit.static_w, 0.0)
     src = source.replace('"', "'")
     lines = ["profile,quantity,dtype,value,unit,source"]
-    lines += [f'{name},add,{dtype},{e_flop_pj:.6g},pJ,"{src}"', f'{name},mult,{dtype},{e_flop_pj:.6g},pJ,"{src}"',
-              f'{name},memory_access_64bit,,{e_access_pj:.6g},pJ,"{src}"',
+    for d in (dtype, *(x for x in PROFILE_DTYPES if x != dtype)):
+        # NB: the workloads run in one dtype; every other dtype is charged the same (an assumption).
+        why = src if d == dtype else f"{src}; fitted on {dtype} workloads, {d} assumed equal"
+        lines += [f'{name},add,{d},{e_flop_pj:.6g},pJ,"{why}"', f'{name},mult,{d},{e_flop_pj:.6g},pJ,"{why}"']
+    lines += [f'{name},memory_access_64bit,,{e_access_pj:.6g},pJ,"{src}"',
               f'{name},static_power,,{static_w:.6g},W,"{src}"']
     return "\n".join(lines) + "\n"

@@ -183,7 +183,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
           f"relative residual {fit['time_only_rel_residual']:.3%}")
     print(f"  finding: {fit['finding']}")
     print(f"profile {name!r} written to {out / 'profiles.csv'} (fit and samples in {out / 'fit.json'}); use it with\n"
-          f"  un0-bench compare ... --meters proxy:profile={name},profiles_path={out / 'profiles.csv'}")
+          f"  UN0_BENCH_PROFILES={out / 'profiles.csv'} un0-bench compare ... --meters proxy:profile={name}")
     return 0
 
 

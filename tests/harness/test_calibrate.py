@@ -78,6 +78,7 @@ def test_fitted_profile_is_a_proxy_profile(tmp_path):
     assert prof.energy_per_flop_j("float32") == pytest.approx(3e-11, rel=1e-6)
     assert prof.energy_per_byte_j == pytest.approx(2e-10, rel=1e-6)
     assert prof.static_power_w == pytest.approx(12.5, rel=1e-6)
+    assert prof.energy_per_flop_j("int64") == prof.energy_per_flop_j("float16") == prof.energy_per_flop_j("float32")
 
 
 def test_the_fixed_workloads_mix_flops_and_bytes():

@@ -63,7 +63,7 @@ def sd15_unet_hand_flops(h=64):
     f += 2 * 320 * 1280 + 2 * 1280 * 1280  # time embedding MLP 320 -> 1280 -> 1280
     chans, res = [320, 640, 1280, 1280], [h, h // 2, h // 4, h // 8]
     cin, skips = 320, [320]
-    for i, (c, r) in enumerate(zip(chans, res)):  # down: 2 resnets (+ 2 transformers on the first three)
+    for i, (c, r) in enumerate(zip(chans, res, strict=True)):  # down: 2 resnets (+ 2 transformers on the first three)
         for _ in range(2):
             f += _resnet(cin, c, r, r) + (_transformer(c, r, r) if i < 3 else 0)
             cin = c
@@ -74,7 +74,7 @@ def sd15_unet_hand_flops(h=64):
     r = res[3]
     f += _resnet(1280, 1280, r, r) + _transformer(1280, r, r) + _resnet(1280, 1280, r, r)  # mid block
     prev = 1280
-    for i, (c, r) in enumerate(zip(reversed(chans), reversed(res))):  # up: 3 resnets on concatenated skips
+    for i, (c, r) in enumerate(zip(reversed(chans), reversed(res), strict=True)):  # up: 3 resnets on concatenated skips
         for _ in range(3):
             f += _resnet(prev + skips.pop(), c, r, r) + (_transformer(c, r, r) if i > 0 else 0)
             prev = c

@@ -223,12 +223,10 @@ class ArchBackbone(Backbone):
             "note": "built from a shipped config on the meta device: no weights, nothing runs; counting only",
         }
 
-    def unavailable_meter(self, name: str) -> str | None:
-        """Why meter ``name`` cannot measure on this backbone (``None``: it can)."""
-        if name.partition(":")[0] in _RUN_METERS:
-            return (f"unavailable: {self.name} is built on the meta device without weights; nothing runs, so "
-                    f"{name} has nothing to measure (count with `un0-bench count --arch {self.arch}`)")
-        return None
+    def unmeasurable(self) -> str | None:
+        return (f"{self.name} is built on the meta device without weights: nothing runs, so the meters that "
+                f"watch a run ({', '.join(_RUN_METERS)}) have nothing to measure, and the proxy would price a "
+                f"count, not a run. Count its work with `un0-bench count --arch {self.arch}`")
 
     # -- the base diffusion model and its sampler ------------------------------------------------
 
@@ -287,6 +285,8 @@ class ArchSampler(DenoiserGenerator):
         self.vae = parts.get("vae")
         self.parts = ArchParts({"unet": model.denoiser, **parts})
         self._memo: dict[tuple, tuple[list, Any]] = {}
+        #: Replay identical denoiser calls from their counts (False: run every call; same counts, slower).
+        self.memoize = True
         self.memo_hits = 0
         self._forward = model.denoiser.forward
         # The denoiser's hooks (phases, every technique's) still run on each call; only its forward body
@@ -311,7 +311,7 @@ class ArchSampler(DenoiserGenerator):
         from un0_bench.harness.counters.ops import OpCounter, current_counter
 
         counter = current_counter()
-        if counter is None:
+        if counter is None or not self.memoize:
             with FusedAttention():
                 return self._forward(*args, **kwargs)
         key = (_structure(self.model.denoiser), _signature((args, kwargs)))

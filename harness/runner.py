@@ -140,6 +140,9 @@ class Runner:
         self.meter_names = list(self.meter_specs)
         backbones.entry(config.backbone.partition(":")[0])
         self.backbone = load_backbone(config.backbone, backbones, **config.backbone_options)
+        why = self.backbone.unmeasurable()
+        if why is not None:
+            raise UserError(f"--backbone {config.backbone}: {why}")
         self.quality_options = config.quality_options()
         self.backbone.check_quality_options(self.quality_options)
         self.notes: list[str] = []

@@ -1,4 +1,4 @@
-"""``un0-bench``: list, compare, report, train.
+"""``un0-bench``: list, compare, report, train, count.
 
 Bad input (unknown names, bad numbers, unwritable folders) ends with one clear line and exit 2.
 """
@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("make-tiny-pipeline", help="write a tiny Stable Diffusion pipeline (for smoke tests)")
     m.add_argument("dir", type=path_arg)
 
+    _count_parser(sub)
+
     t = sub.add_parser("train", help="reproduce a shipped weights file from its seed")
     t.add_argument("target", help="what to train (see `un0-bench list`), or all")
     t.add_argument("--steps", type=positive_int, default=None, help="training steps (default: the shipped run's)")
@@ -184,6 +186,44 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     print(f"  finding: {fit['finding']}")
     print(f"profile {name!r} written to {out / 'profiles.csv'} (fit and samples in {out / 'fit.json'}); use it with\n"
           f"  UN0_BENCH_PROFILES={out / 'profiles.csv'} un0-bench compare ... --meters proxy:profile={name}")
+
+def _count_parser(sub: Any) -> None:
+    """``un0-bench count``: its options."""
+    c = sub.add_parser("count", help="count the work of a real architecture on the meta device (no weights, no "
+                                     "download): FLOPs and bytes per image, per phase and per module")
+    c.add_argument("--arch", required=True, type=models_list,
+                   help="architecture(s), comma-separated (see `un0-bench list`: sd15, sd21, sdxl, sdxl-turbo, "
+                        "adm-imagenet64, un0-imagenet64-16384, ...)")
+    c.add_argument("--models", type=models_list, default=None,
+                   help="stacks to count, as in compare (sd, sd+cached, sd-int8, sd-fp16); default: the arch's own "
+                        "model (sd; un0-osc for un0-*)")
+    c.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: the arch's)")
+    c.add_argument("--resolution", type=positive_int, default=None, help="image side in pixels (default: the arch's)")
+    c.add_argument("--batch-size", type=positive_int, default=1, help="images per sampler run (default: 1)")
+    c.add_argument("--guidance", type=finite, default=None,
+                   help="classifier-free guidance scale (default: the arch's; above 1 doubles the denoiser batch)")
+    c.add_argument("--dtype", default=None, choices=("fp32", "fp16", "bf16"),
+                   help="dtype of every component (default: the arch's; fp16 for the SD family)")
+    c.add_argument("--out", type=path_arg, default=None,
+                   help="folder for results.jsonl (default: runs/count-<UTC time>); records are appended")
+
+
+def cmd_count(args: argparse.Namespace) -> int:
+    """Count each arch x model once and append the counted records (``status: counted``) to results.jsonl."""
+    from un0_bench.backbones.archs import count_arch, default_model
+    from un0_bench.harness.results import ResultStore, check_writable
+    from un0_bench.reports.counts import format_counted
+
+    out = args.out or Path("runs") / time.strftime("count-%Y%m%d-%H%M%S", time.gmtime())
+    check_writable(out)
+    store = ResultStore(out)
+    for arch in args.arch:
+        for model in args.models or [default_model(arch)]:
+            record = count_arch(arch, model, steps=args.steps, resolution=args.resolution, batch_size=args.batch_size,
+                                guidance=args.guidance, dtype=args.dtype)
+            store.append([record])
+            print(format_counted(record))
+    print(f"counted records (work, not measurements) appended to {store.path}")
     return 0
 
 
@@ -227,6 +267,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         for e in reg:
             table.add_row(e.name, e.summary)
         console.print(table)
+    _list_archs(console)
     table = Table(title="meters on this host")
     table.add_column("name")
     table.add_column("status")
@@ -239,6 +280,23 @@ def cmd_list(args: argparse.Namespace) -> int:
         table.add_row(e.name, status, e.summary)
     console.print(table)
     return 0
+
+
+def _list_archs(console: Any) -> None:
+    """The table of shipped architectures (``--backbone arch:NAME``, ``un0-bench count --arch NAME``)."""
+    from rich.table import Table
+
+    from un0_bench.backbones.archs import ARCH_NAMES, arch_config
+
+    table = Table(title="architectures (arch:NAME): shipped configs, built on the meta device and counted, never run")
+    for col in ("name", "what it is", "family", "steps", "resolution", "guidance", "dtype"):
+        table.add_column(col)
+    for name in ARCH_NAMES:
+        cfg = arch_config(name)
+        d = cfg.get("defaults", {})
+        table.add_row(name, cfg.get("title", ""), cfg["family"], str(d.get("steps")), str(d.get("resolution")),
+                      str(d.get("guidance")), str(d.get("dtype")))
+    console.print(table)
 
 
 def print_records(records: list[dict[str, Any]]) -> None:
@@ -416,7 +474,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"list": cmd_list, "compare": cmd_compare, "report": cmd_report, "train": cmd_train, "check": cmd_check,
-            "make-tiny-pipeline": cmd_make_tiny_pipeline}
+            "make-tiny-pipeline": cmd_make_tiny_pipeline, "count": cmd_count}
 
 
 def _ours(filename: str) -> bool:

@@ -109,7 +109,8 @@ def _estimate_options(sub: Any) -> None:
     """``estimate`` and ``calibrate`` (issue 14, part B): projections of counted architectures."""
     e = sub.add_parser("estimate", help="count a real architecture (no weights) and project its time and energy "
                                         "per image on a GPU profile: a projection, not a measurement")
-    e.add_argument("--arch", required=True, help="architecture (e.g. sd1.5, sd2.1, sdxl, sdxl-turbo)")
+    e.add_argument("--arch", required=True,
+                   help="architecture: sd15, sd21, sdxl, sdxl-turbo, adm-imagenet64, un0-... (as `un0-bench count`)")
     e.add_argument("--profile", default="a100-sxm4-40gb",
                    help="GPU profile(s), comma-separated (harness/meters/gpu_profiles.csv; default a100-sxm4-40gb)")
     e.add_argument("--steps", type=positive_int, default=None, help="denoising steps (default: the architecture's)")

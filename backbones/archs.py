@@ -94,7 +94,8 @@ def _all_archs() -> dict[str, dict[str, Any]]:
             out[cfg.get("name", stem)] = cfg
         else:
             for name, over in variants.items():
-                out[name] = _merge(cfg, {**over, "name": name})
+                title = f"{cfg.get('title', stem)}: {name}"
+                out[name] = _merge(cfg, {"title": title, **over, "name": name})
     for name, cfg in out.items():
         if cfg.get("family") not in FAMILIES or "source" not in cfg:
             raise ValueError(f"arch {name}: needs a family ({', '.join(FAMILIES)}) and a source")

@@ -94,7 +94,8 @@ def _all_archs() -> dict[str, dict[str, Any]]:
             out[cfg.get("name", stem)] = cfg
         else:
             for name, over in variants.items():
-                out[name] = _merge(cfg, {**over, "name": name})
+                title = f"{cfg.get('title', stem)}: {name}"
+                out[name] = _merge(cfg, {"title": title, **over, "name": name})
     for name, cfg in out.items():
         if cfg.get("family") not in FAMILIES or "source" not in cfg:
             raise ValueError(f"arch {name}: needs a family ({', '.join(FAMILIES)}) and a source")
@@ -282,8 +283,10 @@ class ArchSampler(DenoiserGenerator):
         model.denoiser.eval().requires_grad_(False)
         super().__init__(model)
         self.encoders = [(enc, parts[enc["component"]]) for enc in self.cfg.get("text_encoders", [])]
+        #: A transformer denoiser (PixArt) takes the timestep by keyword, per batch row.
+        self.transformer = "Transformer" in type(model.denoiser).__name__
         self.vae = parts.get("vae")
-        self.parts = ArchParts({"unet": model.denoiser, **parts})
+        self.parts = ArchParts({self.cfg["denoiser"].get("component", "unet"): model.denoiser, **parts})
         self._memo: dict[tuple, tuple[list, Any]] = {}
         #: Replay identical denoiser calls from their counts (False: run every call; same counts, slower).
         self.memoize = True
@@ -355,15 +358,21 @@ class ArchSampler(DenoiserGenerator):
             ids = torch.zeros(batch, int(enc.get("max_length", 77)), dtype=torch.long, device=meta)  # (B, 77)
             for _ in range(runs):  # prompt, then the empty negative prompt
                 with self.phase(enc["component"]), FusedAttention():
-                    out = module(ids, output_hidden_states=len(self.encoders) > 1)
+                    # NB: T5 runs without its attention mask here (it masks padded positions: same FLOPs).
+                    out = module(ids, output_hidden_states=True) if len(self.encoders) > 1 else module(ids)
             if len(self.encoders) > 1:
                 # SDXL: the penultimate layer of each encoder, concatenated; the pooled projection of the last.
                 hidden.append(out.hidden_states[-2])
                 pooled = getattr(out, "text_embeds", pooled)
             else:
                 hidden.append(out[0])  # last_hidden_state (B, 77, D)
-        emb = torch.cat(hidden, dim=-1).to(self.backbone.dtype)  # (B, 77, D)
+        emb = torch.cat(hidden, dim=-1).to(self.backbone.dtype)  # (B, L, D)
         kwargs: dict[str, Any] = {"encoder_hidden_states": emb}
+        if any(enc.get("attention_mask") for enc, _ in self.encoders):
+            # The transformer masks the padded text tokens in its cross-attention (PixArt).
+            kwargs["encoder_attention_mask"] = torch.ones(emb.shape[:2], dtype=self.backbone.dtype).to(meta)
+        if self.transformer:
+            kwargs["added_cond_kwargs"] = {"resolution": None, "aspect_ratio": None}
         if self.model.denoiser.config.get("addition_embed_type") == "text_time":
             r = self.backbone.resolution
             time_ids = torch.tensor([[r, r, 0, 0, r, r]] * batch, dtype=self.backbone.dtype).to(meta)  # (B, 6)
@@ -392,10 +401,16 @@ class ArchSampler(DenoiserGenerator):
         # the pipeline's own latents.
         x = torch.empty(shape, device=meta, dtype=dtype) * scheduler.init_noise_sigma
         g = self.backbone.guidance
+        learned_sigma = int(denoiser.config.get("out_channels") or 0) == 2 * shape[1]
         for t in scheduler.timesteps:
             x_in = torch.cat([x, x]) if self.cfg_guided else x  # (2B or B, C, h, w)
             x_in = scheduler.scale_model_input(x_in, t)
-            out = denoiser(x_in, t, **cond, return_dict=False)[0]
+            if self.transformer:  # as PixArt's pipeline: one timestep per batch row, on the latents' device
+                out = denoiser(x_in, timestep=t.expand(x_in.shape[0]).to(meta), **cond, return_dict=False)[0]
+            else:
+                out = denoiser(x_in, t, **cond, return_dict=False)[0]
+            if learned_sigma and self.backbone.family == "text-to-image":
+                out = out.chunk(2, dim=1)[0]  # the pipeline keeps the mean prediction, drops the variance
             if self.cfg_guided:
                 uncond, text = out.chunk(2)
                 out = uncond + g * (text - uncond)
@@ -425,9 +440,10 @@ class FusedAttention(torch.overrides.TorchFunctionMode):
     efficient on CUDA, flash on CPU) that computes in the inputs' dtype and never writes the
     ``S x S`` score matrix. On the meta device there is no fused kernel to choose, so torch falls back
     to the math path: the scores in float32, written out and read back (about 1 GB per attention
-    layer of SD 1.5 at 64x64 latents). This mode sends unmasked attention on meta tensors to the CPU
-    flash kernel's op, whose FLOPs the counter charges as ``Q K^T`` plus ``P V`` (4 B H Sq Skv D) and
-    whose bytes are q, k, v and the output, as in a measured run on CPU.
+    layer of SD 1.5 at 64x64 latents). This mode sends attention on meta tensors (unmasked, or with
+    an additive mask of the inputs' dtype) to the CPU flash kernel's op, whose FLOPs the counter
+    charges as ``Q K^T`` plus ``P V`` (4 B H Sq Skv D) and whose bytes are q, k, v and the output, as
+    in a measured run on CPU.
     """
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
@@ -435,11 +451,12 @@ class FusedAttention(torch.overrides.TorchFunctionMode):
         if func is torch.nn.functional.scaled_dot_product_attention:
             q, k, v = args[:3]
             rest = dict(zip(("attn_mask", "dropout_p", "is_causal", "scale"), args[3:], strict=False), **kwargs)
-            if (q.device.type == "meta" and rest.get("attn_mask") is None and not rest.get("dropout_p")
-                    and not rest.get("enable_gqa") and q.shape[-1] == v.shape[-1]):
-                # NB: softmax and scaling are not counted, as in torch's sdpa formula.
+            mask = rest.get("attn_mask")
+            if (q.device.type == "meta" and not rest.get("dropout_p") and not rest.get("enable_gqa")
+                    and q.shape[-1] == v.shape[-1] and (mask is None or mask.dtype == q.dtype)):
+                # NB: softmax, scaling and an additive mask are not counted, as in torch's sdpa formula.
                 return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                    q, k, v, 0.0, bool(rest.get("is_causal", False)), scale=rest.get("scale"))[0]
+                    q, k, v, 0.0, bool(rest.get("is_causal", False)), attn_mask=mask, scale=rest.get("scale"))[0]
         return func(*args, **kwargs)
 
 
@@ -481,7 +498,7 @@ def _double(kwargs: dict[str, Any]) -> dict[str, Any]:
     """Conditioning for a ``2B`` denoiser batch: each tensor twice along the batch (negative, prompt)."""
     out: dict[str, Any] = {}
     for k, v in kwargs.items():
-        out[k] = _double(v) if isinstance(v, dict) else torch.cat([v, v])
+        out[k] = _double(v) if isinstance(v, dict) else torch.cat([v, v]) if isinstance(v, torch.Tensor) else v
     return out
 
 

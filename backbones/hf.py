@@ -18,10 +18,12 @@ _DIFFUSERS: dict[str, str] = {
     "AutoencoderKL": "diffusers",
     "DDIMScheduler": "diffusers",
     "DDPMScheduler": "diffusers",
+    "DPMSolverMultistepScheduler": "diffusers",
     "DiffusionPipeline": "diffusers",
     "EulerAncestralDiscreteScheduler": "diffusers",
     "EulerDiscreteScheduler": "diffusers",
     "PNDMScheduler": "diffusers",
+    "PixArtTransformer2DModel": "diffusers",
     "StableDiffusionPipeline": "diffusers",
     "UNet2DConditionModel": "diffusers",
     "UNet2DModel": "diffusers",
@@ -34,11 +36,12 @@ _DIFFUSERS: dict[str, str] = {
 #: The transformers classes this project uses (text encoders, tokenizers and CLIP for scoring).
 _TRANSFORMERS = frozenset({
     "AutoTokenizer", "CLIPConfig", "CLIPImageProcessor", "CLIPModel", "CLIPProcessor", "CLIPTextConfig",
-    "CLIPTextModel", "CLIPTextModelWithProjection", "CLIPTokenizer",
+    "CLIPTextModel", "CLIPTextModelWithProjection", "CLIPTokenizer", "T5Config", "T5EncoderModel",
 })
 
 #: transformers model class -> its config class, for models built from a config dict on the meta device.
-_TRANSFORMERS_CONFIGS = {"CLIPTextModel": "CLIPTextConfig", "CLIPTextModelWithProjection": "CLIPTextConfig"}
+_TRANSFORMERS_CONFIGS = {"CLIPTextModel": "CLIPTextConfig", "CLIPTextModelWithProjection": "CLIPTextConfig",
+                         "T5EncoderModel": "T5Config"}
 
 
 def _import(module: str) -> Any:

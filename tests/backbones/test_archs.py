@@ -266,6 +266,16 @@ def test_sdxl_and_turbo_are_one_network_at_two_settings():
     assert total == pytest.approx(base["published_parameters"]["text_encoders"], rel=0.01)  # "817M"
 
 
+def test_pixart_sigma_is_a_transformer_denoiser_with_a_t5_encoder():
+    cfg = arch_config("pixart-sigma")
+    dit = build_on_meta(cfg["denoiser"]["class"], cfg["denoiser"]["config"])
+    assert sum(p.numel() for p in dit.parameters()) == pytest.approx(cfg["published_parameters"]["transformer"],
+                                                                     rel=0.02)  # "0.6B"
+    assert cfg["text_encoders"][0]["class"] == "T5EncoderModel" and cfg["defaults"]["steps"] == 20
+    with pytest.raises(StackError, match="UNet2DConditionModel"):
+        count_arch("pixart-sigma", "sd+cached")  # DeepCache caches UNet features; a DiT has none
+
+
 def test_adm_matches_its_published_size_and_settings():
     cfg = arch_config("adm-imagenet64")
     unet = build_on_meta("UNet2DModel", cfg["denoiser"]["config"])

@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # satisfied and pip never pulls a multi-GB CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: install bench test test-all lint clean browser
+.PHONY: install bench bench-scale test test-all lint clean browser
 
 install: $(STAMP)
 
@@ -20,6 +20,11 @@ $(STAMP): pyproject.toml
 
 bench: $(STAMP)
 	$(PY) -m un0_bench.suite --out reports/latest
+
+# Un-0 at real scale, projected (no weights, offline, minutes on a CPU): counted FLOPs of the published Un-0 sizes
+# and ADM 64x64, projected J/image on H100, the factor and the analog break-even; plus the validation table.
+bench-scale: $(STAMP)
+	$(PY) -m un0_bench.scale --out reports/scale
 
 # The report's browser test uses Debian's Chromium. Installing it needs root and apt; without it the
 # test is skipped and says why.
@@ -39,4 +44,4 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf $(VENV) runs reports/latest .pytest_cache build *.egg-info
+	rm -rf $(VENV) runs reports/latest reports/scale .pytest_cache build *.egg-info

@@ -17,8 +17,13 @@ from un0_bench.harness.errors import UserError
 _DIFFUSERS: dict[str, str] = {
     "AutoencoderKL": "diffusers",
     "DDIMScheduler": "diffusers",
+    "DDPMScheduler": "diffusers",
+    "DPMSolverMultistepScheduler": "diffusers",
     "DiffusionPipeline": "diffusers",
+    "EulerAncestralDiscreteScheduler": "diffusers",
+    "EulerDiscreteScheduler": "diffusers",
     "PNDMScheduler": "diffusers",
+    "PixArtTransformer2DModel": "diffusers",
     "StableDiffusionPipeline": "diffusers",
     "UNet2DConditionModel": "diffusers",
     "UNet2DModel": "diffusers",
@@ -31,8 +36,12 @@ _DIFFUSERS: dict[str, str] = {
 #: The transformers classes this project uses (text encoders, tokenizers and CLIP for scoring).
 _TRANSFORMERS = frozenset({
     "AutoTokenizer", "CLIPConfig", "CLIPImageProcessor", "CLIPModel", "CLIPProcessor", "CLIPTextConfig",
-    "CLIPTextModel", "CLIPTokenizer",
+    "CLIPTextModel", "CLIPTextModelWithProjection", "CLIPTokenizer", "T5Config", "T5EncoderModel",
 })
+
+#: transformers model class -> its config class, for models built from a config dict on the meta device.
+_TRANSFORMERS_CONFIGS = {"CLIPTextModel": "CLIPTextConfig", "CLIPTextModelWithProjection": "CLIPTextConfig",
+                         "T5EncoderModel": "T5Config"}
 
 
 def _import(module: str) -> Any:
@@ -75,3 +84,49 @@ def from_pretrained_dtype_key() -> str:
     """
     deprecation = _import("diffusers.utils.deprecation_utils")
     return "dtype" if hasattr(deprecation, "_TORCH_DTYPE_DEPRECATION_MESSAGE") else "torch_dtype"
+
+
+def build_on_meta(class_name: str, config: dict[str, Any]) -> Any:
+    """A diffusers or transformers model built from a config dict on the ``meta`` device: no weights.
+
+    Parameters are meta tensors (shapes and dtypes, no storage), so an SDXL UNet costs no memory
+    and nothing is downloaded; a forward pass runs no arithmetic and yields meta tensors, which is
+    all an op counter needs. The model is in eval mode with gradients off.
+
+    Args:
+        class_name: A diffusers class of :data:`_DIFFUSERS` (``"UNet2DConditionModel"``,
+            ``"AutoencoderKL"``, ...) or a transformers model of ``_TRANSFORMERS_CONFIGS``
+            (``"CLIPTextModel"``, ``"CLIPTextModelWithProjection"``).
+        config: The model's ``config.json`` as a dict (``_``-prefixed keys are ignored).
+
+    Raises:
+        KeyError: For a class this project does not build (a programming error).
+        UserError: If the library cannot be imported or rejects the config.
+    """
+    import torch
+
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    try:
+        with torch.device("meta"):
+            if class_name in _TRANSFORMERS_CONFIGS:
+                cfg = transformers_class(_TRANSFORMERS_CONFIGS[class_name])(**config)
+                model = transformers_class(class_name)(cfg)
+            else:
+                model = diffusers_class(class_name).from_config(config)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"cannot build {class_name} from its config ({e})") from None
+    return model.eval().requires_grad_(False)
+
+
+def scheduler_from_config(config: dict[str, Any]) -> Any:
+    """A diffusers scheduler from its ``scheduler_config.json`` dict (``_class_name`` names the class)."""
+    cfg = dict(config)
+    name = cfg.pop("_class_name", None)
+    if name is None:
+        raise UserError("a scheduler config needs _class_name")
+    try:
+        cls = diffusers_class(name)
+    except KeyError:
+        raise UserError(f"scheduler {name!r} is not one this project uses "
+                        f"({', '.join(k for k in _DIFFUSERS if k.endswith('Scheduler'))})") from None
+    return cls.from_config(cfg)

@@ -549,7 +549,10 @@ def _quantize_dynamic_(denoiser: nn.Module) -> list[str]:
         parent_name, _, child = name.rpartition(".")
         parent = denoiser.get_submodule(parent_name) if parent_name else denoiser
         cls = Int8Conv2d if isinstance(layer, nn.Conv2d) else Int8Linear
-        new = cls.from_float(layer, torch.ones(1), None).to(layer.weight.device)
+        ones = torch.ones(1)  # the unused static scale (a CPU tensor: it is checked for positivity)
+        # Made on the layer's device, so a denoiser on the meta device (arch:NAME) stays there, weightless.
+        with torch.device(layer.weight.device):
+            new = cls.from_float(layer, ones, None)
         setattr(parent, child, new)
     return skipped
 

@@ -62,6 +62,14 @@ class Backbone(abc.ABC):
     def describe(self) -> dict[str, Any]:
         """Facts for the report: data source, image size, hash of the data."""
 
+    def unmeasurable(self) -> str | None:
+        """Why no meter can measure a run on this backbone (``None``: runs are measured normally).
+
+        A backbone built without weights (``arch:NAME``, on the meta device) executes nothing a meter
+        could watch; ``compare`` refuses it with this reason, and its work is counted instead.
+        """
+        return None
+
     # -- the base diffusion model and its sampler -------------------------------------------------
 
     def plan_base(self, steps: int | None) -> Plan:

@@ -164,11 +164,6 @@ def module_groups(counts: Counts, depth: int = MODULE_GROUP_DEPTH) -> dict[str, 
 _Key = tuple[str, str, str, str]
 
 
-def _snapshot(counter: Any) -> dict[_Key, tuple[int, int, int, int, bool]]:
-    return {(s.op, s.dtype, s.role, s.module): (s.calls, s.flops, s.bytes_read, s.bytes_written, s.counted)
-            for s in counter.counts(images=1).stats}
-
-
 def _diff(after: dict[_Key, tuple], before: dict[_Key, tuple]) -> list[OpStat]:
     out = []
     for key, (calls, flops, br, bw, counted) in after.items():
@@ -177,6 +172,43 @@ def _diff(after: dict[_Key, tuple], before: dict[_Key, tuple]) -> list[OpStat]:
             out.append(OpStat(*key, calls=calls - c0, flops=flops - f0, bytes_read=br - r0, bytes_written=bw - w0,
                               counted=counted))
     return out
+
+
+def count_phase_occurrences(generator: Generator, request: GenerationRequest, root: Any = None
+                            ) -> tuple[Counts, list[tuple[str, list[OpStat]]]]:
+    """One counting pass over ``generate(request)``, with the counts of every phase occurrence.
+
+    The counter is snapshotted at each ``begin`` and ``end`` the generator emits, so each occurrence
+    (one text-encoder call, one denoiser call, one VAE decode) gets the ops that ran inside it.
+
+    Args:
+        generator: Any generator; one without phases gives an empty occurrence list.
+        request: What to generate.
+        root: A module whose ``named_modules()`` names the ops' module paths (see
+            :class:`~harness.counters.ops.OpCounter`); ``None``: modules are named by their class.
+
+    Returns:
+        ``(total counts of the whole request, [(phase, ops of that occurrence), ...] in order)``.
+    """
+    from un0_bench.harness.counters.ops import OpCounter
+
+    occurrences: list[tuple[str, list[OpStat]]] = []
+    with OpCounter(root=root) as counter:
+        opened: dict[str, dict[_Key, tuple]] = {}
+
+        def count_hook(kind: str, phase: str) -> None:
+            if kind == "begin":
+                opened[phase] = counter.snapshot()
+            else:
+                occurrences.append((phase, OpCounter.since(opened.pop(phase), counter.snapshot())))
+
+        generator.phase_hook = count_hook
+        try:
+            generator.generate(request)
+        finally:
+            generator.phase_hook = None
+        total = counter.counts(images=len(request.prompts))
+    return total, occurrences
 
 
 def measure_phases(generator: Generator, request: GenerationRequest,
@@ -202,7 +234,6 @@ def measure_phases(generator: Generator, request: GenerationRequest,
         image post-processing), counted but not windowed, so only the proxy prices it. A phase that
         did not run in this request (un0's gate on a warm cache) has ``calls`` 0.
     """
-    from un0_bench.harness.counters.ops import OpCounter
     from un0_bench.harness.meters.proxy import ProxyMeter, proxy_energy
 
     meters = dict(meters) if isinstance(meters, Mapping) else {m.name: m for m in meters}
@@ -214,22 +245,7 @@ def measure_phases(generator: Generator, request: GenerationRequest,
     # 1. Counting pass.
     if cold:
         generator.reset_cache()
-    occurrences: list[tuple[str, list[OpStat]]] = []
-    with OpCounter() as counter:
-        opened: dict[str, dict[_Key, tuple]] = {}
-
-        def count_hook(kind: str, phase: str) -> None:
-            if kind == "begin":
-                opened[phase] = _snapshot(counter)
-            else:
-                occurrences.append((phase, _diff(_snapshot(counter), opened.pop(phase))))
-
-        generator.phase_hook = count_hook
-        try:
-            generator.generate(request)
-        finally:
-            generator.phase_hook = None
-        total = counter.counts(images=images)
+    total, occurrences = count_phase_occurrences(generator, request)
 
     # 2. Metered pass: one window per phase occurrence.
     if cold:

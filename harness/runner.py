@@ -142,9 +142,21 @@ class Runner:
         self.on_event = on_event or (lambda kind, info: None)
         # Check everything that can be checked before any work starts: names, stacks, meters,
         # the backbone and its quality options, the output folder.
-        self.meter_names = resolve_meters(config.meters, meters)
+        # A meter with parameters (proxy:profile=NAME) is built from its spec but keyed, recorded and
+        # reported by its name (its readings are keyed so, and reports single out "proxy"); its
+        # parameters are in the record's meter_details.
+        self.meter_specs: dict[str, str] = {}
+        for text in resolve_meters(config.meters, meters):
+            name = ModelSpec.parse(text).name
+            if name in self.meter_specs:
+                raise UserError(f"--meters names {name!r} twice ({self.meter_specs[name]!r} and {text!r}); one each")
+            self.meter_specs[name] = text
+        self.meter_names = list(self.meter_specs)
         backbones.entry(config.backbone.partition(":")[0])
         self.backbone = load_backbone(config.backbone, backbones, **config.backbone_options)
+        why = self.backbone.unmeasurable()
+        if why is not None:
+            raise UserError(f"--backbone {config.backbone}: {why}")
         self.quality_options = config.quality_options()
         self.backbone.check_quality_options(self.quality_options)
         self.notes: list[str] = []
@@ -308,7 +320,7 @@ class Runner:
         meters: dict[str, Meter] = {}
         unavailable: dict[str, str] = {}
         for name in self.meter_names:
-            m = make_meter(name, self.meters)
+            m = make_meter(self.meter_specs[name], self.meters)
             if isinstance(m, str):
                 unavailable[name] = m
             else:

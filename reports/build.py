@@ -8,7 +8,7 @@ from typing import Any
 
 from un0_bench.harness.config import DEFAULT_GRID_GCO2_PER_KWH
 from un0_bench.harness.ledger import BOUNDARIES, BOUNDARY_LABELS, find_reference, ledger, run_settings
-from un0_bench.reports import plots, units
+from un0_bench.reports import plots, projected, units
 from un0_bench.reports.claims import evaluate_claims, is_reference, meter_kind
 from un0_bench.reports.markdown import summary_markdown
 from un0_bench.reports.tables import format_summary, load_records, meter_statuses, summary_frame, write_csv
@@ -122,12 +122,17 @@ def build_report(out_dir: Path, options: dict[str, Any] | None = None) -> Path:
         "host": ", ".join(str(x) for x in [env.get("cpu"), *(env.get("gpus") or [])] if x) or "unknown host",
     }
     fits = plots.proxy_vs_measured(records, is_reference)
+    scale = projected.scale_rows(records)
     context = {
         "question": question,
         "lead": lead,
         "proxy_fits": fits,
         "frontiers": {m: [name for _, _, name in plots.generator_front(records, m, is_reference)] for m in kinds},
         "records": records,
+        "projected_rows": projected.projected_rows(records),
+        "projection_notes": projected.projection_notes(records),
+        "validation": projected.validation_rows(records),
+        "scale": scale,
         "options": opts,
         "summary_columns": list(summary.columns) if summary is not None else [],
         "summary_rows": summary.to_dict("records") if summary is not None else [],
@@ -146,6 +151,7 @@ def build_report(out_dir: Path, options: dict[str, Any] | None = None) -> Path:
             "ledger": _data_uri(plots.ledger_factors(proxy_ledger, list(BOUNDARIES), BOUNDARY_LABELS)),
             "flops_vs_joules": _data_uri(plots.flops_vs_joules(records)),
             "proxy_vs_measured": _data_uri(plots.proxy_vs_measured_plot(fits)),
+            "scale": _data_uri(projected.scale_plot(scale)),
             "joules": _data_uri(plots.joules_stacked(plots.where_the_joules_go(records, is_reference))),
         },
         "samples": _sample_grids(out_dir, records),

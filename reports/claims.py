@@ -28,6 +28,11 @@ _PHRASES = {"compute": "active compute", "gating": "+ gating", "memory": "+ memo
 HOLDS, FAILS, WITHIN = "holds", "fails", "within uncertainty"
 
 
+def is_projection(meter: str) -> bool:
+    """A projection of counted work on a GPU profile (``projection:<profile>``): never a measurement."""
+    return meter.startswith("projection:")
+
+
 def is_reference(record: dict[str, Any]) -> bool:
     """A bound (`real` data, `noise`), not a generator: by its technique, else by its name."""
     gen = (record.get("config") or {}).get("generator") or {}
@@ -64,6 +69,9 @@ def fmt_factor(f: float | None) -> str:
 def meter_kind(records: list[dict[str, Any]], meter: str) -> dict[str, Any]:
     """How a meter knows its figure: the proxy counts; others measure, some of them by estimate."""
     estimate = any((r.get("meter_details") or {}).get("estimate") for r in records if r["meter"] == meter)
+    if is_projection(meter):
+        return {"meter": meter, "kind": "projected", "estimate": False,
+                "label": f"projected on {meter.partition(':')[2]} (not measured)"}
     if meter == "proxy":
         return {"meter": meter, "kind": "counted", "estimate": False, "label": "op-count proxy"}
     return {"meter": meter, "kind": "measured", "estimate": estimate,
@@ -208,6 +216,8 @@ def evaluate_claims(records: list[dict[str, Any]], reference: str,
     the best unmatched one, flagged). References (`real`, `noise`) are bounds and never fit a claim.
     """
     claims = claims if claims is not None else load_claims()
+    absolute = [c for c in claims if c["measure"] in PROJECTED_MEASURES]
+    claims = [c for c in claims if c["measure"] not in PROJECTED_MEASURES]
     proxies = {r["model"]: r for r in records if r["meter"] == "proxy" and r["model"] != reference
                and not is_reference(r)}
     ref = next((r for r in records if r["meter"] == "proxy" and r["model"] == reference), None)
@@ -249,7 +259,50 @@ def evaluate_claims(records: list[dict[str, Any]], reference: str,
             verdict += " — quality not measured"
         row.update(overall=overall, verdict=verdict)
         rows.append(row)
-    return rows
+    return rows + [judge_projected(c, records) for c in absolute]
+
+
+#: Claims of an absolute figure per image, judged by projected records of the settings they plausibly
+#: mean: ``projected_energy_j`` (J per image) and ``projected_time_s`` (s per image on the named GPU).
+PROJECTED_MEASURES = {"projected_energy_j": ("energy_j_per_image", "J"), "projected_time_s": ("time_s_per_image", "s")}
+
+
+def judge_projected(c: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any]:
+    """An absolute claim against the projection of each setting it plausibly means (``claim_setting``).
+
+    A setting agrees when its projected figure lies in [claimed_low, claimed_high] (the claim's own
+    "roughly" written as a band in claims.csv). The verdict names every setting with its figure; it is
+    a projection's verdict, never a measurement's.
+    """
+    key, unit = PROJECTED_MEASURES[c["measure"]]
+    lo, hi = c["claimed_low"], c["claimed_high"]
+    row: dict[str, Any] = {"claim": c["claim"], "source": c["source"], "measure": c["measure"], "boundary": "—",
+                           "claimed": f"{lo:g}–{hi:g} {unit} per image", "claimed_low": lo, "table": [],
+                           "quality_matched": None, "quality": None, "quality_marginal": None,
+                           "reference_quality": None, "factor": None, "settings": []}
+    recs = [r for r in records if r.get("claim_setting") == c["claim_id"] and r.get("status") == "projected"]
+    if not recs:
+        row.update(model=None, overall="not measured",
+                   verdict="Not projected in this run (make bench-scale projects the settings it plausibly means)")
+        return row
+    for r in recs:
+        value = (r.get("projection") or {}).get(key)
+        ok = value is not None and lo <= value <= hi
+        row["settings"].append({"model": r["model"], "profile": r["projection"]["profile"], "value": value,
+                                "unit": unit, "agrees": ok, "ratio": value / ((lo * hi) ** 0.5) if value else None,
+                                "kwh_per_1000": value * 1000 / 3.6e6 if unit == "J" and value else None})
+    agree = [s for s in row["settings"] if s["agrees"]]
+    overall = HOLDS if len(agree) == len(recs) else FAILS if not agree else WITHIN
+    word = {HOLDS: "Consistent", FAILS: "Not consistent", WITHIN: "Depends on the setting"}[overall]
+
+    def fmt(s: dict[str, Any]) -> str:
+        extra = f" = {s['kwh_per_1000']:.3g} kWh/1,000" if s["kwh_per_1000"] is not None else ""
+        where = "in" if s["agrees"] else "outside"
+        return f"{s['model']} on {s['profile']} {s['value']:.3g} {unit}{extra} ({where} the band)"
+
+    row.update(model=", ".join(f"{s['model']}@{s['profile']}" for s in row["settings"]), overall=overall,
+               verdict=f"{word} (projected, not measured): " + "; ".join(fmt(s) for s in row["settings"]))
+    return row
 
 
 def _claimed(c: dict[str, Any]) -> str:

@@ -34,7 +34,13 @@ def verdict_markdown(claim: dict[str, Any]) -> list[str]:
             kind = row["kind"] + (", estimate" if row["estimate"] else "")
             lines.append(f"| {_esc(row['meter'])} ({kind}) | " + " | ".join(_cell(row, b) for b in BOUNDARIES) + " |")
         lines.append("")
-    if claim["model"]:
+    for s in claim.get("settings") or []:
+        lines.append(f"- `{_esc(s['model'])}` on {_esc(s['profile'])}: projected {s['value']:.3g} {s['unit']} per "
+                     "image "
+                     f"({'agrees' if s['agrees'] else 'disagrees'})")
+    if claim.get("settings"):
+        lines.append("")
+    elif claim["model"]:
         qm = {True: "quality-matched", False: "not quality-matched"}.get(claim["quality_matched"],
                                                                           "quality not measured")
         lines += [f"Model: `{_esc(claim['model'])}` ({qm}); claimed {claim['claimed']} at boundary "

@@ -78,6 +78,8 @@ def summary_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     estimates = {r["meter"] for r in records if (r.get("meter_details") or {}).get("estimate")}
 
     def col(meter: str) -> str:
+        if meter.startswith("projection:"):
+            return f"J/image {meter} (projected, not measured)"
         return f"J/image {meter}" + (" (estimate)" if meter in estimates else "")
 
     for r in records:
@@ -91,7 +93,7 @@ def summary_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
             row["quality-matched"] = ("yes" if r["quality_matched"] else "no") + " (marginal)"
         if r["meter"] in meters and r["meter"] != "wall":
             row[col(r["meter"])] = r.get("energy_j_per_image")
-        if r["meter"] == "wall" or row["ms/image"] is None:
+        if r["meter"] == "wall" or (row["ms/image"] is None and r["status"] != "projected"):
             d = r.get("duration_s_per_image")
             row["ms/image"] = None if d is None else d * 1e3
         q = r.get("quality") or {}

@@ -1,4 +1,4 @@
-"""``un0-bench``: list, compare, report, train.
+"""``un0-bench``: list, compare, report, train, count.
 
 Bad input (unknown names, bad numbers, unwritable folders) ends with one clear line and exit 2.
 """
@@ -88,8 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--models", type=models_list, default=None, help="default: every registered generator")
     k.add_argument("--update", action="store_true", help="rewrite the baseline with the current figures")
 
+    _estimate_options(sub)
+
     m = sub.add_parser("make-tiny-pipeline", help="write a tiny Stable Diffusion pipeline (for smoke tests)")
     m.add_argument("dir", type=path_arg)
+
+    _count_parser(sub)
 
     t = sub.add_parser("train", help="reproduce a shipped weights file from its seed")
     t.add_argument("target", help="what to train (see `un0-bench list`), or all")
@@ -99,6 +103,129 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights file (default: the shipped location; sd-distilled writes <stem>-4 and <stem>-1 "
                         "beside it)")
     return p
+
+
+def _estimate_options(sub: Any) -> None:
+    """``estimate`` and ``calibrate`` (issue 14, part B): projections of counted architectures."""
+    e = sub.add_parser("estimate", help="count a real architecture (no weights) and project its time and energy "
+                                        "per image on a GPU profile: a projection, not a measurement")
+    e.add_argument("--arch", required=True,
+                   help="architecture: sd15, sd21, sdxl, sdxl-turbo, adm-imagenet64, un0-... (as `un0-bench count`)")
+    e.add_argument("--profile", default="a100-sxm4-40gb",
+                   help="GPU profile(s), comma-separated (harness/meters/gpu_profiles.csv; default a100-sxm4-40gb)")
+    e.add_argument("--steps", type=positive_int, default=None, help="denoising steps (default: the architecture's)")
+    e.add_argument("--resolution", type=positive_int, default=None,
+                   help="image side in pixels (default: the architecture's)")
+    e.add_argument("--batch-size", type=positive_int, default=1)
+    e.add_argument("--guidance", type=non_negative, default=None,
+                   help="classifier-free guidance scale; above 1 doubles the denoiser passes (default: the "
+                        "architecture's)")
+    e.add_argument("--dtype", default="fp16", help="dtype the work is counted in (default fp16, as served on a GPU)")
+    e.add_argument("--calibration", type=path_arg, default=None,
+                   help="calibration file (default: the shipped one, fitted on ML.ENERGY's SD 2.1 on A100)")
+    e.add_argument("--out", type=path_arg, default=None, help="report folder (default runs/estimate-<time>)")
+    e.add_argument("--no-report", action="store_true", help="write results only")
+
+    c = sub.add_parser("calibrate", help="fit energy coefficients: this host's from a meter (--meter), or the "
+                                         "projection's from its published point (--projection)")
+    how = c.add_mutually_exclusive_group(required=True)
+    how.add_argument("--meter", help="rapl, nvml or codecarbon: run fixed workloads and fit E = e_flop*F + e_byte*B + "
+                                     "static*t")
+    how.add_argument("--projection", action="store_true",
+                     help="recount SD 2.1 (50 steps, 768x768, guidance 7.5, fp16) and refit the projection on "
+                          "ML.ENERGY's A100 measurement")
+    c.add_argument("--name", default=None, help="profile name to save (default host-<meter>)")
+    c.add_argument("--out", type=path_arg, default=None,
+                   help="--meter: folder for profiles.csv and fit.json (default runs/calibrate-<meter>); "
+                        "--projection: calibration file (default: the shipped one)")
+    c.add_argument("--window-s", type=finite, default=0.5, help="--meter: seconds per window (default 0.5)")
+
+
+def cmd_estimate(args: argparse.Namespace) -> int:
+    from un0_bench import estimate
+    from un0_bench.harness.projection import load_calibration
+
+    profiles = [p.strip() for p in args.profile.split(",") if p.strip()]
+    if not profiles:
+        raise UserError("--profile names no GPU profile")
+    cal = load_calibration(args.calibration)
+    records = estimate.estimate_records(args.arch, profiles, calibration=cal, steps=args.steps,
+                                        resolution=args.resolution, batch_size=args.batch_size,
+                                        guidance=args.guidance, dtype=args.dtype)
+    for rec in records:
+        print(estimate.describe(rec))
+    out = args.out or Path("runs") / time.strftime("estimate-%Y%m%d-%H%M%S", time.gmtime())
+    path = estimate.write_report(records, out, report=not args.no_report)
+    print(f"results: {out / 'results.jsonl'} (records marked projected)")
+    if path is not None:
+        print(f"report: {path}")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from un0_bench import estimate
+
+    if args.projection:
+        cal = estimate.refit_projection(args.out)
+        print(f"calibration {cal.name}: efficiency {cal.efficiency:.6g}, power fraction {cal.power_fraction:.6g}")
+        print(f"  fitted on {cal.setting} measured {cal.measured}; counted {cal.counted.get('flops_per_image'):.6g} "
+              f"FLOP/image")
+        print(f"  source: {cal.source}")
+        return 0
+    if args.meter not in ("rapl", "nvml", "codecarbon"):
+        raise UserError(f"--meter must be rapl, nvml or codecarbon, got {args.meter!r}")
+    name = args.name or f"host-{args.meter}"
+    out = args.out or Path("runs") / f"calibrate-{args.meter}"
+    result = estimate.calibrate_host(args.meter, name, out, window_s=args.window_s)
+    fit = result["fit"]
+    print(f"{len(result['samples'])} windows; fit E = e_flop*F + e_byte*B + static*t:")
+    print(f"  energy per FLOP {fit['e_flop_j']:.4g} J, per byte {fit['e_byte_j']:.4g} J, "
+          f"static {fit['static_w']:.4g} W; "
+          f"relative residual {fit['rel_residual']:.3%}")
+    print(f"  time only: E = {fit['time_only_power_w']:.4g} W x t, "
+          f"relative residual {fit['time_only_rel_residual']:.3%}")
+    print(f"  finding: {fit['finding']}")
+    print(f"profile {name!r} written to {out / 'profiles.csv'} (fit and samples in {out / 'fit.json'}); use it with\n"
+          f"  UN0_BENCH_PROFILES={out / 'profiles.csv'} un0-bench compare ... --meters proxy:profile={name}")
+
+def _count_parser(sub: Any) -> None:
+    """``un0-bench count``: its options."""
+    c = sub.add_parser("count", help="count the work of a real architecture on the meta device (no weights, no "
+                                     "download): FLOPs and bytes per image, per phase and per module")
+    c.add_argument("--arch", required=True, type=models_list,
+                   help="architecture(s), comma-separated (see `un0-bench list`: sd15, sd21, sdxl, sdxl-turbo, "
+                        "adm-imagenet64, un0-imagenet64-16384, ...)")
+    c.add_argument("--models", type=models_list, default=None,
+                   help="stacks to count, as in compare (sd, sd+cached, sd-int8, sd-fp16); default: the arch's own "
+                        "model (sd; un0-osc for un0-*)")
+    c.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: the arch's)")
+    c.add_argument("--resolution", type=positive_int, default=None, help="image side in pixels (default: the arch's)")
+    c.add_argument("--batch-size", type=positive_int, default=1, help="images per sampler run (default: 1)")
+    c.add_argument("--guidance", type=finite, default=None,
+                   help="classifier-free guidance scale (default: the arch's; above 1 doubles the denoiser batch)")
+    c.add_argument("--dtype", default=None, choices=("fp32", "fp16", "bf16"),
+                   help="dtype of every component (default: the arch's; fp16 for the SD family)")
+    c.add_argument("--out", type=path_arg, default=None,
+                   help="folder for results.jsonl (default: runs/count-<UTC time>); records are appended")
+
+
+def cmd_count(args: argparse.Namespace) -> int:
+    """Count each arch x model once and append the counted records (``status: counted``) to results.jsonl."""
+    from un0_bench.backbones.archs import count_arch, default_model
+    from un0_bench.harness.results import ResultStore, check_writable
+    from un0_bench.reports.counts import format_counted
+
+    out = args.out or Path("runs") / time.strftime("count-%Y%m%d-%H%M%S", time.gmtime())
+    check_writable(out)
+    store = ResultStore(out)
+    for arch in args.arch:
+        for model in args.models or [default_model(arch)]:
+            record = count_arch(arch, model, steps=args.steps, resolution=args.resolution, batch_size=args.batch_size,
+                                guidance=args.guidance, dtype=args.dtype)
+            store.append([record])
+            print(format_counted(record))
+    print(f"counted records (work, not measurements) appended to {store.path}")
+    return 0
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -141,6 +268,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         for e in reg:
             table.add_row(e.name, e.summary)
         console.print(table)
+    _list_archs(console)
     table = Table(title="meters on this host")
     table.add_column("name")
     table.add_column("status")
@@ -153,6 +281,23 @@ def cmd_list(args: argparse.Namespace) -> int:
         table.add_row(e.name, status, e.summary)
     console.print(table)
     return 0
+
+
+def _list_archs(console: Any) -> None:
+    """The table of shipped architectures (``--backbone arch:NAME``, ``un0-bench count --arch NAME``)."""
+    from rich.table import Table
+
+    from un0_bench.backbones.archs import ARCH_NAMES, arch_config
+
+    table = Table(title="architectures (arch:NAME): shipped configs, built on the meta device and counted, never run")
+    for col in ("name", "what it is", "family", "steps", "resolution", "guidance", "dtype"):
+        table.add_column(col)
+    for name in ARCH_NAMES:
+        cfg = arch_config(name)
+        d = cfg.get("defaults", {})
+        table.add_row(name, cfg.get("title", ""), cfg["family"], str(d.get("steps")), str(d.get("resolution")),
+                      str(d.get("guidance")), str(d.get("dtype")))
+    console.print(table)
 
 
 def print_records(records: list[dict[str, Any]]) -> None:
@@ -330,13 +475,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"list": cmd_list, "compare": cmd_compare, "report": cmd_report, "train": cmd_train, "check": cmd_check,
-            "make-tiny-pipeline": cmd_make_tiny_pipeline}
+            "make-tiny-pipeline": cmd_make_tiny_pipeline, "count": cmd_count}
 
 
 def _ours(filename: str) -> bool:
     """Whether a warning comes from this project's code (not from a third-party library)."""
     root = str(Path(__file__).resolve().parent.parent)
     return filename.startswith(root) and "site-packages" not in filename and "/.venv/" not in filename
+
+
+COMMANDS.update(estimate=cmd_estimate, calibrate=cmd_calibrate)  # issue 14, part B
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -84,8 +84,13 @@ class OscillatorConfig:
         n: Number of oscillators; a multiple of 256 (``n // 256`` channels on the 16x16 grid).
         cond_oscillators: Conditioning oscillators ``M`` per class (their phases are learned).
         cond_rank: Rank ``r`` of the one-way coupling ``C = U V^T`` (N x M) from them.
-        decoder_channels: Width of the convolutional read-out.
+        decoder_channels: Width of the convolutional read-out (at the 16x16 grid).
         total_time: Integration time ``T`` (dimensionless); ``dt = T / steps``.
+        num_classes: Classes the conditioning phases are learned for (10 digits).
+        image_channels: Channels of the decoded image (1: grey digits; 3: RGB).
+        decoder_upsamples: 2x nearest upsamplings in the read-out, each followed by a 3x3 convolution
+            that halves the width; the image is ``16 * 2**decoder_upsamples`` pixels square. 0 (the
+            digits model) is the read-out the shipped weights were trained with.
     """
 
     n: int = 1024
@@ -93,6 +98,9 @@ class OscillatorConfig:
     cond_rank: int = 8
     decoder_channels: int = 32
     total_time: float = 1.0
+    num_classes: int = 10
+    image_channels: int = 1
+    decoder_upsamples: int = 0
 
     def __post_init__(self) -> None:
         if self.n < _PIXELS or self.n % _PIXELS:
@@ -102,6 +110,11 @@ class OscillatorConfig:
     @property
     def channels(self) -> int:
         return self.n // _PIXELS
+
+    @property
+    def image_size(self) -> int:
+        """Side of the decoded image in pixels."""
+        return IMAGE_SIZE * 2**self.decoder_upsamples
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -189,16 +202,20 @@ class PhaseDecoder(nn.Module):
         super().__init__()
         d = cfg.decoder_channels
         self.channels = cfg.channels
-        self.net = nn.Sequential(
+        layers: list[nn.Module] = [
             nn.Conv2d(2 * cfg.channels, d, 3, padding=1), nn.SiLU(),
             nn.Conv2d(d, d, 3, padding=1), nn.SiLU(),
-            nn.Conv2d(d, 1, 3, padding=1),
-        )
+        ]
+        for _ in range(cfg.decoder_upsamples):  # (B, d, s, s) -> (B, d / 2, 2s, 2s)
+            layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(d, d // 2, 3, padding=1), nn.SiLU()]
+            d //= 2
+        # With no upsampling these are the digits read-out's layers net.0 .. net.4, as shipped.
+        self.net = nn.Sequential(*layers, nn.Conv2d(d, cfg.image_channels, 3, padding=1))
 
     def forward(self, theta: torch.Tensor) -> torch.Tensor:
         grid = theta.view(-1, self.channels, IMAGE_SIZE, IMAGE_SIZE)  # (B, C, 16, 16)
         x = torch.cat([torch.cos(grid), torch.sin(grid)], dim=1)  # (B, 2C, 16, 16)
-        return torch.tanh(self.net(x))  # (B, 1, 16, 16) in (-1, 1)
+        return torch.tanh(self.net(x))  # (B, image_channels, S, S) in (-1, 1); S = 16 for digits
 
 
 class OscillatorNet(nn.Module):
@@ -208,7 +225,7 @@ class OscillatorNet(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.encoder = PhaseEncoder(cfg)
-        self.dynamics = KuramotoDynamics(cfg)
+        self.dynamics = KuramotoDynamics(cfg, cfg.num_classes)
         self.decoder = PhaseDecoder(cfg)
 
     def forward(self, noise: torch.Tensor, labels: torch.Tensor, steps: int,

@@ -53,6 +53,7 @@ __all__ = [
     "OpCounter",
     "count",
     "counting_active",
+    "current_counter",
     "dtype_name",
     "gating_scope",
     "is_gating",
@@ -359,9 +360,21 @@ def _norm_backward_flop(grad_out, x, *args, out_val=None, **kwargs) -> int:
     return NORM_BACKWARD_FLOPS_PER_ELEMENT * x.numel()
 
 
-@register_formula(aten._softmax, aten._log_softmax, get_raw=True)
+@register_formula(_ops(aten, ["avg_pool1d", "avg_pool2d", "avg_pool3d", "_adaptive_avg_pool2d"]), get_raw=True)
+def _avg_pool_flop(x, *args, out_val=None, **kwargs) -> int:
+    """Average pooling: one add per input element a window reads (the window's divide is ignored)."""
+    # NB: overlapping windows read some inputs twice; diffusers' resnet downsampling (kernel 2,
+    # stride 2) does not overlap, so this is exact there.
+    return x.numel()
+
+
+@register_formula(aten._softmax, aten._log_softmax, _ops(aten, ["_safe_softmax"]), get_raw=True)
 def _softmax_flop(x, *args, out_val=None, **kwargs) -> int:
-    """``SOFTMAX_FLOPS_PER_ELEMENT`` per input element."""
+    """``SOFTMAX_FLOPS_PER_ELEMENT`` per input element.
+
+    ``_safe_softmax`` is the softmax that attention's math path decomposes into (as on the meta
+    device, where there is no fused CPU kernel); it costs the same.
+    """
     return SOFTMAX_FLOPS_PER_ELEMENT * x.numel()
 
 
@@ -709,6 +722,36 @@ class OpCounter(TorchDispatchMode):
         with self._lock:
             self._groups.clear()
 
+    def snapshot(self) -> dict[tuple[str, str, str, str], tuple[int, int, int, int, bool]]:
+        """Totals so far by (op, dtype, role, module): ``(calls, flops, bytes_read, bytes_written, counted)``."""
+        with self._lock:
+            return {k: tuple(g) for k, g in self._groups.items()}  # type: ignore[misc]
+
+    @staticmethod
+    def since(before: dict[tuple[str, str, str, str], tuple], after: dict[tuple[str, str, str, str], tuple]
+              ) -> list[OpStat]:
+        """What was counted between two :meth:`snapshot` s, as op groups."""
+        out = []
+        for key, (calls, flops, br, bw, counted) in after.items():
+            c0, f0, r0, w0, _ = before.get(key, (0, 0, 0, 0, True))
+            if calls > c0:
+                out.append(OpStat(*key, calls=calls - c0, flops=flops - f0, bytes_read=br - r0, bytes_written=bw - w0,
+                                  counted=counted))
+        return out
+
+    def add(self, stats: list[OpStat]) -> None:
+        """Count ``stats`` again, as if their ops had run once more (a replay of identical work)."""
+        with self._lock:
+            for s in stats:
+                key = (s.op, s.dtype, s.role, s.module)
+                g = self._groups.get(key)
+                if g is None:
+                    g = self._groups[key] = [0, 0, 0, 0, s.counted]
+                g[0] += s.calls
+                g[1] += s.flops
+                g[2] += s.bytes_read
+                g[3] += s.bytes_written
+
     # -- dispatch
     @contextlib.contextmanager
     def _dispatch_only(self) -> Iterator[None]:
@@ -761,6 +804,16 @@ class OpCounter(TorchDispatchMode):
             g[1] += flops
             g[2] += bytes_read
             g[3] += bytes_written
+
+
+def current_counter() -> OpCounter | None:
+    """The innermost :class:`OpCounter` open on this thread, or ``None`` (called outside any op)."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    for mode in reversed(_get_current_dispatch_mode_stack()):
+        if isinstance(mode, OpCounter):
+            return mode
+    return None
 
 
 def count(fn: Callable[..., Any], *args: Any, images: int, root: torch.nn.Module | None = None,

@@ -114,9 +114,11 @@ def test_register_refuses_entries_without_target_or_alias_and_bad_lazy_targets()
 
 
 def test_builtin_generators_declare_their_kinds():
-    assert GENERATORS.entry("sd-int8").alias == {"digits": "sd+int8:scales=static", "diffusers": "sd+int8"}
+    assert GENERATORS.entry("sd-int8").alias == {"digits": "sd+int8:scales=static", "diffusers": "sd+int8",
+                                                 "arch": "sd+int8"}
     un0, osc = GENERATORS.entry("un0"), GENERATORS.entry("un0-osc")
     assert un0.supports("digits") and not un0.is_alias("digits") and un0.alias == {"diffusers": "sd+contextual"}
     assert osc.supports("digits") and not osc.supports("diffusers")
     assert "pretrained pipeline" in osc.why_not("diffusers")
+    assert osc.supports("arch") and not un0.supports("arch") and "no weights" in un0.why_not("arch")
     assert "sd" in GENERATORS and "int8" not in GENERATORS  # techniques live in their own registry

@@ -393,3 +393,19 @@ def test_a_3000_character_spec_writes_its_sample_grid(tmp_path):
     (record,) = ResultStore(tmp_path / "out").load()
     assert len(record["sample_grid"]) == len("samples/") + 80 + len(".png")
     assert (tmp_path / "out" / record["sample_grid"]).is_file()
+
+
+def test_a_meter_with_parameters_is_recorded_under_its_name_with_its_profile(tmp_path):
+    """``--meters proxy:profile=NAME`` (e.g. a profile ``un0-bench calibrate`` fitted) measures as the proxy."""
+    built: list[str] = []
+    regs = registries(built)
+    regs["meters"].register("proxy", "un0_bench.harness.meters.proxy:ProxyMeter")
+    records = Runner(config(tmp_path, ["mm"], meters=["proxy:profile=horowitz-45nm-dram", "wall"]), **regs).run()
+    proxy = next(r for r in records if r["meter"] == "proxy")
+    assert proxy["status"] == "ok" and proxy["meter_details"]["profile"] == "horowitz-45nm-dram"
+    assert proxy["proxy_profile"] == "horowitz-45nm-dram"
+    # Priced by the DRAM profile, not the default one.
+    assert proxy["energy_j_per_image"] > 0
+    with pytest.raises(UserError, match="names 'proxy' twice"):
+        Runner(config(tmp_path, ["mm"], meters=["proxy", "proxy:profile=horowitz-45nm-dram"]), **registries([]) | {
+            "meters": regs["meters"]})

@@ -1,0 +1,185 @@
+"""``un0-bench estimate`` and ``un0-bench calibrate``: counted real architectures projected on a GPU.
+
+The top floor joins what the floors below keep apart: ``backbones.archs.count_arch`` counts an
+architecture on the meta device (no weights), ``harness.projection`` turns counted work into
+projected time and energy on a GPU profile, and ``reports`` builds the same report as ``compare``.
+Every record written here is marked projected (``status: "projected"``, ``meter:
+"projection:<profile>"``); none is a measurement.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from un0_bench.harness.errors import UserError
+from un0_bench.harness.projection import (
+    CALIBRATION_FILE,
+    Calibration,
+    fit_calibration,
+    get_gpu_profile,
+    load_calibration,
+    projected_record,
+)
+
+#: The one published measurement the projection is fitted on.
+PUBLISHED_CALIBRATION = {
+    "name": "ml-energy-sd2.1-a100",
+    "source": ("ML.ENERGY Leaderboard (ml.energy/leaderboard; Chung et al., The ML.ENERGY Benchmark, arXiv "
+               "2505.06371): NVIDIA A100-SXM4-40GB, stabilityai/stable-diffusion-2-1, 50 steps, batch 1: 2.29 s and "
+               "871 J per image, GPU energy only (Zeus/NVML)"),
+    "arch": "sd21", "profile": "a100-sxm4-40gb",
+    "setting": {"arch": "sd21", "steps": 50, "resolution": 768, "guidance": 7.5, "batch_size": 1, "dtype": "fp16"},
+    "time_s": 2.29, "energy_j": 871.0,
+}
+REFIT_COMMAND = "un0-bench calibrate --projection"
+
+CountFn = Callable[..., dict[str, Any]]
+
+
+def _count_arch() -> CountFn:
+    try:
+        from un0_bench.backbones.archs import count_arch
+    except ImportError as e:  # part A of issue 14 ships it
+        raise UserError(f"architecture counting is not available in this tree ({e})") from None
+    return count_arch
+
+
+def count(arch: str, *, steps: int | None = None, resolution: int | None = None, batch_size: int = 1,
+          guidance: float | None = None, dtype: str | None = None, count_fn: CountFn | None = None) -> dict[str, Any]:
+    """One counted record of ``arch`` at the given setting (defaults: the architecture's own)."""
+    fn = count_fn or _count_arch()
+    rec = fn(arch, steps=steps, resolution=resolution, batch_size=batch_size, guidance=guidance, dtype=dtype)
+    rec = dict(rec)
+    # Named by the architecture and the settings given (count_arch names the stack, e.g. "sd:steps=50",
+    # the same for every architecture): one row per architecture and setting in the report.
+    given = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+             for k, v in (("steps", steps), ("resolution", resolution), ("guidance", guidance)) if v is not None]
+    rec["stack_text"] = rec.get("model")
+    rec["model"] = arch + (":" + ",".join(given) if given else "")
+    rec.setdefault("backbone", f"arch:{arch}")
+    rec.setdefault("batch_size", batch_size)
+    rec.setdefault("images", batch_size)
+    rec.setdefault("uncounted_ops", {})
+    rec.setdefault("config", {})
+    rec.setdefault("environment", {})
+    return rec
+
+
+def _environment() -> dict[str, Any]:
+    from un0_bench.harness.environment import environment
+
+    return environment()
+
+
+def estimate_records(arch: str, profiles: list[str], *, calibration: Calibration | None = None,
+                     count_fn: CountFn | None = None, **setting: Any) -> list[dict[str, Any]]:
+    """Count ``arch`` once and project it on each profile: one projected record per profile."""
+    cal = calibration or load_calibration()
+    gpus = [get_gpu_profile(p) for p in profiles]  # unknown names refused before counting
+    counted = count(arch, count_fn=count_fn, **setting)
+    env = _environment()
+    out = []
+    for gpu in gpus:
+        rec = projected_record(counted, gpu, cal)
+        rec["environment"] = {**env, "projected_on": gpu.name, "note": "counted on this host; time and energy "
+                              "projected for the named GPU, not measured"}
+        rec["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        out.append(rec)
+    return out
+
+
+def write_report(records: list[dict[str, Any]], out: Path, *, report: bool = True) -> Path | None:
+    """Append ``records`` to ``out/results.jsonl`` and build the report exactly as ``compare`` does."""
+    from un0_bench.harness.results import ResultStore, check_writable
+
+    check_writable(out)
+    store = ResultStore(out)
+    with store.lock():
+        store.append(records)
+    if not report:
+        return None
+    from un0_bench.reports.build import build_report
+
+    return build_report(out)
+
+
+def _si(v: float, unit: str) -> str:
+    for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(v) >= scale:
+            return f"{v / scale:.4g} {prefix}{unit}"
+    return f"{v:.4g} {unit}"
+
+
+def describe(rec: dict[str, Any]) -> str:
+    """The printed lines of one projected record: counted work, projected time and energy, calibration."""
+    p = rec["projection"]
+    cal = p["calibration"]
+    setting = ", ".join(f"{k} {rec[k]}" for k in ("steps", "resolution", "guidance", "dtype") if rec.get(k) is not None)
+    lines = [f"{rec['model']} ({setting or 'its default setting'}; batch {rec['batch_size']}) "
+             f"on {p['profile']} — PROJECTED, not measured",
+             f"  counted work per image: {_si(rec['flops_per_image'], 'FLOP')}, "
+             f"{_si(rec['bytes_per_image'], 'B')} moved; "
+             "by dtype: " + ", ".join(f"{d} {_si(v, 'FLOP')}"
+                                      for d, v in sorted(rec["flops_per_image_by_dtype"].items()))]
+    phases = rec.get("phases") or {}
+    if phases:
+        lines.append("  by phase: " + "; ".join(f"{n} {_si(ph.get('flops', 0) / max(rec.get('images', 1), 1), 'FLOP')}"
+                                               for n, ph in phases.items()))
+    lines.append(f"  projected: {p['time_s_per_image']:.3g} s and {p['energy_j_per_image']:.4g} J per image "
+                 f"({p['power_w']:.0f} W, {p['bound']}-bound; roofline {p['compute_s_at_peak']:.3g} s compute, "
+                 f"{p['memory_s_at_peak']:.3g} s memory at datasheet peaks)")
+    lines.append(f"  calibration: {cal['name']} (efficiency {cal['efficiency']:.4g}, power fraction "
+                 f"{cal['power_fraction']:.4g}; {cal['measured']['time_s_per_image']} s, "
+                 f"{cal['measured']['energy_j_per_image']} J measured for {cal['setting'].get('arch')} on "
+                 f"{cal['setting'].get('profile')})")
+    return "\n".join(lines)
+
+
+# --- the projection's calibration -----------------------------------------------------------------
+def refit_projection(out: Path | None = None, count_fn: CountFn | None = None) -> Calibration:
+    """Recount the published setting and refit the projection's two factors.
+
+    Writes them to ``out`` (default: the shipped ``harness/projection_calibration.json``).
+    """
+    pub = PUBLISHED_CALIBRATION
+    s = pub["setting"]
+    counted = count(pub["arch"], steps=s["steps"], resolution=s["resolution"], batch_size=s["batch_size"],
+                    guidance=s["guidance"], dtype=s["dtype"], count_fn=count_fn)
+    cal = fit_calibration(counted, get_gpu_profile(pub["profile"]), time_s=pub["time_s"], energy_j=pub["energy_j"],
+                          name=pub["name"], source=pub["source"], setting=s, command=REFIT_COMMAND)
+    if out is None:
+        out = Path(__file__).resolve().parent.parent / "harness" / CALIBRATION_FILE
+    out.write_text(json.dumps(cal.to_dict(), indent=1, sort_keys=True) + "\n")
+    return cal
+
+
+# --- a host's coefficients from a meter -----------------------------------------------------------
+def calibrate_host(meter_name: str, name: str, out: Path, *, window_s: float = 0.5, windows: int = 2) -> dict[str, Any]:
+    """Run the fixed workloads under ``meter_name``, fit, write ``out/profiles.csv`` and ``out/fit.json``."""
+    from un0_bench.harness.calibrate import WORKLOADS, fit_samples, profile_csv, run_workloads
+    from un0_bench.harness.results import check_writable
+    from un0_bench.harness.runner import make_meter
+
+    check_writable(out)
+    meter = make_meter(meter_name)
+    if isinstance(meter, str):
+        raise UserError(f"meter {meter_name!r} cannot measure on this host: {meter}")
+    try:
+        samples = run_workloads(meter, WORKLOADS, window_s=window_s, windows=windows)
+    finally:
+        meter.close()
+    fit = fit_samples(samples)
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    source = (f"fitted on this host by `un0-bench calibrate --meter {meter_name}` at {when}: E = e_flop*F + "
+              f"e_byte*B + static*t over {len(samples)} windows, relative residual {fit.rel_residual:.3%}"
+              + ("; NB the meter's energy is proportional to time" if fit.proportional_to_time else ""))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "profiles.csv").write_text(profile_csv(fit, name, source))
+    result = {"meter": meter_name, "profile": name, "fit": fit.to_dict(),
+              "samples": [vars(s) for s in samples], "environment": _environment()}
+    (out / "fit.json").write_text(json.dumps(result, indent=1, sort_keys=True, default=str) + "\n")
+    return result

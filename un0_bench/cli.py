@@ -492,7 +492,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     # Warnings are held back while the command runs: a refused command prints its one line first (and
-    # third-party warnings, e.g. of imports, not at all); a finished one shows them after its output.
+    # third-party warnings, e.g. of imports, not at all); a finished one shows them after its output,
+    # except third-party deprecation notices (addressed to those libraries' callers' authors, not users).
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
         try:
@@ -502,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"un0-bench: error: {e}", file=sys.stderr)
             code, failed = 2, True
     for w in caught:
-        if not failed or _ours(w.filename):
+        if _ours(w.filename) or not (failed or issubclass(w.category, DeprecationWarning)):
             print(warnings.formatwarning(w.message, w.category, w.filename, w.lineno), file=sys.stderr, end="")
     return code
 

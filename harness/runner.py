@@ -37,7 +37,7 @@ from un0_bench.harness.registry import BACKBONES, GENERATORS, METERS, TECHNIQUES
 from un0_bench.harness.results import ResultStore, check_writable
 from un0_bench.harness.spec import ModelSpec
 from un0_bench.harness.stack import Stack, build, resolve
-from un0_bench.harness.stats import median_ci95
+from un0_bench.harness.stats import ratio_interval
 
 __all__ = ["RunConfig", "Runner", "load_backbone", "make_meter", "resolve_meters"]
 
@@ -338,10 +338,11 @@ class Runner:
         if generator.phases():
             # Each phase (text encoder, each denoising step, VAE decode, gate) in its own meter window.
             extra["phases"] = measure_phases(generator, request, active)
-        wall = [w.readings["wall"].duration_s / w.images for w in windows if "wall" in w.readings]
-        if not wall:
-            wall = [next(iter(w.readings.values())).duration_s / w.images for w in windows if w.readings]
-        duration_s, duration_ci = median_ci95(wall) if wall else (None, None)
+        timed = [w for w in windows if "wall" in w.readings] or [w for w in windows if w.readings]
+        wall = [(w.readings["wall"] if "wall" in w.readings else next(iter(w.readings.values()))).duration_s
+                for w in timed]
+        duration = ratio_interval(wall, [float(w.images) for w in timed]) if timed else None
+        duration_s, duration_ci = (duration.estimate, duration.as_list()) if duration else (None, None)
         derivation = generator.derivation()
         common = {
             "model": model,

@@ -126,6 +126,22 @@ class Meter(abc.ABC):
         self.reading = self.stop()
 
 
+def sync_devices() -> None:
+    """Wait for queued work on every accelerator, so meters stop after the work rather than its queueing.
+
+    Only torch queues GPU work asynchronously in this project. If torch was never imported, or never
+    initialised CUDA, nothing is queued, and checking ``sys.modules`` avoids paying for either.
+    """
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_initialized():
+        return
+    # Every device: CUDA and NVML may number GPUs differently (CUDA_VISIBLE_DEVICES, PCI order).
+    for device in range(torch.cuda.device_count()):
+        torch.cuda.synchronize(device)
+
+
 def unavailable(meter: str, reason: str) -> Reading:
     """A reading that records why a meter could not measure (never a silent 0 J)."""
     return Reading(meter=meter, duration_s=0.0, status=f"unavailable: {reason}")

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from un0_bench.harness.meters.base import Meter, MeterUnavailable, Reading, unavailable
+from un0_bench.harness.meters.base import Meter, MeterUnavailable, Reading, sync_devices, unavailable
 from un0_bench.harness.spec import Param
 
 ENERGY_COUNTER = "energy-counter"
@@ -57,17 +57,8 @@ def _translated(nv: ModuleType, what: str) -> Iterator[None]:
 
 
 def _sync_cuda() -> None:
-    """Wait for queued CUDA work on every visible device, so counters are read after it ran.
-
-    Only torch queues GPU work asynchronously in this project. If torch was never imported, or never
-    initialised CUDA, nothing is queued, and checking ``sys.modules`` avoids paying for either.
-    """
-    torch = sys.modules.get("torch")
-    if torch is None or not torch.cuda.is_initialized():
-        return
-    # All devices: CUDA and NVML may number GPUs differently (CUDA_VISIBLE_DEVICES, PCI order).
-    for device in range(torch.cuda.device_count()):
-        torch.cuda.synchronize(device)
+    """Wait for queued CUDA work on every visible device (:func:`~harness.meters.base.sync_devices`)."""
+    sync_devices()
 
 
 def trapezoid_energy_mj(samples: list[tuple[float, float]]) -> float:

@@ -262,12 +262,15 @@ def summarise(meter_name: str, windows: list[Window], idle: Idle | float | None,
 
 def counts_fields(counts: Counts, profile: str, prefix: str = "") -> dict[str, Any]:
     """Per-image figures of a counting pass (``prefix`` names a second pass, e.g. ``"cold_"``)."""
-    from un0_bench.harness.meters.proxy import proxy_energy
+    from un0_bench.harness.meters.proxy import DRAM_PROFILE, MEMORY_CAVEAT, get_profile, proxy_energy
 
     n = counts.images
-    b = proxy_energy(counts, profile)
+    prof = get_profile(profile)
+    b = proxy_energy(counts, prof)
     fields = {
         "proxy_profile": profile,
+        "proxy_memory_level": prof.memory_level,
+        "proxy_memory_caveat": MEMORY_CAVEAT,
         "proxy_j_per_image_by_part": {"compute": b.compute_j / n, "gating": b.gating_j / n,
                                       "memory": b.memory_j / n, "gating_memory": b.gating_memory_j / n},
         "flops_per_image": counts.flops() / n,
@@ -279,6 +282,12 @@ def counts_fields(counts: Counts, profile: str, prefix: str = "") -> dict[str, A
                                         for group, part in module_groups(counts).items()},
         "uncounted_ops": counts.uncounted_ops(),
     }
+    if prof.memory_level != "DRAM":
+        # The same counted work with every byte priced as a DRAM access: the other side of the memory model.
+        d = proxy_energy(counts, DRAM_PROFILE)
+        fields["proxy_dram_profile"] = DRAM_PROFILE
+        fields["proxy_dram_j_per_image_by_part"] = {"compute": d.compute_j / n, "gating": d.gating_j / n,
+                                                    "memory": d.memory_j / n, "gating_memory": d.gating_memory_j / n}
     return {prefix + k: v for k, v in fields.items()}
 
 

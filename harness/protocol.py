@@ -199,6 +199,49 @@ def metered_window(generator: Generator, request: GenerationRequest, meters: dic
                   host=state)
 
 
+@dataclass
+class Cell:
+    """What the metered part of one cell measured: its windows and the idle around them."""
+
+    windows: list[Window]
+    idle: dict[str, Idle]
+    min_window_s: float
+    idle_added_s: float  # seconds spent in idle windows for this cell (the protocol's overhead)
+
+    def fields(self) -> dict[str, Any]:
+        """The record fields every meter's record of the cell shares."""
+        return {"windows": [w.record() for w in self.windows], "window_min_s": self.min_window_s,
+                "windows_device_shared": sum(1 for w in self.windows if w.device_shared),
+                "idle_added_s": self.idle_added_s}
+
+
+def measure_cell(generator: Generator, request: GenerationRequest, meters: dict[str, Meter], counts: Counts, *,
+                 min_repeats: int, max_repeats: int, min_duration_s: float, idle_s: float,
+                 clock: Clock = time.perf_counter, sleep: Callable[[float], None] = time.sleep,
+                 host: HostProbe | None = None) -> Cell:
+    """Idle before, metered windows, idle after: the measured part of one cell.
+
+    Windows repeat until both ``min_repeats`` and ``min_duration_s`` are reached (at most
+    ``max_repeats``); each is at least the longest ``min_window_s`` of the meters. Idle windows are
+    taken only for whole-device meters (a counting meter has no idle), right before and right after
+    the windows, so they share the cell's thermal state.
+    """
+    whole = {n: m for n, m in meters.items() if m.sees_whole_device}
+    min_window_s = max([m.min_window_s for m in meters.values()], default=0.0)
+    t_idle = clock()
+    before = idle_window(whole, idle_s, clock=clock, sleep=sleep)
+    idle_added_s = clock() - t_idle
+    windows: list[Window] = []
+    t_start = clock()
+    while len(windows) < max_repeats and (len(windows) < min_repeats or clock() - t_start < min_duration_s):
+        windows.append(metered_window(generator, request, meters, counts, min_window_s, clock=clock, host=host))
+    t_idle = clock()
+    after = idle_window(whole, idle_s, clock=clock, sleep=sleep) if before else {}
+    idle_added_s += clock() - t_idle
+    idle = {n: Idle(w, after.get(n)) for n, w in before.items()}
+    return Cell(windows=windows, idle=idle, min_window_s=min_window_s, idle_added_s=idle_added_s)
+
+
 def _per_image(totals: list[float], images: list[int]) -> Interval:
     """Total over images; windows that all agree (a counting meter) give exactly their common figure."""
     per = [t / n for t, n in zip(totals, images, strict=True)]

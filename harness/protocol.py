@@ -199,6 +199,22 @@ def metered_window(generator: Generator, request: GenerationRequest, meters: dic
                   host=state)
 
 
+def ordered(cells: list[Any], order: str, seed: int) -> list[Any]:
+    """The cells in the order they are measured: ``"given"``, or ``"shuffled"`` by a generator seeded with ``seed``.
+
+    Shuffled, so the reference is not always first: a chip that warms over the run would otherwise
+    bias every ratio against it the same way.
+    """
+    import random
+
+    out = list(cells)
+    if order == "shuffled":
+        random.Random(seed).shuffle(out)
+    elif order != "given":
+        raise ValueError(f"unknown cell order {order!r}")
+    return out
+
+
 @dataclass
 class Cell:
     """What the metered part of one cell measured: its windows and the idle around them."""

@@ -1,8 +1,9 @@
-"""The measurement protocol: a counting pass, idle power, metered windows and per-phase windows.
+"""The measurement protocol: warm-up, a counting pass, idle power, metered windows and per-phase windows.
 
-For one generator and request: one counting pass (its own pass, so timed windows are not slowed by
-counting); idle power for meters that see a whole device; metered windows in which every meter
-watches the same work; and, for generators with phases (every denoiser step, un0's gate, a
+For one generator and request: a warm-up until steady; one counting pass (its own pass, so timed
+windows are not slowed by counting); idle windows right before and after the cell's metered windows
+for meters that see a whole device; metered windows in which every meter watches the same work,
+each at least every meter's minimum window; and, for generators with phases (every denoiser step, un0's gate, a
 pipeline's text encoder and VAE), one window per phase occurrence. Backbone-independent: it uses
 only the :class:`~un0_bench.harness.generator.Generator` interface and the meters.
 """
@@ -100,11 +101,6 @@ def idle_window(meters: Mapping[str, Meter], idle_s: float, *, clock: Clock = ti
             if r.ok and r.total_energy_j is not None and r.duration_s > 0:
                 out[name] = IdleWindow(r.total_energy_j / r.duration_s, r.duration_s, r.total_energy_j)
     return out
-
-
-def measure_idle(meters: dict[str, Meter], idle_s: float) -> dict[str, float]:
-    """Idle power in watts for each whole-device meter, from one window of ``idle_s`` seconds."""
-    return {name: w.power_w for name, w in idle_window(meters, idle_s).items()}
 
 
 def warm_up(generator: Generator, request: GenerationRequest, min_calls: int, max_s: float,
@@ -216,7 +212,7 @@ def ordered(cells: list[Any], order: str, seed: int) -> list[Any]:
 
 
 @dataclass
-class Cell:
+class CellWindows:
     """What the metered part of one cell measured: its windows and the idle around them."""
 
     windows: list[Window]
@@ -231,10 +227,10 @@ class Cell:
                 "idle_added_s": self.idle_added_s}
 
 
-def measure_cell(generator: Generator, request: GenerationRequest, meters: dict[str, Meter], counts: Counts, *,
+def measure_cell_windows(generator: Generator, request: GenerationRequest, meters: dict[str, Meter], counts: Counts, *,
                  min_repeats: int, max_repeats: int, min_duration_s: float, idle_s: float,
                  clock: Clock = time.perf_counter, sleep: Callable[[float], None] = time.sleep,
-                 host: HostProbe | None = None) -> Cell:
+                 host: HostProbe | None = None) -> CellWindows:
     """Idle before, metered windows, idle after: the measured part of one cell.
 
     Windows repeat until both ``min_repeats`` and ``min_duration_s`` are reached (at most
@@ -255,7 +251,7 @@ def measure_cell(generator: Generator, request: GenerationRequest, meters: dict[
     after = idle_window(whole, idle_s, clock=clock, sleep=sleep) if before else {}
     idle_added_s += clock() - t_idle
     idle = {n: Idle(w, after.get(n)) for n, w in before.items()}
-    return Cell(windows=windows, idle=idle, min_window_s=min_window_s, idle_added_s=idle_added_s)
+    return CellWindows(windows=windows, idle=idle, min_window_s=min_window_s, idle_added_s=idle_added_s)
 
 
 def _per_image(totals: list[float], images: list[int]) -> Interval:

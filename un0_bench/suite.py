@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
             (args.out / name).unlink(missing_ok=True)
     models = models_list(args.models)
     cfg = RunConfig(models=models, out=args.out, meters=args.meters.split(","), images=args.images,
-                    batch_sizes=[args.images], min_repeats=3, min_duration_s=1.0, idle_s=2.0,
+                    batch_sizes=[args.images], min_repeats=3, min_duration_s=1.0, idle_s=1.0,
                     quality_samples=args.quality_samples, quality_seeds=args.quality_seeds)
 
     def on_event(kind: str, info: dict) -> None:

@@ -29,6 +29,7 @@ from typing import Any
 from un0_bench.harness.counters.records import Counts, OpStat
 from un0_bench.harness.errors import UserError
 from un0_bench.harness.meters.base import Meter, Reading
+from un0_bench.harness.spec import Param
 
 __all__ = [
     "DEFAULT_PROFILE",
@@ -308,6 +309,10 @@ class ProxyMeter(Meter):
 
     name = "proxy"
     sees_whole_device = False
+    params = {
+        "profile": Param(str, DEFAULT_PROFILE, "energy profile (profiles.csv or a user CSV)"),
+        "profiles_path": Param(str, None, "a user CSV of more profiles"),
+    }
 
     def __init__(self, profile: str = DEFAULT_PROFILE,
                  profiles_path: str | os.PathLike[str] | None = None) -> None:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from un0_bench.harness.meters.base import Meter, MeterUnavailable, Reading, unavailable
+from un0_bench.harness.spec import Param
 
 DEFAULT_SYSFS_ROOT = "/sys/class/powercap"
 
@@ -106,6 +107,7 @@ class RaplMeter(Meter):
     #: The counters update about every millisecond in steps of 15-61 uJ: 0.1 s spans ~100 updates and
     #: keeps one energy unit far below 0.1% of any package's energy.
     min_window_s: float = 0.1
+    params = {"sysfs_root": Param(str, DEFAULT_SYSFS_ROOT, "powercap sysfs directory")}
 
     def __init__(
         self,

@@ -80,7 +80,7 @@ def csv(kind: Callable[[str], Any]) -> Callable[[str], list[Any]]:
     return parse
 
 
-def models_list(text: str) -> list[str]:
+def models_list(text: str, what: str = "models") -> list[str]:
     """Comma-separated model specs.
 
     A spec's own parameters also use commas (un0-osc:n=1024,steps=32): an item with '=' and no ':'
@@ -95,8 +95,13 @@ def models_list(text: str) -> list[str]:
         else:
             out.append(item)
     if not out:
-        raise argparse.ArgumentTypeError("expected a comma-separated list of models")
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {what}")
     return out
+
+
+def meters_list(text: str) -> list[str]:
+    """Comma-separated meter specs, parameters joined as in models (``nvml:devices=0+1,mig=whole,proxy``)."""
+    return models_list(text, "meters")
 
 
 def option(default: Any = None, help: str = "", parse: Callable[[str], Any] | None = None, flag: str | None = None,
@@ -183,7 +188,8 @@ class RunConfig:
                                models_list)
     out: Path = option(None, "output folder (default: runs/<UTC time>)", path_arg)
     backbone: str = option("digits", "digits or diffusers:PATH")
-    meters: list[str] = option(help="comma-separated meters, or auto", parse=csv(str), factory=lambda: ["auto"])
+    meters: list[str] = option(help="comma-separated meters, or auto; meter parameters as in models "
+                                    "(nvml:devices=0+1,mig=whole)", parse=meters_list, factory=lambda: ["auto"])
     images: int = option(16, "images per metered window", positive_int)
     batch_sizes: list[int] | None = option(None, "one or more batch sizes, each at most --images (default: 16, or "
                                                  "--images if fewer)", csv(positive_int), flag="--batch-size")

@@ -280,8 +280,7 @@ def summarise(meter_name: str, windows: list[Window], idle: Idle | float | None,
     images = [n for n, _ in readings]
     durations = [r.duration_s for _, r in readings]
     out: dict[str, Any] = {"status": "ok", "repeats": len(readings), "window_s": durations,
-                           "min_window_s": min_window_s,
-                           "windows_device_shared": sum(1 for w in windows if w.device_shared)}
+                           "min_window_s": min_window_s}
     out["meter_duration_s_per_image"] = _per_image(durations, images).estimate
     totals = [r.total_energy_j for _, r in readings]
     if all(t is not None for t in totals):

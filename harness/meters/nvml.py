@@ -227,7 +227,7 @@ class NvmlMeter(Meter):
         clock: Callable[[], float] = time.perf_counter,
         sample_interval_s: float = 0.02,
         environ: Mapping[str, str] | None = None,
-        cuda_uuids: Callable[[], list[str] | None] = _torch_cuda_uuids,
+        cuda_uuids: Callable[[], list[str] | None] | None = None,
     ) -> None:
         super().__init__()
         if mig not in ("refuse", "whole"):
@@ -271,7 +271,7 @@ class NvmlMeter(Meter):
 
     def _visible(self, nv: ModuleType, every: list[tuple[int, Any, str]]) -> list[_Visible]:
         """The CUDA devices of this process in CUDA order, each mapped to NVML by UUID."""
-        torch_uuids = self._cuda_uuids()
+        torch_uuids = (self._cuda_uuids or _torch_cuda_uuids)()
         if torch_uuids is not None:
             out = []
             for i, uuid in enumerate(torch_uuids):

@@ -256,3 +256,24 @@ def test_real_pynvml_on_this_host() -> None:
     with pytest.raises(MeterUnavailable):
         meter.start()
     meter.close()
+
+
+def test_nvml_devices_from_the_command_line_is_typed_not_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
+    from un0_bench.harness.cell import make_meter
+    from un0_bench.harness.config import meters_list
+    from un0_bench.harness.registry import Registry
+
+    gpus = four_gpus()
+    host(monkeypatch, gpus)
+    monkeypatch.setattr(nvml, "_torch_cuda_uuids", lambda: None)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", f"{gpus[2].uuid},{gpus[0].uuid}")
+    registry = Registry("meter")
+    registry.register("nvml", NvmlMeter)
+    specs = meters_list("nvml:devices=1,mig=whole,proxy")
+    assert specs == ["nvml:devices=1,mig=whole", "proxy"]
+    m = make_meter(specs[0], registry)
+    assert isinstance(m, NvmlMeter) and m.devices == ["1"] and m.mig == "whole"
+    assert [g.uuid for g in m._gpus] == [gpus[0].uuid]  # CUDA device 1 is NVML GPU 0 here
+    with pytest.raises(SpecError, match="mig must be one of refuse, whole"):
+        make_meter("nvml:mig=slice", registry)
+    m.close()

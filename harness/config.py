@@ -54,6 +54,12 @@ def finite(text: str) -> float:
     return _number(text, float, math.isfinite, "a finite number")
 
 
+def _choice(text: str, choices: tuple[str, ...]) -> str:
+    if text not in choices:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(choices)}, got {text!r}")
+    return text
+
+
 def path_arg(text: str) -> Path:
     """A path option: an empty one (``--out ""``) would silently mean the current folder."""
     if not text.strip():
@@ -74,7 +80,7 @@ def csv(kind: Callable[[str], Any]) -> Callable[[str], list[Any]]:
     return parse
 
 
-def models_list(text: str) -> list[str]:
+def models_list(text: str, what: str = "models") -> list[str]:
     """Comma-separated model specs.
 
     A spec's own parameters also use commas (un0-osc:n=1024,steps=32): an item with '=' and no ':'
@@ -89,8 +95,13 @@ def models_list(text: str) -> list[str]:
         else:
             out.append(item)
     if not out:
-        raise argparse.ArgumentTypeError("expected a comma-separated list of models")
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {what}")
     return out
+
+
+def meters_list(text: str) -> list[str]:
+    """Comma-separated meter specs, parameters joined as in models (``nvml:devices=0+1,mig=whole,proxy``)."""
+    return models_list(text, "meters")
 
 
 def option(default: Any = None, help: str = "", parse: Callable[[str], Any] | None = None, flag: str | None = None,
@@ -123,7 +134,11 @@ DEFAULT_BATCH_SIZE = 16
 #: :class:`RunConfig` fields that shape a measurement (resume is keyed by them as well as by the cell);
 #: ``pue``, ``lifetime_images`` and the like only shape the ledger, which reports compute.
 MEASUREMENT_FIELDS = ("backbone_options", "images", "seed", "min_repeats", "min_duration_s", "max_repeats", "warmup",
-                      "idle_s", "quality_samples", "quality_seeds", "reference", "fid_ratio", "accuracy_drop", "clip")
+                      "warmup_max_s", "warmup_tolerance", "idle_s", "quality_samples", "quality_seeds", "reference",
+                      "fid_ratio", "accuracy_drop", "clip")
+
+#: Orders in which a run measures its cells.
+CELL_ORDERS = ("shuffled", "given")
 
 
 def flag_of(name: str) -> str:
@@ -150,8 +165,12 @@ class RunConfig:
         min_repeats: Windows to measure at least.
         min_duration_s: Total metered time to reach at least.
         max_repeats: Hard cap on windows.
-        warmup: Unmetered generate calls before counting and measuring.
-        idle_s: Length of the idle-power window for whole-device meters (0 disables it).
+        warmup: Unmetered generate calls before counting and measuring, at least; more until steady.
+        warmup_max_s: Bound on the warm-up in seconds.
+        warmup_tolerance: Steady: two consecutive calls within this fraction of each other.
+        idle_s: Length of each idle-power window, before and after every cell, for whole-device
+            meters (0 disables them).
+        cell_order: ``"shuffled"`` (seeded by ``seed``, recorded) or ``"given"``.
         quality_samples: Images per model for FID/KID/accuracy (0: quality not measured).
         quality_seeds: Disjoint draws of ``quality_samples`` images each (digits): with 2 or more,
             FID is their mean, its spread is recorded and a verdict within that noise is marginal.
@@ -169,7 +188,8 @@ class RunConfig:
                                models_list)
     out: Path = option(None, "output folder (default: runs/<UTC time>)", path_arg)
     backbone: str = option("digits", "digits or diffusers:PATH")
-    meters: list[str] = option(help="comma-separated meters, or auto", parse=csv(str), factory=lambda: ["auto"])
+    meters: list[str] = option(help="comma-separated meters, or auto; meter parameters as in models "
+                                    "(nvml:devices=0+1,mig=whole)", parse=meters_list, factory=lambda: ["auto"])
     images: int = option(16, "images per metered window", positive_int)
     batch_sizes: list[int] | None = option(None, "one or more batch sizes, each at most --images (default: 16, or "
                                                  "--images if fewer)", csv(positive_int), flag="--batch-size")
@@ -177,8 +197,16 @@ class RunConfig:
     min_repeats: int = option(3, "metered windows at least", positive_int)
     min_duration_s: float = option(2.0, "seconds of metered time at least", non_negative, flag="--min-duration")
     max_repeats: int = option(100, "metered windows at most", positive_int)
-    warmup: int = option(1, "unmetered calls before measuring", non_negative_int)
-    idle_s: float = option(2.0, "seconds of idle-power measurement (whole-device meters)", non_negative, flag="--idle")
+    warmup: int = option(1, "unmetered calls before measuring at least; more until two consecutive calls agree "
+                            "within --warmup-tolerance, up to --warmup-max seconds (0: no warm-up)", non_negative_int)
+    warmup_max_s: float = option(3.0, "seconds of warm-up at most (raise it on a GPU host: a chip takes minutes to "
+                                      "reach its steady temperature)", non_negative, flag="--warmup-max")
+    warmup_tolerance: float = option(0.1, "warm-up is steady when two consecutive calls differ by at most this "
+                                          "fraction", non_negative)
+    idle_s: float = option(1.0, "seconds of each idle window, before and after every cell (whole-device meters only; "
+                                "at least the meter's minimum window)", non_negative, flag="--idle")
+    cell_order: str = option("shuffled", "order of the cells: shuffled (seeded by --seed, recorded) or given "
+                                         "(as listed)", lambda t: _choice(t, CELL_ORDERS))
     quality_samples: int = option(DEFAULT_QUALITY_SAMPLES, "images per model for quality (0: not measured)",
                                   non_negative_int)
     quality_seeds: int = option(1, "digits: disjoint draws of --quality-samples images; 2 or more give FID's spread "
@@ -233,8 +261,12 @@ class RunConfig:
             raise UserError("--quality-samples must be >= 0, --fid-ratio >= 1, --accuracy-drop in [0, 1]")
         if self.quality_seeds < 1:
             raise UserError(f"--quality-seeds must be a positive integer, got {self.quality_seeds}")
-        if self.warmup < 0 or self.min_duration_s < 0 or self.idle_s < 0:
-            raise UserError("--warmup, --min-duration and --idle must not be negative")
+        if self.warmup < 0 or self.min_duration_s < 0 or self.idle_s < 0 or self.warmup_max_s < 0:
+            raise UserError("--warmup, --warmup-max, --min-duration and --idle must not be negative")
+        if not 0 <= self.warmup_tolerance < 1:
+            raise UserError(f"--warmup-tolerance must be in [0, 1), got {self.warmup_tolerance}")
+        if self.cell_order not in CELL_ORDERS:
+            raise UserError(f"--cell-order must be one of {', '.join(CELL_ORDERS)}, got {self.cell_order!r}")
         if self.min_repeats > self.max_repeats:
             raise UserError("--min-repeats must not exceed --max-repeats")
         if not self.models:

@@ -71,6 +71,19 @@ def derivation_energy_j(derivation: dict[str, Any] | None, meter: str) -> tuple[
     return total, "includes " + ", ".join(derivation["includes"]) if derivation.get("includes") else ""
 
 
+def below_detection_limit(record: dict[str, Any]) -> bool:
+    """Whether a record's net-of-idle energy is within its uncertainty of zero (not a measurement of the work).
+
+    Records carry the verdict (``energy_net_below_detection_limit``); older ones without it are judged
+    by the sign of the net alone.
+    """
+    net = record.get("energy_net_j_per_image")
+    if net is None:
+        return False
+    flag = record.get("energy_net_below_detection_limit")
+    return bool(flag) if flag is not None else net <= 0
+
+
 def _entry(energy: float | None, why: str = "") -> dict[str, Any]:
     return {"energy_j_per_image": energy, "factor_vs_reference": None, **({"why": why} if why else {})}
 
@@ -87,7 +100,7 @@ def boundaries(record: dict[str, Any], pue: float = DEFAULT_PUE,
     if record.get("status") != "ok" or (record.get("energy_j_per_image") is None):
         why = record.get("status") if record.get("status") != "ok" else f"{meter} measures no energy"
         return {b: _entry(None, why) for b in BOUNDARIES}
-    if meter == "proxy":
+    if meter == "proxy" or meter.startswith("proxy-"):  # proxy-dram: the same counts, memory priced as DRAM
         parts = record["proxy_j_per_image_by_part"]
         compute = parts["compute"]
         gating = compute + parts["gating"]
@@ -105,9 +118,12 @@ def boundaries(record: dict[str, Any], pue: float = DEFAULT_PUE,
         net = record.get("energy_net_j_per_image")
         if net is None:
             out["memory"] = _entry(None, "no idle baseline was measured")
-        elif net <= 0:
+        elif below_detection_limit(record):
             # Noise, or an estimate that does not follow load: the meter cannot resolve this work above idle.
-            out["memory"] = _entry(None, f"net of idle is {net:.3g} J: the meter cannot resolve this work above idle")
+            limit = record.get("energy_net_detection_limit_j")
+            within = f" (within ±{limit:.3g} J)" if limit is not None else ""
+            out["memory"] = _entry(None, f"below detection limit: net of idle {net:.3g} J{within}; the meter "
+                                         "cannot resolve this work above idle")
         else:
             out["memory"] = _entry(net, "energy net of idle")
         out["idle"] = _entry(record["energy_j_per_image"], "gross energy, idle power included")

@@ -1,23 +1,26 @@
-"""The measurement protocol: a counting pass, idle power, metered windows and per-phase windows.
+"""The measurement protocol: warm-up, a counting pass, idle power, metered windows and per-phase windows.
 
-For one generator and request: one counting pass (its own pass, so timed windows are not slowed by
-counting); idle power for meters that see a whole device; metered windows in which every meter
-watches the same work; and, for generators with phases (every denoiser step, un0's gate, a
+For one generator and request: a warm-up until steady; one counting pass (its own pass, so timed
+windows are not slowed by counting); idle windows right before and after the cell's metered windows
+for meters that see a whole device; metered windows in which every meter watches the same work,
+each at least every meter's minimum window; and, for generators with phases (every denoiser step, un0's gate, a
 pipeline's text encoder and VAE), one window per phase occurrence. Backbone-independent: it uses
 only the :class:`~un0_bench.harness.generator.Generator` interface and the meters.
 """
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from un0_bench.harness.counters.records import Counts, OpStat
 from un0_bench.harness.generator import GenerationRequest, Generator
-from un0_bench.harness.meters.base import Meter, MeterUnavailable, Reading, unavailable
-from un0_bench.harness.stats import median_ci95
+from un0_bench.harness.hoststate import HostProbe
+from un0_bench.harness.meters.base import Meter, MeterUnavailable, Reading, sync_devices, unavailable
+from un0_bench.harness.stats import CI_LEVEL, CI_METHOD, Interval, ratio_interval
 
 
 def count_ops(generator: Generator, request: GenerationRequest) -> Counts:
@@ -29,13 +32,56 @@ def count_ops(generator: Generator, request: GenerationRequest) -> Counts:
     return counter.counts(images=len(request.prompts))
 
 
-def measure_idle(meters: dict[str, Meter], idle_s: float) -> dict[str, float]:
-    """Idle power in watts for each whole-device meter, from one window of ``idle_s`` seconds."""
-    idle: dict[str, float] = {}
+Clock = Callable[[], float]
+
+
+@dataclass(frozen=True)
+class IdleWindow:
+    """One idle window of one whole-device meter."""
+
+    power_w: float
+    duration_s: float
+    energy_j: float
+
+
+@dataclass(frozen=True)
+class Idle:
+    """Idle power of one meter around a cell: a window before it and one after, in the cell's thermal state.
+
+    The idle power charged to the cell is their mean; half their difference (the drift across the
+    cell) is its uncertainty. For a drift linear in time the mean is exact.
+    """
+
+    before: IdleWindow
+    after: IdleWindow | None = None
+
+    @property
+    def power_w(self) -> float:
+        return self.before.power_w if self.after is None else (self.before.power_w + self.after.power_w) / 2
+
+    @property
+    def uncertainty_w(self) -> float:
+        return 0.0 if self.after is None else abs(self.after.power_w - self.before.power_w) / 2
+
+    def fields(self) -> dict[str, Any]:
+        return {"idle_power_w": self.power_w, "idle_power_before_w": self.before.power_w,
+                "idle_power_after_w": None if self.after is None else self.after.power_w,
+                "idle_uncertainty_w": self.uncertainty_w,
+                "idle_window_s": [w.duration_s for w in (self.before, self.after) if w is not None]}
+
+
+def idle_window(meters: Mapping[str, Meter], idle_s: float, *, clock: Clock = time.perf_counter,
+                sleep: Callable[[float], None] = time.sleep) -> dict[str, IdleWindow]:
+    """Idle power of every whole-device meter from one window, at least each meter's minimum window long.
+
+    Meters that count the work (proxy, wall) have no idle, and are not opened.
+    """
     whole = {n: m for n, m in meters.items() if m.sees_whole_device}
     if not whole or idle_s <= 0:
-        return idle
-    started = []
+        return {}
+    length_s = max([idle_s, *(m.min_window_s for m in whole.values())])
+    started: list[str] = []
+    out: dict[str, IdleWindow] = {}
     try:
         for name, m in whole.items():
             try:
@@ -43,31 +89,83 @@ def measure_idle(meters: dict[str, Meter], idle_s: float) -> dict[str, float]:
                 started.append(name)
             except MeterUnavailable:
                 continue
-        time.sleep(idle_s)
+        t0 = clock()
+        while clock() - t0 < length_s:
+            sleep(max(0.0, min(0.1, length_s - (clock() - t0))))
+            for name in started:
+                whole[name].poll()
     finally:
-        for name in started:
+        sync_devices()
+        for name in reversed(started):
             r = whole[name].stop()
             if r.ok and r.total_energy_j is not None and r.duration_s > 0:
-                idle[name] = r.total_energy_j / r.duration_s
-    return idle
+                out[name] = IdleWindow(r.total_energy_j / r.duration_s, r.duration_s, r.total_energy_j)
+    return out
+
+
+def warm_up(generator: Generator, request: GenerationRequest, min_calls: int, max_s: float,
+            tolerance: float = 0.05, *, clock: Clock = time.perf_counter) -> dict[str, Any]:
+    """Unmetered calls until the time per call is steady, at least ``min_calls``, bounded by ``max_s``.
+
+    Steady: two consecutive calls within ``tolerance`` of each other (caches filled, allocator and
+    clocks settled). The bound stops a device that never settles; the record says it was not steady.
+    ``min_calls`` 0 means no warm-up at all.
+
+    Returns:
+        ``{"calls", "durations_s", "steady", "max_s", "tolerance"}`` for the record, plus ``"first"``,
+        the result of the last call (not for the record).
+    """
+    durations: list[float] = []
+    last = None
+    steady = False
+    t_start = clock()
+    while min_calls > 0:
+        t0 = clock()
+        last = generator.generate(request)
+        durations.append(clock() - t0)
+        if len(durations) >= 2:
+            a, b = durations[-2], durations[-1]
+            steady = abs(a - b) <= tolerance * max(a, b)
+        if len(durations) >= min_calls and (steady or clock() - t_start >= max_s):
+            break
+    return {"calls": len(durations), "durations_s": durations, "steady": steady, "max_s": max_s,
+            "tolerance": tolerance, "first": last}
 
 
 @dataclass
 class Window:
     images: int
     readings: dict[str, Reading]
+    duration_s: float = 0.0
+    calls: int = 1
+    host: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def device_shared(self) -> bool:
+        """Something else used a device in this window: another CPU process, or a GPU process."""
+        return bool(self.host.get("other_load")) or any(r.details.get("device_shared") for r in self.readings.values())
+
+    def record(self) -> dict[str, Any]:
+        """What the result record keeps of the window."""
+        gpu_state = {k: v for r in self.readings.values() for k, v in (r.details.get("state") or {}).items()}
+        return {"duration_s": self.duration_s, "images": self.images, "calls": self.calls, "host": self.host,
+                **({"gpu_state": gpu_state} if gpu_state else {}), "device_shared": self.device_shared}
 
 
 def metered_window(generator: Generator, request: GenerationRequest, meters: dict[str, Meter],
-                   counts: Counts, min_window_s: float) -> Window:
+                   counts: Counts, min_window_s: float, *, clock: Clock = time.perf_counter,
+                   host: HostProbe | None = None) -> Window:
     """One window in which every meter watches the same work.
 
-    A window shorter than a meter's update period (NVML's energy counter: about 100 ms) repeats
-    the generate call until it is long enough, and counts the images of every call.
+    The generate call repeats until the window is at least ``min_window_s`` long (the longest minimum
+    of the meters in it), counting the images of every call. Meters are started in order and stopped
+    in reverse order after one synchronisation of every device, so none stops before the work ends.
     """
     started: list[Meter] = []
     readings: dict[str, Reading] = {}
     calls = 0
+    before = host.times() if host is not None else None
+    t0 = t1 = clock()
     try:
         for m in meters.values():
             try:
@@ -76,41 +174,138 @@ def metered_window(generator: Generator, request: GenerationRequest, meters: dic
             except MeterUnavailable as e:
                 # A meter that stops working mid-run is recorded with its reason, not as 0 J.
                 readings[m.name] = unavailable(m.name, str(e))
-        t0 = time.perf_counter()
+        t0 = clock()
         while True:
             generator.generate(request)
             calls += 1
             for m in started:
                 m.record_work(counts)
-            if time.perf_counter() - t0 >= min_window_s:
+                m.poll()
+            if clock() - t0 >= min_window_s:
                 break
     finally:
         # Stop every started meter even if generation failed, so none is left running.
-        for m in started:
+        sync_devices()
+        t1 = clock()
+        for m in reversed(started):
             readings[m.name] = m.stop()
-    return Window(images=calls * len(request.prompts), readings=readings)
+    duration_s = t1 - t0
+    state = host.window(before, host.times(), duration_s) if host is not None else {}
+    return Window(images=calls * len(request.prompts), readings=readings, duration_s=duration_s, calls=calls,
+                  host=state)
 
 
-def summarise(meter_name: str, windows: list[Window], idle_w: float | None) -> dict[str, Any]:
-    """Per-image statistics of one meter over the windows."""
+def ordered(cells: list[Any], order: str, seed: int) -> list[Any]:
+    """The cells in the order they are measured: ``"given"``, or ``"shuffled"`` by a generator seeded with ``seed``.
+
+    Shuffled, so the reference is not always first: a chip that warms over the run would otherwise
+    bias every ratio against it the same way.
+    """
+    import random
+
+    out = list(cells)
+    if order == "shuffled":
+        random.Random(seed).shuffle(out)
+    elif order != "given":
+        raise ValueError(f"unknown cell order {order!r}")
+    return out
+
+
+@dataclass
+class CellWindows:
+    """What the metered part of one cell measured: its windows and the idle around them."""
+
+    windows: list[Window]
+    idle: dict[str, Idle]
+    min_window_s: float
+    idle_added_s: float  # seconds spent in idle windows for this cell (the protocol's overhead)
+
+    def fields(self) -> dict[str, Any]:
+        """The record fields every meter's record of the cell shares."""
+        return {"windows": [w.record() for w in self.windows], "window_min_s": self.min_window_s,
+                "windows_device_shared": sum(1 for w in self.windows if w.device_shared),
+                "idle_added_s": self.idle_added_s}
+
+
+def measure_cell_windows(generator: Generator, request: GenerationRequest, meters: dict[str, Meter], counts: Counts, *,
+                 min_repeats: int, max_repeats: int, min_duration_s: float, idle_s: float,
+                 clock: Clock = time.perf_counter, sleep: Callable[[float], None] = time.sleep,
+                 host: HostProbe | None = None) -> CellWindows:
+    """Idle before, metered windows, idle after: the measured part of one cell.
+
+    Windows repeat until both ``min_repeats`` and ``min_duration_s`` are reached (at most
+    ``max_repeats``); each is at least the longest ``min_window_s`` of the meters. Idle windows are
+    taken only for whole-device meters (a counting meter has no idle), right before and right after
+    the windows, so they share the cell's thermal state.
+    """
+    whole = {n: m for n, m in meters.items() if m.sees_whole_device}
+    min_window_s = max([m.min_window_s for m in meters.values()], default=0.0)
+    t_idle = clock()
+    before = idle_window(whole, idle_s, clock=clock, sleep=sleep)
+    idle_added_s = clock() - t_idle
+    windows: list[Window] = []
+    t_start = clock()
+    while len(windows) < max_repeats and (len(windows) < min_repeats or clock() - t_start < min_duration_s):
+        windows.append(metered_window(generator, request, meters, counts, min_window_s, clock=clock, host=host))
+    t_idle = clock()
+    after = idle_window(whole, idle_s, clock=clock, sleep=sleep) if before else {}
+    idle_added_s += clock() - t_idle
+    idle = {n: Idle(w, after.get(n)) for n, w in before.items()}
+    return CellWindows(windows=windows, idle=idle, min_window_s=min_window_s, idle_added_s=idle_added_s)
+
+
+def _per_image(totals: list[float], images: list[int]) -> Interval:
+    """Total over images; windows that all agree (a counting meter) give exactly their common figure."""
+    per = [t / n for t, n in zip(totals, images, strict=True)]
+    if all(v == per[0] for v in per):
+        return Interval(per[0], per[0], per[0], 0.0, CI_LEVEL, len(per))
+    return ratio_interval(totals, [float(n) for n in images])
+
+
+def summarise(meter_name: str, windows: list[Window], idle: Idle | float | None,
+              min_window_s: float | None = None) -> dict[str, Any]:
+    """Per-image statistics of one meter over the windows.
+
+    The per-image figure is total energy over total images (see :mod:`harness.stats`), its
+    interval a t-interval on the windows at :data:`~harness.stats.CI_LEVEL`, labelled with its method.
+    Net of idle: ``(energy - idle power x time) / images``; its uncertainty adds the gross interval's
+    half-width and the idle's (drift x time per image). A net within that uncertainty of zero is
+    *below the detection limit*: ``energy_net_below_detection_limit`` is True and the net figure is
+    not a measurement of the work.
+    """
     readings = [(w.images, w.readings[meter_name]) for w in windows]
     bad = [r.status for _, r in readings if not r.ok]
     if bad:
         return {"status": bad[0], "energy_j_per_image": None, "energy_ci95_j": None}
-    per_image = [r.total_energy_j / n for n, r in readings if r.total_energy_j is not None]
-    out: dict[str, Any] = {"status": "ok", "repeats": len(readings)}
-    durations = [r.duration_s / n for n, r in readings]
-    out["meter_duration_s_per_image"], _ = median_ci95(durations)
-    if per_image:
-        out["energy_j_per_image"], out["energy_ci95_j"] = median_ci95(per_image)
+    images = [n for n, _ in readings]
+    durations = [r.duration_s for _, r in readings]
+    out: dict[str, Any] = {"status": "ok", "repeats": len(readings), "window_s": durations,
+                           "min_window_s": min_window_s}
+    out["meter_duration_s_per_image"] = _per_image(durations, images).estimate
+    totals = [r.total_energy_j for _, r in readings]
+    if all(t is not None for t in totals):
+        gross = _per_image(totals, images)
+        out["energy_j_per_image"], out["energy_ci95_j"] = gross.estimate, gross.as_list()
+        out["energy_ci_level"], out["energy_ci_method"] = gross.level, CI_METHOD
+        if gross.low is None:
+            out["energy_ci_note"] = "one window: no interval"
         domains = sorted({d for _, r in readings for d in r.energy_j})
         out["energy_j_per_image_by_domain"] = {
-            d: median_ci95([r.energy_j.get(d, 0.0) / n for n, r in readings])[0] for d in domains
+            d: _per_image([r.energy_j.get(d, 0.0) for _, r in readings], images).estimate for d in domains
         }
-        if idle_w is not None:
-            net = [(r.total_energy_j - idle_w * r.duration_s) / n for n, r in readings]
-            out["energy_net_j_per_image"], out["energy_net_ci95_j"] = median_ci95(net)
-            out["idle_power_w"] = idle_w
+        if isinstance(idle, (int, float)):
+            idle = Idle(IdleWindow(float(idle), 0.0, 0.0))
+        if idle is not None:
+            net = _per_image([t - idle.power_w * d for t, d in zip(totals, durations, strict=True)], images)
+            idle_term = idle.uncertainty_w * math.fsum(durations) / sum(images)
+            half = (net.half_width or 0.0) + idle_term
+            out["energy_net_j_per_image"] = net.estimate
+            out["energy_net_ci95_j"] = [net.estimate - half, net.estimate + half]
+            out["energy_net_detection_limit_j"] = half
+            out["energy_net_below_detection_limit"] = net.estimate <= half
+            out["energy_net_ci_method"] = ("gross interval half-width + idle uncertainty (half the before/after "
+                                           "difference) x time per image, added linearly")
+            out.update(idle.fields())
     else:
         # A meter that measures time only (wall) has no energy: null, not 0 J.
         out["energy_j_per_image"], out["energy_ci95_j"] = None, None
@@ -121,12 +316,15 @@ def summarise(meter_name: str, windows: list[Window], idle_w: float | None) -> d
 
 def counts_fields(counts: Counts, profile: str, prefix: str = "") -> dict[str, Any]:
     """Per-image figures of a counting pass (``prefix`` names a second pass, e.g. ``"cold_"``)."""
-    from un0_bench.harness.meters.proxy import proxy_energy
+    from un0_bench.harness.meters.proxy import DRAM_PROFILE, MEMORY_CAVEAT, get_profile, proxy_energy
 
     n = counts.images
-    b = proxy_energy(counts, profile)
+    prof = get_profile(profile)
+    b = proxy_energy(counts, prof)
     fields = {
         "proxy_profile": profile,
+        "proxy_memory_level": prof.memory_level,
+        "proxy_memory_caveat": MEMORY_CAVEAT,
         "proxy_j_per_image_by_part": {"compute": b.compute_j / n, "gating": b.gating_j / n,
                                       "memory": b.memory_j / n, "gating_memory": b.gating_memory_j / n},
         "flops_per_image": counts.flops() / n,
@@ -138,6 +336,12 @@ def counts_fields(counts: Counts, profile: str, prefix: str = "") -> dict[str, A
                                         for group, part in module_groups(counts).items()},
         "uncounted_ops": counts.uncounted_ops(),
     }
+    if prof.memory_level != "DRAM":
+        # The same counted work with every byte priced as a DRAM access: the other side of the memory model.
+        d = proxy_energy(counts, DRAM_PROFILE)
+        fields["proxy_dram_profile"] = DRAM_PROFILE
+        fields["proxy_dram_j_per_image_by_part"] = {"compute": d.compute_j / n, "gating": d.gating_j / n,
+                                                    "memory": d.memory_j / n, "gating_memory": d.gating_memory_j / n}
     return {prefix + k: v for k, v in fields.items()}
 
 
@@ -269,6 +473,7 @@ def measure_phases(generator: Generator, request: GenerationRequest,
                     result[phase]["energy_j"][name] = None
             state["t0"] = time.perf_counter()
             return
+        sync_devices()  # the phase's queued GPU work ends before any meter stops
         duration_s = time.perf_counter() - state["t0"]
         i = state["index"]
         if i >= len(occurrences) or occurrences[i][0] != phase:
@@ -281,6 +486,7 @@ def measure_phases(generator: Generator, request: GenerationRequest,
         readings: dict[str, Reading] = {}
         for name in state["started"]:
             meters[name].record_work(Counts(images=images, stats=stats))
+        for name in reversed(state["started"]):
             readings[name] = meters[name].stop()
         r = result[phase]
         r["calls"] += 1

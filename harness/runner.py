@@ -1,77 +1,46 @@
-"""Orchestration: run a :class:`~un0_bench.harness.config.RunConfig` into an output folder, cell by cell.
+"""Orchestration (the driver): run a :class:`~un0_bench.harness.config.RunConfig` into an output folder.
 
-For each model (a stack) and batch size: build it on the backbone, warm up, count, meter repeated
-windows and per-phase windows (:mod:`~un0_bench.harness.protocol`), judge quality through the
-backbone's evaluator and band rule, and append one record per meter as soon as the cell is done.
-Everything that can be checked (names, stacks, meters, backbone, output folder) is checked before
-the first cell. The ledger is not computed here: reports compute it from the records.
+The runner checks everything that can be checked (names, stacks, meters, backbone, output folder)
+before the first cell, plans the pending cells (model x batch size; the reference first) and hands
+them to an executor (:mod:`~un0_bench.harness.executors`: local, or Ray), whose workbenches measure
+them (:mod:`~un0_bench.harness.cell`). It alone writes the folder: it caches each model's quality,
+judges it against the reference's band and appends one record per meter as soon as a cell is in.
+The ledger is not computed here: reports compute it from the records.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from un0_bench.harness.backbone import Backbone
+from un0_bench.harness.cell import (
+    BenchSpec,
+    Cell,
+    CellResult,
+    load_backbone,
+    make_meter,
+    meter_specs,
+    resolve_meters,
+    save_grid,
+    slug,
+)
 from un0_bench.harness.config import RunConfig
 from un0_bench.harness.errors import UserError
 from un0_bench.harness.generator import GenerationRequest, GenerationResult, Generator
-from un0_bench.harness.meters.base import Meter
-from un0_bench.harness.protocol import (
-    Window,
-    count_ops,
-    counts_fields,
-    measure_idle,
-    measure_phases,
-    metered_window,
-    summarise,
-)
+from un0_bench.harness.hoststate import HostProbe
+from un0_bench.harness.protocol import ordered
 from un0_bench.harness.registry import BACKBONES, GENERATORS, METERS, TECHNIQUES, Registry
 from un0_bench.harness.results import ResultStore, check_writable
-from un0_bench.harness.spec import ModelSpec
 from un0_bench.harness.stack import Stack, build, check_weights, resolve
-from un0_bench.harness.stats import median_ci95
 
-__all__ = ["RunConfig", "Runner", "load_backbone", "make_meter", "resolve_meters"]
+if TYPE_CHECKING:
+    from un0_bench.harness.executors import Executor
 
-
-# --- building things from names -------------------------------------------------------------------
-def load_backbone(text: str, registry: Registry = BACKBONES, **options: Any) -> Backbone:
-    name, _, arg = text.partition(":")
-    return registry.get(name)(arg or None, **options)
-
-
-def resolve_meters(names: list[str], registry: Registry = METERS) -> list[str]:
-    """Expand ``auto`` and check every meter name before any work starts."""
-    out: list[str] = []
-    for text in names:
-        if text == "auto":
-            out.extend(n for n in registry.names() if n not in out)
-            continue
-        registry.entry(ModelSpec.parse(text).name)  # raises "did you mean"
-        if text not in out:
-            out.append(text)
-    return out
-
-
-def make_meter(text: str, registry: Registry = METERS) -> Meter | str:
-    """A ready meter, or the reason it cannot measure here (``"unavailable: ..."``)."""
-    spec = ModelSpec.parse(text)
-    try:
-        meter = registry.get(spec.name)(**dict(spec.params))
-    except TypeError as e:
-        raise UserError(f"meter {text!r}: {e}") from None
-    except Exception as e:  # a meter whose construction fails is unavailable, with the reason
-        return f"unavailable: {type(e).__name__}: {e}"
-    status = meter.probe()
-    return meter if status == "ok" else status
+__all__ = ["RunConfig", "Runner", "load_backbone", "make_meter", "resolve_meters", "save_grid", "slug"]
 
 
 def _shown(value: Any) -> str:
@@ -92,65 +61,28 @@ def _sha(digest: str | None) -> str:
     return f"sha256 {digest[:12]}" if digest else "not loaded"
 
 
-#: Longest file-name stem derived from a spec (file systems allow 255 bytes a name).
-MAX_SLUG = 80
-
-
-def slug(text: str) -> str:
-    """A file-name stem for a spec: bounded and unique (specs that differ never share a stem).
-
-    A spec that is already a safe, short name is its own stem; any other gets a digest of the spec.
-    """
-    import hashlib
-
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_.") or "model"
-    if safe == text and len(text) <= MAX_SLUG:
-        return text
-    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
-    return f"{safe[:MAX_SLUG - 13]}-{digest}"
-
-
-def save_grid(images: torch.Tensor, path: Path, per_row: int = 10, scale: int = 4) -> None:
-    """Save up to two rows of images ``(N, C, H, W)`` in [0, 1] as one PNG (nearest upscaling)."""
-    from PIL import Image
-
-    imgs = images[: 2 * per_row].float().clamp(0, 1)
-    n, c, h, w = imgs.shape
-    rows = (n + per_row - 1) // per_row
-    grid = torch.ones(c, rows * (h + 1) + 1, per_row * (w + 1) + 1)
-    for i in range(n):
-        r, k = divmod(i, per_row)
-        grid[:, 1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + k * (w + 1) : 1 + k * (w + 1) + w] = imgs[i]
-    arr = (grid * 255).round().byte().permute(1, 2, 0).numpy()
-    img = Image.fromarray(arr[:, :, 0] if c == 1 else arr)
-    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
-
-
 class Runner:
     """Runs :class:`RunConfig` into an output folder, skipping finished cells."""
 
     def __init__(self, config: RunConfig, on_event: Callable[[str, dict[str, Any]], None] | None = None,
                  generators: Registry = GENERATORS, meters: Registry = METERS, backbones: Registry = BACKBONES,
-                 techniques: Registry = TECHNIQUES) -> None:
+                 techniques: Registry = TECHNIQUES, executor: Executor | None = None,
+                 clock: Callable[[], float] | None = None, sleep: Callable[[float], None] | None = None,
+                 host: HostProbe | None = None) -> None:
+        from un0_bench.harness.executors.local import LocalExecutor
+
         config.validate()
         self.config = config
+        # The protocol's clock, sleep and host probe: injectable so tests drive time and load.
+        self.clock, self.sleep, self.host = clock, sleep, host
         self.generators, self.techniques = generators, techniques
         self.meters, self.backbones = meters, backbones
         self.store = ResultStore(config.out)
         self.on_event = on_event or (lambda kind, info: None)
+        self.executor = executor or LocalExecutor()
         # Check everything that can be checked before any work starts: names, stacks, meters,
         # the backbone and its quality options, the output folder.
-        # A meter with parameters (proxy:profile=NAME) is built from its spec but keyed, recorded and
-        # reported by its name (its readings are keyed so, and reports single out "proxy"); its
-        # parameters are in the record's meter_details.
-        self.meter_specs: dict[str, str] = {}
-        for text in resolve_meters(config.meters, meters):
-            name = ModelSpec.parse(text).name
-            if name in self.meter_specs:
-                raise UserError(f"--meters names {name!r} twice ({self.meter_specs[name]!r} and {text!r}); one each")
-            self.meter_specs[name] = text
+        self.meter_specs = meter_specs(config.meters, meters)
         self.meter_names = list(self.meter_specs)
         backbones.entry(config.backbone.partition(":")[0])
         self.backbone = load_backbone(config.backbone, backbones, **config.backbone_options)
@@ -168,6 +100,12 @@ class Runner:
         self.store.refuse_if_locked()
         if not config.fresh:
             self._check_folder()
+        self.executor.check(self.bench_spec())
+
+    def bench_spec(self) -> BenchSpec:
+        """What a workbench is built from, here or on a worker."""
+        return BenchSpec(self.config, self.generators, self.techniques, self.meters, self.backbones, self.backbone,
+                         clock=self.clock, sleep=self.sleep, host=self.host)
 
     def _check_folder(self) -> None:
         """Refuse a folder whose records were measured with another configuration (resume would mix them)."""
@@ -289,17 +227,19 @@ class Runner:
 
     def pending(self) -> list[tuple[str, int, list[str]]]:
         # A cell is done when its canonical model was measured, under whichever name (sd or sd:steps=50).
-        done = {(self.canonical_of(r), r["backbone"], int(r["batch_size"]), r["meter"]) for r in self.store.load()}
+        # A cell recorded as failed (its worker lost, on a cluster) is measured again.
+        done = {(self.canonical_of(r), r["backbone"], int(r["batch_size"]), r["meter"]) for r in self.store.load()
+                if not r["status"].startswith("failed")}
         out = []
-        # The reference goes first, so its quality is known when later cells are judged.
-        models = sorted(self.config.models, key=lambda m: m != self.config.reference)
-        for model in models:
+        for model in self.config.models:
             for bs in self.config.batch_sizes:
                 canonical = self.stacks[model].canonical
                 missing = [m for m in self.meter_names if (canonical, self.config.backbone, bs, m) not in done]
                 if missing:
                     out.append((model, bs, missing))
-        return out
+        # Shuffled (seeded, recorded), not the reference first: a chip warming over the run would bias
+        # every ratio the same way. The reference's quality is awaited by the records judged by it.
+        return ordered(out, self.config.cell_order, self.config.seed)
 
     def run(self) -> list[dict[str, Any]]:
         """Measure every pending cell, holding the folder's lock (one writer at a time)."""
@@ -309,108 +249,92 @@ class Runner:
             return self._run()
 
     def _run(self) -> list[dict[str, Any]]:
-        from un0_bench.harness.environment import environment
-
-        cfg = self.config
         todo = self.pending()
         self.on_event("plan", {"cells": len(todo), "meters": self.meter_names})
         if not todo:
             return []
-        env = environment()
-        meters: dict[str, Meter] = {}
-        unavailable: dict[str, str] = {}
-        for name in self.meter_names:
-            m = make_meter(self.meter_specs[name], self.meters)
-            if isinstance(m, str):
-                unavailable[name] = m
-            else:
-                meters[name] = m
+        cells = self.cells(todo)
+        # A cell's records wait here while the quality they are judged by is still being measured elsewhere.
+        self._judging = {c.model for c in cells if c.wants_quality}
+        self._held: list[CellResult] = []
         written: list[dict[str, Any]] = []
         try:
-            idle = measure_idle(meters, cfg.idle_s)
-            for model, bs, missing in todo:
-                self.on_event("cell", {"model": model, "batch_size": bs})
-                records = self._measure(model, bs, missing, meters, unavailable, idle, env)
-                self.store.append(records)
-                written.extend(records)
-                self.on_event("done", {"model": model, "batch_size": bs, "records": records})
+            self.executor.run(self.bench_spec(), cells, lambda result: written.extend(self._finish(result)),
+                              self.on_event)
         finally:
-            for m in meters.values():
-                m.close()
+            # Interrupted or not, nothing finished is lost: what still waits is judged by what the folder has.
+            self._judging = set()
+            for result in self._held:
+                written.extend(self._write(result))
+            self._held = []
         return written
 
-    def _measure(self, model: str, bs: int, meter_names: list[str], meters: dict[str, Meter],
-                 unavailable: dict[str, str], idle: dict[str, float], env: dict[str, Any]) -> list[dict[str, Any]]:
-        cfg = self.config
-        backbone = self.backbone
-        stack = self.stacks[model]
-        generator = self.make_generator(model)
-        request = GenerationRequest(tuple(backbone.default_prompts(cfg.images)), seed=cfg.seed, batch_size=bs)
-        profile = getattr(meters.get("proxy"), "profile", None)
-        profile_name = profile.name if profile is not None else "horowitz-45nm"
-        extra: dict[str, Any] = {}
-        caches = generator.cache_stats() is not None
-        if caches:
-            # Cold: the first use of each prompt pays for the gate and the gather; count it apart.
-            generator.reset_cache()
-            extra.update(counts_fields(count_ops(generator, request), profile_name, prefix="cold_"))
-        first: GenerationResult | None = None
-        for _ in range(cfg.warmup):
-            first = generator.generate(request)
-        counts = count_ops(generator, request)  # warm: what every later call costs
-        if first is None:
-            first = generator.generate(request)
-        grid = Path("samples") / f"{slug(model)}.png"
-        save_grid(first.images, cfg.out / grid)
-        if caches:
-            extra["cache"] = generator.cache_stats()
-        if hasattr(generator, "analog_projection"):
-            extra["projected"] = generator.analog_projection(counts)
+    def cells(self, todo: list[tuple[str, int, list[str]]]) -> list[Cell]:
+        """The pending cells; the first of each model without a quality figure in the folder judges its quality."""
+        known = self._load_quality() if self.config.quality_samples > 0 else {}
+        asked: set[str] = set()
+        out = []
+        for model, bs, missing in todo:
+            wants = self.config.quality_samples > 0 and model not in known and model not in asked
+            asked.update([model] if wants else [])
+            out.append(Cell(model, bs, tuple(missing), wants_quality=wants, position=len(out), cells=len(todo)))
+        return out
 
-        active = {n: meters[n] for n in meter_names if n in meters}
-        min_window = max([getattr(m, "min_window_s", 0.0) for m in active.values()], default=0.0)
-        windows: list[Window] = []
-        t_start = time.perf_counter()
-        while len(windows) < cfg.max_repeats and (
-            len(windows) < cfg.min_repeats or time.perf_counter() - t_start < cfg.min_duration_s
-        ):
-            windows.append(metered_window(generator, request, active, counts, min_window))
-        if generator.phases():
-            # Each phase (text encoder, each denoising step, VAE decode, gate) in its own meter window.
-            extra["phases"] = measure_phases(generator, request, active)
-        wall = [w.readings["wall"].duration_s / w.images for w in windows if "wall" in w.readings]
-        if not wall:
-            wall = [next(iter(w.readings.values())).duration_s / w.images for w in windows if w.readings]
-        duration_s, duration_ci = median_ci95(wall) if wall else (None, None)
-        derivation = generator.derivation()
-        common = {
-            "model": model,
-            "model_canonical": stack.canonical,
-            "stack": stack.describe(),
-            "backbone": cfg.backbone,
-            "batch_size": bs,
-            "images": cfg.images,
-            "duration_s_per_image": duration_s,
-            "duration_ci95_s": duration_ci,
-            **counts_fields(counts, profile_name),
-            **extra,
-            "config": {"generator": generator.describe(), "run": {k: (str(v) if isinstance(v, Path) else v)
-                                                                  for k, v in asdict(cfg).items()}},
-            "environment": env,
-            "derivation_energy": (derivation or {}).get("energy"),
-            "derivation_command": (derivation or {}).get("command"),
-            "sample_grid": str(grid),
-            **self._quality_fields(model, generator, first),
-            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
-        records = []
-        for name in meter_names:
-            if name in unavailable:
-                rec = {"status": unavailable[name], "energy_j_per_image": None, "energy_ci95_j": None}
-            else:
-                rec = summarise(name, windows, idle.get(name))
-            records.append({**common, "meter": name, **rec})
+    def _finish(self, result: CellResult) -> list[dict[str, Any]]:
+        """Take one cell's result: cache its quality, then write it and every held one whose quality is known."""
+        model = result.cell.model
+        if result.cell.wants_quality:
+            self._judging.discard(model)
+            if result.quality is not None:
+                self._save_quality(model, result.quality)
+        if result.failed is None and self._waits(model):
+            self._held.append(result)
+            return []
+        written = self._write(result)
+        for held in list(self._held):
+            if not self._waits(held.cell.model):
+                self._held.remove(held)
+                written.extend(self._write(held))
+        return written
+
+    def _waits(self, model: str) -> bool:
+        """Whether ``model``'s records wait for a quality figure still being measured (its own or the reference's)."""
+        if self.config.quality_samples == 0:
+            return False
+        cache = self._load_quality()
+        if model not in cache:
+            return model in self._judging
+        return self.config.reference not in cache and self.config.reference in self._judging
+
+    def _write(self, result: CellResult) -> list[dict[str, Any]]:
+        cell = result.cell
+        if result.failed is not None:
+            records = self.failed_records(cell, result.failed)
+        else:
+            grid = self.config.out / result.grid
+            grid.parent.mkdir(parents=True, exist_ok=True)
+            grid.write_bytes(result.grid_png)
+            quality = self._load_quality().get(cell.model) if self.config.quality_samples > 0 else None
+            fields = self._quality_fields(cell.model, quality)
+            records = [{**r, **fields} for r in result.records]
+        self.store.append(records)
+        self.on_event("failed" if result.failed is not None else "done",
+                      {"model": cell.model, "batch_size": cell.batch_size, "records": records})
         return records
+
+    def failed_records(self, cell: Cell, reason: str) -> list[dict[str, Any]]:
+        """What a cell that could not be measured leaves in the folder: one record per meter, ``status`` failed."""
+        from dataclasses import asdict
+
+        stack = self.stacks[cell.model]
+        run = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self.config).items()}
+        return [{"model": cell.model, "model_canonical": stack.canonical, "stack": stack.describe(),
+                 "backbone": self.config.backbone, "batch_size": cell.batch_size, "images": self.config.images,
+                 "meter": name, "status": f"failed: {reason}", "energy_j_per_image": None, "energy_ci95_j": None,
+                 "flops_per_image": None, "bytes_per_image": None, "duration_s_per_image": None,
+                 "uncounted_ops": None, "config": {"run": run}, "environment": None,
+                 "executor": self.executor.name, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                for name in cell.meter_names]
 
     # --- quality ------------------------------------------------------------------------------------
     def _quality_file(self) -> Path:
@@ -431,9 +355,23 @@ class Runner:
                         self._quality_cache[q["model"]] = q["quality"]
         return self._quality_cache
 
+    def _save_quality(self, model: str, q: dict[str, Any]) -> None:
+        cfg = self.config
+        with self._quality_file().open("a") as f:
+            f.write(json.dumps({"model": model, "backbone": cfg.backbone, "samples_requested": cfg.quality_samples,
+                                "seeds_requested": cfg.quality_seeds, "quality": q}, sort_keys=True,
+                               allow_nan=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self._load_quality()[model] = q
+
     def _quality(self, model: str, generator: Generator | None = None,
                  measured: GenerationResult | None = None) -> dict[str, Any] | None:
-        """Quality of ``model`` by the backbone's evaluator, computed once per output folder (quality.jsonl)."""
+        """Quality of ``model`` by the backbone's evaluator, computed once per output folder (quality.jsonl).
+
+        Cells judge their own model's quality; this measures here only what no cell judged (the
+        reference, when all its cells were finished before and its figure is not in the folder).
+        """
         cfg = self.config
         cache = self._load_quality()
         if model in cache:
@@ -448,18 +386,12 @@ class Runner:
         q = self.backbone.evaluate_quality(generator, measured, self.quality_options)
         if q is None:
             return None
-        with self._quality_file().open("a") as f:
-            f.write(json.dumps({"model": model, "backbone": cfg.backbone, "samples_requested": cfg.quality_samples,
-                                "seeds_requested": cfg.quality_seeds, "quality": q}, sort_keys=True,
-                               allow_nan=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        cache[model] = q
+        self._save_quality(model, q)
         return q
 
-    def _quality_fields(self, model: str, generator: Generator, measured: GenerationResult) -> dict[str, Any]:
+    def _quality_fields(self, model: str, q: dict[str, Any] | None) -> dict[str, Any]:
+        """The quality fields of ``model``'s records: its figure and whether it is within the reference's band."""
         cfg = self.config
-        q = self._quality(model, generator, measured)
         if q is None:
             why = self.backbone.quality_missing_reason(self.quality_options)
             return {"quality": None, "quality_matched": None, "quality_note": f"not measured ({why})"}

@@ -53,6 +53,8 @@ class Param:
     choices: tuple[str, ...] | None = None
 
     def valid_range(self) -> str:
+        if self.kind is list:
+            return "one or more items joined by + (0+1, GPU-8f2c...+GPU-1a3d...)"
         if self.choices is not None:
             return "one of " + ", ".join(self.choices)
         if self.kind is str:
@@ -65,6 +67,12 @@ class Param:
 
     def parse(self, key: str, raw: str, spec: str) -> Any:
         try:
+            if self.kind is list:
+                # A list in a spec: items joined by "+" (commas separate parameters, and --meters items).
+                items = [t.strip() for t in raw.split("+")]
+                if not all(items):
+                    raise ValueError(raw)
+                return items
             if self.kind is int:
                 value: Any = int(raw)
             elif self.kind is float:

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import base64
+import math
 from pathlib import Path
 from typing import Any
 
 from un0_bench.harness.config import DEFAULT_GRID_GCO2_PER_KWH
-from un0_bench.harness.ledger import BOUNDARIES, BOUNDARY_LABELS, find_reference, ledger, run_settings
+from un0_bench.harness.ledger import (
+    BOUNDARIES,
+    BOUNDARY_LABELS,
+    below_detection_limit,
+    find_reference,
+    ledger,
+    run_settings,
+)
+from un0_bench.harness.meters.proxy import MEMORY_CAVEAT
 from un0_bench.reports import plots, projected, units
 from un0_bench.reports.claims import evaluate_claims, is_reference, meter_kind
 from un0_bench.reports.markdown import summary_markdown
@@ -59,6 +68,33 @@ def ledger_rows(records: list[dict[str, Any]], meter: str) -> list[dict[str, Any
     return rows
 
 
+#: The meter name of the DRAM-priced proxy ledger (a report-side view of proxy records, never measured).
+DRAM_METER = "proxy-dram"
+
+
+def dram_priced(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Proxy records re-priced with their DRAM profile (``proxy_dram_j_per_image_by_part``), as meter ``proxy-dram``."""
+    out = []
+    for r in records:
+        parts = r.get("proxy_dram_j_per_image_by_part")
+        if r["meter"] != "proxy" or r.get("status") != "ok" or not parts:
+            continue
+        out.append({**r, "meter": DRAM_METER, "proxy_j_per_image_by_part": parts,
+                    "energy_j_per_image": math.fsum(parts.values()), "energy_j_per_image_by_domain": {},
+                    "proxy_profile": r.get("proxy_dram_profile"), "proxy_memory_level": "DRAM"})
+    return out
+
+
+def _ledgers(records: list[dict[str, Any]], dram: list[dict[str, Any]], meters: list[str]) -> dict[str, Any]:
+    """Ledger rows per meter, the DRAM-priced proxy right after the proxy (side by side)."""
+    out: dict[str, Any] = {}
+    for m in meters:
+        out[m] = ledger_rows(records, m)
+        if m == "proxy" and dram:
+            out[DRAM_METER] = ledger_rows(dram, DRAM_METER)
+    return out
+
+
 def footprint_rows(records: list[dict[str, Any]], pue: float, grid: float) -> list[dict[str, Any]]:
     rows = []
     for r in records:
@@ -91,6 +127,10 @@ def build_report(out_dir: Path, options: dict[str, Any] | None = None) -> Path:
     write_csv(records, out_dir / "results.csv")
     meters_with_energy = list(dict.fromkeys(r["meter"] for r in records if r.get("energy_j_per_image")))
     proxy_ledger = ledger_rows(records, "proxy")
+    dram = dram_priced(records)
+    with_ledgers(dram, opts["reference"], opts["pue"], opts["lifetime_images"])
+    for r in records:
+        r["below_detection_limit"] = below_detection_limit(r)
     summary = format_summary(summary_frame(records)) if records else None
     models = list(dict.fromkeys(r["model"] for r in records))
     details = []
@@ -138,7 +178,10 @@ def build_report(out_dir: Path, options: dict[str, Any] | None = None) -> Path:
         "summary_rows": summary.to_dict("records") if summary is not None else [],
         "boundaries": list(BOUNDARIES),
         "boundary_labels": BOUNDARY_LABELS,
-        "ledgers": {m: ledger_rows(records, m) for m in meters_with_energy},
+        "ledgers": _ledgers(records, dram, meters_with_energy),
+        "ledger_titles": {DRAM_METER: "proxy-dram (the same counts, every byte priced as a DRAM access)"},
+        "memory_caveat": MEMORY_CAVEAT,
+        "memory_levels": sorted({str(r["proxy_memory_level"]) for r in records if r.get("proxy_memory_level")}),
         "claims": claims,
         "footprint": footprint_rows(records, opts["pue"], opts["grid_gco2_per_kwh"]),
         "landauer_j_per_bit": units.LANDAUER_J_PER_BIT_300K,

@@ -81,7 +81,8 @@ def meter_kind(records: list[dict[str, Any]], meter: str) -> dict[str, Any]:
 def energy_ci(record: dict[str, Any], boundary: str) -> tuple[float, float] | None:
     """95% CI of the record's energy per image at ``boundary`` (ledger already attached).
 
-    The proxy counts, so its CI is zero width. A measured meter's boundary 3 is its energy net of idle
+    The proxy counts, so its CI is zero width; a measured figure without an interval (one window) is
+    unbounded, so no claim holds or fails on it. A measured meter's boundary 3 is its energy net of idle
     (the net CI if recorded); the other boundaries scale the gross CI by their energy (PUE multiplies;
     the amortised training term is treated as exact, so its relative CI is the gross one's, a slight
     over-statement).
@@ -96,7 +97,8 @@ def energy_ci(record: dict[str, Any], boundary: str) -> tuple[float, float] | No
         return (float(lo), float(hi))
     gross, ci = record.get("energy_j_per_image"), record.get("energy_ci95_j")
     if not gross or not ci:
-        return (e, e)
+        # One window has no interval: the measured figure could be anything, not exact.
+        return (0.0, math.inf)
     return (e * ci[0] / gross, e * ci[1] / gross)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from un0_bench.harness.ledger import BOUNDARIES, BOUNDARY_LABELS
+from un0_bench.harness.meters.proxy import MEMORY_CAVEAT
 from un0_bench.reports.claims import fmt_factor
 
 
@@ -59,7 +60,8 @@ def summary_markdown(question: dict[str, Any], claims: list[dict[str, Any]], sum
     lines += ["## Verdicts", "",
               "Times less energy per image than the reference at each accounting boundary; measured meters show "
               "the 95% CI from both models' repeats (the counted proxy has none). ✅ holds, ❌ fails, ≈ within "
-              "uncertainty.", ""]
+              "uncertainty.", "",
+              f"Boundary 3 (+ memory) of the proxy: {MEMORY_CAVEAT}", ""]
     for c in claims:
         lines += verdict_markdown(c)
     if summary_rows:

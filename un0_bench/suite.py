@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
             (args.out / name).unlink(missing_ok=True)
     models = models_list(args.models)
     cfg = RunConfig(models=models, out=args.out, meters=args.meters.split(","), images=args.images,
-                    batch_sizes=[args.images], min_repeats=3, min_duration_s=1.0, idle_s=2.0,
+                    batch_sizes=[args.images], min_repeats=3, min_duration_s=1.0, idle_s=1.0,
                     quality_samples=args.quality_samples, quality_seeds=args.quality_seeds)
 
     def on_event(kind: str, info: dict) -> None:
@@ -63,6 +63,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     records = [r for r in ResultStore(args.out).load() if r["model"] in models]
     print_records(records)
+    cells = {(r["model"], r["batch_size"]): r for r in records}.values()
+    idle_s = sum(r.get("idle_added_s") or 0.0 for r in cells)
+    warm_s = sum(sum((r.get("warmup") or {}).get("durations_s") or []) for r in cells)
+    # What the measurement protocol adds per cell (issue 11): idle windows around each cell for
+    # whole-device meters, and the warm-up until steady.
+    print(f"protocol overhead: idle windows {idle_s:.1f} s, warm-up {warm_s:.1f} s over {len(cells)} cells")
     print(f"report: {build_report(args.out)}")
     print(f"benchmark wall time: {time.perf_counter() - t0:.0f} s for {len(models)} models")
     return 0

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
+
+from un0_bench.harness.spec import ModelSpec, Param, bind
 
 
 class MeterUnavailable(RuntimeError):
@@ -60,6 +62,19 @@ class Meter(abc.ABC):
     #: True for meters that see a whole device (CPU package, GPU), so idle power must be measured
     #: and subtracted; False for meters that only count the work itself (wall, proxy).
     sees_whole_device: bool = False
+    #: Shortest window whose figure means something, in seconds: a window repeats the work until it
+    #: is at least this long (every meter watches the same window, so the longest minimum applies).
+    #: Stated in every record. 0 for meters that count rather than sample (proxy, wall).
+    min_window_s: float = 0.0
+    #: Typed parameters of the meter spec (``nvml:devices=0+1,mig=whole``), parsed like model
+    #: parameters; ``None``: the meter takes none.
+    params: ClassVar[dict[str, Param] | None] = None
+
+    @classmethod
+    def from_spec(cls, text: str) -> Meter:
+        """Build the meter from its spec, each parameter parsed to its declared type (bad ones: SpecError)."""
+        spec = ModelSpec.parse(text)
+        return cls(**bind(spec, cls.params or {}))
 
     def __init__(self) -> None:
         self._running = False
@@ -83,6 +98,13 @@ class Meter(abc.ABC):
         self._running = False
         return self._stop()
 
+    def poll(self) -> None:
+        """Read the hardware now, inside an open window (the protocol calls it between repeats).
+
+        Meters whose counters can wrap (RAPL) or that sample power (NVML without an energy counter)
+        use it; the others ignore it.
+        """
+
     def record_work(self, counts: Any) -> None:
         """Tell the meter what work ran in the open window (only the proxy meter uses this)."""
 
@@ -102,6 +124,22 @@ class Meter(abc.ABC):
     def __exit__(self, *exc: object) -> None:
         # Stop in finally-semantics: an exception inside the window must not leave the meter running.
         self.reading = self.stop()
+
+
+def sync_devices() -> None:
+    """Wait for queued work on every accelerator, so meters stop after the work rather than its queueing.
+
+    Only torch queues GPU work asynchronously in this project. If torch was never imported, or never
+    initialised CUDA, nothing is queued, and checking ``sys.modules`` avoids paying for either.
+    """
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_initialized():
+        return
+    # Every device: CUDA and NVML may number GPUs differently (CUDA_VISIBLE_DEVICES, PCI order).
+    for device in range(torch.cuda.device_count()):
+        torch.cuda.synchronize(device)
 
 
 def unavailable(meter: str, reason: str) -> Reading:

@@ -22,6 +22,7 @@ import tempfile
 from typing import Any
 
 from un0_bench.harness.meters.base import Meter, MeterUnavailable, Reading, unavailable
+from un0_bench.harness.spec import Param
 
 #: Joules per kilowatt-hour (1000 W x 3600 s); codecarbon reports kWh, the harness keeps joules.
 J_PER_KWH = 3.6e6
@@ -74,6 +75,31 @@ def _make_tracker(*, country_iso_code: str, measure_power_secs: float, output_di
     )
 
 
+def domain_methods(sources: dict[str, str]) -> dict[str, str]:
+    """The method per domain: CPU ``RAPL`` or ``TDP x load`` (``TDP constant``), RAM ``size model``, GPU ``NVML``."""
+    methods: dict[str, str] = {}
+    for domain, source in sources.items():
+        if source.startswith("rapl"):
+            methods[domain] = "RAPL"
+        elif source.startswith("tdp x cpu load"):
+            methods[domain] = "TDP x load"
+        elif source.startswith("tdp constant"):
+            methods[domain] = "TDP constant"
+        elif source.startswith("ram size"):
+            methods[domain] = "size model"
+        elif source.startswith("user-set constant"):
+            methods[domain] = "user-set constant"
+        elif domain == "gpu":
+            methods[domain] = source.upper()
+        else:
+            methods[domain] = source
+    return methods
+
+
+#: Methods that measure; every other method is an estimate.
+MEASURED_METHODS = ("RAPL", "NVML", "AMDSMI", "AMDSMI+NVML", "powermetrics", "raspberry pi pmic")
+
+
 def describe_sources(hardware: list[Any]) -> tuple[dict[str, str], bool]:
     """Say where codecarbon's figures come from, from its hardware objects.
 
@@ -113,8 +139,10 @@ class CodecarbonMeter(Meter):
 
     ``energy_j`` has ``cpu`` and ``ram``, plus ``gpu`` when codecarbon tracks a GPU (an untracked
     GPU is absent, not 0 J). ``details`` records ``emissions_kg``, ``source`` (how the CPU figure was
-    obtained: RAPL or a TDP-based estimate), ``sources`` per domain, ``estimate`` (True when the CPU
-    figure is a TDP/load estimate rather than a counter) and ``country_iso_code``.
+    obtained: RAPL or a TDP-based estimate), ``sources`` and ``methods`` per domain (CPU ``RAPL`` or
+    ``TDP x load``; RAM ``size model``; GPU ``NVML``), ``tdp_w`` (the TDP codecarbon assumed for the
+    CPU), ``estimate`` (True when any part of the total was estimated: the RAM figure always is),
+    ``estimated_domains`` and ``country_iso_code``.
 
     Args:
         country_iso_code: 3-letter ISO code of the grid for the emissions factor.
@@ -123,11 +151,18 @@ class CodecarbonMeter(Meter):
 
     name = "codecarbon"
     sees_whole_device = True
+    #: codecarbon samples power every ``measure_power_secs``: a window spans at least one sample.
+    min_window_s: float = 1.0
+    params = {
+        "country_iso_code": Param(str, "USA", "3-letter ISO code of the grid"),
+        "measure_power_secs": Param(float, 1.0, "codecarbon's power-sampling interval (s)", low=0.0, low_open=True),
+    }
 
     def __init__(self, country_iso_code: str = "USA", measure_power_secs: float = 1.0) -> None:
         super().__init__()
         self.country_iso_code = country_iso_code
         self.measure_power_secs = measure_power_secs
+        self.min_window_s = float(measure_power_secs)
         self._tracker: Any = None
         self._scratch: tempfile.TemporaryDirectory[str] | None = None
         self._windows = 0
@@ -185,7 +220,9 @@ class CodecarbonMeter(Meter):
         if data is None:
             return unavailable(self.name, "codecarbon stop_task returned no data (task was not running)")
 
-        sources, cpu_estimate = describe_sources(list(getattr(tracker, "_hardware", [])))
+        hardware = list(getattr(tracker, "_hardware", []))
+        sources, cpu_estimate = describe_sources(hardware)
+        methods = domain_methods(sources)
         # The kWh -> J conversion happens here, at the vendor boundary; everything inside is joules.
         energy_j = {
             "cpu": data.cpu_energy * J_PER_KWH,
@@ -193,13 +230,23 @@ class CodecarbonMeter(Meter):
         }
         if "gpu" in sources:
             energy_j["gpu"] = data.gpu_energy * J_PER_KWH
+        estimated = sorted(d for d, m in methods.items() if m not in MEASURED_METHODS and d in energy_j)
         details: dict[str, Any] = {
             "emissions_kg": data.emissions,
             "source": sources.get("cpu", "none"),
             "sources": sources,
-            "estimate": cpu_estimate,
+            "methods": methods,
+            # True when any part of the total is estimated: codecarbon's RAM figure always is (a model of
+            # power from the RAM's size), whatever measures the CPU.
+            "estimate": bool(estimated) or cpu_estimate,
+            "estimated_domains": estimated,
             "country_iso_code": data.country_iso_code or self.country_iso_code,
         }
+        tdp_w = next((getattr(hw, "_tdp", None) for hw in hardware if type(hw).__name__ == "CPU"), None)
+        if tdp_w is not None:
+            details["tdp_w"] = float(tdp_w)
+        if "gpu" in sources:
+            details["gpu_note"] = "codecarbon reads every GPU it sees, not only the devices of this run"
         cpu_model = getattr(tracker, "_conf", {}).get("cpu_model")
         if cpu_model:
             details["cpu_model"] = cpu_model

@@ -19,6 +19,7 @@ import difflib
 import io
 import math
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from importlib import resources
@@ -28,9 +29,12 @@ from typing import Any
 from un0_bench.harness.counters.records import Counts, OpStat
 from un0_bench.harness.errors import UserError
 from un0_bench.harness.meters.base import Meter, Reading
+from un0_bench.harness.spec import Param
 
 __all__ = [
     "DEFAULT_PROFILE",
+    "DRAM_PROFILE",
+    "MEMORY_CAVEAT",
     "PROFILES_ENV",
     "EnergyProfile",
     "ProxyBreakdown",
@@ -41,6 +45,14 @@ __all__ = [
 ]
 
 DEFAULT_PROFILE = "horowitz-45nm"
+#: The same costs with memory priced as DRAM accesses: shown beside the default in the report's ledger.
+DRAM_PROFILE = "horowitz-45nm-dram"
+#: Said wherever the proxy's memory boundary is shown (records, report, summary).
+MEMORY_CAVEAT = (
+    "The proxy counts every op's inputs and outputs as memory traffic, priced at its profile's memory level. "
+    "That is neither an upper nor a lower bound of real traffic: fusion and caches lower it, GEMM tile "
+    "re-reads raise it."
+)
 #: Environment variable naming a user CSV of extra profiles.
 PROFILES_ENV = "UN0_BENCH_PROFILES"
 COLUMNS = ("profile", "quantity", "dtype", "value", "unit", "source")
@@ -112,6 +124,22 @@ class EnergyProfile:
     def energy_per_byte_j(self) -> float:
         """Energy of moving one byte in joules: the 64-bit access energy / 8."""
         return self.quantity(MEMORY) / 8
+
+    @property
+    def memory_level(self) -> str:
+        """The memory level its byte price stands for (``"SRAM 8 KB"``, ``"DRAM"``), from that row's source.
+
+        NB: read from the source text, since the CSV has no column for it; a profile whose source
+        names no level says ``"unstated"``.
+        """
+        source = self.sources.get((MEMORY, ""), "")
+        for level in ("DRAM", "HBM"):
+            if level in source:
+                return level
+        if "SRAM" in source:
+            size = re.search(r"(\d+\s*[KM]B)", source)
+            return f"SRAM {size.group(1)}" if size else "SRAM"
+        return "unstated"
 
     @property
     def static_power_w(self) -> float | None:
@@ -281,6 +309,10 @@ class ProxyMeter(Meter):
 
     name = "proxy"
     sees_whole_device = False
+    params = {
+        "profile": Param(str, DEFAULT_PROFILE, "energy profile (profiles.csv or a user CSV)"),
+        "profiles_path": Param(str, None, "a user CSV of more profiles"),
+    }
 
     def __init__(self, profile: str = DEFAULT_PROFILE,
                  profiles_path: str | os.PathLike[str] | None = None) -> None:
@@ -319,6 +351,7 @@ class ProxyMeter(Meter):
             energy_j["static"] = b.static_j
         details: dict[str, Any] = {
             "profile": self.profile.name,
+            "memory_level": self.profile.memory_level,
             "compute_j_by_role": {"compute": b.compute_j, "gating": b.gating_j},
             "memory_j_by_role": {"compute": b.memory_j, "gating": b.gating_memory_j},
             "flops": counts.flops(),

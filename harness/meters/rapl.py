@@ -6,6 +6,12 @@ Layout read (one directory per zone, each with ``name``, ``energy_uj`` and ``max
     /sys/class/powercap/intel-rapl:0/intel-rapl:0:M/   name = "core" | "uncore" | "dram"
     /sys/class/powercap/intel-rapl:1/                  name = "package-1" (second socket) or "psys"
 
+On multi-die parts the kernel names one zone per die (``package-0-die-0``, ``package-0-die-1``). On
+AMD Zen 1/2 (Threadripper, EPYC) every die can mirror the same socket-wide counter, so summing the
+dies multiplies the package's energy by the die count (codecarbon issue #1274). Dies whose counters
+read the same non-zero value at the start of a window and advance by the same amount are one
+counter: it is recorded once, under the package's key, and the reading says which dies mirrored it.
+
 The sysfs root is a constructor argument so tests build a fake tree in ``tmp_path``.
 """
 
@@ -18,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from un0_bench.harness.meters.base import Meter, MeterUnavailable, Reading, unavailable
+from un0_bench.harness.spec import Param
 
 DEFAULT_SYSFS_ROOT = "/sys/class/powercap"
 
@@ -30,6 +37,8 @@ _ZONE_RE = re.compile(r"^(?P<prefix>intel-rapl|amd-rapl):(?P<index>\d+)$")
 #: Subzone names recorded. ``core`` (PP0) and ``uncore`` (PP1, the integrated GPU) are not recorded:
 #: they are parts of the package domain, so adding them to it would count the same joules twice.
 _RECORDED_SUBZONES = ("dram",)
+
+_PACKAGE_NAME_RE = re.compile(r"^package-(?P<package>\d+)(?:-die-(?P<die>\d+))?$")
 
 #: Zone names that are not a CPU package. ``psys`` (platform) covers package + chipset + more, so it
 #: overlaps the package domain; it is skipped for the same double-counting reason as ``core``.
@@ -63,7 +72,10 @@ def _permission_reason(path: Path, root: Path) -> str:
 class _Domain:
     """One recorded RAPL domain (a package or its DRAM subzone)."""
 
-    key: str  # domain key in ``Reading.energy_j``, e.g. "package-0", "dram-0"
+    key: str  # domain key in ``Reading.energy_j``, e.g. "package-0", "dram-0", "package-1-die-0"
+    kind: str  # "package" or "dram"
+    package: str  # socket number
+    die: str | None  # die number on multi-die parts
     path: Path  # zone directory
     max_range_uj: int  # largest value ``energy_uj`` can show before it restarts at 0
     bound_w: float | None  # highest power the zone's limits allow, if it exposes any
@@ -74,7 +86,10 @@ class RaplMeter(Meter):
     """CPU package and DRAM energy from Linux powercap RAPL counters.
 
     Domain keys are ``package-N`` (one per socket) and ``dram-N`` (that socket's memory, where the
-    CPU exposes it). ``core`` and ``uncore`` subzones are inside the package and not recorded.
+    CPU exposes it); on multi-die parts ``package-N-die-D`` and ``dram-N-die-D``, or ``package-N``
+    once when the dies mirror one counter (``details["mirrored_dies"]``). ``core`` and ``uncore``
+    subzones are inside the package and not recorded. A package counter that did not advance over a
+    window is not a measurement: the reading is unavailable.
 
     Counter wrap-around: each read-to-read interval is corrected for at most one wrap. The counter
     wraps in ``max_energy_range_uj / power`` (tens of minutes on most parts, but possibly ~60 s at
@@ -89,6 +104,10 @@ class RaplMeter(Meter):
 
     name = "rapl"
     sees_whole_device = True
+    #: The counters update about every millisecond in steps of 15-61 uJ: 0.1 s spans ~100 updates and
+    #: keeps one energy unit far below 0.1% of any package's energy.
+    min_window_s: float = 0.1
+    params = {"sysfs_root": Param(str, DEFAULT_SYSFS_ROOT, "powercap sysfs directory")}
 
     def __init__(
         self,
@@ -100,6 +119,7 @@ class RaplMeter(Meter):
         self._clock = clock
         self._domains: list[_Domain] = []
         self._last_uj: dict[str, int] = {}
+        self._first_uj: dict[str, int] = {}
         self._energy_uj: dict[str, int] = {}
         self._wraps: dict[str, int] = {}
         self._suspect: set[str] = set()
@@ -125,16 +145,21 @@ class RaplMeter(Meter):
                 name = (zone / "name").read_text().strip()
                 if name in _SKIPPED_ZONES:
                     continue
-                package = self._domain(zone, key=name, bound_w=None)
+                m = _PACKAGE_NAME_RE.match(name)
+                # Socket and die from the name ("package-1-die-0"); the zone index if the name is another.
+                package_no, die = (m["package"], m["die"]) if m else (zone.name.split(":")[1], None)
+                suffix = package_no if die is None else f"{package_no}-die-{die}"
+                package = self._domain(zone, key=name if m is None else f"package-{suffix}", bound_w=None,
+                                       kind="package", package=package_no, die=die)
                 domains.append(package)
-                # Socket number for the DRAM key: "package-1" -> "1"; the zone index if unnamed.
-                socket = name.rsplit("-", 1)[1] if name.startswith("package-") else zone.name.split(":")[1]
                 for sub in self._subzones(zone):
                     sub_name = (sub / "name").read_text().strip()
                     if sub_name in _RECORDED_SUBZONES:
                         # NB: DRAM zones rarely expose a power limit; the package's limit bounds DRAM
-                        # power from above, which makes its wrap-period estimate conservative.
-                        domains.append(self._domain(sub, key=f"{sub_name}-{socket}", bound_w=package.bound_w))
+                        # power from above, which makes its wrap-period estimate conservative. The key
+                        # names socket and die, so two sockets' (or dies') DRAM never collide.
+                        domains.append(self._domain(sub, key=f"{sub_name}-{suffix}", bound_w=package.bound_w,
+                                                    kind=sub_name, package=package_no, die=die))
         except PermissionError as exc:
             raise MeterUnavailable(_permission_reason(Path(exc.filename or root), root)) from exc
         except (OSError, ValueError) as exc:
@@ -156,12 +181,16 @@ class RaplMeter(Meter):
         pattern = re.compile(rf"^{re.escape(zone.name)}:\d+$")
         return sorted(p for p in zone.iterdir() if pattern.match(p.name))
 
-    def _domain(self, zone: Path, key: str, bound_w: float | None) -> _Domain:
+    def _domain(self, zone: Path, key: str, bound_w: float | None, kind: str, package: str,
+                die: str | None) -> _Domain:
         max_range_uj = _read_uj(zone / "max_energy_range_uj")
         own_bound_w = _power_bound_w(zone)
         bound = own_bound_w if own_bound_w is not None else bound_w
         return _Domain(
             key=key,
+            kind=kind,
+            package=package,
+            die=die,
             path=zone,
             max_range_uj=max_range_uj,
             bound_w=bound,
@@ -192,6 +221,7 @@ class RaplMeter(Meter):
     def _start(self) -> None:
         self._domains = self._discover()
         self._last_uj = self._read_all(self._domains)
+        self._first_uj = dict(self._last_uj)
         self._t0_s = self._last_read_s = self._clock()
         self._energy_uj = {d.key: 0 for d in self._domains}
         self._wraps = {d.key: 0 for d in self._domains}
@@ -234,10 +264,17 @@ class RaplMeter(Meter):
             reading = unavailable(self.name, str(exc))
             reading.duration_s = self._clock() - self._t0_s
             return reading
+        energy_uj, mirrored = self._unmirrored()
+        stuck = [d.key for d in self._domains if d.kind == "package" and self._energy_uj[d.key] == 0]
+        if stuck:
+            reading = unavailable(self.name, f"{', '.join(stuck)} energy counter did not advance in "
+                                             f"{self._last_read_s - self._t0_s:.3g} s: no measurement")
+            reading.duration_s = self._last_read_s - self._t0_s
+            return reading
         return Reading(
             meter=self.name,
             duration_s=self._last_read_s - self._t0_s,
-            energy_j={key: uj / 1_000_000 for key, uj in self._energy_uj.items()},
+            energy_j={key: uj / 1_000_000 for key, uj in energy_uj.items()},
             details={
                 "sysfs_root": str(self.sysfs_root),
                 "zones": {d.key: d.path.name for d in self._domains},
@@ -245,8 +282,35 @@ class RaplMeter(Meter):
                 "reads": self._polls + 1,
                 "longest_read_gap_s": self._longest_gap_s,
                 "possible_extra_wraps": sorted(self._suspect),
+                "mirrored_dies": mirrored,
             },
         )
+
+    def _unmirrored(self) -> tuple[dict[str, int], dict[str, list[str]]]:
+        """Energy per domain with mirrored dies counted once, and which dies mirrored which key.
+
+        Dies of one package (and kind) mirror one counter when every one read the same non-zero value
+        at the window's start and advanced by the same amount; independent counters never agree to the
+        microjoule on both. Mirrors are recorded once, under ``package-P`` (``dram-P``).
+        """
+        groups: dict[tuple[str, str], list[_Domain]] = {}
+        for d in self._domains:
+            if d.die is not None:
+                groups.setdefault((d.kind, d.package), []).append(d)
+        energy = dict(self._energy_uj)
+        mirrored: dict[str, list[str]] = {}
+        for (kind, package), dies in groups.items():
+            if len(dies) < 2:
+                continue
+            firsts = {self._first_uj[d.key] for d in dies}
+            deltas = {self._energy_uj[d.key] for d in dies}
+            if len(firsts) == 1 and len(deltas) == 1 and next(iter(firsts)) != 0:
+                key = f"{kind}-{package}"
+                for d in dies:
+                    del energy[d.key]
+                energy[key] = self._energy_uj[dies[0].key]
+                mirrored[key] = [d.key for d in dies]
+        return energy, mirrored
 
 
 def counter_delta_uj(start_uj: int, end_uj: int, max_range_uj: int) -> int:

@@ -60,8 +60,10 @@ def registries(built: list[str], interrupt_on: str | None = None):
     gens.register("mm", factory("mm"))
     gens.register("mm2", factory("mm2"))
     meters = Registry("meter")
-    # Idle window: 0 -> 2 J over 0 -> 1 s (2 W). Each of three windows: +12 J over 2 s.
-    seq = SequenceMeter(energy_j=[0, 2, 10, 22, 30, 42, 50, 62], times_s=[0, 1, 10, 12, 20, 22, 30, 32])
+    # Idle before the cell: 0 -> 2 J over 0 -> 1 s (2 W). Each of three windows: +12 J over 2 s. Idle
+    # after the cell: 70 -> 73 J over 40 -> 41 s (3 W).
+    seq = SequenceMeter(energy_j=[0, 2, 10, 22, 30, 42, 50, 62, 70, 73],
+                        times_s=[0, 1, 10, 12, 20, 22, 30, 32, 40, 41])
     meters.register("seq", lambda: seq)
     meters.register("wall", "un0_bench.harness.meters.wall:WallMeter")
     meters.register("broken", Unavailable)
@@ -84,11 +86,13 @@ def test_exact_joules_idle_and_unavailable(tmp_path):
     records = Runner(config(tmp_path, ["mm"]), **registries(built)).run()
     by_meter = {r["meter"]: r for r in records}
     seq = by_meter["seq"]
-    # Each window: 12 J for 4 images = 3 J/image; idle 2 W x 2 s = 4 J -> (12 - 4) / 4 = 2 J/image.
+    # Each window: 12 J for 4 images = 3 J/image; idle (2 W + 3 W) / 2 = 2.5 W x 2 s = 5 J
+    # -> (12 - 5) / 4 = 1.75 J/image, uncertainty 0.5 W x 6 s / 12 images = 0.25 J.
     assert seq["energy_j_per_image"] == 3.0
     assert seq["energy_ci95_j"] == [3.0, 3.0]
-    assert seq["idle_power_w"] == 2.0
-    assert seq["energy_net_j_per_image"] == 2.0
+    assert (seq["idle_power_before_w"], seq["idle_power_after_w"], seq["idle_power_w"]) == (2.0, 3.0, 2.5)
+    assert seq["energy_net_j_per_image"] == 1.75
+    assert seq["energy_net_ci95_j"] == [1.5, 2.0] and seq["energy_net_below_detection_limit"] is False
     assert seq["energy_j_per_image_by_domain"] == {"package-0": 3.0}
     assert seq["repeats"] == 3
     # The unavailable meter is recorded with its reason and null energy, never 0 J.
@@ -214,8 +218,10 @@ def test_quality_comes_from_the_backbone_once_per_folder(tmp_path):
     ScoredBackbone.evaluated = []
     cfg = config(tmp_path, ["mm2", "mm"], meters=["wall"], reference="mm", quality_samples=4, accuracy_drop=0.1)
     records = Runner(cfg, **regs).run()
-    # The reference is measured first, so its quality is known when mm2 is judged.
-    assert [r["model"] for r in records] == ["mm", "mm2"] and ScoredBackbone.evaluated == ["mm", "mm2"]
+    # Cells run in a seeded shuffled order, here mm2 before the reference: mm2's records wait for the
+    # reference's quality, so they are written after it and judged by it.
+    assert [r["cell_order"]["position"] for r in records] == [1, 0]
+    assert [r["model"] for r in records] == ["mm", "mm2"] and ScoredBackbone.evaluated == ["mm2", "mm"]
     by_model = {r["model"]: r for r in records}
     assert by_model["mm"]["quality"] == {"score": 1.0, "images": 4, "samples": 4}
     assert by_model["mm"]["quality_matched"] is True
@@ -226,7 +232,7 @@ def test_quality_comes_from_the_backbone_once_per_folder(tmp_path):
     # Another batch size in the same folder: quality is read back, not evaluated again.
     again = Runner(config(tmp_path, ["mm2", "mm"], meters=["wall"], reference="mm", quality_samples=4,
                           accuracy_drop=0.1, batch_sizes=[4]), **regs).run()
-    assert ScoredBackbone.evaluated == ["mm", "mm2"] and len(again) == 2
+    assert ScoredBackbone.evaluated == ["mm2", "mm"] and len(again) == 2
     assert {r["model"]: r["quality_matched"] for r in again} == {"mm": True, "mm2": False}
     assert len((cfg.out / "quality.jsonl").read_text().splitlines()) == 2
 
@@ -270,7 +276,7 @@ def test_a_reference_not_among_the_models_is_added_saying_so(tmp_path):
                      "sets the band)"]
     assert runner.notes == notes and cfg.models == ["mm", "mm2"]
     runner.run()
-    assert built == ["mm2", "mm"]  # the reference first
+    assert sorted(built) == ["mm", "mm2"]  # the added reference is measured too (in the run's shuffled order)
     assert sorted(r["model"] for r in ResultStore(cfg.out).load()) == ["mm", "mm2"]
 
 

@@ -118,13 +118,39 @@ def test_summary_md_carries_the_verdict_table(tmp_path):
     assert "| un0 | 8 | 0.0106 | 0.01 | 1G | 100M | 10 |" in md
 
 
-def test_negative_net_of_idle_is_below_the_meters_resolution(tmp_path):
-    # A whole-device meter whose net of idle came out below zero (the work is lost in idle noise):
-    # the table says so instead of printing negative joules; a positive net is printed as joules.
+def test_net_within_its_uncertainty_is_below_detection_limit(tmp_path):
+    # A whole-device meter whose net of idle came out below zero (old record: no verdict recorded), one
+    # whose small positive net is within its recorded detection limit, and one well above it: the
+    # table says "below detection limit" for the first two instead of printing joules.
     low = record("un0", "codecarbon", 0.0005, energy_net_j_per_image=-0.0002743)
-    high = record("sd", "codecarbon", 19.5, energy_net_j_per_image=5.0)
-    write(tmp_path, [low, high, proxy("sd", compute=0.0157), proxy("un0", compute=2.6e-6)])
+    within = record("un0-osc", "codecarbon", 0.0006, energy_net_j_per_image=0.0001,
+                    energy_net_detection_limit_j=0.0004, energy_net_below_detection_limit=True)
+    high = record("sd", "codecarbon", 19.5, energy_net_j_per_image=5.0, energy_net_detection_limit_j=0.5,
+                  energy_net_below_detection_limit=False)
+    write(tmp_path, [low, within, high, proxy("sd", compute=0.0157), proxy("un0", compute=2.6e-6),
+                     proxy("un0-osc", compute=2.6e-6)])
     html = build_report(tmp_path).read_text()
-    assert html.count("below the meter's resolution") == 1
-    assert "net of idle -0.000274 J" in html
+    assert html.count(">below detection limit</span>") == 2
+    assert "net of idle -0.000274 J" in html and "within its ±0.0004 J uncertainty" in html
     assert "-274 µJ" not in html and "5 J" in html  # no negative joules printed; the positive net is
+    # The ledger's boundary 3 says the same, with the limit.
+    assert "below detection limit: net of idle 0.0001 J (within ±0.0004 J)" in html
+    assert "below the meter's resolution" not in html
+
+def test_memory_caveat_and_a_dram_priced_proxy_ledger_beside_the_proxys(tmp_path):
+    sd = proxy("sd", compute=1.0, memory=0.5, proxy_memory_level="SRAM 8 KB",
+               proxy_dram_j_per_image_by_part={"compute": 1.0, "gating": 0.0, "memory": 97.5, "gating_memory": 0.0})
+    un0 = proxy("un0", compute=0.001, memory=0.5, proxy_memory_level="SRAM 8 KB",
+                proxy_dram_j_per_image_by_part={"compute": 0.001, "gating": 0.0, "memory": 97.5,
+                                                "gating_memory": 0.0})
+    write(tmp_path, [sd, un0])
+    html = build_report(tmp_path).read_text()
+    assert "neither an upper nor a lower bound of real traffic" in html
+    assert "prices memory as\nSRAM 8 KB" in html
+    ledger = html[html.index('id="ledger"'):html.index('id="plots"')]
+    assert ledger.index("<h3>proxy</h3>") < ledger.index("<h3>proxy-dram (the same counts")
+    # At + memory: SRAM-priced 1.5 / 0.501 = 2.99x; DRAM-priced 98.5 / 97.501 = 1.01x.
+    dram = ledger[ledger.index("<h3>proxy-dram"):]
+    assert "1.01x" in dram and "2.99x" in ledger[:ledger.index("<h3>proxy-dram")]
+    md = (tmp_path / "summary.md").read_text()
+    assert "Boundary 3 (+ memory) of the proxy: The proxy counts every op's inputs and outputs" in md

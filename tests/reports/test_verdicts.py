@@ -194,3 +194,12 @@ def test_point_labels_do_not_overlap():
     assert len(boxes) == 4
     assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
     plt.close(fig)
+
+
+def test_a_measured_figure_without_an_interval_neither_holds_nor_fails():
+    from un0_bench.reports.claims import energy_ci
+
+    # One window: the record has no interval, so its figure is not treated as exact.
+    one = record("un0", "codecarbon", 0.5, energy_ci95_j=None)
+    one["ledger"] = {"idle": {"energy_j_per_image": 0.5}}
+    assert energy_ci(one, "idle") == (0.0, float("inf"))

@@ -33,8 +33,9 @@ class FakeEmissionsData:
 # Named like codecarbon's hardware classes: the meter classifies hardware by class name, as
 # codecarbon's own hardware cache does.
 class CPU:
-    def __init__(self, mode: str) -> None:
+    def __init__(self, mode: str, tdp: float = 85.0) -> None:
         self._mode = mode
+        self._tdp = tdp
 
 
 class RAM:
@@ -113,7 +114,10 @@ def test_exact_joules_from_kwh_and_tdp_estimate(factory: SimpleNamespace) -> Non
         "emissions_kg": 4.5e-4,
         "source": "tdp x cpu load estimate",
         "sources": {"ram": "ram size power model estimate", "cpu": "tdp x cpu load estimate"},
+        "methods": {"ram": "size model", "cpu": "TDP x load"},
         "estimate": True,
+        "estimated_domains": ["cpu", "ram"],
+        "tdp_w": 85.0,  # the TDP codecarbon multiplied by the load
         "country_iso_code": "USA",  # as codecarbon reported it in the data
         "cpu_model": "Fake CPU 3000",
     }
@@ -126,7 +130,7 @@ def test_exact_joules_from_kwh_and_tdp_estimate(factory: SimpleNamespace) -> Non
     assert factory.calls[0]["measure_power_secs"] == 1.0
 
 
-def test_rapl_and_gpu_sources_are_not_estimates(factory: SimpleNamespace) -> None:
+def test_rapl_and_nvml_measure_but_the_ram_model_makes_the_total_an_estimate(factory: SimpleNamespace) -> None:
     factory.tracker = FakeTracker(
         results=[
             FakeEmissionsData(
@@ -142,7 +146,11 @@ def test_rapl_and_gpu_sources_are_not_estimates(factory: SimpleNamespace) -> Non
     assert reading.energy_j == {"cpu": 900.0, "ram": 180.0, "gpu": 450.0}
     assert reading.details["source"] == "rapl"
     assert reading.details["sources"]["gpu"] == "nvml"
-    assert reading.details["estimate"] is False
+    assert reading.details["methods"] == {"ram": "size model", "cpu": "RAPL", "gpu": "NVML"}
+    # CPU and GPU are measured, but 180 J of the 1530 J total is codecarbon's RAM size model.
+    assert reading.details["estimated_domains"] == ["ram"]
+    assert reading.details["estimate"] is True
+    assert "every GPU" in reading.details["gpu_note"]
 
 
 @pytest.mark.parametrize(

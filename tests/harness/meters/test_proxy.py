@@ -172,3 +172,21 @@ def test_meter_with_static_power(tmp_path):
     meter.record_work(Counts(images=1, stats=[_stat(flops=10)]))
     r = meter.stop()
     assert r.energy_j["static"] == 2.0 * r.duration_s  # 2 W x the window
+
+
+def test_memory_level_is_named_and_the_dram_priced_figure_sits_beside_it():
+    from un0_bench.harness.meters.proxy import MEMORY_CAVEAT
+    from un0_bench.harness.protocol import counts_fields
+
+    assert get_profile("horowitz-45nm").memory_level == "SRAM 8 KB"
+    assert get_profile("horowitz-45nm-dram").memory_level == "DRAM"
+    assert get_profile("analog-oscillator").memory_level == "unstated"
+    counts = Counts(images=2, stats=[_stat(flops=1000, read=64, written=32)])
+    f = counts_fields(counts, "horowitz-45nm")
+    assert f["proxy_memory_level"] == "SRAM 8 KB" and f["proxy_memory_caveat"] == MEMORY_CAVEAT
+    assert "neither an upper nor a lower bound" in MEMORY_CAVEAT
+    # 96 bytes = 12 accesses: SRAM 12 x 10 pJ = 120 pJ, DRAM 12 x 1.95 nJ = 23.4 nJ; per image (2) half that.
+    assert f["proxy_j_per_image_by_part"]["memory"] == pytest.approx(60e-12, rel=1e-12)
+    assert f["proxy_dram_j_per_image_by_part"]["memory"] == pytest.approx(11.7e-9, rel=1e-12)
+    assert f["proxy_dram_j_per_image_by_part"]["compute"] == f["proxy_j_per_image_by_part"]["compute"]
+    assert "proxy_dram_j_per_image_by_part" not in counts_fields(counts, "horowitz-45nm-dram")

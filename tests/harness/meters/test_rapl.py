@@ -132,10 +132,12 @@ def test_power_limit_lengthens_wrap_period(tree: dict[str, Path]) -> None:
     (tree["pkg"] / "constraint_0_max_power_uw").write_text("0\n")  # 0 means "not reported"
     meter = RaplMeter(sysfs_root=tree["root"], clock=FakeClock(0.0, 120.0, 120.0, 300.0))
     meter.start()
+    set_uj(tree["pkg"], 2_000_000)
     reading = meter.stop()
     assert reading.details["possible_extra_wraps"] == []
     # A 180 s gap exceeds DRAM's 163.8 s but not the package's 655 s.
     meter.start()
+    set_uj(tree["pkg"], 3_000_000)
     reading = meter.stop()
     assert reading.details["possible_extra_wraps"] == ["dram-0"]
 
@@ -148,10 +150,67 @@ def test_two_sockets_and_psys_skipped(tree: dict[str, Path]) -> None:
     write_zone(root / "intel-rapl-mmio:0", "package-0", 0)  # same counter via MMIO: not matched
     meter = RaplMeter(sysfs_root=root, clock=itertools.count().__next__)
     meter.start()
+    set_uj(tree["pkg"], 1_500_000)
     set_uj(pkg1, 7_000_000)
     set_uj(dram1, 125_000)
     reading = meter.stop()
-    assert reading.energy_j == {"package-0": 0.0, "dram-0": 0.0, "package-1": 7.0, "dram-1": 0.125}
+    assert reading.energy_j == {"package-0": 0.5, "dram-0": 0.0, "package-1": 7.0, "dram-1": 0.125}
+
+
+def test_a_package_counter_that_did_not_advance_is_not_a_measurement(tree: dict[str, Path]) -> None:
+    meter = RaplMeter(sysfs_root=tree["root"], clock=FakeClock(0.0, 0.5))
+    meter.start()
+    reading = meter.stop()  # nothing moved in 0.5 s: a frozen or virtualised counter, not 0 J
+    assert reading.status == "unavailable: package-0 energy counter did not advance in 0.5 s: no measurement"
+    assert reading.energy_j == {}
+
+
+def dies(root: Path, socket: int, start_uj: list[int]) -> list[tuple[Path, Path]]:
+    """One socket with one zone per die (``package-S-die-D``), each with a DRAM subzone."""
+    out = []
+    for d, uj in enumerate(start_uj):
+        index = 2 * socket + d
+        pkg = write_zone(root / f"intel-rapl:{index}", f"package-{socket}-die-{d}", uj)
+        dram = write_zone(pkg / f"intel-rapl:{index}:0", "dram", 1_000 * (index + 1))
+        out.append((pkg, dram))
+    return out
+
+
+def test_mirrored_dies_are_counted_once(tmp_path: Path) -> None:
+    # AMD Zen: both dies of socket 0 show the socket's one counter (codecarbon #1274: 68 W + 68 W
+    # reported as 137 W). Same start value, same advance: one counter, recorded once as package-0.
+    (d0, dram0), (d1, dram1) = dies(tmp_path, 0, [5_000_000, 5_000_000])
+    meter = RaplMeter(sysfs_root=tmp_path, clock=FakeClock(0.0, 2.0))
+    meter.start()
+    set_uj(d0, 141_000_000)
+    set_uj(d1, 141_000_000)
+    set_uj(dram0, 3_001_000)
+    set_uj(dram1, 4_002_000)
+    reading = meter.stop()
+    # package: (141_000_000 - 5_000_000) uJ = 136 J once, not 272 J; DRAM dies are independent:
+    # 3_001_000 - 1_000 = 3 J and 4_002_000 - 2_000 = 4 J, keyed by socket and die.
+    assert reading.energy_j == {"package-0": 136.0, "dram-0-die-0": 3.0, "dram-0-die-1": 4.0}
+    assert reading.details["mirrored_dies"] == {"package-0": ["package-0-die-0", "package-0-die-1"]}
+
+
+def test_independent_dies_and_two_sockets_are_summed_under_distinct_keys(tmp_path: Path) -> None:
+    (a0, adram0), (a1, _) = dies(tmp_path, 0, [5_000_000, 9_000_000])
+    (b0, _), (b1, bdram1) = dies(tmp_path, 1, [2_000_000, 2_000_000])
+    meter = RaplMeter(sysfs_root=tmp_path, clock=FakeClock(0.0, 2.0))
+    meter.start()
+    set_uj(a0, 25_000_000)  # +20 J
+    set_uj(a1, 39_000_000)  # +30 J: another counter
+    set_uj(b0, 12_000_000)  # +10 J
+    set_uj(b1, 17_000_000)  # +15 J: same start, different advance, so not a mirror
+    set_uj(adram0, 1_001_000)  # +1 J
+    set_uj(bdram1, 2_004_000)  # +2 J (its start: 1_000 x (2 x 1 + 1 + 1) = 4_000 uJ)
+    reading = meter.stop()
+    assert reading.energy_j == {
+        "package-0-die-0": 20.0, "dram-0-die-0": 1.0, "package-0-die-1": 30.0, "dram-0-die-1": 0.0,
+        "package-1-die-0": 10.0, "dram-1-die-0": 0.0, "package-1-die-1": 15.0, "dram-1-die-1": 2.0,
+    }
+    assert reading.details["mirrored_dies"] == {}
+    assert len(reading.energy_j) == 8  # no two sockets' or dies' DRAM share a key
 
 
 def test_amd_rapl_prefix(tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
 # un0-bench: `make bench` and `make test` each work alone on a fresh clone (they create .venv).
+# The venv has the `ray` extra, so `make test` runs the Ray executor's tests on a local 2-CPU cluster.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -15,7 +16,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,ray]'
 	touch $(STAMP)
 
 bench: $(STAMP)

@@ -52,6 +52,9 @@ class DigitsBackbone(Backbone):
     def weights(self, name: str) -> Path:
         return self.weights_dir / f"{name}.safetensors"
 
+    def weights_files(self) -> list[Path]:
+        return sorted(self.weights_dir.glob("*.safetensors"))
+
     def describe(self) -> dict[str, Any]:
         data = load_data()
         return {

@@ -220,6 +220,9 @@ class PipelineBackbone(Backbone):
                     where = f"{self.prompts_file}, prompt {i + 1}" if self.prompts_file else "built-in prompt"
                     raise UserError(f"{where}: {e}") from None
 
+    def weights_files(self) -> list[Path]:
+        return sorted(self.path.rglob("*.safetensors")) if self.path is not None else []
+
     # -- prompts ---------------------------------------------------------------------------------
 
     def tokenizer(self) -> Any:

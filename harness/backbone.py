@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -60,6 +61,10 @@ class Backbone(abc.ABC):
     @abc.abstractmethod
     def describe(self) -> dict[str, Any]:
         """Facts for the report: data source, image size, hash of the data."""
+
+    def weights_files(self) -> list[Path]:
+        """The weights files its models load (default: none): every node of a cluster must hold the same."""
+        return []
 
     # -- the base diffusion model and its sampler -------------------------------------------------
 

@@ -144,6 +144,18 @@ class _CellLog:
         return dict(self.running)
 
 
+_ENVIRONMENT: dict[str, Any] = {}
+
+
+def _node_environment() -> dict[str, Any]:
+    """This worker's environment, found once per worker process (a git call and ten version look-ups)."""
+    from un0_bench.harness.environment import environment
+
+    if not _ENVIRONMENT:
+        _ENVIRONMENT.update(environment())
+    return dict(_ENVIRONMENT)
+
+
 def _measure(spec: BenchSpec, cell: Cell, log: Any, cpus: int) -> CellResult:
     """The body of a cell's task, on a worker: a workbench of its own, idle measured inside the cell's slot."""
     import ray
@@ -158,7 +170,7 @@ def _measure(spec: BenchSpec, cell: Cell, log: Any, cpus: int) -> CellResult:
     placement = Placement(executor="ray", node=node, device=device,
                           begin=lambda c: ray.get(log.windows_open.remote(c.label, node)),
                           shared_with=lambda c: ray.get(log.windows_closed.remote(c.label)))
-    bench = Workbench(spec, placement=placement)
+    bench = Workbench(spec, environment=_node_environment(), placement=placement)
     try:
         bench.open()  # idle power of whole-device meters: inside this cell's exclusive slot
         return bench.measure(cell)
@@ -241,13 +253,14 @@ class RayExecutor(Executor):
         task = ray.remote(max_retries=0)(_measure)
         asks = {cell: self.resources(spec, cell) for cell in cells}
         pending: dict[Any, tuple[Cell, list[str]]] = {}
+        shared_spec = ray.put(spec)  # pickled once for every task, not once per cell
 
         def submit(cell: Cell, lost_on: list[str]) -> None:
             options: dict[str, Any] = dict(asks[cell])
             others = [n["NodeID"] for n in self.nodes() if n["NodeID"] not in lost_on]
             if lost_on and others:  # try again elsewhere (soft: wherever there is room, if not there)
                 options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(others[0], soft=True)
-            pending[task.options(**options).remote(spec, cell, log, self.cpus_per_cell)] = (cell, lost_on)
+            pending[task.options(**options).remote(shared_spec, cell, log, self.cpus_per_cell)] = (cell, lost_on)
 
         for cell in cells:  # in the runner's order: the reference first
             submit(cell, [])

@@ -254,3 +254,41 @@ def test_without_ray_the_executor_says_how_to_install_it(monkeypatch, tmp_path):
         Runner(tiny_config(tmp_path / "out", ["a"], ["wall"]), **registries(tmp_path / "log"),
                executor=RayExecutor("127.0.0.1:1"))
     assert not (tmp_path / "out").exists()
+
+
+def test_compare_executor_ray_on_the_command_line(cluster, tmp_path, capsys):
+    from un0_bench.cli import main
+
+    out = tmp_path / "out"
+    argv = ["compare", "--models", "un0", "--reference", "un0", "--meters", "proxy,wall", "--images", "2",
+            "--quality-samples", "0", "--min-duration", "0", "--min-repeats", "1", "--idle", "0", "--no-report",
+            "--out", str(out)]
+    assert main([*argv, "--executor", "ray"]) == 0
+    records = ResultStore(out).load()
+    assert [(r["meter"], r["executor"], r["status"]) for r in records] == [("proxy", "ray", "ok"), ("wall", "ray", "ok")]
+    assert "un0" in capsys.readouterr().out
+    # The cluster options belong to the Ray executor; the local one refuses them in one line.
+    assert main([*argv, "--allow-mixed"]) == 2
+    assert "--allow-mixed applies to --executor ray only" in capsys.readouterr().err
+    assert main([*argv, "--executor", "slurm"]) == 2
+    assert "unknown executor 'slurm'" in capsys.readouterr().err
+
+
+def test_quality_is_judged_once_per_model_by_a_worker_and_the_driver_applies_the_band(cluster, tmp_path):
+    from tests.harness.test_runner_quality import _config, _registries
+
+    # Two batch sizes per model: only one cell of each judges its quality (3 lines in quality.jsonl),
+    # and whichever finishes first, the band comes from the reference's figure, as in a local run.
+    local = _config(tmp_path / "local", ["far", "close", "ref"], batch_sizes=[1, 2], out=tmp_path / "local")
+    remote = _config(tmp_path / "ray", ["far", "close", "ref"], batch_sizes=[1, 2], out=tmp_path / "ray")
+    Runner(local, **_registries()).run()
+    Runner(remote, **_registries(), executor=RayExecutor()).run()
+    assert len((tmp_path / "ray" / "quality.jsonl").read_text().splitlines()) == 3
+
+    def verdicts(out):
+        return sorted((r["model"], r["batch_size"], r["quality"]["clip_score"], r["quality_matched"])
+                      for r in ResultStore(out).load())
+
+    assert verdicts(tmp_path / "ray") == verdicts(tmp_path / "local")
+    assert verdicts(tmp_path / "ray") == [("close", 1, 79.0, True), ("close", 2, 79.0, True), ("far", 1, 70.0, False),
+                                          ("far", 2, 70.0, False), ("ref", 1, 80.0, True), ("ref", 2, 80.0, True)]

@@ -128,3 +128,24 @@ def test_negative_net_of_idle_is_below_the_meters_resolution(tmp_path):
     assert html.count("below the meter's resolution") == 1
     assert "net of idle -0.000274 J" in html
     assert "-274 µJ" not in html and "5 J" in html  # no negative joules printed; the positive net is
+
+
+def test_failed_cells_are_listed_apart_until_measured(tmp_path):
+    lost = "failed: worker lost 3 times (nodes a, b, a); last: WorkerCrashedError: died"
+    write(tmp_path, [*suite()[:2], record("un0", "proxy", None, status=lost, flops=0.0, fid=None, matched=None),
+                     record("un0", "wall", None, status=lost, flops=0.0, fid=None, matched=None)])
+    build_report(tmp_path)
+    summary = (tmp_path / "summary.md").read_text()
+    assert ("## Failed cells\n\nNot measured; the same command measures them again.\n\n- `un0` batch 8 (proxy, wall): "
+            "worker lost 3 times (nodes a, b, a); last: WorkerCrashedError: died") in summary
+    html = (tmp_path / "report.html").read_text()
+    assert 'id="failed"' in html and "WorkerCrashedError" in html
+    # The failed records are no figures: the results table and CSV hold the measured models only.
+    assert "un0" not in (tmp_path / "results.csv").read_text()
+    # Measured later (a rerun), a meter of the cell is no longer listed as failed; the other still is.
+    write(tmp_path, [proxy("un0", compute=0.0005, fid=4.5)])
+    build_report(tmp_path)
+    assert "- `un0` batch 8 (wall): worker lost" in (tmp_path / "summary.md").read_text()
+    write(tmp_path, [record("un0", "wall", None)])
+    build_report(tmp_path)
+    assert "Failed cells" not in (tmp_path / "summary.md").read_text()

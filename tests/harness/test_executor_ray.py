@@ -265,7 +265,8 @@ def test_compare_executor_ray_on_the_command_line(cluster, tmp_path, capsys):
             "--out", str(out)]
     assert main([*argv, "--executor", "ray"]) == 0
     records = ResultStore(out).load()
-    assert [(r["meter"], r["executor"], r["status"]) for r in records] == [("proxy", "ray", "ok"), ("wall", "ray", "ok")]
+    assert [(r["meter"], r["executor"], r["status"]) for r in records] == [("proxy", "ray", "ok"),
+                                                                            ("wall", "ray", "ok")]
     assert "un0" in capsys.readouterr().out
     # The cluster options belong to the Ray executor; the local one refuses them in one line.
     assert main([*argv, "--allow-mixed"]) == 2

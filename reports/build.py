@@ -15,7 +15,7 @@ from un0_bench.reports.markdown import summary_markdown
 from un0_bench.reports.tables import (
     failed_cells,
     format_summary,
-    load_records,
+    is_failed,
     meter_statuses,
     summary_frame,
     write_csv,
@@ -92,8 +92,8 @@ def build_report(out_dir: Path, options: dict[str, Any] | None = None) -> Path:
 
     options = options or {}
     out_dir = Path(out_dir)
-    records = load_records(out_dir)
-    failed = failed_cells(ResultStore(out_dir).load())
+    stored = ResultStore(out_dir).load()  # read once: each bad line is reported once
+    records, failed = [r for r in stored if not is_failed(r)], failed_cells(stored)
     opts = {**run_settings(records, options),
             "grid_gco2_per_kwh": options.get("grid_gco2_per_kwh") or DEFAULT_GRID_GCO2_PER_KWH}
     with_ledgers(records, opts["reference"], opts["pue"], opts["lifetime_images"])

@@ -309,6 +309,8 @@ class RayExecutor(Executor):
             for ref in pending:  # interrupted at the driver: what is finished is written; the rest stops
                 ray.cancel(ref, force=True)
             raise
+        finally:
+            ray.kill(log)
 
     def shutdown(self) -> None:
         """Stop the local cluster this executor started (a cluster it connected to keeps running)."""

@@ -33,7 +33,6 @@ builds through the same backbone).
 from __future__ import annotations
 
 import copy
-import difflib
 import functools
 import hashlib
 import json
@@ -110,9 +109,9 @@ def arch_config(name: str) -> dict[str, Any]:
     """The config of arch ``name`` (a deep copy); an unknown name is answered with "did you mean"."""
     archs = _all_archs()
     if name not in archs:
-        close = difflib.get_close_matches(name or "", list(archs), n=3, cutoff=0.5)
-        hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-        raise UserError(f"unknown arch {name!r}.{hint} Available: {', '.join(archs)}")
+        from un0_bench.harness.registry import unknown_name
+
+        raise UserError(unknown_name("arch", name, archs))
     return copy.deepcopy(archs[name])
 
 

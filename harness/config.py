@@ -131,6 +131,15 @@ DEFAULT_QUALITY_SAMPLES = 1000
 DEFAULT_BATCH_SIZE = 16
 
 
+#: Where cells run (``un0-bench compare --executor``): ``local``, ``ray`` or ``ray:ADDRESS``. Not a
+#: :class:`RunConfig` field: where a cell ran is recorded beside its figures, it does not shape them.
+DEFAULT_EXECUTOR = "local"
+#: On a cluster: times a cell whose worker died (OOM, node lost) is tried again before it is recorded as failed.
+DEFAULT_CELL_RETRIES = 2
+#: On a cluster: CPU threads a CPU cell asks for (and torch uses).
+DEFAULT_CELL_CPUS = 1
+
+
 #: :class:`RunConfig` fields that shape a measurement (resume is keyed by them as well as by the cell);
 #: ``pue``, ``lifetime_images`` and the like only shape the ledger, which reports compute.
 MEASUREMENT_FIELDS = ("backbone_options", "images", "seed", "min_repeats", "min_duration_s", "max_repeats", "warmup",

@@ -32,7 +32,6 @@ the top floor.
 
 from __future__ import annotations
 
-import difflib
 import json
 import math
 import os
@@ -199,9 +198,9 @@ def get_gpu_profile(name: str, path: str | os.PathLike[str] | None = None) -> Gp
     """The GPU profile called ``name``; an unknown name raises :class:`UserError` with suggestions."""
     profiles = load_gpu_profiles(path)
     if name not in profiles:
-        close = difflib.get_close_matches(name, profiles, n=3)
-        hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-        raise UserError(f"unknown GPU profile {name!r}.{hint} Known GPU profiles: {', '.join(sorted(profiles))}")
+        from un0_bench.harness.registry import unknown_name
+
+        raise UserError(unknown_name("GPU profile", name, sorted(profiles)))
     return profiles[name]
 
 

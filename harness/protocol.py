@@ -368,16 +368,6 @@ def module_groups(counts: Counts, depth: int = MODULE_GROUP_DEPTH) -> dict[str, 
 _Key = tuple[str, str, str, str]
 
 
-def _diff(after: dict[_Key, tuple], before: dict[_Key, tuple]) -> list[OpStat]:
-    out = []
-    for key, (calls, flops, br, bw, counted) in after.items():
-        c0, f0, r0, w0, _ = before.get(key, (0, 0, 0, 0, True))
-        if calls > c0:
-            out.append(OpStat(*key, calls=calls - c0, flops=flops - f0, bytes_read=br - r0, bytes_written=bw - w0,
-                              counted=counted))
-    return out
-
-
 def count_phase_occurrences(generator: Generator, request: GenerationRequest, root: Any = None
                             ) -> tuple[Counts, list[tuple[str, list[OpStat]]]]:
     """One counting pass over ``generate(request)``, with the counts of every phase occurrence.
@@ -438,6 +428,7 @@ def measure_phases(generator: Generator, request: GenerationRequest,
         image post-processing), counted but not windowed, so only the proxy prices it. A phase that
         did not run in this request (un0's gate on a warm cache) has ``calls`` 0.
     """
+    from un0_bench.harness.counters.ops import OpCounter
     from un0_bench.harness.meters.proxy import ProxyMeter, proxy_energy
 
     meters = dict(meters) if isinstance(meters, Mapping) else {m.name: m for m in meters}
@@ -521,8 +512,9 @@ def measure_phases(generator: Generator, request: GenerationRequest,
             acc = inside.setdefault((s.op, s.dtype, s.role, s.module), [0, 0, 0, 0])
             for j, v in enumerate((s.calls, s.flops, s.bytes_read, s.bytes_written)):
                 acc[j] += v
-    outside = _diff({(s.op, s.dtype, s.role, s.module): (s.calls, s.flops, s.bytes_read, s.bytes_written, s.counted)
-                     for s in total.stats}, {k: (*v, True) for k, v in inside.items()})
+    outside = OpCounter.since({k: (*v, True) for k, v in inside.items()},
+                              {(s.op, s.dtype, s.role, s.module): (s.calls, s.flops, s.bytes_read, s.bytes_written,
+                                                                   s.counted) for s in total.stats})
     other_counts = Counts(images=images, stats=outside)
     proxies = {n: m for n, m in meters.items() if isinstance(m, ProxyMeter)}
     result["other"] = {

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
@@ -145,10 +145,15 @@ class Registry:
         return target
 
     def unknown_message(self, name: str) -> str:
-        names = self.names()
-        close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
-        hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-        return f"unknown {self.kind} {name!r}.{hint} Available: {', '.join(names)}"
+        return unknown_name(self.kind, name, self.names())
+
+
+def unknown_name(kind: str, name: str, names: Iterable[str]) -> str:
+    """``unknown KIND 'NAME'. Did you mean ...? Available: ...``: the one wording of every name lookup."""
+    names = list(names)
+    close = difflib.get_close_matches(name or "", names, n=3, cutoff=0.5)
+    hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    return f"unknown {kind} {name!r}.{hint} Available: {', '.join(names)}"
 
 
 #: Base models (``sd``, ``un0``, references) and aliases of stacks (``sd-int8``).

@@ -261,12 +261,19 @@ class Runner:
         try:
             self.executor.run(self.bench_spec(), cells, lambda result: written.extend(self._finish(result)),
                               self.on_event)
+        except BaseException:
+            # Interrupted: a cell still waiting for the reference's quality is not written without its band
+            # (its own quality is in quality.jsonl already, so resuming measures only its energy again).
+            if self._held:
+                self._note(f"interrupted: {len(self._held)} measured cell(s) waited for the reference's quality "
+                           f"and are measured again on resume: {', '.join(h.cell.label for h in self._held)}")
+            raise
         finally:
-            # Interrupted or not, nothing finished is lost: what still waits is judged by what the folder has.
             self._judging = set()
-            for result in self._held:
-                written.extend(self._write(result))
-            self._held = []
+        # What still waits (the reference's quality cell failed) is judged by what the folder has.
+        for result in self._held:
+            written.extend(self._write(result))
+        self._held = []
         return written
 
     def cells(self, todo: list[tuple[str, int, list[str]]]) -> list[Cell]:

@@ -158,7 +158,7 @@ def check_weights(stack: Stack, backbone: Backbone, generators: Registry = GENER
     found += [_technique(layer.name, techniques).check_weights(backbone, **dict(layer.params))
               for layer in stack.layers[1:]]
     layers = tuple(replace(layer, weights=tuple((backbone.weights_name(f), file_sha256(f)) for f in files))
-                   for layer, files in zip(stack.layers, found))
+                   for layer, files in zip(stack.layers, found, strict=True))
     return replace(stack, layers=layers)
 
 

@@ -17,10 +17,18 @@ from un0_bench.harness.ledger import (
     run_settings,
 )
 from un0_bench.harness.meters.proxy import MEMORY_CAVEAT
+from un0_bench.harness.results import ResultStore
 from un0_bench.reports import plots, projected, units
 from un0_bench.reports.claims import evaluate_claims, is_reference, meter_kind
 from un0_bench.reports.markdown import summary_markdown
-from un0_bench.reports.tables import format_summary, load_records, meter_statuses, summary_frame, write_csv
+from un0_bench.reports.tables import (
+    failed_cells,
+    format_summary,
+    is_failed,
+    meter_statuses,
+    summary_frame,
+    write_csv,
+)
 
 
 def _data_uri(png: bytes | None) -> str | None:
@@ -120,7 +128,8 @@ def build_report(out_dir: Path, options: dict[str, Any] | None = None) -> Path:
 
     options = options or {}
     out_dir = Path(out_dir)
-    records = load_records(out_dir)
+    stored = ResultStore(out_dir).load()  # read once: each bad line is reported once
+    records, failed = [r for r in stored if not is_failed(r)], failed_cells(stored)
     opts = {**run_settings(records, options),
             "grid_gco2_per_kwh": options.get("grid_gco2_per_kwh") or DEFAULT_GRID_GCO2_PER_KWH}
     with_ledgers(records, opts["reference"], opts["pue"], opts["lifetime_images"])
@@ -186,6 +195,7 @@ def build_report(out_dir: Path, options: dict[str, Any] | None = None) -> Path:
         "footprint": footprint_rows(records, opts["pue"], opts["grid_gco2_per_kwh"]),
         "landauer_j_per_bit": units.LANDAUER_J_PER_BIT_300K,
         "meters": meter_statuses(records),
+        "failed": failed,
         "plots": {
             "energy_per_image": _data_uri(plots.energy_per_image(records)),
             "energy_vs_quality": _data_uri(plots.energy_vs_quality(records, is_reference, kinds)),
@@ -205,5 +215,5 @@ def build_report(out_dir: Path, options: dict[str, Any] | None = None) -> Path:
     path = out_dir / "report.html"
     path.write_text(render(context))
     (out_dir / "summary.md").write_text(summary_markdown(question, claims, context["summary_rows"],
-                                                         context["summary_columns"]))
+                                                         context["summary_columns"], failed))
     return path

@@ -50,7 +50,7 @@ def verdict_markdown(claim: dict[str, Any]) -> list[str]:
 
 
 def summary_markdown(question: dict[str, Any], claims: list[dict[str, Any]], summary_rows: list[dict[str, Any]],
-                     summary_columns: list[str]) -> str:
+                     summary_columns: list[str], failed: list[dict[str, Any]] | None = None) -> str:
     lines = ["# un0-bench summary", ""]
     if question.get("claim"):
         lines += [f"**Question:** “{_esc(question['claim'])}” — `{_esc(question['model'])}` against the reference "
@@ -68,5 +68,10 @@ def summary_markdown(question: dict[str, Any], claims: list[dict[str, Any]], sum
         lines += ["## Main figures", "", "| " + " | ".join(_esc(c) for c in summary_columns) + " |",
                   "|" + "---|" * len(summary_columns)]
         lines += ["| " + " | ".join(_esc(row[c]) for c in summary_columns) + " |" for row in summary_rows]
+        lines.append("")
+    if failed:
+        lines += ["## Failed cells", "", "Not measured; the same command measures them again.", ""]
+        lines += [f"- `{_esc(f['model'])}` batch {f['batch_size']} ({', '.join(f['meters'])}): {_esc(f['reason'])}"
+                  for f in failed]
         lines.append("")
     return "\n".join(lines)

@@ -23,8 +23,28 @@ _QUALITY_COLUMNS = {"fid": "fid", "fid_std": "fid_std", "kid": "kid", "kid_std":
                     "samples": "quality_samples", "seeds": "quality_seeds"}
 
 
+def is_failed(record: dict[str, Any]) -> bool:
+    """A cell that could not be measured (its worker lost on a cluster, or its own error): no figures."""
+    return str(record.get("status", "")).startswith("failed")
+
+
 def load_records(out_dir: Path) -> list[dict[str, Any]]:
-    return ResultStore(out_dir).load()
+    """The measured records of a folder (failed cells are listed apart: :func:`failed_cells`)."""
+    return [r for r in ResultStore(out_dir).load() if not is_failed(r)]
+
+
+def failed_cells(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each cell recorded as failed and not measured since: model, batch size, meters, reason."""
+    measured = {(r["model"], r["backbone"], r["batch_size"], r["meter"]) for r in records if not is_failed(r)}
+    cells: dict[tuple[str, str, int], dict[str, Any]] = {}
+    for r in records:
+        if is_failed(r) and (r["model"], r["backbone"], r["batch_size"], r["meter"]) not in measured:
+            cell = cells.setdefault((r["model"], r["backbone"], r["batch_size"]), {
+                "model": r["model"], "backbone": r["backbone"], "batch_size": r["batch_size"], "meters": [],
+                "reason": r["status"].removeprefix("failed: "), "executor": r.get("executor")})
+            if r["meter"] not in cell["meters"]:
+                cell["meters"].append(r["meter"])
+    return list(cells.values())
 
 
 def results_frame(records: list[dict[str, Any]]) -> pd.DataFrame:

@@ -140,3 +140,10 @@ def test_the_checker_catches_an_upward_import_and_a_circle(tmp_path, monkeypatch
     assert layers.upward_imports() == ["harness/runner.py:2 imports un0_bench.baselines.a",
                                        "reports/r.py:1 imports harness.ledger"]
     assert layers.import_cycles() == [["un0_bench.baselines.a", "un0_bench.baselines.b", "un0_bench.baselines.a"]]
+
+
+def test_ray_is_imported_in_one_module_only():
+    # The optional extra: only the Ray executor imports it (lazily), so everything else works without it.
+    users = sorted({str(path.relative_to(ROOT)) for _, path in _sources()
+                    for _, module in _imports(path) if module.split(".")[0] == "ray"})
+    assert users == ["harness/executors/ray.py"]

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from un0_bench.harness.config import finite, models_list, non_negative, path_arg, positive_int
+from un0_bench.harness.config import finite, models_list, non_negative, non_negative_int, path_arg, positive_int
 from un0_bench.harness.errors import UserError
 
 #: ``compare``'s options that go to the backbone (diffusers backbones only).
@@ -58,6 +58,33 @@ def _run_options(c: argparse.ArgumentParser) -> None:
         c.add_argument(flag, **kwargs)
 
 
+def _executor_options(c: argparse.ArgumentParser) -> None:
+    from un0_bench.harness.config import DEFAULT_CELL_CPUS, DEFAULT_CELL_RETRIES, DEFAULT_EXECUTOR
+
+    c.add_argument("--executor", default=DEFAULT_EXECUTOR,
+                   help="where cells run: local, ray (the cluster at RAY_ADDRESS, else a local one) or ray:ADDRESS "
+                        f"(default: {DEFAULT_EXECUTOR})")
+    c.add_argument("--allow-mixed", action="store_true",
+                   help="ray: run even if nodes differ in un0-bench version or weights (recorded in every record)")
+    c.add_argument("--retries", type=non_negative_int, default=DEFAULT_CELL_RETRIES,
+                   help=f"ray: times a cell whose worker died is tried again (default: {DEFAULT_CELL_RETRIES})")
+    c.add_argument("--cell-cpus", type=positive_int, default=DEFAULT_CELL_CPUS,
+                   help=f"ray: CPUs (torch threads) a CPU cell asks for (default: {DEFAULT_CELL_CPUS})")
+
+
+def make_executor(args: argparse.Namespace) -> Any:
+    from un0_bench.harness.config import DEFAULT_CELL_CPUS, DEFAULT_CELL_RETRIES
+    from un0_bench.harness.executors import make_executor as make
+
+    if args.executor.partition(":")[0] != "ray":
+        for flag, given in (("--allow-mixed", args.allow_mixed), ("--retries", args.retries != DEFAULT_CELL_RETRIES),
+                            ("--cell-cpus", args.cell_cpus != DEFAULT_CELL_CPUS)):
+            if given:
+                raise UserError(f"{flag} applies to --executor ray only")
+        return make(args.executor)
+    return make(args.executor, retries=args.retries, allow_mixed=args.allow_mixed, cpus_per_cell=args.cell_cpus)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2 (argparse's convention too)
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -74,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in _BACKBONE_OPTIONS:
         c.add_argument(f"--{name}", default=None, help=text, type=path_arg if name == "prompts" else str)
     _ledger_options(c)
+    _executor_options(c)
     c.add_argument("--no-report", action="store_true", help="write results only")
     c.add_argument("--fresh", action="store_true", help="start --out over: its earlier results are moved aside "
                                                         "(needed when they were measured with other options)")
@@ -351,24 +379,40 @@ def cmd_compare(args: argparse.Namespace) -> int:
             bar.update(task, description=f"measuring {info['model']} (batch {info['batch_size']})")
         elif kind == "quality":
             bar.update(task, description=f"quality of {info['model']}")
-        elif kind == "done":
+        elif kind in ("done", "failed") and "progress" not in live:
             bar.advance(task)
+        elif kind == "progress":  # a cluster: cells done / running / failed, in all and per node
+            live["progress"] = info
+            nodes = "; ".join(f"{node[:8]} {n['done']}/{n['running']}/{n['failed']}"
+                              for node, n in sorted(info["nodes"].items()))
+            bar.update(task, completed=info["done"] + info["failed"],
+                       description=f"{info['done']} done, {info['running']} running, {info['failed']} failed"
+                                   + (f" (per node done/running/failed: {nodes})" if nodes else ""))
 
-    # Pre-flight (names, stacks, numbers, the folder) before any progress bar: a refused run prints one line.
-    runner = Runner(cfg, on_event=on_event)
-    with Progress(transient=True) as bar:
-        live.update(bar=bar, task=bar.add_task("measuring", total=None))
-        try:
-            runner.run()
-        except KeyboardInterrupt:
-            kept = len(ResultStore(out).load())
-            print(f"interrupted: {kept} finished records kept in {out}; run the same command to resume",
-                  file=sys.stderr)
-            return 130
+    # Pre-flight (names, stacks, numbers, the folder, the cluster) before any progress bar: a refused run
+    # prints one line.
+    executor = make_executor(args)
+    try:
+        runner = Runner(cfg, on_event=on_event, executor=executor)
+        with Progress(transient=True) as bar:
+            live.update(bar=bar, task=bar.add_task("measuring", total=None))
+            try:
+                runner.run()
+            except KeyboardInterrupt:
+                kept = len(ResultStore(out).load())
+                print(f"interrupted: {kept} finished records kept in {out}; run the same command to resume",
+                      file=sys.stderr)
+                return 130
+    finally:
+        getattr(executor, "shutdown", lambda: None)()
+    from un0_bench.reports.tables import failed_cells, is_failed
+
     measured = {s.canonical for s in runner.stacks.values()}
-    records = [r for r in ResultStore(out).load() if r["backbone"] == cfg.backbone
-               and (r["model"] in cfg.models or runner.canonical_of(r) in measured)]
-    print_records(records)
+    mine = [r for r in ResultStore(out).load() if r["backbone"] == cfg.backbone
+            and (r["model"] in cfg.models or runner.canonical_of(r) in measured)]
+    print_records([r for r in mine if not is_failed(r)])
+    for f in failed_cells(mine):
+        print(f"failed: {f['model']} (batch {f['batch_size']}): {f['reason']}")
     if not args.no_report:
         from un0_bench.reports.build import build_report
 

@@ -15,7 +15,6 @@ without a window, split by role for the accounting boundaries.
 from __future__ import annotations
 
 import csv
-import difflib
 import io
 import math
 import os
@@ -232,9 +231,9 @@ def get_profile(name: str, path: str | os.PathLike[str] | None = None) -> Energy
     """The profile called ``name``; an unknown name raises :class:`UserError` with suggestions."""
     profiles = load_profiles(path)
     if name not in profiles:
-        close = difflib.get_close_matches(name, profiles, n=3)
-        hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-        raise UserError(f"unknown energy profile {name!r}.{hint} Known profiles: {', '.join(sorted(profiles))}")
+        from un0_bench.harness.registry import unknown_name
+
+        raise UserError(unknown_name("energy profile", name, sorted(profiles)))
     return profiles[name]
 
 

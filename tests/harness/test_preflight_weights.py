@@ -130,9 +130,8 @@ def test_a_pipelines_component_weights_are_opened_before_the_first_cell(tmp_path
                     quality_samples=0, reference="sd:steps=2")
     stack = Runner(cfg).stacks["sd:steps=2"]
     names = stack.weights()
-    assert "unet/diffusion_pytorch_model.safetensors" in names
-    assert names["unet/diffusion_pytorch_model.safetensors"] == _sha(folder / "unet/diffusion_pytorch_model.safetensors")
     unet = folder / "unet/diffusion_pytorch_model.safetensors"
+    assert names["unet/diffusion_pytorch_model.safetensors"] == _sha(unet)
     unet.write_bytes(unet.read_bytes()[:-100])
     with pytest.raises(CheckpointError, match="diffusion_pytorch_model.safetensors: truncated"):
         Runner(cfg)

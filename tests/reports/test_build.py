@@ -154,3 +154,24 @@ def test_memory_caveat_and_a_dram_priced_proxy_ledger_beside_the_proxys(tmp_path
     assert "1.01x" in dram and "2.99x" in ledger[:ledger.index("<h3>proxy-dram")]
     md = (tmp_path / "summary.md").read_text()
     assert "Boundary 3 (+ memory) of the proxy: The proxy counts every op's inputs and outputs" in md
+
+
+def test_failed_cells_are_listed_apart_until_measured(tmp_path):
+    lost = "failed: worker lost 3 times (nodes a, b, a); last: WorkerCrashedError: died"
+    write(tmp_path, [*suite()[:2], record("un0", "proxy", None, status=lost, flops=0.0, fid=None, matched=None),
+                     record("un0", "wall", None, status=lost, flops=0.0, fid=None, matched=None)])
+    build_report(tmp_path)
+    summary = (tmp_path / "summary.md").read_text()
+    assert ("## Failed cells\n\nNot measured; the same command measures them again.\n\n- `un0` batch 8 (proxy, wall): "
+            "worker lost 3 times (nodes a, b, a); last: WorkerCrashedError: died") in summary
+    html = (tmp_path / "report.html").read_text()
+    assert 'id="failed"' in html and "WorkerCrashedError" in html
+    # The failed records are no figures: the results table and CSV hold the measured models only.
+    assert "un0" not in (tmp_path / "results.csv").read_text()
+    # Measured later (a rerun), a meter of the cell is no longer listed as failed; the other still is.
+    write(tmp_path, [proxy("un0", compute=0.0005, fid=4.5)])
+    build_report(tmp_path)
+    assert "- `un0` batch 8 (wall): worker lost" in (tmp_path / "summary.md").read_text()
+    write(tmp_path, [record("un0", "wall", None)])
+    build_report(tmp_path)
+    assert "Failed cells" not in (tmp_path / "summary.md").read_text()

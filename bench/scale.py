@@ -86,8 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cells", type=int, default=200)
     p.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray cluster (its parallel slots)")
     args = p.parse_args(argv)
-    import ray
-    from un0_bench.harness.executors.ray import DEVICE_RESOURCE, RayExecutor
+    from un0_bench.harness.executors.ray import RayExecutor
 
     n = args.cells
     with tempfile.TemporaryDirectory(prefix="un0-scale-") as tmp:
@@ -95,16 +94,19 @@ def main(argv: list[str] | None = None) -> int:
         Runner(config(Path(tmp) / "local", n), **registries(n)).run()
         local_s = (time.perf_counter() - t0) / n
 
+        executor = RayExecutor(num_cpus=args.cpus)
         t0 = time.perf_counter()
-        ray.init(num_cpus=args.cpus, include_dashboard=False, resources={DEVICE_RESOURCE: 1}, logging_level="ERROR")
+        ray = executor.connect()  # starts the local cluster
         start_s = time.perf_counter() - t0
-        # A first small sweep starts the worker processes, so the figure below is the steady state.
-        Runner(config(Path(tmp) / "warm", args.cpus), **registries(args.cpus), executor=RayExecutor()).run()
-        runner = Runner(config(Path(tmp) / "ray", n), **registries(n), executor=RayExecutor())
-        t0, c0 = time.perf_counter(), _cpu_s()
-        runner.run()
-        ray_s, driver_cpu_s = (time.perf_counter() - t0) / n, (_cpu_s() - c0) / n
-        ray.shutdown()
+        try:
+            # A first small sweep starts the worker processes, so the figure below is the steady state.
+            Runner(config(Path(tmp) / "warm", args.cpus), **registries(args.cpus), executor=executor).run()
+            runner = Runner(config(Path(tmp) / "ray", n), **registries(n), executor=executor)
+            t0, c0 = time.perf_counter(), _cpu_s()
+            runner.run()
+            ray_s, driver_cpu_s = (time.perf_counter() - t0) / n, (_cpu_s() - c0) / n
+        finally:
+            executor.shutdown()
 
     overhead_s = args.cpus * ray_s - local_s
     print(f"cells: {n} trivial cells (wall meter, one window), host of {os.cpu_count()} CPUs, Ray {ray.__version__}")

@@ -39,7 +39,7 @@ from un0_bench.harness.protocol import (
 )
 from un0_bench.harness.registry import BACKBONES, GENERATORS, METERS, TECHNIQUES, Registry
 from un0_bench.harness.spec import ModelSpec
-from un0_bench.harness.stack import build, check_weights, resolve
+from un0_bench.harness.stack import build, resolve_checked
 from un0_bench.harness.stats import ratio_interval
 
 
@@ -69,12 +69,17 @@ def meter_specs(names: list[str], registry: Registry = METERS) -> dict[str, str]
     readings are keyed so, and reports single out ``proxy``); its parameters are in the record's
     ``meter_details``. A meter named twice is refused.
     """
+    from un0_bench.harness.spec import bind
+
     specs: dict[str, str] = {}
     for text in resolve_meters(names, registry):
-        name = ModelSpec.parse(text).name
-        if name in specs:
-            raise UserError(f"--meters names {name!r} twice ({specs[name]!r} and {text!r}); one each")
-        specs[name] = text
+        spec = ModelSpec.parse(text)
+        if spec.name in specs:
+            raise UserError(f"--meters names {spec.name!r} twice ({specs[spec.name]!r} and {text!r}); one each")
+        schema = getattr(registry.get(spec.name), "params", None)
+        if schema is not None:
+            bind(spec, schema)  # typed parameters (nvml:devices=0+1): a bad one is refused here, before any work
+        specs[spec.name] = text
     return specs
 
 
@@ -282,8 +287,7 @@ class Workbench:
         backbone = self.backbone
         model, bs, meter_names, meters = cell.model, cell.batch_size, list(cell.meter_names), self.meters
         unavailable, env = self.unavailable, self.env
-        stack = check_weights(resolve(model, backbone, self.generators, self.techniques), backbone,
-                              self.generators, self.techniques)
+        stack = resolve_checked(model, backbone, self.generators, self.techniques)
         generator = build(stack, backbone, self.generators, self.techniques)
         request = GenerationRequest(tuple(backbone.default_prompts(cfg.images)), seed=cfg.seed, batch_size=bs)
         profile = getattr(meters.get("proxy"), "profile", None)
@@ -365,6 +369,6 @@ class Workbench:
                 rec = {"status": unavailable[name], "energy_j_per_image": None, "energy_ci95_j": None}
             else:
                 rec = summarise(name, windows, measured.idle.get(name), min_window_s=meters[name].min_window_s)
-            records.append({**common, "meter": name, **rec})
+            records.append({**common, "meter": name, "meter_spec": self.meter_specs[name], **rec})
         return CellResult(cell, records, quality, judged, str(grid), png)
 

@@ -104,7 +104,7 @@ def idle_window(meters: Mapping[str, Meter], idle_s: float, *, clock: Clock = ti
 
 
 def warm_up(generator: Generator, request: GenerationRequest, min_calls: int, max_s: float,
-            tolerance: float = 0.05, *, clock: Clock = time.perf_counter) -> dict[str, Any]:
+            tolerance: float, *, clock: Clock = time.perf_counter) -> dict[str, Any]:
     """Unmetered calls until the time per call is steady, at least ``min_calls``, bounded by ``max_s``.
 
     Steady: two consecutive calls within ``tolerance`` of each other (caches filled, allocator and

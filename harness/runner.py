@@ -1,7 +1,7 @@
 """Orchestration (the driver): run a :class:`~un0_bench.harness.config.RunConfig` into an output folder.
 
 The runner checks everything that can be checked (names, stacks, meters, backbone, output folder)
-before the first cell, plans the pending cells (model x batch size; the reference first) and hands
+before the first cell, plans the pending cells (model x batch size, in a seeded shuffled order) and hands
 them to an executor (:mod:`~un0_bench.harness.executors`: local, or Ray), whose workbenches measure
 them (:mod:`~un0_bench.harness.cell`). It alone writes the folder: it caches each model's quality,
 judges it against the reference's band and appends one record per meter as soon as a cell is in.
@@ -35,7 +35,7 @@ from un0_bench.harness.hoststate import HostProbe
 from un0_bench.harness.protocol import ordered
 from un0_bench.harness.registry import BACKBONES, GENERATORS, METERS, TECHNIQUES, Registry
 from un0_bench.harness.results import ResultStore, check_writable
-from un0_bench.harness.stack import Stack, build, check_weights, resolve
+from un0_bench.harness.stack import Stack, build, resolve_checked
 
 if TYPE_CHECKING:
     from un0_bench.harness.executors import Executor
@@ -123,6 +123,10 @@ class Runner:
         for record in self.store.load():
             if record["backbone"] != cfg.backbone:
                 continue  # another backbone's cells: a separate comparison in the same folder
+            spec = record.get("meter_spec")
+            if isinstance(spec, str) and record["meter"] in self.meter_specs and "--meters" not in differ:
+                if spec != self.meter_specs[record["meter"]]:  # proxy:profile=A there, proxy:profile=B now
+                    differ["--meters"] = (spec, self.meter_specs[record["meter"]])
             canonical = self.canonical_of(record)
             if canonical in weights_now and record.get("model") not in changed:
                 old = _record_weights(record)
@@ -139,7 +143,8 @@ class Runner:
                 if old != value and key not in differ:
                     differ[key] = old
         if differ or changed:
-            listed = "; ".join([*(f"{flag_of(k)} {_shown(v)} there, {_shown(now[k])} now" for k, v in differ.items()),
+            shown = {k: (_shown(v), _shown(now[k])) if k in now else v for k, v in differ.items()}
+            listed = "; ".join([*(f"{flag_of(k) if k in now else k} {a} there, {b} now" for k, (a, b) in shown.items()),
                                 *(f"weights: {text}" for text in changed.values())])
             raise UserError(f"{cfg.out} holds results measured with another configuration ({listed}); run with "
                             f"the folder's options to resume it, another --out, or --fresh to start it over")
@@ -211,8 +216,7 @@ class Runner:
 
     def _resolve(self, text: str) -> Stack:
         """A checked stack whose weights files were opened (pre-flight) and named by their hashes."""
-        stack = resolve(text, self.backbone, self.generators, self.techniques)
-        return check_weights(stack, self.backbone, self.generators, self.techniques)
+        return resolve_checked(text, self.backbone, self.generators, self.techniques)
 
     def make_generator(self, text: str) -> Generator:
         stack = self.stacks.get(text) or self._resolve(text)
@@ -337,7 +341,8 @@ class Runner:
         run = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self.config).items()}
         return [{"model": cell.model, "model_canonical": stack.canonical, "stack": stack.describe(),
                  "backbone": self.config.backbone, "batch_size": cell.batch_size, "images": self.config.images,
-                 "meter": name, "status": f"failed: {reason}", "energy_j_per_image": None, "energy_ci95_j": None,
+                 "meter": name, "meter_spec": self.meter_specs[name], "status": f"failed: {reason}",
+                 "energy_j_per_image": None, "energy_ci95_j": None,
                  "flops_per_image": None, "bytes_per_image": None, "duration_s_per_image": None,
                  "uncounted_ops": None, "config": {"run": run}, "environment": None,
                  "executor": self.executor.name, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

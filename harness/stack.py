@@ -162,6 +162,12 @@ def check_weights(stack: Stack, backbone: Backbone, generators: Registry = GENER
     return replace(stack, layers=layers)
 
 
+def resolve_checked(text: str, backbone: Backbone, generators: Registry = GENERATORS,
+                    techniques: Registry = TECHNIQUES) -> Stack:
+    """:func:`resolve` then :func:`check_weights`: the stack every measured cell is built from."""
+    return check_weights(resolve(text, backbone, generators, techniques), backbone, generators, techniques)
+
+
 def build(stack: Stack, backbone: Backbone, generators: Registry = GENERATORS,
           techniques: Registry = TECHNIQUES) -> Generator:
     """Build the base of ``stack`` on ``backbone`` and apply its techniques left to right."""

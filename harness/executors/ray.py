@@ -72,6 +72,10 @@ def sees_whole_device(spec: BenchSpec, meter: str) -> bool:
         made.close()
 
 
+#: A fingerprint's key for a model whose weights a node cannot open (its value says why).
+WEIGHTS_UNREADABLE = "(cannot open its weights)"
+
+
 def fingerprint(spec: BenchSpec) -> dict[str, Any]:
     """What must agree on every node: the un0-bench version and commit, the weights files the run's models load.
 
@@ -81,22 +85,27 @@ def fingerprint(spec: BenchSpec) -> dict[str, Any]:
     from un0_bench.harness.cell import load_backbone
     from un0_bench.harness.environment import git_commit
     from un0_bench.harness.errors import UserError
-    from un0_bench.harness.stack import check_weights, resolve
+    from un0_bench.harness.stack import resolve_checked
 
     cfg = spec.config
     backbone = load_backbone(cfg.backbone, spec.backbones, **cfg.backbone_options)
     weights: dict[str, str] = {}
     for model in dict.fromkeys([*cfg.models, cfg.reference]):
         try:
-            stack = resolve(model, backbone, spec.generators, spec.techniques)
-            weights.update(check_weights(stack, backbone, spec.generators, spec.techniques).weights())
+            weights.update(resolve_checked(model, backbone, spec.generators, spec.techniques).weights())
         except UserError as e:
-            weights[f"{model} (cannot open its weights)"] = str(e)
+            weights[f"{model} {WEIGHTS_UNREADABLE}"] = str(e)
     try:
         version = metadata.version("un0-bench")
     except metadata.PackageNotFoundError:
         version = None
     return {"un0-bench": version, "git_commit": git_commit(), "weights": weights, "host": socket.gethostname()}
+
+
+def unreadable(prints: dict[str, dict[str, Any]]) -> list[str]:
+    """``node N: why`` for every weights file a node's fingerprint could not open (refused even when all agree)."""
+    return [f"node {node[:12]}: {why}" for node, p in prints.items()
+            for key, why in (p.get("weights") or {}).items() if key.endswith(WEIGHTS_UNREADABLE)]
 
 
 def differences(prints: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -202,8 +211,9 @@ class RayExecutor(Executor):
     name = "ray"
 
     def __init__(self, address: str | None = None, *, retries: int = DEFAULT_CELL_RETRIES, allow_mixed: bool = False,
-                 cpus_per_cell: int = DEFAULT_CELL_CPUS) -> None:
+                 cpus_per_cell: int = DEFAULT_CELL_CPUS, num_cpus: int | None = None) -> None:
         self.address = address or os.environ.get("RAY_ADDRESS") or None
+        self.num_cpus = num_cpus  # of a local cluster this executor starts (None: all the host's)
         self.retries, self.allow_mixed, self.cpus_per_cell = retries, allow_mixed, cpus_per_cell
         self.mixed: dict[str, dict[str, Any]] = {}
         self.prints: dict[str, dict[str, Any]] = {}
@@ -215,7 +225,8 @@ class RayExecutor(Executor):
         if not ray.is_initialized():
             if self.address is None:
                 # No cluster named: a local one on this host, with the device resource on its one node.
-                ray.init(resources={DEVICE_RESOURCE: 1}, include_dashboard=False, logging_level="WARNING")
+                ray.init(num_cpus=self.num_cpus, resources={DEVICE_RESOURCE: 1}, include_dashboard=False,
+                         logging_level="WARNING")
                 self.started_cluster = True
             else:
                 try:
@@ -241,6 +252,9 @@ class RayExecutor(Executor):
         refs = {n["NodeID"]: task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
                 .remote(spec) for n in nodes}
         self.prints = dict(zip(refs, ray.get(list(refs.values())), strict=True))
+        broken = unreadable(self.prints)
+        if broken:
+            raise UserError("a node cannot open the weights the run loads: " + "; ".join(broken))
         self.mixed = differences(self.prints)
         if self.mixed and not self.allow_mixed:
             raise UserError(mixed_message(self.prints, self.mixed))
@@ -271,7 +285,7 @@ class RayExecutor(Executor):
                 options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(others[0], soft=True)
             pending[task.options(**options).remote(shared_spec, cell, log, self.cpus_per_cell)] = (cell, lost_on)
 
-        for cell in cells:  # in the runner's order: the reference first
+        for cell in cells:  # in the runner's order (seeded, shuffled)
             submit(cell, [])
         counts: dict[str, dict[str, int]] = {}
 

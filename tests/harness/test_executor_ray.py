@@ -25,9 +25,12 @@ from tests.harness.test_runner import TinyBackbone
 ray = pytest.importorskip("ray")
 from un0_bench.harness.executors.ray import (  # noqa: E402
     DEVICE_RESOURCE,
+    WEIGHTS_UNREADABLE,
     RayExecutor,
     differences,
+    fingerprint,
     mixed_message,
+    unreadable,
 )
 
 
@@ -226,6 +229,26 @@ def test_driver_interrupt_keeps_finished_cells_and_resume_measures_none_twice(cl
     assert len(keys) == 16 and len(set(keys)) == 16  # every cell once, none twice
     assert len(builds(log)) - before == 7  # the finished cell was not measured again
     assert first not in [(r["model"], r["batch_size"]) for r in records[2:]]
+
+
+def test_a_weights_file_no_node_can_open_is_named_even_when_all_nodes_agree(tmp_path):
+    """Every node lacks un0's file: the fingerprints agree, yet the sweep must not start."""
+    import shutil
+
+    from un0_bench.backbones.digits import WEIGHTS_DIR
+    from un0_bench.harness.cell import BenchSpec
+
+    weights = tmp_path / "w"
+    shutil.copytree(WEIGHTS_DIR, weights)
+    (weights / "un0.safetensors").unlink()
+    cfg = RunConfig(models=["sd:steps=1", "un0"], out=tmp_path / "o", meters=["proxy"], reference="sd:steps=1",
+                    backbone_options={"weights_dir": weights})
+    print_ = fingerprint(BenchSpec(config=cfg))
+    assert print_["weights"]["teacher.safetensors"] and f"un0 {WEIGHTS_UNREADABLE}" in print_["weights"]
+    prints = {"n1" * 8: print_, "n2" * 8: dict(print_)}
+    assert differences(prints) == {}
+    problems = unreadable(prints)
+    assert len(problems) == 2 and problems[0].startswith("node n1n1n1n1n1n1: ") and "un0.safetensors" in problems[0]
 
 
 def test_nodes_that_differ_are_refused_with_the_differences():

@@ -136,3 +136,29 @@ def test_a_pipelines_component_weights_are_opened_before_the_first_cell(tmp_path
     with pytest.raises(CheckpointError, match="diffusion_pytorch_model.safetensors: truncated"):
         Runner(cfg)
     assert not cfg.out.exists()
+
+
+def test_a_bad_meter_parameter_is_refused_before_the_folder_is_touched(tmp_path, weights_dir):
+    """nvml:mig=bogus with --fresh: refused at construction; the earlier results are not moved aside."""
+    Runner(_config(tmp_path, weights_dir, ["sd:steps=1"])).run()
+    before = (tmp_path / "out" / "results.jsonl").read_text()
+    cfg = _config(tmp_path, weights_dir, ["sd:steps=1"], fresh=True)
+    cfg.meters = ["proxy", "nvml:mig=bogus"]
+    with pytest.raises(UserError, match="mig"):
+        Runner(cfg)
+    assert (tmp_path / "out" / "results.jsonl").read_text() == before
+    assert not any(p.name.startswith("replaced-") for p in (tmp_path / "out").iterdir())
+
+
+def test_resume_refuses_the_same_meter_with_other_parameters(tmp_path, weights_dir):
+    """proxy priced with the SRAM profile there, the DRAM one now: not the same cells, refused with both specs."""
+    cfg = _config(tmp_path, weights_dir, ["sd:steps=1"])
+    cfg.meters = ["proxy:profile=horowitz-45nm"]
+    Runner(cfg).run()
+    (rec,) = ResultStore(tmp_path / "out").load()
+    assert rec["meter"] == "proxy" and rec["meter_spec"] == "proxy:profile=horowitz-45nm"
+    again = _config(tmp_path, weights_dir, ["sd:steps=1"])
+    again.meters = ["proxy:profile=horowitz-45nm-dram"]
+    listed = "--meters proxy:profile=horowitz-45nm there, proxy:profile=horowitz-45nm-dram now"
+    with pytest.raises(UserError, match=listed):
+        Runner(again)

@@ -115,12 +115,15 @@ def test_idle_window_lasts_at_least_each_meters_minimum(monkeypatch) -> None:
 def test_warm_up_runs_until_two_calls_agree_with_a_bound() -> None:
     clock = TestClock()
     # Cold 3 s, then 1.5, 1.02, 1.0: steady at the fourth call (1.02 vs 1.0 within 5%).
-    w = warm_up(SlowGenerator(clock, [3.0, 1.5, 1.02, 1.0]), Request(), min_calls=1, max_s=60.0, clock=clock)
+    w = warm_up(SlowGenerator(clock, [3.0, 1.5, 1.02, 1.0]), Request(), min_calls=1, max_s=60.0, tolerance=0.05,
+                clock=clock)
     assert w["calls"] == 4 and w["steady"] is True
     # A device that never settles is stopped by the bound, and the record says it was not steady.
-    w = warm_up(SlowGenerator(clock, [1.0, 2.0, 1.0, 2.0, 1.0, 2.0]), Request(), min_calls=1, max_s=4.0, clock=clock)
+    w = warm_up(SlowGenerator(clock, [1.0, 2.0, 1.0, 2.0, 1.0, 2.0]), Request(), min_calls=1, max_s=4.0, tolerance=0.05,
+                clock=clock)
     assert w["calls"] == 3 and w["steady"] is False  # 1 + 2 + 1 = 4 s reached the bound
-    assert warm_up(SlowGenerator(clock, [1.0]), Request(), min_calls=0, max_s=9.0, clock=clock)["calls"] == 0
+    assert warm_up(SlowGenerator(clock, [1.0]), Request(), min_calls=0, max_s=9.0, tolerance=0.05,
+                   clock=clock)["calls"] == 0
 
 
 def fake_proc(root: Path, busy: int, own: int, load: str = "1.50 0.75 0.25 2/97 123") -> None:

@@ -179,7 +179,6 @@ class CellResult:
         cell: The cell measured.
         records: One record per meter, without the quality fields (the driver adds them).
         quality: The model's quality figure when this cell judged it, else ``None``.
-        quality_judged: Whether this cell ran the backbone's evaluator (its figure may be ``None``).
         grid: The sample grid's path inside the output folder.
         grid_png: The sample grid's PNG bytes.
         failed: Why the cell could not be measured (``None``: it was); a failed cell has no records.
@@ -188,7 +187,6 @@ class CellResult:
     cell: Cell
     records: list[dict[str, Any]]
     quality: dict[str, Any] | None = None
-    quality_judged: bool = False
     grid: str = ""
     grid_png: bytes = b""
     failed: str | None = None

@@ -104,14 +104,9 @@ class Generator(abc.ABC):
         if hook is not None:
             hook(kind, phase)
 
-    @contextlib.contextmanager
-    def phase(self, name: str) -> Iterator[None]:
+    def phase(self, name: str) -> contextlib.AbstractContextManager[None]:
         """``with self.phase("gate"): ...`` emits begin and end around the block, even if it raises."""
-        self.emit("begin", name)
-        try:
-            yield
-        finally:
-            self.emit("end", name)
+        return emitting(self.emit, name)
 
 
 def image_noise(seed: int, first_index: int, count: int, shape: tuple[int, ...]) -> torch.Tensor:
@@ -125,3 +120,13 @@ def image_noise(seed: int, first_index: int, count: int, shape: tuple[int, ...])
         g = torch.Generator().manual_seed(seed + first_index + k)
         out[k] = torch.randn(shape, generator=g)
     return out
+
+
+@contextlib.contextmanager
+def emitting(emit: Callable[[str, str], None], name: str) -> Iterator[None]:
+    """``emit("begin", name)`` before the block and ``emit("end", name)`` after it, even if it raises."""
+    emit("begin", name)
+    try:
+        yield
+    finally:
+        emit("end", name)

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 from un0_bench.harness.errors import StackError
-from un0_bench.harness.generator import GenerationRequest, GenerationResult, Generator
+from un0_bench.harness.generator import GenerationRequest, GenerationResult, Generator, emitting
 from un0_bench.harness.spec import Param
 
 if TYPE_CHECKING:
@@ -96,14 +96,9 @@ class Run:
     call_index: int = 0
     timestep: Any = None
 
-    @contextlib.contextmanager
-    def phase(self, name: str) -> Iterator[None]:
+    def phase(self, name: str) -> contextlib.AbstractContextManager[None]:
         """``with run.phase("gate"): ...`` opens and closes a phase window from inside a layer hook."""
-        self.emit("begin", name)
-        try:
-            yield
-        finally:
-            self.emit("end", name)
+        return emitting(self.emit, name)
 
 
 class Layer:

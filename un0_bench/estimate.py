@@ -41,10 +41,8 @@ CountFn = Callable[..., dict[str, Any]]
 
 
 def _count_arch() -> CountFn:
-    try:
-        from un0_bench.backbones.archs import count_arch
-    except ImportError as e:  # part A of issue 14 ships it
-        raise UserError(f"architecture counting is not available in this tree ({e})") from None
+    from un0_bench.backbones.archs import count_arch
+
     return count_arch
 
 

@@ -329,10 +329,10 @@ class Workbench:
         duration = ratio_interval(wall, [float(w.images) for w in timed]) if timed else None
         duration_s, duration_ci = (duration.estimate, duration.as_list()) if duration else (None, None)
         derivation = generator.derivation()
-        quality, judged = None, False
+        quality = None
         if cell.wants_quality and cfg.quality_samples > 0:
             self.on_event("quality", {"model": model})
-            quality, judged = backbone.evaluate_quality(generator, first, self.quality_options), True
+            quality = backbone.evaluate_quality(generator, first, self.quality_options)
         common = {
             "model": model,
             "model_canonical": stack.canonical,
@@ -368,5 +368,5 @@ class Workbench:
             else:
                 rec = summarise(name, windows, measured.idle.get(name), min_window_s=meters[name].min_window_s)
             records.append({**common, "meter": name, "meter_spec": self.meter_specs[name], **rec})
-        return CellResult(cell, records, quality, judged, str(grid), png)
+        return CellResult(cell, records, quality=quality, grid=str(grid), grid_png=png)
 

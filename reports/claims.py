@@ -161,17 +161,21 @@ def _energy(record: dict[str, Any], boundary: str) -> dict[str, Any] | None:
     e = entry.get("energy_j_per_image")
     if record["meter"] == "proxy" or record["meter"].startswith("proxy-"):
         return None if e is None else {"e": e, "lo": e, "hi": e, "below": False}
+    gross, gross_ci = record.get("energy_j_per_image"), record.get("energy_ci95_j") or [None, None]
     if boundary == "memory" and record.get("energy_net_j_per_image") is not None:
-        net, ci = record["energy_net_j_per_image"], record.get("energy_net_ci95_j") or [None, None]
+        net, ci = record["energy_net_j_per_image"], record.get("energy_net_ci95_j")
+        limit = record.get("energy_net_detection_limit_j")
+        if not ci and limit is not None:  # the net interval is net ± the detection limit
+            ci = [net - limit, net + limit]
+        elif not ci:  # an older record without either: the gross interval's relative width
+            ci = [None, None] if not gross or gross_ci[0] is None else [net * c / gross for c in gross_ci]
         below = below_detection_limit(record) or net <= 0 or (ci[0] is not None and ci[0] <= 0)
-        return {"e": net, "lo": ci[0], "hi": ci[1], "below": below,
-                "limit": record.get("energy_net_detection_limit_j")}
+        return {"e": net, "lo": ci[0], "hi": ci[1], "below": below, "limit": limit}
     if e is None:
         return None
-    gross, ci = record.get("energy_j_per_image"), record.get("energy_ci95_j") or [None, None]
-    if not gross or ci[0] is None or ci[1] is None:
+    if not gross or gross_ci[0] is None or gross_ci[1] is None:
         return {"e": e, "lo": None, "hi": None, "below": False}
-    return {"e": e, "lo": e * ci[0] / gross, "hi": e * ci[1] / gross, "below": e <= 0 or ci[0] <= 0}
+    return {"e": e, "lo": e * gross_ci[0] / gross, "hi": e * gross_ci[1] / gross, "below": e <= 0 or gross_ci[0] <= 0}
 
 
 def _log_half(x: dict[str, Any]) -> float:
@@ -356,9 +360,11 @@ def _same_size_note(c: dict[str, Any], same: list[dict[str, Any]], ref: dict[str
     factors = [((r.get("ledger") or {}).get("compute") or {}).get("factor_vs_reference") for r in plain]
     how = ""
     if all(steps) and all(factors) and ref_steps:
-        how = (f": they distil steps, {' and '.join(map(str, steps))} vs {ref_steps}, for "
+        how = (f": {'it distils' if len(plain) == 1 else 'they distil'} steps, {' and '.join(map(str, steps))} vs "
+               f"{ref_steps}, for "
                f"{' and '.join(fmt_factor(f) for f in factors)} less counted energy per image")
-    return (f"Not measured: no size-distilled student ({' and '.join(r['model'] for r in plain)} keep "
+    return (f"Not measured: no size-distilled student ({' and '.join(r['model'] for r in plain)} "
+            f"keep{'s' if len(plain) == 1 else ''} "
             f"{reference}'s {_parameters(ref):,.0f} parameters{how})")
 
 

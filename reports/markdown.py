@@ -6,7 +6,15 @@ from typing import Any
 
 from un0_bench.harness.ledger import BOUNDARIES, BOUNDARY_LABELS
 from un0_bench.harness.meters.proxy import MEMORY_CAVEAT
-from un0_bench.reports.claims import BOUNDARY_GLOSSARY, GLOSSARY, KID_NOTE, fmt_factor, fmt_range, headline_claims
+from un0_bench.reports.claims import (
+    BOUNDARY_GLOSSARY,
+    ESTIMATE,
+    GLOSSARY,
+    KID_NOTE,
+    fmt_factor,
+    fmt_range,
+    headline_claims,
+)
 
 _MARKS = {"holds": "✅", "fails": "❌", "cannot tell": "❔"}
 
@@ -65,7 +73,8 @@ def verdict_markdown(claim: dict[str, Any]) -> list[str]:
 def glossary_markdown(meters: list[dict[str, str]]) -> list[str]:
     """One line per class of evidence (with why each meter of this run is in its class) and per boundary."""
     lines = [f"- *{kind}*: {_esc(text)}" for kind, text in GLOSSARY.items()]
-    lines += [f"- `{_esc(m['meter'])}` on this host is *{m['evidence']}*: {_esc(m['evidence_reason'])}."
+    lines += [f"- `{_esc(m['meter'])}` on this host is {'a ' if m['evidence'] == ESTIMATE else ''}*{m['evidence']}*: "
+              f"{_esc(m['evidence_reason'])}."
               for m in meters if m.get("evidence") and m["evidence"] != "counted"]
     lines += [f"- boundary {BOUNDARY_LABELS[b]}: {BOUNDARY_GLOSSARY[b]}" for b in BOUNDARIES]
     return [*lines, "- holds: the point and the whole 95% interval clear the claim; fails: the point is below it; "

@@ -113,7 +113,7 @@ def test_summary_md_carries_the_verdict_table(tmp_path):
             "  - Holds on counted work at active compute: 2,000x ≥ 1,000x\n")
     assert lead.replace("&#x27;", "'") in md and md.index(lead.replace("&#x27;", "'")) < md.index("|")
     # Codecarbon's class is explained with this host's reason; each class and boundary has its line.
-    assert ("- `codecarbon` on this host is *time-based estimate*: no RAPL counter and no NVML GPU readable here: "
+    assert ("- `codecarbon` on this host is a *time-based estimate*: no RAPL counter and no NVML GPU readable here: "
             "codecarbon's CPU joules are its assumed TDP (8 W) x CPU load") in md
     for line in ("- *counted*: ", "- *measured*: ", "- *time-based estimate*: ", "- boundary 1 active compute: ",
                  "- boundary 6 + amortised training: "):

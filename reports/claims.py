@@ -231,6 +231,9 @@ def _cell(mine_r: dict[str, Any], ref_r: dict[str, Any] | None, boundary: str, c
     mine, ref = _energy(mine_r, boundary), _energy(ref_r, boundary)
     if mine is None or ref is None:
         return cell
+    if min(mine["e"], ref["e"]) <= 0 and not (mine["below"] or ref["below"]):
+        cell["why"] = cell["why"] or "zero energy at this boundary: no factor"
+        return cell
     if not mine["below"] and not ref["below"]:
         cell["factor"] = ref["e"] / mine["e"]
         cell["ci"] = factor_ci(mine, ref)
@@ -293,12 +296,13 @@ def sentence(row: dict[str, Any], boundary: str, claimed_low: float, claimed_hig
     if kind == COUNTED:
         value = fmt_factor(f)
     elif math.isinf(hi):
-        value = f"{fmt_factor(f)} (no interval: one window)"
+        value = f"{fmt_factor(f)} (one window: no interval)"
     else:
         value = f"{fmt_factor(f)} (95% CI {fmt_range(lo, hi)})"
+    if cell["status"] == CANNOT_TELL and math.isinf(hi):
+        return head + f"{fmt_factor(f)} ≥ {claimed}, but one window gives no interval"
     if cell["status"] == CANNOT_TELL:
-        spans = "no interval, so nothing" if math.isinf(hi) else f"CI {fmt_range(lo, hi)}"
-        return head + f"{fmt_factor(f)}, but {spans} spans {fmt_factor(claimed_low)}"
+        return head + f"{fmt_factor(f)}, but CI {fmt_range(lo, hi)} spans {fmt_factor(claimed_low)}"
     cmp = "≥" if cell["status"] == HOLDS else "<"
     above = ", above the claimed range" if HOLDS == cell["status"] and claimed_low < claimed_high < lo else ""
     return head + f"{value} {cmp} {claimed}{above}"

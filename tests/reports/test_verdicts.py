@@ -156,8 +156,8 @@ def test_one_window_cannot_tell():
                    un0("rapl", 0.001, energy_ci95_j=[None, None])])
     # 2.0 / 0.001 = 2,000x but no interval
     assert row["overall"] == CANNOT_TELL
-    assert row["headline"] == ("Cannot tell on measured energy (rapl) at net of idle: 2,000x, but no interval, so "
-                               "nothing spans 1,000x")
+    assert row["headline"] == ("Cannot tell on measured energy (rapl) at net of idle: 2,000x ≥ 1,000x, but one "
+                               "window gives no interval")
 
 
 def test_a_range_claim_is_judged_against_its_low_end():

@@ -270,5 +270,7 @@ def test_real_run_on_this_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     if not rapl_readable:  # this host: no RAPL, so codecarbon falls back on a TDP-based estimate
         assert reading.details["estimate"] is True
         assert reading.details["source"] in ("tdp x cpu load estimate", "tdp constant estimate")
+        assert reading.details["evidence"] == "time-based estimate"  # and the reports say so, with this reason
+        assert "no RAPL" in reading.details["evidence_reason"]
     assert sorted(os.listdir(tmp_path)) == []  # nothing written into the working directory
     assert lock.exists() == lock_existed  # no lock file left behind

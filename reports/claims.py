@@ -11,9 +11,10 @@ The class comes from what the meter did on this host (the ``evidence`` its readi
 ``estimate`` flag), never from its name. Each class with data gets one sentence per claim:
 
 * **holds** — the point estimate and its whole 95% interval are at or above the claim;
-* **fails** — the point estimate is below the claim (the interval is given beside it);
-* **cannot tell** — the point is at or above the claim but the interval reaches below it, or only a
-  bound is known (a model's net energy below the meter's detection limit) and it does not decide.
+* **fails** — the point estimate and its whole 95% interval are below the claim;
+* **cannot tell** — the interval contains the claim (whichever side of it the point falls on: a
+  point below the claim never holds), one window gave no interval, or only a bound is known (a
+  model's net energy below the meter's detection limit) and it does not decide.
 
 A range claim ("2-4x") promises at least its low end, so it is judged against the low end; a figure
 above the high end still holds and says it is above the range. The headline is the sentence of the
@@ -207,8 +208,11 @@ def cell_status(factor: float | None, ci: tuple[float, float] | None, claimed_lo
         return FAILS if factor < claimed_low else CANNOT_TELL
     if bound is not None or factor is None:
         return CANNOT_TELL
+    # Issue 22's rule: a point below the claim never holds, and an interval that contains the claim
+    # cannot tell, whichever side of it the point falls on; so a point below fails only with its
+    # whole interval below (a one-window figure, unbounded, cannot tell).
     if factor < claimed_low:
-        return FAILS
+        return FAILS if ci[1] < claimed_low else CANNOT_TELL
     return HOLDS if ci[0] >= claimed_low else CANNOT_TELL
 
 
@@ -300,7 +304,8 @@ def sentence(row: dict[str, Any], boundary: str, claimed_low: float, claimed_hig
     else:
         value = f"{fmt_factor(f)} (95% CI {fmt_range(lo, hi)})"
     if cell["status"] == CANNOT_TELL and math.isinf(hi):
-        return head + f"{fmt_factor(f)} ≥ {claimed}, but one window gives no interval"
+        cmp = "≥" if f >= claimed_low else "<"
+        return head + f"{fmt_factor(f)} {cmp} {claimed}, but one window gives no interval"
     if cell["status"] == CANNOT_TELL:
         return head + f"{fmt_factor(f)}, but CI {fmt_range(lo, hi)} spans {fmt_factor(claimed_low)}"
     cmp = "≥" if cell["status"] == HOLDS else "<"

@@ -77,7 +77,8 @@ def glossary_markdown(meters: list[dict[str, str]]) -> list[str]:
               f"{_esc(m['evidence_reason'])}."
               for m in meters if m.get("evidence") and m["evidence"] != "counted"]
     lines += [f"- boundary {BOUNDARY_LABELS[b]}: {BOUNDARY_GLOSSARY[b]}" for b in BOUNDARIES]
-    return [*lines, "- holds: the point and the whole 95% interval clear the claim; fails: the point and the whole interval are below it; "
+    return [*lines, "- holds: the point and the whole 95% interval clear the claim; "
+                    "fails: the point and the whole interval are below it; "
                     "cannot tell: otherwise (the interval spans it, or only a bound is known).", ""]
 
 

@@ -118,7 +118,8 @@ def test_a_measured_factor_below_the_claim_never_holds_and_cannot_tell_when_its_
     # interval contains it, so it cannot tell (never "holds").
     row = verdict([*sd_records("rapl"), proxy("un0", compute=0.0001, fid=4.2), un0("rapl", 0.0022)])
     assert row["overall"] == CANNOT_TELL
-    assert row["headline"] == "Cannot tell on measured energy (rapl) at net of idle: 909x, but CI 783–1,055x spans 1,000x"
+    assert row["headline"] == ("Cannot tell on measured energy (rapl) at net of idle: "
+                               "909x, but CI 783–1,055x spans 1,000x")
 
 
 def test_the_headline_is_the_most_demanding_class():

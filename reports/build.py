@@ -19,7 +19,15 @@ from un0_bench.harness.ledger import (
 from un0_bench.harness.meters.proxy import MEMORY_CAVEAT
 from un0_bench.harness.results import ResultStore
 from un0_bench.reports import plots, projected, units
-from un0_bench.reports.claims import evaluate_claims, is_reference, meter_kind
+from un0_bench.reports.claims import (
+    BOUNDARY_GLOSSARY,
+    GLOSSARY,
+    KID_NOTE,
+    evaluate_claims,
+    evidence,
+    headline_claims,
+    is_reference,
+)
 from un0_bench.reports.markdown import summary_markdown
 from un0_bench.reports.tables import (
     failed_cells,
@@ -160,7 +168,7 @@ def build_report(out_dir: Path, options: dict[str, Any] | None = None) -> Path:
             "quality_note": first.get("quality_note"),
         })
     claims = evaluate_claims(records, opts["reference"])
-    kinds = {m: meter_kind(records, m) for m in meters_with_energy}
+    kinds = {m: evidence(records, m) for m in meters_with_energy}
     kinds = dict(sorted(kinds.items(), key=lambda kv: kv[0] != "proxy"))
     lead = next((c for c in claims if c["measure"] == "energy" and c["model"]), None)
     env = records[0]["environment"] if records else {}
@@ -192,6 +200,10 @@ def build_report(out_dir: Path, options: dict[str, Any] | None = None) -> Path:
         "memory_caveat": MEMORY_CAVEAT,
         "memory_levels": sorted({str(r["proxy_memory_level"]) for r in records if r.get("proxy_memory_level")}),
         "claims": claims,
+        "headlines": headline_claims(claims),
+        "glossary": GLOSSARY,
+        "boundary_glossary": BOUNDARY_GLOSSARY,
+        "kid_note": KID_NOTE,
         "footprint": footprint_rows(records, opts["pue"], opts["grid_gco2_per_kwh"]),
         "landauer_j_per_bit": units.LANDAUER_J_PER_BIT_300K,
         "meters": meter_statuses(records),
@@ -215,5 +227,5 @@ def build_report(out_dir: Path, options: dict[str, Any] | None = None) -> Path:
     path = out_dir / "report.html"
     path.write_text(render(context))
     (out_dir / "summary.md").write_text(summary_markdown(question, claims, context["summary_rows"],
-                                                         context["summary_columns"], failed))
+                                                         context["summary_columns"], failed, context["meters"]))
     return path

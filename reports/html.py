@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jinja2
+from un0_bench.reports.claims import fmt_range
 
 _ENV = jinja2.Environment(
     loader=jinja2.PackageLoader("un0_bench.reports", "templates"),
@@ -39,6 +41,16 @@ _ENV.filters["num"] = fmt_num
 _ENV.filters["factor"] = lambda f: "—" if f is None else (f"{f:,.0f}x" if f >= 100 else f"{f:.3g}x")
 _ENV.filters["yesno"] = lambda v: "—" if v is None else ("yes" if v else "no")
 _ENV.filters["ms"] = lambda s: "—" if s is None else f"{s * 1e3:.3g} ms"
+
+
+def ratio_ci(ci: tuple[float, float] | None) -> str:
+    """A factor's 95% interval, '290–370x'; 'no interval' for one window (an unbounded end)."""
+    if ci is None:
+        return "—"
+    return "no interval" if math.isinf(ci[1]) else fmt_range(*ci)
+
+
+_ENV.filters["ratio_ci"] = ratio_ci
 
 
 def render(context: dict[str, Any]) -> str:

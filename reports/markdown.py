@@ -6,7 +6,17 @@ from typing import Any
 
 from un0_bench.harness.ledger import BOUNDARIES, BOUNDARY_LABELS
 from un0_bench.harness.meters.proxy import MEMORY_CAVEAT
-from un0_bench.reports.claims import fmt_factor
+from un0_bench.reports.claims import (
+    BOUNDARY_GLOSSARY,
+    ESTIMATE,
+    GLOSSARY,
+    KID_NOTE,
+    fmt_factor,
+    fmt_range,
+    headline_claims,
+)
+
+_MARKS = {"holds": "✅", "fails": "❌", "cannot tell": "❔"}
 
 
 def _esc(text: Any) -> str:
@@ -17,23 +27,34 @@ def _esc(text: Any) -> str:
 
 def _cell(row: dict[str, Any], b: str) -> str:
     cell = row["cells"][b]
-    if cell["factor"] is None:
+    if cell["bound"] == "none":
+        text = "no bound"
+    elif cell["bound"]:
+        text = f"{'≥' if cell['bound'] == 'at least' else '≤'} {fmt_factor(cell['factor'])} (detection limit)"
+    elif cell["factor"] is None:
         return "—"
-    text = fmt_factor(cell["factor"])
-    if row["kind"] != "counted":
-        text += f" ({fmt_factor(cell['ci'][0])}–{fmt_factor(cell['ci'][1])})"
-    mark = {"holds": "✅", "fails": "❌", "within uncertainty": "≈"}.get(cell["status"] or "", "")
-    return f"{mark} {text}".strip()
+    else:
+        text = fmt_factor(cell["factor"])
+        if row["kind"] != "counted":
+            lo, hi = cell["ci"]
+            text += " (no interval)" if hi == float("inf") else f" ({fmt_range(lo, hi)})"
+    return f"{_MARKS.get(cell['status'] or '', '')} {text}".strip()
+
+
+def _sentences(claim: dict[str, Any]) -> list[str]:
+    """The claim's headline in bold, the other classes beneath it."""
+    return [f"- **{_esc(claim['claim'])}** — {_MARKS.get(claim['overall'], '')} {_esc(claim['headline'])}".replace(
+        "—  ", "— "), *[f"  - {_esc(s)}" for s in claim.get("others") or []]]
 
 
 def verdict_markdown(claim: dict[str, Any]) -> list[str]:
-    lines = [f"### {_esc(claim['claim'])}", "", f"**{_esc(claim['verdict'])}**", ""]
+    lines = [f"### {_esc(claim['claim'])}", "", _esc(claim["headline"]), ""]
     if claim["table"]:
         lines.append("| meter | " + " | ".join(BOUNDARY_LABELS[b] for b in BOUNDARIES) + " |")
         lines.append("|---|" + "---:|" * len(BOUNDARIES))
         for row in claim["table"]:
-            kind = row["kind"] + (", estimate" if row["estimate"] else "")
-            lines.append(f"| {_esc(row['meter'])} ({kind}) | " + " | ".join(_cell(row, b) for b in BOUNDARIES) + " |")
+            lines.append(f"| {_esc(row['meter'])} ({row['kind']}) | " + " | ".join(_cell(row, b) for b in BOUNDARIES)
+                         + " |")
         lines.append("")
     for s in claim.get("settings") or []:
         lines.append(f"- `{_esc(s['model'])}` on {_esc(s['profile'])}: projected {s['value']:.3g} {s['unit']} per "
@@ -49,18 +70,33 @@ def verdict_markdown(claim: dict[str, Any]) -> list[str]:
     return lines
 
 
+def glossary_markdown(meters: list[dict[str, str]]) -> list[str]:
+    """One line per class of evidence (with why each meter of this run is in its class) and per boundary."""
+    lines = [f"- *{kind}*: {_esc(text)}" for kind, text in GLOSSARY.items()]
+    lines += [f"- `{_esc(m['meter'])}` on this host is {'a ' if m['evidence'] == ESTIMATE else ''}*{m['evidence']}*: "
+              f"{_esc(m['evidence_reason'])}."
+              for m in meters if m.get("evidence") and m["evidence"] != "counted"]
+    lines += [f"- boundary {BOUNDARY_LABELS[b]}: {BOUNDARY_GLOSSARY[b]}" for b in BOUNDARIES]
+    return [*lines, "- holds: the point and the whole 95% interval clear the claim; "
+                    "fails: the point and the whole interval are below it; "
+                    "cannot tell: otherwise (the interval spans it, or only a bound is known).", ""]
+
+
 def summary_markdown(question: dict[str, Any], claims: list[dict[str, Any]], summary_rows: list[dict[str, Any]],
-                     summary_columns: list[str], failed: list[dict[str, Any]] | None = None) -> str:
+                     summary_columns: list[str], failed: list[dict[str, Any]] | None = None,
+                     meters: list[dict[str, str]] | None = None) -> str:
     lines = ["# un0-bench summary", ""]
+    lines += [line for c in headline_claims(claims) for line in _sentences(c)]
+    lines.append("")
     if question.get("claim"):
         lines += [f"**Question:** “{_esc(question['claim'])}” — `{_esc(question['model'])}` against the reference "
                   f"`{_esc(question['reference'])}` on {', '.join(question['backbones'])}, "
                   f"host {_esc(question['host'])}.",
                   ""]
+    lines += glossary_markdown(meters or [])
     lines += ["## Verdicts", "",
-              "Times less energy per image than the reference at each accounting boundary; measured meters show "
-              "the 95% CI from both models' repeats (the counted proxy has none). ✅ holds, ❌ fails, ≈ within "
-              "uncertainty.", "",
+              "Times less energy per image than the reference at each accounting boundary, with the 95% CI of the "
+              "ratio (log scale; counted work is exact). ✅ holds, ❌ fails, ❔ cannot tell.", "",
               f"Boundary 3 (+ memory) of the proxy: {MEMORY_CAVEAT}", ""]
     for c in claims:
         lines += verdict_markdown(c)
@@ -69,6 +105,8 @@ def summary_markdown(question: dict[str, Any], claims: list[dict[str, Any]], sum
                   "|" + "---|" * len(summary_columns)]
         lines += ["| " + " | ".join(_esc(row[c]) for c in summary_columns) + " |" for row in summary_rows]
         lines.append("")
+        if any(str(row.get("KID", "")).startswith("-") for row in summary_rows):
+            lines += [KID_NOTE, ""]
     if failed:
         lines += ["## Failed cells", "", "Not measured; the same command measures them again.", ""]
         lines += [f"- `{_esc(f['model'])}` batch {f['batch_size']} ({', '.join(f['meters'])}): {_esc(f['reason'])}"

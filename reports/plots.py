@@ -182,12 +182,13 @@ def energy_vs_quality(records: list[dict[str, Any]], is_reference: Any, kinds: d
 def ladder(table: list[dict[str, Any]], boundaries: list[str], labels: dict[str, str], claimed: float,
            title: str = "") -> bytes | None:
     """A claim's factor across the boundaries, one line per meter (95% CI as a band), the claim as a line."""
-    rows = [row for row in table if any(row["cells"][b]["factor"] for b in boundaries)]
+    rows = [row for row in table if any(row["cells"][b]["factor"] and row["cells"][b]["ci"] for b in boundaries)]
     if not rows:
         return None
     fig, ax = plt.subplots(figsize=(7, 3.8))
     for row in rows:
-        xs = [i for i, b in enumerate(boundaries) if row["cells"][b]["factor"]]
+        # A bound (net energy below the detection limit) has no interval to draw: its sentence gives it.
+        xs = [i for i, b in enumerate(boundaries) if row["cells"][b]["factor"] and row["cells"][b]["ci"]]
         ys = [row["cells"][boundaries[i]]["factor"] for i in xs]
         line = ax.plot(xs, ys, marker="o", label=row["label"])[0]
         lo = [row["cells"][boundaries[i]]["ci"][0] for i in xs]

@@ -8,10 +8,12 @@ from typing import Any
 
 import pandas as pd
 from un0_bench.harness.results import ResultStore
+from un0_bench.reports.claims import evidence
 
 #: Columns of ``results.csv`` (flat; nested fields stay in results.jsonl).
 CSV_COLUMNS = [
-    "model", "backbone", "batch_size", "meter", "status", "images", "repeats", "energy_j_per_image",
+    "model", "backbone", "batch_size", "meter", "status", "evidence", "evidence_reason", "images", "repeats",
+    "energy_j_per_image",
     "energy_ci95_lo_j", "energy_ci95_hi_j", "energy_net_j_per_image", "idle_power_w", "flops_per_image",
     "gating_flops_per_image", "bytes_per_image", "gating_bytes_per_image", "duration_s_per_image",
     "uncounted_ops", "fid", "fid_std", "kid", "kid_std", "accuracy", "quality_samples", "quality_seeds",
@@ -50,14 +52,18 @@ def failed_cells(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def results_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     """One row per record, in flat columns.
 
-    The CI is split into lo/hi, uncounted ops become ``op:calls`` text, and the quality figures are
-    empty where quality was not measured.
+    The CI is split into lo/hi, uncounted ops become ``op:calls`` text, the quality figures are
+    empty where quality was not measured, and a record with energy names its class of evidence
+    (counted, measured, time-based estimate) and why.
     """
+    classes = {m: evidence(records, m) for m in {r["meter"] for r in records if r.get("energy_j_per_image")}}
     rows = []
     for r in records:
         ci = r.get("energy_ci95_j") or [None, None]
+        ev = classes.get(r["meter"]) if r.get("energy_j_per_image") else None
         rows.append({
             **{k: r.get(k) for k in CSV_COLUMNS if k in r},
+            "evidence": ev and ev["kind"], "evidence_reason": ev and ev["reason"],
             "energy_ci95_lo_j": ci[0],
             "energy_ci95_hi_j": ci[1],
             "uncounted_ops": "; ".join(f"{k}:{v}" for k, v in (r.get("uncounted_ops") or {}).items()),
@@ -71,10 +77,14 @@ def write_csv(records: list[dict[str, Any]], path: Path) -> None:
 
 
 def meter_statuses(records: list[dict[str, Any]]) -> list[dict[str, str]]:
-    """Each meter once, with its status (the first non-ok reason wins) and details worth showing."""
+    """Each meter once: its status (the first non-ok reason wins), class of evidence with why, and details."""
     seen: dict[str, dict[str, str]] = {}
     for r in records:
-        m = seen.setdefault(r["meter"], {"meter": r["meter"], "status": r["status"], "details": ""})
+        m = seen.setdefault(r["meter"], {"meter": r["meter"], "status": r["status"], "details": "",
+                                         "evidence": "", "evidence_reason": ""})
+        if r.get("energy_j_per_image") and not m["evidence"]:
+            ev = evidence(records, r["meter"])
+            m["evidence"], m["evidence_reason"] = ev["kind"], ev["reason"]
         if r["status"] != "ok":
             m["status"] = r["status"]
         details = r.get("meter_details") or {}
@@ -88,19 +98,19 @@ def meter_statuses(records: list[dict[str, Any]]) -> list[dict[str, str]]:
 def summary_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     """One row per (model, batch size): J/image for each meter, counts, time and quality.
 
-    Energy columns are named ``J/image <meter>``; a meter that was unavailable shows ``None`` (its
-    reason is in the meters table), never 0.
+    Energy columns are named ``J/image <meter> (<class of evidence>)``; a meter that was unavailable
+    shows ``None`` (its reason is in the meters table), never 0.
     """
     rows: dict[tuple[str, int], dict[str, Any]] = {}
     # Only meters that gave energy somewhere: an unavailable meter's reason is in the meters table, once.
     meters = list(dict.fromkeys(r["meter"] for r in records if r.get("energy_j_per_image") is not None))
-    # A meter whose figures are estimates (codecarbon without RAPL) says so in its column name.
-    estimates = {r["meter"] for r in records if (r.get("meter_details") or {}).get("estimate")}
+    # Each column names its class of evidence: codecarbon without a sensor is a time-based estimate.
+    classes = {m: evidence(records, m)["kind"] for m in meters}
 
     def col(meter: str) -> str:
         if meter.startswith("projection:"):
             return f"J/image {meter} (projected, not measured)"
-        return f"J/image {meter}" + (" (estimate)" if meter in estimates else "")
+        return f"J/image {meter} ({classes[meter]})"
 
     for r in records:
         row = rows.setdefault((r["model"], r["batch_size"]), {

@@ -423,18 +423,21 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def print_verdicts(out: Path) -> None:
-    """Each claim's one-line verdict (meter and boundary named), as the report's first screen gives it."""
+    """Each claim's headline sentence and the other classes beneath it, as the report's first screen gives them."""
     from un0_bench.harness.ledger import run_settings
     from un0_bench.reports.build import with_ledgers
-    from un0_bench.reports.claims import evaluate_claims
-    from un0_bench.reports.tables import load_records
+    from un0_bench.reports.claims import evaluate_claims, headline_claims
+    from un0_bench.reports.tables import load_records, meter_statuses
 
     records = load_records(out)
     settings = run_settings(records)
     with_ledgers(records, settings["reference"], settings["pue"], settings["lifetime_images"])
-    for row in evaluate_claims(records, settings["reference"]):
-        if row["model"] is not None:
-            print(f"claim: {row['claim']} ({row['model']} vs {settings['reference']})\n  {row['verdict']}")
+    for row in headline_claims(evaluate_claims(records, settings["reference"])):
+        vs = f" ({row['model']} vs {settings['reference']})" if row["model"] else ""
+        print(f"claim: {row['claim']}{vs}\n  {row['headline']}" + "".join(f"\n    {s}" for s in row["others"]))
+    for m in meter_statuses(records):
+        if m["evidence"] and m["evidence"] != "counted":
+            print(f"evidence: {m['meter']}: {m['evidence']} ({m['evidence_reason']})")
 
 
 def cmd_report(args: argparse.Namespace) -> int:

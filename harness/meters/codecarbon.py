@@ -100,6 +100,28 @@ def domain_methods(sources: dict[str, str]) -> dict[str, str]:
 MEASURED_METHODS = ("RAPL", "NVML", "AMDSMI", "AMDSMI+NVML", "powermetrics", "raspberry pi pmic")
 
 
+def evidence_of(methods: dict[str, str], tdp_w: float | None = None) -> tuple[str, str]:
+    """The class of evidence a reading is (``measured`` or ``time-based estimate``) and why, from its methods.
+
+    Measured when a sensor gave every figure but RAM's (codecarbon's RAM figure is always a size rule:
+    constant power, which the idle subtraction removes). Otherwise the joules are a model of time (TDP x
+    load, a constant), so a faster model looks cheaper in proportion to its time, not its work. The
+    class names are the reports' (``reports/claims.py``).
+    """
+    sensed = [m for d, m in sorted(methods.items()) if m in MEASURED_METHODS]
+    modelled = {d: m for d, m in sorted(methods.items()) if m not in MEASURED_METHODS}
+    if sensed and set(modelled) <= {"ram"}:
+        return "measured", (f"codecarbon read {' and '.join(sensed)}; only its RAM figure is a size rule "
+                            "(constant power, removed net of idle)")
+    tdp = f" ({tdp_w:g} W)" if tdp_w is not None else ""
+    if not sensed:
+        what = "no RAPL counter and no NVML GPU readable here"
+    else:
+        what = f"it read {' and '.join(sensed)} but no CPU counter (no RAPL)"
+    return "time-based estimate", (f"{what}: codecarbon's CPU joules are its assumed TDP{tdp} x CPU load and its "
+                                   "RAM joules a rule from the RAM's size, so they follow run time, not work")
+
+
 def describe_sources(hardware: list[Any]) -> tuple[dict[str, str], bool]:
     """Say where codecarbon's figures come from, from its hardware objects.
 
@@ -142,7 +164,8 @@ class CodecarbonMeter(Meter):
     obtained: RAPL or a TDP-based estimate), ``sources`` and ``methods`` per domain (CPU ``RAPL`` or
     ``TDP x load``; RAM ``size model``; GPU ``NVML``), ``tdp_w`` (the TDP codecarbon assumed for the
     CPU), ``estimate`` (True when any part of the total was estimated: the RAM figure always is),
-    ``estimated_domains`` and ``country_iso_code``.
+    ``estimated_domains``, ``country_iso_code``, and ``evidence`` with ``evidence_reason`` (the class
+    of evidence the reading is: :func:`evidence_of`).
 
     Args:
         country_iso_code: 3-letter ISO code of the grid for the emissions factor.
@@ -245,6 +268,7 @@ class CodecarbonMeter(Meter):
         tdp_w = next((getattr(hw, "_tdp", None) for hw in hardware if type(hw).__name__ == "CPU"), None)
         if tdp_w is not None:
             details["tdp_w"] = float(tdp_w)
+        details["evidence"], details["evidence_reason"] = evidence_of(methods, details.get("tdp_w"))
         if "gpu" in sources:
             details["gpu_note"] = "codecarbon reads every GPU it sees, not only the devices of this run"
         cpu_model = getattr(tracker, "_conf", {}).get("cpu_model")

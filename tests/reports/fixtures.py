@@ -8,6 +8,8 @@ from typing import Any
 from un0_bench.harness.results import ResultStore
 
 ENV = {"cpu": "Test CPU", "versions": {"torch": "2.13.0"}}
+#: What codecarbon recorded on a host without RAPL or NVML (before it recorded its class of evidence).
+CODECARBON_TDP = {"estimate": True, "methods": {"cpu": "TDP x load", "ram": "size model"}, "tdp_w": 8.0}
 
 
 def record(model: str, meter: str, energy: float | None, *, flops: float = 1e9, fid: float | None = 5.0,

@@ -4,7 +4,7 @@ from un0_bench.reports.build import build_report
 from un0_bench.reports.claims import evaluate_claims
 from un0_bench.reports.plots import pareto_front
 
-from tests.reports.fixtures import proxy, record, write
+from tests.reports.fixtures import CODECARBON_TDP, proxy, record, write
 
 TEACHER = {"proxy": {"energy_j": 1000.0}}
 
@@ -12,7 +12,7 @@ TEACHER = {"proxy": {"energy_j": 1000.0}}
 def suite():
     return [
         proxy("sd", compute=1.0, memory=1.0, fid=4.0, derivation=TEACHER),
-        record("sd", "codecarbon", 5.0, meter_details={"estimate": True}, energy_net_j_per_image=2.0),
+        record("sd", "codecarbon", 5.0, meter_details=CODECARBON_TDP, energy_net_j_per_image=2.0),
         record("sd", "rapl", None, status="unavailable: no powercap sysfs"),
         proxy("un0", compute=0.0005, gating=0.0001, memory=0.01, fid=4.5),
         proxy("sd-int8", compute=0.4, memory=0.3, fid=4.2),
@@ -36,7 +36,7 @@ def test_report_is_self_contained_escaped_and_complete(tmp_path):
     assert html.count("unavailable: no powercap sysfs") == 1 and "J/image rapl" not in html
     # The ledger's device-meter reason is a numbered note under its table, once per meter, not per cell.
     assert html.count("codecarbon sees the whole device and cannot split compute, gating and memory") == 1
-    assert "J/image codecarbon (estimate)" in html
+    assert "J/image codecarbon (time-based estimate)" in html and "J/image proxy (counted)" in html
     # Headline: un0 vs sd at the compute boundary, 1.0 / 0.0005 = 2,000x.
     assert "2,000x" in html
     assert (tmp_path / "results.csv").read_text().count("\n") == len(suite()) + 1
@@ -68,11 +68,11 @@ def test_claims_pick_the_best_quality_matched_model():
     # 1.0 / 0.0005 = 2,000x at active compute; at the widest boundary sd is 2.0 J + 1,000 J / 1e6 images
     # = 2.001 J against un0's 0.0106 J: 188.77x. Only the proxy measured un0, so the proxy decides.
     assert un0["model"] == "un0" and un0["factor"] == 1.0 / 0.0005 and un0["overall"] == "holds"
-    assert un0["verdict"] == ("Holds: holds at boundary 1 (active compute) on the op-count proxy (2,000x); fails at"
-                              " the widest boundary 6 (+ amortised training) on the op-count proxy (189x)")
+    assert un0["headline"] == "Holds on counted work at active compute: 2,000x ≥ 1,000x" and un0["others"] == []
     q = rows["Quantization"]
-    # int8: 1.0 / 0.4 = 2.5x at the compute boundary, inside the claimed 2-4x
+    # int8: 1.0 / 0.4 = 2.5x at the compute boundary, inside the claimed 2-4x: judged against its low end
     assert q["model"] == "sd-int8" and q["factor"] == 2.5 and q["overall"] == "holds"
+    assert q["headline"] == "Holds on counted work at active compute: 2.5x ≥ 2x (the low end of the claimed 2–4x)"
     assert rows["Pruning"]["verdict"] == "Not measured in this run" and rows["Pruning"]["overall"] == "not measured"
 
 
@@ -103,30 +103,48 @@ def test_summary_md_carries_the_verdict_table(tmp_path):
     write(tmp_path, browser_suite())
     build_report(tmp_path)
     md = (tmp_path / "summary.md").read_text()
-    # un0 vs sd: proxy 1.0 / 0.0005 = 2,000x at compute; codecarbon net 2.0 / 0.01 = 200x (CI 1.8/0.011 = 164x to
-    # 2.2/0.009 = 244x), gross 5.0 / 0.01 = 500x (CI 4.5/0.011 = 409x to 5.5/0.009 = 611x).
-    assert "| codecarbon (measured, estimate) | — | — | ❌ 200x (164x–244x) | ❌ 500x (409x–611x) |" in md
+    # un0 vs sd: proxy 1.0 / 0.0005 = 2,000x at compute; codecarbon net 2.0 / 0.01 = 200x, gross 5.0 / 0.01 =
+    # 500x, each x [0.861567, 1.160676] on the log scale (test_verdicts): 172-232x and 431-580x.
+    assert "| codecarbon (time-based estimate) | — | — | ❌ 200x (172–232x) | ❌ 500x (431–580x) |" in md
     assert "| proxy (counted) | ✅ 2,000x |" in md
-    # Each boundary is named once per status, with every meter that lands there.
-    assert ("**Fails: holds at boundary 1 (active compute) on the op-count proxy (2,000x); fails at boundary 3"
-            " (+ memory) on the measured codecarbon energy (estimate) (200x, 95% CI 164x–244x), at the widest"
-            " boundary 6 (+ amortised training) on the op-count proxy (189x) and on the measured codecarbon energy"
-            " (estimate) (500x, 95% CI 409x–611x)**") in md
+    # The sentences lead, before any table: the time-based estimate heads the claim, counted work beneath it.
+    lead = ("- **Un-0 uses 1,000x less energy per image than today&#x27;s diffusion models** — ❌ Fails on time-based"
+            " estimate (codecarbon) at net of idle: 200x (95% CI 172–232x) &lt; 1,000x\n"
+            "  - Holds on counted work at active compute: 2,000x ≥ 1,000x\n")
+    assert lead.replace("&#x27;", "'") in md and md.index(lead.replace("&#x27;", "'")) < md.index("|")
+    # Codecarbon's class is explained with this host's reason; each class and boundary has its line.
+    assert ("- `codecarbon` on this host is a *time-based estimate*: no RAPL counter and no NVML GPU readable here: "
+            "codecarbon's CPU joules are its assumed TDP (8 W) x CPU load") in md
+    for line in ("- *counted*: ", "- *measured*: ", "- *time-based estimate*: ", "- boundary 1 active compute: ",
+                 "- boundary 6 + amortised training: "):
+        assert line in md
+    # No interval with a negative end anywhere.
+    assert not re.search(r"\d–-|CI -|\(-\d", md)
     # HTML in model names is shown as text; the unavailable rapl meter has no column.
     assert "<script>" not in md and "&lt;script&gt;" in md and "rapl" not in md
     # Main figures: 3 significant digits, counts with SI suffixes (1e9 FLOPs -> 1G, 1e8 bytes -> 100M).
     assert "| un0 | 8 | 0.0106 | 0.01 | 1G | 100M | 10 |" in md
 
 
+def load_with_ledgers(out_dir):
+    from un0_bench.reports.build import with_ledgers
+    from un0_bench.reports.tables import load_records
+
+    records = load_records(out_dir)
+    with_ledgers(records, "sd", pue=1.0, lifetime_images=1_000_000)
+    return records
+
+
 def test_net_within_its_uncertainty_is_below_detection_limit(tmp_path):
     # A whole-device meter whose net of idle came out below zero (old record: no verdict recorded), one
     # whose small positive net is within its recorded detection limit, and one well above it: the
     # table says "below detection limit" for the first two instead of printing joules.
-    low = record("un0", "codecarbon", 0.0005, energy_net_j_per_image=-0.0002743)
+    cc = {"meter_details": CODECARBON_TDP}
+    low = record("un0", "codecarbon", 0.0005, energy_net_j_per_image=-0.0002743, **cc)
     within = record("un0-osc", "codecarbon", 0.0006, energy_net_j_per_image=0.0001,
-                    energy_net_detection_limit_j=0.0004, energy_net_below_detection_limit=True)
+                    energy_net_detection_limit_j=0.0004, energy_net_below_detection_limit=True, **cc)
     high = record("sd", "codecarbon", 19.5, energy_net_j_per_image=5.0, energy_net_detection_limit_j=0.5,
-                  energy_net_below_detection_limit=False)
+                  energy_net_below_detection_limit=False, **cc)
     write(tmp_path, [low, within, high, proxy("sd", compute=0.0157), proxy("un0", compute=2.6e-6),
                      proxy("un0-osc", compute=2.6e-6)])
     html = build_report(tmp_path).read_text()
@@ -136,6 +154,18 @@ def test_net_within_its_uncertainty_is_below_detection_limit(tmp_path):
     # The ledger's boundary 3 says the same, with the limit.
     assert "below detection limit: net of idle 0.0001 J (within ±0.0004 J)" in html
     assert "below the meter's resolution" not in html
+    # The claim: un0's net is below zero with no interval, so no bound at all (cannot tell), never a negative end.
+    claim = {"claim": "un0", "source": "t", "models": ["un0"], "measure": "energy", "boundary": "compute",
+             "claimed_low": 1000.0, "claimed_high": 1000.0}
+    row = evaluate_claims(load_with_ledgers(tmp_path), "sd", [claim])[0]
+    assert row["headline"] == ("Cannot tell on time-based estimate (codecarbon) at net of idle: no bound: un0's net "
+                               "energy is below the detection limit")
+    # un0-osc's net 0.0001 ± 0.0004 J is at most 0.0005 J: at least sd's 5.0 x 0.9 / 0.0005 = 9,000x.
+    row = evaluate_claims(load_with_ledgers(tmp_path), "sd", [{**claim, "models": ["un0-osc"]}])[0]
+    assert row["headline"] == ("Holds on time-based estimate (codecarbon) at net of idle: at least 9,000x ≥ 1,000x: "
+                               "un0-osc's net energy is below the detection limit of 0.0004 J/image (at most 0.0005 "
+                               "J/image)")
+    assert not re.search(r"\d–-|CI -", html)
 
 def test_memory_caveat_and_a_dram_priced_proxy_ledger_beside_the_proxys(tmp_path):
     sd = proxy("sd", compute=1.0, memory=0.5, proxy_memory_level="SRAM 8 KB",

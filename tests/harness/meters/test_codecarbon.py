@@ -120,6 +120,11 @@ def test_exact_joules_from_kwh_and_tdp_estimate(factory: SimpleNamespace) -> Non
         "tdp_w": 85.0,  # the TDP codecarbon multiplied by the load
         "country_iso_code": "USA",  # as codecarbon reported it in the data
         "cpu_model": "Fake CPU 3000",
+        # No sensor: the joules are a model of time, and the reason names the TDP it assumed.
+        "evidence": "time-based estimate",
+        "evidence_reason": "no RAPL counter and no NVML GPU readable here: codecarbon's CPU joules are its assumed "
+                           "TDP (85 W) x CPU load and its RAM joules a rule from the RAM's size, so they follow run "
+                           "time, not work",
     }
     # cpu 1.25e-4 x 3.6e6 = 450 J; ram 5e-5 x 3.6e6 = 180 J
     assert second.energy_j == {"cpu": 450.0, "ram": 180.0}
@@ -150,6 +155,9 @@ def test_rapl_and_nvml_measure_but_the_ram_model_makes_the_total_an_estimate(fac
     # CPU and GPU are measured, but 180 J of the 1530 J total is codecarbon's RAM size model.
     assert reading.details["estimated_domains"] == ["ram"]
     assert reading.details["estimate"] is True
+    # ... yet it is measured evidence: the RAM rule is constant power, which the idle subtraction removes.
+    assert reading.details["evidence"] == "measured"
+    assert reading.details["evidence_reason"].startswith("codecarbon read RAPL and NVML; only its RAM figure")
     assert "every GPU" in reading.details["gpu_note"]
 
 
@@ -262,5 +270,7 @@ def test_real_run_on_this_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     if not rapl_readable:  # this host: no RAPL, so codecarbon falls back on a TDP-based estimate
         assert reading.details["estimate"] is True
         assert reading.details["source"] in ("tdp x cpu load estimate", "tdp constant estimate")
+        assert reading.details["evidence"] == "time-based estimate"  # and the reports say so, with this reason
+        assert "no RAPL" in reading.details["evidence_reason"]
     assert sorted(os.listdir(tmp_path)) == []  # nothing written into the working directory
     assert lock.exists() == lock_existed  # no lock file left behind

@@ -557,11 +557,12 @@ def _torchao_(denoiser: nn.Module, mode: str) -> dict[str, Any]:
               if isinstance(m, nn.Conv2d) or (type(m) is nn.Linear and n not in set(linears))]
     version = torchao_version()
     if mode == "w8a8" and device.type == "meta":
+        unused = torch.ones(1)  # the unused static scale (a CPU tensor: it is checked for positivity)
         for name in linears:
             parent_name, _, child = name.rpartition(".")
             parent = denoiser.get_submodule(parent_name) if parent_name else denoiser
             with torch.device("meta"):  # stays weightless
-                setattr(parent, child, Int8Linear.from_float(getattr(parent, child), torch.ones(1), None))
+                setattr(parent, child, Int8Linear.from_float(getattr(parent, child), unused, None))
         config = f"counted as torchao {version} W8A8 runs on CPU: torch._int_mm per linear, per-token scales"
     else:
         if mode == "w8a8":  # torchao's CPU product is torch._int_mm: s8s8, or u8s8 on VNNI CPUs without AMX

@@ -471,7 +471,8 @@ MODE = Param(str, "w8a8", "w8a8: int8 weights and int8 activations; weight-only:
              choices=("w8a8", "weight-only"))
 
 #: What stays float under torchao, in the record.
-TORCHAO_FLOAT = "torchao 0.18 quantize_ has no Conv2d path (its conv path, PT2E + torch.compile, runs kernels the op counter cannot see)"
+TORCHAO_FLOAT = ("torchao 0.18 quantize_ has no Conv2d path (its conv path, PT2E + torch.compile, runs kernels "
+                 "the op counter cannot see)")
 
 
 class _TimestepHook(Layer):

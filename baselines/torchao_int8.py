@@ -17,8 +17,6 @@ and the record lists them (see the README, "int8").
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import nn
 
 #: ``int8:mode=...`` -> the torchao config class.

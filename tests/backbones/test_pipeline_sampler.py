@@ -155,7 +155,8 @@ def test_close_removes_every_hook_of_the_sampler(backbone):
 
 
 def test_stacks_resolve_to_one_canonical_text(backbone, nothing_loads):
-    assert resolve("sd-int8+cached", backbone).canonical == "sd:steps=50+int8:mode=w8a8,scales=dynamic+cached:interval=3"
+    assert (resolve("sd-int8+cached", backbone).canonical
+            == "sd:steps=50+int8:mode=w8a8,scales=dynamic+cached:interval=3")
     assert resolve("sd-cached:steps=20", backbone).canonical == "sd:steps=20+cached:interval=3"
     assert resolve("sd:steps=2+cached:interval=2", backbone).canonical == "sd:steps=2+cached:interval=2"
     assert resolve("sd-pruned-unstructured", backbone).canonical == "sd:steps=50+pruned-unstructured:sparsity=0.5"
@@ -239,7 +240,8 @@ def test_int8_quantizes_the_linears_with_torchao_and_leaves_the_convolutions_flo
     assert counts.flops_by_dtype()["int8"] == float_mm > 0
     assert {s.module for s in counts.stats if s.dtype == "int8"} == linears
     conv_flops = sum(s.flops for s in plain if s.op == "aten.convolution.default")
-    assert sum(s.flops for s in counts.stats if s.op == "aten.convolution.default" and s.dtype == "float32") == conv_flops
+    convs_now = [s for s in counts.stats if s.op == "aten.convolution.default"]
+    assert {s.dtype for s in convs_now} == {"float32"} and sum(s.flops for s in convs_now) == conv_flops
     torch.testing.assert_close(gen.generate(REQUEST).images, sd_images, atol=0.1, rtol=0)
 
 

@@ -1,23 +1,24 @@
-"""``int8``: every ``nn.Conv2d`` and ``nn.Linear`` of a denoiser as a real int8 kernel, with a scale policy.
+"""``int8``: the denoiser's linears (and, with calibrated scales, convolutions) in int8.
 
-One int8 layer for every backbone (:class:`Int8Linear`, :class:`Int8Conv2d`): weights are int8 with
-one scale per output channel, inputs are quantised to int8 (symmetric, zero point 0),
-``torch._int_mm`` multiplies int8 x int8 into int32, and the int32 result is rescaled to float32
-and the bias added. Convolutions become a matmul through an explicit im2col of the int8 input
-(``F.unfold`` has no int8 kernel on CPU, so the patches are taken with ``Tensor.unfold`` views and
-copied once). The input scale follows one of two policies:
+Two ways, chosen by the parameters:
 
-* ``scales=static``: one scale per layer and timestep bucket, calibrated on real digits
-  (:func:`calibrate_int8`, the ``un0-bench train sd-int8`` target), because the range of a layer's
-  input changes along the noise schedule. Shipped for the digits teacher: ``sd-int8`` on digits.
-* ``scales=dynamic`` (the default): computed at run time from the input itself, per token (row)
-  for a linear layer and per image for a convolution. Needs no calibration, so it stacks on any
+* ``int8`` / ``int8:mode=w8a8`` (dynamic scales, the default) and ``int8:mode=weight-only``: torchao,
+  the maintained PyTorch-native library, as users deploy it (``quantize_`` with
+  ``Int8DynamicActivationInt8WeightConfig`` or ``Int8WeightOnlyConfig``; ``baselines/torchao_int8.py``).
+  torchao 0.18 quantises ``nn.Linear`` only, so every convolution stays in its float dtype; the
+  record lists those layers, and the FLOPs by dtype show the share that ran in int8. Stacks on any
   denoiser (``sd-distilled+int8``, ``sd-int8`` on a pipeline).
+* ``int8:scales=static`` (``sd-int8`` on digits): the project's own int8 layers
+  (:class:`Int8Linear`, :class:`Int8Conv2d`) with one input scale per layer and timestep bucket,
+  calibrated on real digits (:func:`calibrate_int8`, the ``un0-bench train sd-int8`` target),
+  because the range of a layer's input changes along the noise schedule. Every Conv2d and Linear
+  runs in int8: weights int8 per output channel, inputs int8 (symmetric, zero point 0), the product
+  by the guarded ``torch._int_mm`` (``baselines/int_mm.py``), rescaled to float32 and the bias
+  added. Convolutions are a matmul through an explicit im2col of the int8 input (``F.unfold`` has
+  no int8 kernel on CPU, so the patches are taken with ``Tensor.unfold`` views and copied once).
 
-Why one layer for both: the pipeline copy quantised only linears (convolutions, most of a UNet's
-FLOPs, stayed in float) and the digits copy only knew static scales; this layer quantises both
-kinds with either policy. The sampler's arithmetic stays float32; so do group norms, SiLU, the
-attention scores and softmax, the embeddings and the residual adds.
+The sampler's arithmetic stays float32; so do group norms, SiLU, the attention scores and
+softmax, the embeddings and the residual adds.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from un0_bench.baselines.int_mm import int_mm
 from un0_bench.harness.backbone import Backbone
 from un0_bench.harness.checkpoints import file_sha256
 from un0_bench.harness.errors import StackError, UserError
@@ -143,12 +145,12 @@ class _Int8Layer(nn.Module):
 
     def _int8_matmul(self, a: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """``a`` (M, K) int8 times ``w`` (O, K) int8 transposed, in int32; rescaled to float32 ``(M, O)``."""
-        # NB: on CPU torch._int_mm takes any M, K, N; CUDA needs M > 16 (pad with zero rows, whose
-        # cost is counted) and K, N multiples of 8 (Int8.apply leaves such layers in float on CUDA).
+        # NB: on CPU the kernel takes any M, K, N; CUDA needs M > 16 (pad with zero rows, whose
+        # cost is counted) and K, N multiples of 8 (such layers are not made on CUDA).
         m = a.shape[0]
         if a.is_cuda and m <= 16:
             a = torch.cat([a, a.new_zeros(17 - m, a.shape[1])])
-        acc = torch._int_mm(a, w.t())[:m]  # (M, O) int32
+        acc = int_mm(a, w.t())[:m]  # (M, O) int32, through the guard (canonical strides, self-checked)
         # int32 -> float32 (a cast, no arithmetic), then one float32 multiply per output by the
         # combined scale x_scale * w_scale[o], and the float32 bias.
         y = acc.to(torch.float32) * (x_scale * self.weight_scale)
@@ -192,7 +194,7 @@ class Int8Linear(_Int8Layer):
 
 
 class Int8Conv2d(_Int8Layer):
-    """``nn.Conv2d`` (groups 1, dilation 1, zero padding) as int8 im2col + ``torch._int_mm``.
+    """``nn.Conv2d`` (groups 1, dilation 1, zero padding) as int8 im2col + ``torch._int_mm``, static scales.
 
     Args:
         in_channels: C.
@@ -201,17 +203,17 @@ class Int8Conv2d(_Int8Layer):
         stride: (sh, sw).
         padding: (ph, pw), zeros.
         bias: Whether there is a (float32) bias.
-        bucket: The shared timestep bucket selecting the activation scale.
+        bucket: The shared timestep bucket selecting the activation scale (static scales only).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int], stride: tuple[int, int],
-                 padding: tuple[int, int], bias: bool, bucket: TimestepBucket | None) -> None:
+                 padding: tuple[int, int], bias: bool, bucket: TimestepBucket) -> None:
         super().__init__((out_channels, in_channels, *kernel_size), bias, bucket)
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.padding = tuple(kernel_size), tuple(stride), tuple(padding)
 
     @classmethod
-    def from_float(cls, layer: nn.Conv2d, act_scale: torch.Tensor, bucket: TimestepBucket | None) -> Int8Conv2d:
+    def from_float(cls, layer: nn.Conv2d, act_scale: torch.Tensor, bucket: TimestepBucket) -> Int8Conv2d:
         if not cls.supports(layer):
             raise ValueError(f"Int8Conv2d supports groups=1, dilation=1 and numeric zero padding; got {layer}")
         m = cls(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
@@ -226,11 +228,7 @@ class Int8Conv2d(_Int8Layer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, O, Ho, Wo)
         in_dtype = x.dtype
-        if self.bucket is None:
-            x = x.float()
-            s = _dynamic_scale(x, dims=(1, 2, 3))  # (B, 1, 1, 1): one scale per image
-        else:
-            s = self.act_scale[self.bucket.index]
+        s = self.act_scale[self.bucket.index]
         # Channels-last int8 (a no-op copy when x already is): the im2col copy below then moves
         # runs of C contiguous bytes, about 7x faster on CPU than gathering from NCHW.
         q = _quantize_activation(x, s).permute(0, 2, 3, 1).contiguous()  # (B, H, W, C) int8
@@ -244,9 +242,7 @@ class Int8Conv2d(_Int8Layer):
         a = patches.permute(0, 1, 2, 4, 5, 3).reshape(b * ho * wo, kh * kw * c)  # (B*Ho*Wo, kh*kw*C)
         # The weight in the same column order (O, kh, kw, C): a copy of the small int8 weight.
         w = self.weight.permute(0, 2, 3, 1).reshape(self.out_channels, -1)  # (O, kh*kw*C)
-        # Per image, the rows of image b share its scale: (B*Ho*Wo, 1).
-        rows_scale = s if self.bucket is not None else s.reshape(b, 1).repeat_interleave(ho * wo, dim=0)
-        y = self._int8_matmul(a, rows_scale, w)  # (B*Ho*Wo, O) float32
+        y = self._int8_matmul(a, s, w)  # (B*Ho*Wo, O) float32
         # Channels-last result viewed as NCHW; the next ops keep that memory format.
         y = y.reshape(b, ho, wo, self.out_channels).permute(0, 3, 1, 2)  # (B, O, Ho, Wo)
         return y if in_dtype == torch.float32 else y.to(in_dtype)
@@ -469,8 +465,14 @@ def calibrate_int8(steps: int | None = None, seed: int | None = None, out: Path 
 # The technique
 # ---------------------------------------------------------------------------------------------
 
-SCALES = Param(str, "dynamic", "input scales: dynamic (from each input) or static (calibrated, digits teacher)",
-               choices=("dynamic", "static"))
+SCALES = Param(str, "dynamic", "input scales: dynamic (from each input, torchao) or static (calibrated, digits "
+               "teacher, every conv and linear)", choices=("dynamic", "static"))
+MODE = Param(str, "w8a8", "w8a8: int8 weights and int8 activations; weight-only: int8 weights, float compute",
+             choices=("w8a8", "weight-only"))
+
+#: What stays float under torchao, in the record.
+TORCHAO_FLOAT = ("torchao 0.18 quantize_ has no Conv2d path (its conv path, PT2E + torch.compile, runs kernels "
+                 "the op counter cannot see)")
 
 
 class _TimestepHook(Layer):
@@ -486,14 +488,17 @@ class _TimestepHook(Layer):
 
 
 class Int8(Technique):
-    """``int8`` / ``int8:scales=static``: every Conv2d and Linear of the denoiser as an int8 kernel."""
+    """``int8`` (torchao W8A8 linears), ``int8:mode=weight-only``, ``int8:scales=static`` (every conv and linear)."""
 
     name = "int8"
     stacking = "anywhere after the base; scales=static right after sd on digits only"
-    params = {"scales": SCALES}
+    params = {"mode": MODE, "scales": SCALES}
 
     def check(self, plan: Plan, params: dict[str, Any]) -> None:
         super().check(plan, params)
+        if params["scales"] == "static" and params["mode"] != "w8a8":
+            raise StackError("int8:scales=static calibrates activation scales; mode=weight-only has no int8 "
+                             "activations: use int8:mode=weight-only (without scales) or int8:scales=static")
         if params["scales"] == "static" and (plan.backbone_kind != "digits" or plan.weights != "teacher"):
             raise StackError(f"int8:scales=static uses the activation scales calibrated for the digits teacher "
                              f"(un0-bench train sd-int8); {'+'.join(plan.layers)} on {plan.backbone_kind} runs "
@@ -501,7 +506,7 @@ class Int8(Technique):
         if params["scales"] == "static":
             self.require_first(plan, "with static scales uses scales calibrated on the teacher's own activations")
 
-    def check_weights(self, backbone: Backbone, scales: str = "dynamic") -> list[Path]:
+    def check_weights(self, backbone: Backbone, mode: str = "w8a8", scales: str = "dynamic") -> list[Path]:
         if scales != "static":
             return []  # dynamic scales are computed from each call's own activations
         from un0_bench.harness.checkpoints import check_checkpoint
@@ -509,52 +514,75 @@ class Int8(Technique):
         check_checkpoint(backbone.weights("sd-int8"), expected_config=int8_config(backbone.weights("teacher")))
         return [backbone.weights("sd-int8")]
 
-    def apply(self, model: Model, backbone: Backbone, scales: str = "dynamic") -> Layer:
+    def apply(self, model: Model, backbone: Backbone, mode: str = "w8a8", scales: str = "dynamic") -> Layer:
         total = sum(p.numel() for p in model.denoiser.parameters())
         if scales == "static":
+            int_mm.check(next(model.denoiser.parameters()).device)
             model.denoiser, bucket, meta = _static_teacher(model.denoiser, backbone)
             model.derivation = meta
-            skipped: list[str] = []
+            int8 = [m for m in model.denoiser.modules() if isinstance(m, _Int8Layer)]
+            changes = {
+                "library": f"un0-bench int8 layers (torch {torch.__version__}); {TORCHAO_FLOAT}",
+                "int8_layers": len(int8),
+                "int8_parameters": sum(m.weight.numel() for m in int8),
+                "float_parameters_before": total,
+                "layers": {"Conv2d": "int8 im2col + matmul, static scales", "Linear": "int8 matmul, static scales"},
+                "float_layers": [],
+                "weights": INT8_SCHEME["weights"],
+                "activations": f"{INT8_SCHEME['activations']}, {bucket.n_buckets} timestep buckets",
+                "kernel": "torch._int_mm (int8 x int8 -> int32), canonical strides, self-checked on first use",
+            }
         else:
             bucket = None
-            skipped = _quantize_dynamic_(model.denoiser)
-        int8 = [m for m in model.denoiser.modules() if isinstance(m, _Int8Layer)]
-        changes = {
-            "int8_layers": len(int8),
-            "int8_parameters": sum(m.weight.numel() for m in int8),
-            "float_parameters_before": total,
-            "skipped_layers": skipped,
-            "weights": INT8_SCHEME["weights"],
-            "activations": (f"{INT8_SCHEME['activations']}, {bucket.n_buckets} timestep buckets" if bucket else
-                            "int8, symmetric, dynamic: per token for linears, per image for convolutions"),
-            "float32_ops": "group norms, SiLU, attention scores and softmax, embeddings, residual adds, "
-                           "int8 (de)quantisation and the sampler's update",
-            "kernel": "torch._int_mm (int8 x int8 -> int32)",
-        }
-        return _TimestepHook({"scales": scales}, changes, bucket)
+            changes = _torchao_(model.denoiser, mode)
+            changes["float_parameters_before"] = total
+        changes["float32_ops"] = ("group norms, SiLU, attention scores and softmax, embeddings, residual adds, "
+                                  "int8 (de)quantisation and the sampler's update")
+        return _TimestepHook({"mode": mode, "scales": scales}, changes, bucket)
 
 
-def _quantize_dynamic_(denoiser: nn.Module) -> list[str]:
-    """Replace every Conv2d/Linear of ``denoiser`` by its dynamic int8 version, in place; names left in float."""
-    cuda = next(denoiser.parameters()).is_cuda
-    skipped = []
-    for name, layer in list(denoiser.named_modules()):
-        if type(layer) not in (nn.Conv2d, nn.Linear):
-            continue
-        k, n = (layer.in_features, layer.out_features) if isinstance(layer, nn.Linear) else (
-            layer.in_channels * math.prod(layer.kernel_size), layer.out_channels)
-        if (isinstance(layer, nn.Conv2d) and not Int8Conv2d.supports(layer)) or (cuda and (k % 8 or n % 8)):
-            skipped.append(name)  # cuBLAS int8 needs K and N divisible by 8
-            continue
-        parent_name, _, child = name.rpartition(".")
-        parent = denoiser.get_submodule(parent_name) if parent_name else denoiser
-        cls = Int8Conv2d if isinstance(layer, nn.Conv2d) else Int8Linear
-        ones = torch.ones(1)  # the unused static scale (a CPU tensor: it is checked for positivity)
-        # Made on the layer's device, so a denoiser on the meta device (arch:NAME) stays there, weightless.
-        with torch.device(layer.weight.device):
-            new = cls.from_float(layer, ones, None)
-        setattr(parent, child, new)
-    return skipped
+def _torchao_(denoiser: nn.Module, mode: str) -> dict[str, Any]:
+    """Quantise the linears of ``denoiser`` in place with torchao; the record's description of every layer.
+
+    On the meta device (``arch:NAME``, counting only) nothing runs and torchao's meta path is a float
+    ``mm``; the W8A8 linears are then the project's dynamic :class:`Int8Linear`, which dispatches the
+    same ``torch._int_mm`` of the same shapes as torchao on a CPU, so the count is what torchao runs.
+    """
+    from un0_bench.baselines.torchao_int8 import quantize_linears_, torchao_version
+
+    device = next(denoiser.parameters()).device
+    # NB: a linear with one input feature makes a one-column activation, which torch._int_mm gets
+    # wrong on some CPUs with the layouts torchao passes (baselines/int_mm.py); it stays float.
+    linears = [n for n, m in denoiser.named_modules() if type(m) is nn.Linear and m.in_features > 1]
+    floats = [n for n, m in denoiser.named_modules()
+              if isinstance(m, nn.Conv2d) or (type(m) is nn.Linear and n not in set(linears))]
+    version = torchao_version()
+    if mode == "w8a8" and device.type == "meta":
+        unused = torch.ones(1)  # the unused static scale (a CPU tensor: it is checked for positivity)
+        for name in linears:
+            parent_name, _, child = name.rpartition(".")
+            parent = denoiser.get_submodule(parent_name) if parent_name else denoiser
+            with torch.device("meta"):  # stays weightless
+                setattr(parent, child, Int8Linear.from_float(getattr(parent, child), unused, None))
+        config = f"counted as torchao {version} W8A8 runs on CPU: torch._int_mm per linear, per-token scales"
+    else:
+        if mode == "w8a8":  # torchao's CPU product is torch._int_mm: s8s8, or u8s8 on VNNI CPUs without AMX
+            for a_dtype in (torch.int8, torch.uint8):
+                int_mm.check(device, a_dtype, torch.int8, operands="torchao")
+        config = quantize_linears_(denoiser, mode, linears)
+    compute = "int8 x int8 -> int32 (torch._int_mm)" if mode == "w8a8" else "weights dequantised, float matmul"
+    return {
+        "library": f"torchao {version}",
+        "config": config,
+        "int8_layers": len(linears),
+        "int8_parameters": sum(denoiser.get_submodule(n).weight.numel() for n in linears),
+        "layers": {"Linear": f"torchao {version} {mode}: {compute}", "Conv2d": f"float ({TORCHAO_FLOAT})",
+                   "Linear with 1 input feature": "float (torch._int_mm is wrong on one-column operands on some CPUs)"},
+        "float_layers": floats,
+        "weights": "int8, symmetric, per output channel (torchao PerRow)",
+        "activations": "int8, symmetric, dynamic per token" if mode == "w8a8" else "float (weight-only)",
+        "kernel": "torch._int_mm, self-checked on first use" if mode == "w8a8" else "float mm of dequantised weights",
+    }
 
 
 def _static_teacher(teacher: nn.Module, backbone: Backbone) -> tuple[nn.Module, TimestepBucket, dict[str, Any]]:

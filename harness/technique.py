@@ -187,8 +187,14 @@ class Technique(abc.ABC):
 
 
 def denoiser_dtype(denoiser: nn.Module) -> str:
-    """``"int8"`` when the denoiser's weights are int8 buffers, else its parameters' dtype (``"bfloat16"``)."""
+    """``"int8"`` when the denoiser holds int8 weights, else its parameters' dtype (``"bfloat16"``).
+
+    int8 weights are buffers of the project's int8 layers, or parameters of a quantisation library's
+    tensor subclass (torchao's ``Int8Tensor`` keeps its int8 values in ``qdata``).
+    """
     if any(b.dtype == torch.int8 for name, b in denoiser.named_buffers() if name.endswith("weight")):
+        return "int8"
+    if any(getattr(p, "qdata", p).dtype == torch.int8 for p in denoiser.parameters()):
         return "int8"
     return str(next(denoiser.parameters()).dtype).removeprefix("torch.")
 

@@ -192,10 +192,15 @@ def test_dtype_options_and_the_fp16_technique():
     assert by["float32"] == pytest.approx(r["flops_per_image"] - unet, rel=1e-3)  # text encoder and VAE stay fp32
 
 
-@pytest.mark.slow  # int8 im2col on meta: about 15 s on one loaded core
-def test_int8_on_meta_stays_weightless_and_counts_int8():
+@pytest.mark.slow  # two SD 1.5 counts on meta: about 12 s on one loaded core
+def test_int8_on_meta_stays_weightless_and_counts_the_linears_as_int8():
+    plain = count_arch("sd15", "sd", steps=1, resolution=256)["flops_per_image_by_dtype"]
     r = count_arch("sd15", "sd+int8", steps=1, resolution=256)
-    assert r["flops_per_image_by_dtype"]["int8"] > 0.7 * r["phases"]["denoise_step"]["flops"]
+    by = r["flops_per_image_by_dtype"]
+    # torchao's W8A8 linears (counted as the torch._int_mm they run on a CPU) take exactly the float16
+    # FLOPs of SD 1.5's linears; its convolutions stay float16. Measured: a third of the UNet step.
+    assert plain["float16"] - by["float16"] == by["int8"]
+    assert 0.25 < by["int8"] / r["phases"]["denoise_step"]["flops"] < 0.45
 
 
 @pytest.mark.parametrize("model, needs", [("sd+contextual", "activations of real weights"),

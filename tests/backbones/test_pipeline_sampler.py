@@ -16,7 +16,6 @@ import torch
 from un0_bench.backbones.pipeline import PipelineBackbone
 from un0_bench.backbones.pipeline_sampler import PipelineSampler
 from un0_bench.backbones.tiny_pipeline import IMAGE_SIZE
-from un0_bench.baselines.int8 import Int8Conv2d, Int8Linear
 from un0_bench.harness.counters.ops import OpCounter
 from un0_bench.harness.errors import SpecError, StackError
 from un0_bench.harness.generator import GenerationRequest
@@ -156,7 +155,8 @@ def test_close_removes_every_hook_of_the_sampler(backbone):
 
 
 def test_stacks_resolve_to_one_canonical_text(backbone, nothing_loads):
-    assert resolve("sd-int8+cached", backbone).canonical == "sd:steps=50+int8:scales=dynamic+cached:interval=3"
+    assert (resolve("sd-int8+cached", backbone).canonical
+            == "sd:steps=50+int8:mode=w8a8,scales=dynamic+cached:interval=3")
     assert resolve("sd-cached:steps=20", backbone).canonical == "sd:steps=20+cached:interval=3"
     assert resolve("sd:steps=2+cached:interval=2", backbone).canonical == "sd:steps=2+cached:interval=2"
     assert resolve("sd-pruned-unstructured", backbone).canonical == "sd:steps=50+pruned-unstructured:sparsity=0.5"
@@ -217,43 +217,32 @@ def test_bf16_denoiser_is_cast_at_its_boundary(backbone):
     assert gen.pipe.vae.dtype == gen.pipe.text_encoder.dtype == torch.float32
 
 
-def test_int8_quantizes_every_conv_and_linear_of_the_denoiser(backbone, sd, sd_images):
-    float_layers = {n for n, _ in _float_layers(sd.model.denoiser)}
+def test_int8_quantizes_the_linears_with_torchao_and_leaves_the_convolutions_float(backbone, sd, sd_images):
+    linears = {n for n, m in sd.model.denoiser.named_modules() if type(m) is torch.nn.Linear}
+    convs = [n for n, m in sd.model.denoiser.named_modules() if type(m) is torch.nn.Conv2d]
     gen = make_generator(f"sd-int8:steps={STEPS}", backbone)
     q = gen.describe()["layers"][0]
-    assert q["technique"] == "int8" and q["params"] == {"scales": "dynamic"}
-    # Convolutions too (the old pipeline copy left them, most of a UNet's FLOPs, in float).
-    assert q["int8_layers"] == len(float_layers) and q["skipped_layers"] == []
-    assert q["kernel"].startswith("torch._int_mm")
+    assert q["technique"] == "int8" and q["params"] == {"mode": "w8a8", "scales": "dynamic"}
+    assert q["library"].startswith("torchao ") and q["kernel"].startswith("torch._int_mm")
+    # torchao 0.18 quantize_ has no Conv2d path: the record names every convolution left in float.
+    assert q["int8_layers"] == len(linears) > 0 and q["float_layers"] == convs
     unet = gen.model.denoiser
-    assert {n for n, m in unet.named_modules() if isinstance(m, (Int8Conv2d, Int8Linear))} == float_layers
-    assert not _float_layers(unet)
-    # Every multiply-add of those layers now runs in int8: exactly as many as sd runs in float.
+    assert all(unet.get_submodule(n).weight.qdata.dtype == torch.int8 for n in linears)
+    # Every multiply-add of the linears now runs in int8: exactly as many as sd runs in float; the
+    # convolutions run as many float FLOPs as before.
     with OpCounter(root=sd.model.denoiser) as c:
         sd.generate(ONE)
-    float_mm = sum(s.flops for s in c.counts(images=1).stats if s.module in float_layers and s.op in MATMULS)
+    plain = c.counts(images=1).stats
+    float_mm = sum(s.flops for s in plain if s.module in linears and s.op in MATMULS)
     with OpCounter(root=unet) as c:
         gen.generate(ONE)
     counts = c.counts(images=1)
     assert counts.flops_by_dtype()["int8"] == float_mm > 0
-    assert {s.module for s in counts.stats if s.dtype == "int8"} == float_layers
-    # Per-channel weights, per-token / per-image inputs: close to sd (measured max |diff| 0.06).
+    assert {s.module for s in counts.stats if s.dtype == "int8"} == linears
+    conv_flops = sum(s.flops for s in plain if s.op == "aten.convolution.default")
+    convs_now = [s for s in counts.stats if s.op == "aten.convolution.default"]
+    assert {s.dtype for s in convs_now} == {"float32"} and sum(s.flops for s in convs_now) == conv_flops
     torch.testing.assert_close(gen.generate(REQUEST).images, sd_images, atol=0.1, rtol=0)
-
-
-def test_dynamic_int8_layers_match_float_and_do_not_depend_on_the_batch():
-    torch.manual_seed(0)
-    lin, conv = torch.nn.Linear(32, 16), torch.nn.Conv2d(8, 16, 3, padding=1)
-    ql, qc = Int8Linear.from_float(lin, torch.ones(1), None), Int8Conv2d.from_float(conv, torch.ones(1), None)
-    x, img = torch.randn(3, 5, 32), torch.randn(2, 8, 6, 6)
-    with torch.no_grad():
-        for q, f, inp in ((ql, lin, x), (qc, conv, img)):
-            y = q(inp)
-            assert y.shape == f(inp).shape
-            # Per-channel weights and per-token (per-image) activations at 8 bits: about 1% relative error.
-            assert float((y - f(inp)).norm() / f(inp).norm()) < 0.02
-            # Dynamic scales come from each token (image) alone: a row's output does not depend on the others.
-            assert torch.equal(q(inp[:1]), y[:1])
 
 
 def test_unstructured_pruning_zeros_half_of_every_weight_and_saves_nothing(backbone, sd, sd_counts, sd_images):
@@ -313,7 +302,7 @@ def test_int8_and_cached_stack(backbone, sd_counts):
     gen = make_generator(f"sd-int8:steps={STEPS}+cached:interval=2", backbone)
     assert gen.spec == f"sd-int8:steps={STEPS}+cached:interval=2" and gen.describe()["technique"] == "int8+cached"
     counts = count_ops(gen, ONE)
-    assert counts.flops_by_dtype()["int8"] > 0.3 * counts.flops()
+    assert counts.flops_by_dtype()["int8"] > 0
     assert counts.flops() < sd_counts.flops()
 
 

@@ -266,7 +266,7 @@ def test_shipped_student_with_int8_runs_the_student_in_int8():
     plain = make_generator("sd-distilled", backbone)
     d = gen.describe()
     assert d["technique"] == "distilled+int8" and d["steps"] == 4
-    assert [layer["params"] for layer in d["layers"]] == [{"steps": 4}, {"scales": "dynamic"}]
+    assert [layer["params"] for layer in d["layers"]] == [{"steps": 4}, {"mode": "w8a8", "scales": "dynamic"}]
     # Dynamic scales need no calibration: the derivation is still the student's training.
     assert gen.derivation() == plain.derivation() and gen.derivation()["student_steps"] == 4
     req = GenerationRequest(("2", "7"), seed=0, batch_size=2)

@@ -1,1 +1,3 @@
-"""Baseline generators: one file per efficiency technique, each a :class:`harness.generator.Generator`."""
+"""Baseline techniques: one file per technique, each a :class:`~un0_bench.harness.technique.Technique`
+(a transform of a denoiser, applied on any backbone), plus the ``noise`` and ``real`` references.
+"""

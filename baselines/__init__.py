@@ -1,3 +1,5 @@
-"""Baseline techniques: one file per technique, each a :class:`~un0_bench.harness.technique.Technique`
-(a transform of a denoiser, applied on any backbone), plus the ``noise`` and ``real`` references.
+"""Baseline techniques, one file each, and the ``noise`` and ``real`` references.
+
+Each technique is a :class:`~un0_bench.harness.technique.Technique`: a transform of a denoiser,
+applied on any backbone.
 """

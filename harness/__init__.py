@@ -1,6 +1,7 @@
-"""The measuring instrument: base classes (generator, backbone, technique), registries, stacks, meters,
-counters, protocol, runner and executors. It knows no concrete backbone or technique (the commands
-in :mod:`un0_bench.catalog` register them).
+"""The measuring instrument: base classes, registries, stacks, meters, counters, protocol, runner.
+
+It knows the generator, backbone and technique base classes and no concrete one (the top floor,
+:mod:`un0_bench.catalog`, registers those).
 """
 
 __version__ = "0.1.0"

@@ -44,11 +44,12 @@ import torch
 from torch import nn
 from un0_bench.harness.backbone import Backbone
 from un0_bench.harness.errors import PromptError, StackError, UserError
-from un0_bench.harness.technique import DenoiserGenerator, Model
+from un0_bench.harness.model import Model
+from un0_bench.harness.technique import DenoiserGenerator
 
 if TYPE_CHECKING:
     from un0_bench.harness.generator import Generator
-    from un0_bench.harness.technique import Plan
+    from un0_bench.harness.model import Plan
 
 #: Folder of the shipped architecture configs.
 ARCH_DIR = Path(__file__).parent / "archs"
@@ -236,7 +237,7 @@ class ArchBackbone(Backbone):
                              f"un0-osc (un0-bench count --arch {self.arch} --models un0-osc)")
 
     def plan_base(self, steps: int | None) -> Plan:
-        from un0_bench.harness.technique import Plan
+        from un0_bench.harness.model import Plan
 
         self._check_diffusion()
         return Plan("arch", self.config["denoiser"]["class"], steps or self.default_steps, weights="none (meta device)")

@@ -19,7 +19,8 @@ import torch
 from un0_bench.backbones.digits_data import IMAGE_SHAPE, prompt_labels, to_unit
 from un0_bench.backbones.hf import diffusers_class
 from un0_bench.harness.generator import image_noise
-from un0_bench.harness.technique import DenoiserGenerator, Model
+from un0_bench.harness.model import Model
+from un0_bench.harness.technique import DenoiserGenerator
 
 #: Noise schedule shared by training and sampling (DDIM, epsilon prediction, samples clipped to [-1, 1]).
 SCHEDULER_CONFIG: dict[str, Any] = {

@@ -28,7 +28,7 @@ from un0_bench.harness.errors import UserError
 
 if TYPE_CHECKING:
     from un0_bench.harness.generator import GenerationResult, Generator
-    from un0_bench.harness.technique import Model, Plan
+    from un0_bench.harness.model import Model, Plan
 
 
 class DigitsBackbone(Backbone):
@@ -66,7 +66,7 @@ class DigitsBackbone(Backbone):
     # -- the base model and its sampler -----------------------------------------------------------
 
     def plan_base(self, steps: int | None) -> Plan:
-        from un0_bench.harness.technique import Plan
+        from un0_bench.harness.model import Plan
 
         return Plan("digits", "UNet2DModel", DEFAULT_STEPS if steps is None else steps, weights="teacher")
 
@@ -80,7 +80,7 @@ class DigitsBackbone(Backbone):
     def base_model(self, steps: int | None) -> Model:
         """The shipped teacher (fresh copy) with ``steps`` DDIM steps; its derivation is its training."""
         from un0_bench.backbones.teacher import load_teacher
-        from un0_bench.harness.technique import Model
+        from un0_bench.harness.model import Model
 
         unet, meta = load_teacher(self.weights("teacher"))
         return Model(denoiser=unet, steps=DEFAULT_STEPS if steps is None else steps, derivation=meta)

@@ -41,7 +41,7 @@ from un0_bench.harness.errors import PromptError, UserError
 
 if TYPE_CHECKING:
     from un0_bench.harness.generator import GenerationResult, Generator
-    from un0_bench.harness.technique import Model, Plan
+    from un0_bench.harness.model import Model, Plan
 
 
 #: Prompts of a benchmark run when no ``--prompts`` file is given (cycled over).
@@ -358,13 +358,13 @@ class PipelineBackbone(Backbone):
         return int(defaults.get("num_inference_steps") or 50)
 
     def plan_base(self, steps: int | None) -> Plan:
-        from un0_bench.harness.technique import Plan
+        from un0_bench.harness.model import Plan
 
         return Plan("diffusers", self._denoiser_class() or "unknown", steps or self._default_steps(),
                     weights="pipeline")
 
     def base_model(self, steps: int | None) -> Model:
-        from un0_bench.harness.technique import Model
+        from un0_bench.harness.model import Model
 
         pipe = self.load_pipeline()
         _, denoiser = denoiser_of(pipe)

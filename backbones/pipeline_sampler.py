@@ -15,7 +15,8 @@ import torch
 from torch import nn
 from un0_bench.harness.backbone import Backbone
 from un0_bench.harness.errors import UserError
-from un0_bench.harness.technique import DenoiserGenerator, Model
+from un0_bench.harness.model import Model
+from un0_bench.harness.technique import DenoiserGenerator
 
 
 def _image_size(pipe: Any, denoiser: nn.Module) -> tuple[int, int]:

@@ -50,8 +50,9 @@ from un0_bench.backbones.digits import DEFAULT_STEPS, WEIGHTS_DIR
 from un0_bench.harness.backbone import Backbone
 from un0_bench.harness.checkpoints import file_sha256
 from un0_bench.harness.errors import SpecError, StackError
+from un0_bench.harness.model import Layer, Model, Plan
 from un0_bench.harness.spec import Param
-from un0_bench.harness.technique import Layer, Model, Plan, Technique
+from un0_bench.harness.technique import Technique
 
 #: Student step counts that are shipped (``sd-distilled:steps=K``); the first is the default.
 SHIPPED_STEPS = (4, 1)

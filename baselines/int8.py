@@ -37,8 +37,9 @@ from un0_bench.baselines.int_mm import int_mm
 from un0_bench.harness.backbone import Backbone
 from un0_bench.harness.checkpoints import file_sha256
 from un0_bench.harness.errors import StackError, UserError
+from un0_bench.harness.model import Layer, Model, Plan, Run
 from un0_bench.harness.spec import Param
-from un0_bench.harness.technique import Layer, Model, Plan, Run, Technique
+from un0_bench.harness.technique import Technique
 
 # ---------------------------------------------------------------------------------------------
 # int8 layers

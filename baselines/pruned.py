@@ -34,8 +34,9 @@ from un0_bench.backbones.hf import diffusers_class
 from un0_bench.harness.backbone import Backbone
 from un0_bench.harness.checkpoints import check_checkpoint, file_sha256, load_checkpoint, save_checkpoint
 from un0_bench.harness.errors import CheckpointError, StackError
+from un0_bench.harness.model import Layer, Model, Plan
 from un0_bench.harness.spec import Param
-from un0_bench.harness.technique import Layer, Model, Plan, Technique
+from un0_bench.harness.technique import Technique
 from un0_bench.harness.training import ema_update, metered_training, one_cycle, run_steps, training_metadata
 
 #: Structured pruning recipe. Part of the checkpoint's config: the architecture is rebuilt from it.

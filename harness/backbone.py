@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from un0_bench.harness.generator import GenerationResult, Generator
-    from un0_bench.harness.technique import Model, Plan
+    from un0_bench.harness.model import Model, Plan
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,8 @@
-"""Typed registries for generators, backbones and meters: lazy entries, no duplicates, "did you mean".
+"""Typed registries, one per kind: generators, techniques, backbones, meters, training targets.
 
-Entries are ``"module:attr"`` strings, imported only when chosen, so listing generators does not
+Entries are lazy, duplicates are refused and an unknown name gets "did you mean".
+
+An entry is a ``"module:attr"`` string, imported only when chosen, so listing generators does not
 import diffusers or pynvml. The built-in entries are registered in one place, :mod:`un0_bench.catalog`
 (imported with the package); third-party generators and techniques register through the entry-point
 groups ``un0_bench.generators`` and ``un0_bench.techniques``.

@@ -16,9 +16,10 @@ from typing import Any
 from un0_bench.harness.backbone import Backbone
 from un0_bench.harness.errors import SpecError, StackError
 from un0_bench.harness.generator import Generator
+from un0_bench.harness.model import Model, Plan
 from un0_bench.harness.registry import GENERATORS, TECHNIQUES, Registry
 from un0_bench.harness.spec import ModelSpec, Param, bind, takes
-from un0_bench.harness.technique import Model, Plan, Technique
+from un0_bench.harness.technique import Technique
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from un0_bench.reports.claims import (
     is_reference,
 )
 from un0_bench.reports.markdown import summary_markdown
+from un0_bench.reports.strength import strength_markdown, strength_rows
 from un0_bench.reports.tables import (
     failed_cells,
     format_summary,
@@ -180,7 +181,9 @@ def build_report(out_dir: Path, options: dict[str, Any] | None = None) -> Path:
     }
     fits = plots.proxy_vs_measured(records, is_reference)
     scale = projected.scale_rows(records)
+    strength = strength_rows(records, opts["reference"])
     context = {
+        "strength": strength,
         "question": question,
         "lead": lead,
         "proxy_fits": fits,
@@ -227,5 +230,6 @@ def build_report(out_dir: Path, options: dict[str, Any] | None = None) -> Path:
     path = out_dir / "report.html"
     path.write_text(render(context))
     (out_dir / "summary.md").write_text(summary_markdown(question, claims, context["summary_rows"],
-                                                         context["summary_columns"], failed, context["meters"]))
+                                                         context["summary_columns"], failed, context["meters"])
+                                        + "\n".join(["", *strength_markdown(strength, question["host"])]))
     return path

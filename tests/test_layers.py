@@ -1,7 +1,8 @@
 """The floors: each folder imports only the floors below it, and no module imports itself in a circle.
 
-Reads the import statements of every module (top-level and inside functions, where the lazy
-imports are), so a lazy upward import fails as surely as a top-level one.
+Reads the import statements of every module (top-level, inside functions, where the lazy imports
+are, and under ``if TYPE_CHECKING:``), so a lazy upward import fails as surely as a top-level one,
+and two modules that name each other's types are a circle even if only a type checker follows it.
 """
 
 from __future__ import annotations
@@ -31,23 +32,11 @@ def _module_name(path: Path) -> str:
     return ".".join(["un0_bench", *parts]) if parts[0] != "un0_bench" else ".".join(parts)
 
 
-def _type_checking_only(tree: ast.AST) -> set[int]:
-    """Ids of the import nodes under ``if TYPE_CHECKING:`` (annotations only: never executed)."""
-    ids = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
-            ids.update(id(n) for stmt in node.body for n in ast.walk(stmt))
-    return ids
-
-
-def _imports(path: Path, executed_only: bool = False) -> list[tuple[int, str]]:
-    """``(line, module)`` of every import in ``path`` (``executed_only``: not those under TYPE_CHECKING)."""
+def _imports(path: Path) -> list[tuple[int, str]]:
+    """``(line, module)`` of every import in ``path``, those under ``if TYPE_CHECKING:`` included."""
     out = []
     tree = ast.parse(path.read_text(), str(path))
-    skip = _type_checking_only(tree) if executed_only else set()
     for node in ast.walk(tree):
-        if id(node) in skip:
-            continue
         if isinstance(node, ast.Import):
             out += [(node.lineno, a.name) for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -84,12 +73,12 @@ def upward_imports() -> list[str]:
 
 
 def import_cycles() -> list[list[str]]:
-    """Cycles in the module import graph (every executed import, lazy ones inside functions included)."""
+    """Cycles in the module import graph (every import: lazy ones in functions and annotation-only ones too)."""
     names = {_module_name(p): p for _, p in _sources()}
     graph: dict[str, set[str]] = {}
     for name, path in names.items():
         deps = set()
-        for _, module in _imports(path, executed_only=True):
+        for _, module in _imports(path):
             # `from un0_bench.backbones import hf` names a module; `from x.y import Name` names x.y.
             if module in names and module != name:
                 deps.add(module)
@@ -136,10 +125,16 @@ def test_the_checker_catches_an_upward_import_and_a_circle(tmp_path, monkeypatch
     (tmp_path / "baselines" / "a.py").write_text("from un0_bench.baselines.b import y\nx = 1\n")
     (tmp_path / "baselines" / "b.py").write_text("from un0_bench.baselines.a import x\ny = 2\n")
     (tmp_path / "reports" / "r.py").write_text("import harness.ledger\n")
+    # A circle seen only by the type checker (as harness/backbone.py and harness/technique.py once were).
+    for a, b in (("backbone", "technique"), ("technique", "backbone")):
+        (tmp_path / "harness" / f"{a}.py").write_text(
+            f"from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from un0_bench.harness.{b} import X\n")
     monkeypatch.setattr(layers, "ROOT", tmp_path)
     assert layers.upward_imports() == ["harness/runner.py:2 imports un0_bench.baselines.a",
                                        "reports/r.py:1 imports harness.ledger"]
-    assert layers.import_cycles() == [["un0_bench.baselines.a", "un0_bench.baselines.b", "un0_bench.baselines.a"]]
+    assert layers.import_cycles() == [["un0_bench.baselines.a", "un0_bench.baselines.b", "un0_bench.baselines.a"],
+                                      ["un0_bench.harness.backbone", "un0_bench.harness.technique",
+                                       "un0_bench.harness.backbone"]]
 
 
 def test_ray_is_imported_in_one_module_only():

@@ -28,6 +28,20 @@ TECHNIQUES.register("int8", f"{_B}.int8:Int8", "int8 convolutions and linears (s
 TECHNIQUES.register("bf16", f"{_B}.half:BFloat16", "denoiser weights and activations in bfloat16")
 TECHNIQUES.register("fp16", f"{_B}.half:Float16", "denoiser weights and activations in float16")
 TECHNIQUES.register("cached", f"{_B}.cached:DeepCache", "DeepCache: reuse the deep UNet features between full calls")
+TECHNIQUES.register("deepcache", f"{_B}.deepcache:DeepCachePackage",
+                    "DeepCache from its authors' package (DeepCacheSDHelper): shallow branch between full steps",
+                    kinds=("diffusers",),
+                    unsupported={"digits": "DeepCacheSDHelper indexes a diffusers pipeline's scheduler timesteps; "
+                                           "the digits sampler is not a pipeline (cached is the same algorithm, "
+                                           "checked against it)",
+                                 "arch": "DeepCacheSDHelper reads each timestep's value, which a meta tensor has "
+                                         "not (cached is the same algorithm)"})
+TECHNIQUES.register("tome", f"{_B}.tome:TokenMerging", "token merging before self-attention (tomesd)",
+                    unsupported={"digits": "tomesd merges tokens in transformer blocks (BasicTransformerBlock); "
+                                           "the digits teacher's attention is AttnDownBlock2D's plain Attention, "
+                                           "which it does not patch"})
+TECHNIQUES.register("compiled", f"{_B}.compiled:Compiled", "torch.compile (inductor) of the denoiser's forward",
+                    unsupported={"arch": "an arch backbone runs nothing to compile (meta tensors, counting only)"})
 TECHNIQUES.register("pruned-unstructured", f"{_B}.pruned:MagnitudePruning",
                     "magnitude pruning, dense kernels (zeros still multiplied)",
                     unsupported={"arch": f"it ranks weights by magnitude and {_NO_WEIGHTS}; its dense kernels count "

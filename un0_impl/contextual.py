@@ -31,8 +31,9 @@ from torch import nn
 from un0_bench.harness.backbone import Backbone
 from un0_bench.harness.counters.ops import gating_scope, mark_gating
 from un0_bench.harness.errors import StackError, UserError
+from un0_bench.harness.model import Layer, Model, Plan, Run
 from un0_bench.harness.spec import Param
-from un0_bench.harness.technique import Layer, Model, Plan, Run, Technique
+from un0_bench.harness.technique import Technique
 from un0_bench.un0_impl.sparse import SubnetCache
 
 KEEP = Param(float, 0.1, "fraction of feed-forward hidden units kept per prompt", low=0.0, high=1.0, low_open=True)

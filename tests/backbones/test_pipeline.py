@@ -17,7 +17,7 @@ from un0_bench.backbones.tiny_pipeline import IMAGE_SIZE, make_tiny_clip, make_t
 from un0_bench.harness.backbone import QualityOptions
 from un0_bench.harness.errors import PromptError, UserError
 from un0_bench.harness.generator import GenerationRequest, GenerationResult
-from un0_bench.harness.technique import Plan
+from un0_bench.harness.model import Plan
 
 #: The tiny pipeline's ops are too small to share between threads (see conftest.one_torch_thread).
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -16,8 +16,8 @@ from un0_bench.backbones.teacher import make_scheduler
 from un0_bench.harness.counters.ops import OpCounter
 from un0_bench.harness.errors import SpecError
 from un0_bench.harness.generator import GenerationRequest, image_noise
+from un0_bench.harness.model import Model
 from un0_bench.harness.stack import make_generator, resolve
-from un0_bench.harness.technique import Model
 
 from tests.contract import GeneratorContract
 

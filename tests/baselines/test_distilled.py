@@ -22,8 +22,8 @@ from un0_bench.baselines.distilled import (
 from un0_bench.harness.checkpoints import load_checkpoint
 from un0_bench.harness.errors import SpecError, StackError
 from un0_bench.harness.generator import GenerationRequest
+from un0_bench.harness.model import Model
 from un0_bench.harness.stack import make_generator, resolve
-from un0_bench.harness.technique import Model
 
 from tests.baselines.test_diffusion import TINY, tiny_unet
 from tests.contract import GeneratorContract

@@ -17,8 +17,8 @@ from un0_bench.harness.checkpoints import save_checkpoint
 from un0_bench.harness.counters.ops import OpCounter
 from un0_bench.harness.errors import CheckpointError, SpecError, StackError
 from un0_bench.harness.generator import GenerationRequest
+from un0_bench.harness.model import Model
 from un0_bench.harness.stack import make_generator, resolve
-from un0_bench.harness.technique import Model
 
 from tests.baselines.test_diffusion import TINY, tiny, tiny_unet
 from tests.contract import GeneratorContract

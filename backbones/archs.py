@@ -571,6 +571,34 @@ def count_arch(arch: str, model: str | None = None, *, steps: int | None = None,
                           count_s=count_s, profile=profile, env=environment())
 
 
+def _kernels_by_phase(counts: Any, occurrences: list) -> list[list[Any]]:
+    """Launched kernels of the whole batch by phase (``harness.counters.kernels.kernel_groups`` rows).
+
+    Work outside every phase (the sampler's arithmetic) is the phase ``other``: the total's op groups
+    less what the phase occurrences counted.
+    """
+    from un0_bench.harness.counters.kernels import kernel_groups
+    from un0_bench.harness.counters.records import OpStat
+
+    by_phase: dict[str, dict[tuple, list[int]]] = {}
+    left = {(s.op, s.dtype, s.role, s.module): [s.calls, s.flops, s.bytes_read, s.bytes_written]
+            for s in counts.stats}
+    for phase, stats in occurrences:
+        groups = by_phase.setdefault(phase, {})
+        for s in stats:
+            key = (s.op, s.dtype, s.role, s.module)
+            g = groups.setdefault(key, [0, 0, 0, 0])
+            for i, v in enumerate((s.calls, s.flops, s.bytes_read, s.bytes_written)):
+                g[i] += v
+                left[key][i] -= v
+    by_phase["other"] = left
+    rows: list[list[Any]] = []
+    for phase, groups in by_phase.items():
+        rows += kernel_groups([OpStat(*k, calls=g[0], flops=g[1], bytes_read=g[2], bytes_written=g[3])
+                               for k, g in groups.items() if g[0] > 0], phase)
+    return rows
+
+
 def counted_record(gen: Generator, stack: Any, backbone: ArchBackbone, counts: Any, occurrences: list,
                    *, text: str, batch_size: int, count_s: float, profile: str, env: dict[str, Any]
                    ) -> dict[str, Any]:
@@ -594,6 +622,7 @@ def counted_record(gen: Generator, stack: Any, backbone: ArchBackbone, counts: A
         p["bytes"] += moved
         p["gating_flops"] += c.flops("gating")
         p["energy_j"]["proxy"] += proxy_j
+    kernels = _kernels_by_phase(counts, occurrences)
     accounted = sum(p["flops"] for p in phases.values())
     accounted_bytes = sum(p["bytes"] for p in phases.values())
     phases["other"] = {"calls": 1, "flops": counts.flops() - accounted, "bytes": counts.bytes_moved() - accounted_bytes,
@@ -633,6 +662,7 @@ def counted_record(gen: Generator, stack: Any, backbone: ArchBackbone, counts: A
         "bytes_per_image_by_module": {g: c.bytes_moved() / n for g, c in module_groups(counts).items()},
         "phases": phases,
         "phase_calls": calls,
+        "kernels": kernels,
         "parameters": desc.get("parameters_by_component") or {"total": desc.get("parameters")},
         "parameters_total": desc.get("parameters_total", desc.get("parameters")),
         "published_parameters": cfg.get("published_parameters"),

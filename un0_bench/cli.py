@@ -195,10 +195,12 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     if args.projection:
         cal = estimate.refit_projection(args.out)
+        from un0_bench.reports.projected import leave_one_out_lines
+
         print(f"calibration {cal.name}: efficiency {cal.efficiency:.6g}, power fraction {cal.power_fraction:.6g}")
-        print(f"  fitted on {cal.setting} measured {cal.measured}; counted {cal.counted.get('flops_per_image'):.6g} "
-              f"FLOP/image")
-        print(f"  source: {cal.source}")
+        for pt in cal.points:
+            print(f"  fitted on {pt['id']}: {pt['setting']} measured {pt['measured']}")
+        print("\n".join(leave_one_out_lines(cal.to_dict())))
         return 0
     if args.meter not in ("rapl", "nvml", "codecarbon"):
         raise UserError(f"--meter must be rapl, nvml or codecarbon, got {args.meter!r}")

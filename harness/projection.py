@@ -422,8 +422,9 @@ def _fit(points: list[Point], flags: MathFlags) -> tuple[float, float]:
 
     lo, hi = 1e-4, 10.0
     if log_time_error(hi) > 0:
-        raise UserError("the calibration points are slower than the model allows at 10x the datasheet peak; "
-                        "check their launch-bound share (kernel_launch) and the counted work")
+        raise UserError("the model projects the calibration points slower than measured even at 10x the tensor-core "
+                        "peak: their memory-bound or launch-bound time alone exceeds the measurement; check the "
+                        "profile's memory_efficiency and kernel_launch, and the counted bytes")
     for _ in range(100):
         mid = math.sqrt(lo * hi)
         lo, hi = (mid, hi) if log_time_error(mid) > 0 else (lo, mid)

@@ -571,7 +571,7 @@ def count_arch(arch: str, model: str | None = None, *, steps: int | None = None,
                           count_s=count_s, profile=profile, env=environment())
 
 
-def _kernels_by_phase(counts: Any, occurrences: list) -> list[list[Any]]:
+def _kernels_by_phase(counts: Any, occurrences: list, exact: bool = False) -> list[list[Any]]:
     """Launched kernels of the whole batch by phase (``harness.counters.kernels.kernel_groups`` rows).
 
     Work outside every phase (the sampler's arithmetic) is the phase ``other``: the total's op groups
@@ -580,17 +580,31 @@ def _kernels_by_phase(counts: Any, occurrences: list) -> list[list[Any]]:
     from un0_bench.harness.counters.kernels import kernel_groups
     from un0_bench.harness.counters.records import OpStat
 
+    # NB: occurrences of a phase with the same number of op groups and the same totals (the replayed
+    # denoiser calls of a sampler) are summed once and multiplied; if that ever leaves a negative
+    # remainder for `other`, everything is summed again occurrence by occurrence (`exact`).
+    distinct: dict[tuple, list] = {}
+    for phase, stats in occurrences:
+        key = (phase, len(stats)) if exact else (phase, len(stats), sum(s.calls for s in stats),
+                                                 sum(s.flops for s in stats), sum(s.bytes_read for s in stats),
+                                                 sum(s.bytes_written for s in stats))
+        if exact:
+            key = (*key, len(distinct))
+        entry = distinct.setdefault(key, [stats, 0])
+        entry[1] += 1
     by_phase: dict[str, dict[tuple, list[int]]] = {}
     left = {(s.op, s.dtype, s.role, s.module): [s.calls, s.flops, s.bytes_read, s.bytes_written]
             for s in counts.stats}
-    for phase, stats in occurrences:
+    for (phase, *_), (stats, times) in distinct.items():
         groups = by_phase.setdefault(phase, {})
         for s in stats:
             key = (s.op, s.dtype, s.role, s.module)
             g = groups.setdefault(key, [0, 0, 0, 0])
             for i, v in enumerate((s.calls, s.flops, s.bytes_read, s.bytes_written)):
-                g[i] += v
-                left[key][i] -= v
+                g[i] += v * times
+                left[key][i] -= v * times
+    if not exact and any(v < 0 for g in left.values() for v in g):
+        return _kernels_by_phase(counts, occurrences, exact=True)
     by_phase["other"] = left
     rows: list[list[Any]] = []
     for phase, groups in by_phase.items():

@@ -137,6 +137,9 @@ def _digital_energy_j(rec: dict[str, Any], gpu: GpuProfile, cal: Any) -> float |
     names = [n for n in phases if "oscillat" not in n.lower()]
     if not names or len(names) == len(phases):
         return None
+    if rec.get("kernels"):
+        return project(rec, gpu, cal, phases=lambda name: "oscillat" not in name.lower())["energy_j_per_image"]
+    # A record without kernel rows: the digital phases' totals, charged coarsely.
     images = max(int(rec.get("images") or 1), 1)
     flops = sum(float(phases[n].get("flops") or 0) for n in names) / images
     nbytes = sum(float(phases[n].get("bytes") or 0) for n in names) / images

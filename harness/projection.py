@@ -237,7 +237,8 @@ def _value(row: dict[str, str]) -> float:
     if not math.isfinite(value) or value < 0 or (value == 0 and quantity not in _MAY_BE_ZERO):
         raise UserError(f"{where}: {quantity} must be a finite positive number, got {row['value']!r}")
     if quantity == MEM_EFF and value > 1:
-        raise UserError(f"{where}: memory_efficiency is a share of the peak bandwidth (at most 1), got {row['value']!r}")
+        raise UserError(f"{where}: memory_efficiency is a share of the peak bandwidth (at most 1), "
+                        f"got {row['value']!r}")
     return value * _UNITS[quantity][unit]
 
 

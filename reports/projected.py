@@ -60,7 +60,8 @@ def projection_notes(records: list[dict[str, Any]]) -> dict[str, Any] | None:
             p = r["projection"]
             cal = p.get("calibration") or {}
             points = "; ".join(f"{x['id']} ({x['measured'].get('time_s_per_image'):.4g} s, "
-                               f"{x['measured'].get('energy_j_per_image'):.4g} J per image)" for x in cal.get("points", []))
+                               f"{x['measured'].get('energy_j_per_image'):.4g} J per image)"
+                               for x in cal.get("points", []))
             return {"assumes": p.get("assumes"), "leaves_out": p.get("leaves_out"), "calibration": cal,
                     "points": points}
     return None

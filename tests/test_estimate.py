@@ -55,13 +55,17 @@ def test_estimate_cli_writes_projected_records_and_a_report_that_says_so(tmp_pat
     _, cal_path = toy_cal
     out = tmp_path / "est"
     code = main(["estimate", "--arch", "sdxl", "--profile", "a100-sxm4-40gb,h100-sxm5", "--steps", "30",
-                 "--resolution", "1024", "--calibration", str(cal_path), "--out", str(out)])
+                 "--resolution", "1024", "--calibration", str(cal_path), "--out", str(out),
+                 "--flags", "cudnn_allow_tf32=0"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "PROJECTED, not measured" in printed and "calibration: toy-cal" in printed
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [r["meter"] for r in records] == ["projection:a100-sxm4-40gb", "projection:h100-sxm5"]
     assert all(r["status"] == "projected" and r["projection"]["label"] == "projected, not measured" for r in records)
+    # The run's math flags are recorded with every projection: the one given, torch's defaults for the rest.
+    assert records[0]["projection"]["flags"] == {"cudnn_allow_tf32": False, "matmul_allow_tf32": False, "sdpa": "auto"}
+    assert "math flags: cudnn_allow_tf32=False" in printed and "no error band" in printed
     # 1e9 * 128^2 * 30 steps * 2 passes = 9.8304e14 FLOPs per image, counted, not projected.
     assert records[0]["flops_per_image"] == 1e9 * 128**2 * 30 * 2
     html = (out / "report.html").read_text()

@@ -24,7 +24,8 @@ def test_groups_drop_views_and_merge_identical_launches():
              OpStat("aten.mm.default", "float16", "compute", "b", calls=3, flops=300, bytes_read=60, bytes_written=30),
              OpStat("aten.add.Tensor", "float32", "compute", "a", calls=4, flops=40, bytes_read=96, bytes_written=48)]
     # mm in modules a and b: 100 FLOPs and 30 bytes per launch each -> one group of 5 launches; the view: none.
-    assert kernel_groups(stats, "p") == [["p", "elementwise", "float32", 4, 10, 36], ["p", "matmul", "float16", 5, 100, 30]]
+    assert kernel_groups(stats, "p") == [["p", "elementwise", "float32", 4, 10, 36],
+                                         ["p", "matmul", "float16", 5, 100, 30]]
 
 
 def test_counted_linear_is_one_matmul_and_one_activation_launch():

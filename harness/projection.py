@@ -130,8 +130,9 @@ class MathFlags:
         matmul_allow_tf32: ``torch.backends.cuda.matmul.allow_tf32`` (torch default False since 1.12):
             float32 matmuls run in TF32.
         sdpa: ``auto`` (torch's choice: flash for fp16/bf16 on tensor cores, memory-efficient for
-            float32 on CUDA cores) or ``math`` (the unfused path: scores written out, matmuls on the
-            dtype's GEMM path).
+            float32 on CUDA cores) or ``math`` (the unfused path: its matmuls on the dtype's GEMM path,
+            TF32 for float32 when ``matmul_allow_tf32``). NB: the score matrix the math path writes
+            and reads back is not added to the counted bytes (the counter counts the fused op).
     """
 
     cudnn_allow_tf32: bool = True

@@ -1,8 +1,10 @@
 """Projected records in the report: their own table, the validation table, the scale table and its plot.
 
 Reads records only (reports never run models). A projected record has ``status: "projected"`` and
-``meter: "projection:<profile>"``; its ``projection`` field names the calibration and what the model
-assumes and leaves out. Optional fields written by ``un0-bench estimate`` / ``make bench-scale``:
+``meter: "projection:<profile>"``; its ``projection`` field names the calibration, the math flags,
+the kernel classes charged, the expected range of the energy (``energy_band_j``, from the calibration's
+leave-one-out spread: a projection is never shown as a bare number) and what the model assumes and
+leaves out. Optional fields written by ``un0-bench estimate`` / ``make bench-scale``:
 
 * ``published_point``: ``{"id", "source", "role", "measured_time_s", "measured_energy_j", "note"}``
   (a published measurement of the same setting: the validation table's row);

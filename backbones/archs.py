@@ -543,8 +543,9 @@ def count_arch(arch: str, model: str | None = None, *, steps: int | None = None,
         A record with the fields of a measured run's counts (``flops_per_image``,
         ``bytes_per_image``, ``flops_per_image_by_dtype``, ``proxy_j_per_image_by_module``, ...),
         ``phases`` (per phase: calls and counted work of the whole batch, like measured records),
-        ``phase_calls`` (every occurrence in order), ``arch``, ``steps``, ``denoiser_calls_per_image``,
-        ``resolution``, ``guidance``, ``batch_size``, ``dtype``, ``parameters``, ``published_*`` and
+        ``phase_calls`` (every occurrence in order), ``kernels`` (launched kernels of the whole batch by
+        phase: ``[phase, class, dtype, launches, FLOPs per launch, bytes per launch]``), ``arch``, ``steps``,
+        ``denoiser_calls_per_image``, ``resolution``, ``guidance``, ``batch_size``, ``dtype``, ``parameters``, ``published_*`` and
         ``count_wall_s`` (CPU time the count took). ``energy_j_per_image`` and
         ``duration_s_per_image`` are ``None``: nothing was measured.
 
@@ -572,6 +573,48 @@ def count_arch(arch: str, model: str | None = None, *, steps: int | None = None,
                           count_s=count_s, profile=profile, env=environment())
 
 
+def _kernels_by_phase(counts: Any, occurrences: list, exact: bool = False) -> list[list[Any]]:
+    """Launched kernels of the whole batch by phase (``harness.counters.kernels.kernel_groups`` rows).
+
+    Work outside every phase (the sampler's arithmetic) is the phase ``other``: the total's op groups
+    less what the phase occurrences counted.
+    """
+    from un0_bench.harness.counters.kernels import kernel_groups
+    from un0_bench.harness.counters.records import OpStat
+
+    # NB: occurrences of a phase with the same number of op groups and the same totals (the replayed
+    # denoiser calls of a sampler) are summed once and multiplied; if that ever leaves a negative
+    # remainder for `other`, everything is summed again occurrence by occurrence (`exact`).
+    distinct: dict[tuple, list] = {}
+    for phase, stats in occurrences:
+        key = (phase, len(stats)) if exact else (phase, len(stats), sum(s.calls for s in stats),
+                                                 sum(s.flops for s in stats), sum(s.bytes_read for s in stats),
+                                                 sum(s.bytes_written for s in stats))
+        if exact:
+            key = (*key, len(distinct))
+        entry = distinct.setdefault(key, [stats, 0])
+        entry[1] += 1
+    by_phase: dict[str, dict[tuple, list[int]]] = {}
+    left = {(s.op, s.dtype, s.role, s.module): [s.calls, s.flops, s.bytes_read, s.bytes_written]
+            for s in counts.stats}
+    for (phase, *_), (stats, times) in distinct.items():
+        groups = by_phase.setdefault(phase, {})
+        for s in stats:
+            key = (s.op, s.dtype, s.role, s.module)
+            g = groups.setdefault(key, [0, 0, 0, 0])
+            for i, v in enumerate((s.calls, s.flops, s.bytes_read, s.bytes_written)):
+                g[i] += v * times
+                left[key][i] -= v * times
+    if not exact and any(v < 0 for g in left.values() for v in g):
+        return _kernels_by_phase(counts, occurrences, exact=True)
+    by_phase["other"] = left
+    rows: list[list[Any]] = []
+    for phase, groups in by_phase.items():
+        rows += kernel_groups([OpStat(*k, calls=g[0], flops=g[1], bytes_read=g[2], bytes_written=g[3])
+                               for k, g in groups.items() if g[0] > 0], phase)
+    return rows
+
+
 def counted_record(gen: Generator, stack: Any, backbone: ArchBackbone, counts: Any, occurrences: list,
                    *, text: str, batch_size: int, count_s: float, profile: str, env: dict[str, Any]
                    ) -> dict[str, Any]:
@@ -595,6 +638,7 @@ def counted_record(gen: Generator, stack: Any, backbone: ArchBackbone, counts: A
         p["bytes"] += moved
         p["gating_flops"] += c.flops("gating")
         p["energy_j"]["proxy"] += proxy_j
+    kernels = _kernels_by_phase(counts, occurrences)
     accounted = sum(p["flops"] for p in phases.values())
     accounted_bytes = sum(p["bytes"] for p in phases.values())
     phases["other"] = {"calls": 1, "flops": counts.flops() - accounted, "bytes": counts.bytes_moved() - accounted_bytes,
@@ -634,6 +678,7 @@ def counted_record(gen: Generator, stack: Any, backbone: ArchBackbone, counts: A
         "bytes_per_image_by_module": {g: c.bytes_moved() / n for g, c in module_groups(counts).items()},
         "phases": phases,
         "phase_calls": calls,
+        "kernels": kernels,
         "parameters": desc.get("parameters_by_component") or {"total": desc.get("parameters")},
         "parameters_total": desc.get("parameters_total", desc.get("parameters")),
         "published_parameters": cfg.get("published_parameters"),

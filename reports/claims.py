@@ -472,7 +472,8 @@ def judge_projected(c: dict[str, Any], records: list[dict[str, Any]]) -> dict[st
         ok = value is not None and lo <= value <= hi
         row["settings"].append({"model": r["model"], "profile": r["projection"]["profile"], "value": value,
                                 "unit": unit, "agrees": ok, "ratio": value / ((lo * hi) ** 0.5) if value else None,
-                                "kwh_per_1000": value * 1000 / 3.6e6 if unit == "J" and value else None})
+                                "kwh_per_1000": value * 1000 / 3.6e6 if unit == "J" and value else None,
+                                "band": r["projection"].get("energy_band_j") if unit == "J" else None})
     agree = [s for s in row["settings"] if s["agrees"]]
     overall = HOLDS if len(agree) == len(recs) else FAILS if not agree else CANNOT_TELL
     word = {HOLDS: "Consistent", FAILS: "Not consistent", CANNOT_TELL: "Depends on the setting"}[overall]

@@ -57,9 +57,10 @@ def verdict_markdown(claim: dict[str, Any]) -> list[str]:
                          + " |")
         lines.append("")
     for s in claim.get("settings") or []:
+        band = f", expected {s['band'][0]:.3g}-{s['band'][1]:.3g} {s['unit']}" if s.get("band") else ""
         lines.append(f"- `{_esc(s['model'])}` on {_esc(s['profile'])}: projected {s['value']:.3g} {s['unit']} per "
                      "image "
-                     f"({'agrees' if s['agrees'] else 'disagrees'})")
+                     f"({'agrees' if s['agrees'] else 'disagrees'}{band})")
     if claim.get("settings"):
         lines.append("")
     elif claim["model"]:

@@ -1,8 +1,10 @@
 """Projected records in the report: their own table, the validation table, the scale table and its plot.
 
 Reads records only (reports never run models). A projected record has ``status: "projected"`` and
-``meter: "projection:<profile>"``; its ``projection`` field names the calibration and what the model
-assumes and leaves out. Optional fields written by ``un0-bench estimate`` / ``make bench-scale``:
+``meter: "projection:<profile>"``; its ``projection`` field names the calibration, the math flags,
+the kernel classes charged, the expected range of the energy (``energy_band_j``, from the calibration's
+leave-one-out spread: a projection is never shown as a bare number) and what the model assumes and
+leaves out. Optional fields written by ``un0-bench estimate`` / ``make bench-scale``:
 
 * ``published_point``: ``{"id", "source", "role", "measured_time_s", "measured_energy_j", "note"}``
   (a published measurement of the same setting: the validation table's row);
@@ -31,7 +33,7 @@ def _setting(r: dict[str, Any]) -> str:
 
 
 def projected_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per projected record: setting, GPU, projected time and energy, the calibration."""
+    """One row per projected record: setting, GPU, projected time and energy with its band, flags, kernel classes."""
     rows = []
     for r in records:
         if not is_projected(r):
@@ -45,6 +47,10 @@ def projected_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "kwh_per_1000": units.kwh_per_1000_images(p["energy_j_per_image"]) if p.get("energy_j_per_image") else None,
             "calibration": cal.get("name"), "efficiency": cal.get("efficiency"),
             "power_fraction": cal.get("power_fraction"),
+            "energy_band_j": p.get("energy_band_j"), "error_band": p.get("error_band"),
+            "flags": ", ".join(f"{k}={v}" for k, v in (p.get("flags") or {}).items()),
+            "kernel_classes": ", ".join(f"{k} ({'/'.join(c.get('paths', []))})"
+                                        for k, c in (p.get("kernel_classes") or {}).items()),
         })
     return rows
 
@@ -54,7 +60,12 @@ def projection_notes(records: list[dict[str, Any]]) -> dict[str, Any] | None:
     for r in records:
         if is_projected(r) and r.get("projection"):
             p = r["projection"]
-            return {"assumes": p.get("assumes"), "leaves_out": p.get("leaves_out"), "calibration": p.get("calibration")}
+            cal = p.get("calibration") or {}
+            points = "; ".join(f"{x['id']} ({x['measured'].get('time_s_per_image'):.4g} s, "
+                               f"{x['measured'].get('energy_j_per_image'):.4g} J per image)"
+                               for x in cal.get("points", []))
+            return {"assumes": p.get("assumes"), "leaves_out": p.get("leaves_out"), "calibration": cal,
+                    "points": points}
     return None
 
 
@@ -73,9 +84,12 @@ def validation_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                                           ("energy (J)", pub.get("measured_energy_j"), p["energy_j_per_image"])):
             if measured is None:
                 continue
+            band = p.get("error_band") if what == "energy (J)" else None
             rows.append({"id": pub["id"], "role": pub.get("role", "validation"), "source": pub.get("source"),
                          "model": r["model"], "setting": _setting(r), "profile": p["profile"], "quantity": what,
                          "measured": measured, "projected": projected, "ratio": projected / measured,
+                         "band": [projected / band, projected * band] if band else None,
+                         "within_band": (projected / band <= measured <= projected * band) if band else None,
                          "note": pub.get("note", "")})
     return rows
 
@@ -153,3 +167,16 @@ def scale_plot(scale: dict[str, Any]) -> bytes | None:
     ax.set_title("Un-0 sizes vs diffusion at real scale (digital)")
     ax.legend()
     return _png(fig)
+
+
+def leave_one_out_lines(calibration: dict[str, Any]) -> list[str]:
+    """The calibration's leave-one-out table as printed lines (``make bench-scale``, ``calibrate --projection``)."""
+    loo = calibration.get("leave_one_out") or []
+    if not loo:
+        return ["leave-one-out: none (a single calibration point)"]
+    lines = ["leave-one-out (fitted without the point, then projected), projected / measured:"]
+    for r in loo:
+        lines.append(f"  {r['id']:28} fitted on {', '.join(r['fitted_on'])}: efficiency {r['efficiency']:.3g}, power "
+                     f"fraction {r['power_fraction']:.3g}; time {r['time_ratio']:.3g}, energy {r['energy_ratio']:.3g}")
+    lines.append(f"  error band of a projected energy: x/{calibration.get('error_band'):.3g}")
+    return lines

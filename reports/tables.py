@@ -109,7 +109,8 @@ def summary_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
 
     def col(meter: str) -> str:
         if meter.startswith("projection:"):
-            return f"J/image {meter} (projected, not measured)"
+            band = next(((r.get("projection") or {}).get("error_band") for r in records if r["meter"] == meter), None)
+            return f"J/image {meter} (projected, not measured" + (f"; x/{band:.3g} expected)" if band else ")")
         return f"J/image {meter} ({classes[meter]})"
 
     for r in records:

@@ -22,7 +22,7 @@ def fake_count_arch(arch, *, steps=None, resolution=None, batch_size=1, guidance
     flops = 1e9 * (resolution // 8) ** 2 * steps * passes
     rec = {"model": arch, "backbone": f"arch:{arch}", "batch_size": batch_size, "images": batch_size,
            "status": "counted", "meter": "counter", "flops_per_image": flops,
-           "flops_per_image_by_dtype": {"float16": flops}, "bytes_per_image": flops / 100,
+           "flops_per_image_by_dtype": {"float16": flops}, "bytes_per_image": flops / 1000,
            "energy_j_per_image": None, "energy_ci95_j": None, "duration_s_per_image": None, "uncounted_ops": {},
            "config": {"steps": steps, "resolution": resolution, "guidance": guidance, "dtype": dtype},
            "environment": {}}
@@ -43,8 +43,9 @@ def fake_count_arch(arch, *, steps=None, resolution=None, batch_size=1, guidance
 def toy_cal(tmp_path, monkeypatch):
     monkeypatch.setattr(estimate, "_count_arch", lambda: fake_count_arch)
     counted = estimate.count("sd21", steps=50, resolution=768, guidance=7.5, dtype="fp16")
-    cal = fit_calibration(counted, get_gpu_profile("a100-sxm4-40gb"), time_s=2.29, energy_j=871.0, name="toy-cal",
-                          source="test", setting={"arch": "sd21"})
+    point = {"id": "toy-sd21", "source": "test", "setting": {"arch": "sd21"},
+             "measured": {"time_s_per_image": 2.29279, "energy_j_per_image": 871.094}}
+    cal = fit_calibration([(point, counted, get_gpu_profile("a100-sxm4-40gb"))], name="toy-cal")
     path = tmp_path / "cal.json"
     path.write_text(json.dumps(cal.to_dict()))
     return cal, path
@@ -54,13 +55,17 @@ def test_estimate_cli_writes_projected_records_and_a_report_that_says_so(tmp_pat
     _, cal_path = toy_cal
     out = tmp_path / "est"
     code = main(["estimate", "--arch", "sdxl", "--profile", "a100-sxm4-40gb,h100-sxm5", "--steps", "30",
-                 "--resolution", "1024", "--calibration", str(cal_path), "--out", str(out)])
+                 "--resolution", "1024", "--calibration", str(cal_path), "--out", str(out),
+                 "--flags", "cudnn_allow_tf32=0"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "PROJECTED, not measured" in printed and "calibration: toy-cal" in printed
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [r["meter"] for r in records] == ["projection:a100-sxm4-40gb", "projection:h100-sxm5"]
     assert all(r["status"] == "projected" and r["projection"]["label"] == "projected, not measured" for r in records)
+    # The run's math flags are recorded with every projection: the one given, torch's defaults for the rest.
+    assert records[0]["projection"]["flags"] == {"cudnn_allow_tf32": False, "matmul_allow_tf32": False, "sdpa": "auto"}
+    assert "math flags: cudnn_allow_tf32=False" in printed and "no error band" in printed
     # 1e9 * 128^2 * 30 steps * 2 passes = 9.8304e14 FLOPs per image, counted, not projected.
     assert records[0]["flops_per_image"] == 1e9 * 128**2 * 30 * 2
     html = (out / "report.html").read_text()
@@ -90,8 +95,11 @@ def test_scale_table_factor_and_break_even(tmp_path, toy_cal, monkeypatch):
     assert rows["un0-cifar10-1024"]["factor"] is None  # no diffusion model of CIFAR-10 in the table
     v = {(x["id"], x["quantity"]): x for x in validation_rows(records)}
     # The calibration point: the toy calibration was fitted on the same toy counts, so the ratio is 1.
-    assert v[("ml-energy-sd2.1-a100", "energy (J)")]["ratio"] == pytest.approx(1.0, rel=1e-12)
-    assert v[("ml-energy-sd2.1-a100", "time (s)")]["ratio"] == pytest.approx(1.0, rel=1e-12)
+    assert v[("ml-energy-sd21-50steps-bs1", "energy (J)")]["ratio"] == pytest.approx(1.0, rel=1e-9)
+    assert v[("ml-energy-sd21-50steps-bs1", "time (s)")]["ratio"] == pytest.approx(1.0, rel=1e-9)
+    assert v[("ml-energy-sd21-50steps-bs1", "energy (J)")]["role"] == "calibration"
+    # Every ML.ENERGY A100 point of SD 1.5, SD 2.1 and SDXL at batch 1 and 8, 30 and 50 steps is in the table.
+    assert sum(1 for (pid, q) in v if pid.startswith("ml-energy-") and q == "energy (J)") == 12
     claims = {c["claim"][:20]: c for c in evaluate_claims(records, "sd")}
     api = next(c for k, c in claims.items() if k.startswith("Image-generation"))
     assert api["settings"] and all(s["unit"] == "J" for s in api["settings"])

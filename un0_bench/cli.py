@@ -149,8 +149,12 @@ def _estimate_options(sub: Any) -> None:
                    help="classifier-free guidance scale; above 1 doubles the denoiser passes (default: the "
                         "architecture's)")
     e.add_argument("--dtype", default="fp16", help="dtype the work is counted in (default fp16, as served on a GPU)")
+    e.add_argument("--flags", default=None,
+                   help="torch math flags of the run: cudnn_allow_tf32=1|0, matmul_allow_tf32=1|0, sdpa=auto|math, "
+                        "comma-separated (default: torch's, cudnn_allow_tf32=1, matmul_allow_tf32=0, sdpa=auto)")
     e.add_argument("--calibration", type=path_arg, default=None,
-                   help="calibration file (default: the shipped one, fitted on ML.ENERGY's SD 2.1 on A100)")
+                   help="calibration file (default: the shipped one, fitted on ML.ENERGY's SD 2.1 batch 1 and SDXL "
+                        "batch 8 on A100)")
     e.add_argument("--out", type=path_arg, default=None, help="report folder (default runs/estimate-<time>)")
     e.add_argument("--no-report", action="store_true", help="write results only")
 
@@ -160,8 +164,8 @@ def _estimate_options(sub: Any) -> None:
     how.add_argument("--meter", help="rapl, nvml or codecarbon: run fixed workloads and fit E = e_flop*F + e_byte*B + "
                                      "static*t")
     how.add_argument("--projection", action="store_true",
-                     help="recount SD 2.1 (50 steps, 768x768, guidance 7.5, fp16) and refit the projection on "
-                          "ML.ENERGY's A100 measurement")
+                     help="recount the calibration points of reports/published.csv (ML.ENERGY, A100: SD 2.1 batch 1 "
+                          "and SDXL batch 8, 50 steps) and refit the projection, with its leave-one-out table")
     c.add_argument("--name", default=None, help="profile name to save (default host-<meter>)")
     c.add_argument("--out", type=path_arg, default=None,
                    help="--meter: folder for profiles.csv and fit.json (default runs/calibrate-<meter>); "
@@ -171,13 +175,14 @@ def _estimate_options(sub: Any) -> None:
 
 def cmd_estimate(args: argparse.Namespace) -> int:
     from un0_bench import estimate
-    from un0_bench.harness.projection import load_calibration
+    from un0_bench.harness.projection import load_calibration, parse_flags
 
     profiles = [p.strip() for p in args.profile.split(",") if p.strip()]
     if not profiles:
         raise UserError("--profile names no GPU profile")
     cal = load_calibration(args.calibration)
-    records = estimate.estimate_records(args.arch, profiles, calibration=cal, steps=args.steps,
+    flags = parse_flags(args.flags) if args.flags else None
+    records = estimate.estimate_records(args.arch, profiles, calibration=cal, flags=flags, steps=args.steps,
                                         resolution=args.resolution, batch_size=args.batch_size,
                                         guidance=args.guidance, dtype=args.dtype)
     for rec in records:
@@ -195,10 +200,12 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     if args.projection:
         cal = estimate.refit_projection(args.out)
+        from un0_bench.reports.projected import leave_one_out_lines
+
         print(f"calibration {cal.name}: efficiency {cal.efficiency:.6g}, power fraction {cal.power_fraction:.6g}")
-        print(f"  fitted on {cal.setting} measured {cal.measured}; counted {cal.counted.get('flops_per_image'):.6g} "
-              f"FLOP/image")
-        print(f"  source: {cal.source}")
+        for pt in cal.points:
+            print(f"  fitted on {pt['id']}: {pt['setting']} measured {pt['measured']}")
+        print("\n".join(leave_one_out_lines(cal.to_dict())))
         return 0
     if args.meter not in ("rapl", "nvml", "codecarbon"):
         raise UserError(f"--meter must be rapl, nvml or codecarbon, got {args.meter!r}")

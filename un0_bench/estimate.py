@@ -19,22 +19,15 @@ from un0_bench.harness.errors import UserError
 from un0_bench.harness.projection import (
     CALIBRATION_FILE,
     Calibration,
+    MathFlags,
     fit_calibration,
     get_gpu_profile,
     load_calibration,
     projected_record,
 )
 
-#: The one published measurement the projection is fitted on.
-PUBLISHED_CALIBRATION = {
-    "name": "ml-energy-sd2.1-a100",
-    "source": ("ML.ENERGY Leaderboard (ml.energy/leaderboard; Chung et al., The ML.ENERGY Benchmark, arXiv "
-               "2505.06371): NVIDIA A100-SXM4-40GB, stabilityai/stable-diffusion-2-1, 50 steps, batch 1: 2.29 s and "
-               "871 J per image, GPU energy only (Zeus/NVML)"),
-    "arch": "sd21", "profile": "a100-sxm4-40gb",
-    "setting": {"arch": "sd21", "steps": 50, "resolution": 768, "guidance": 7.5, "batch_size": 1, "dtype": "fp16"},
-    "time_s": 2.29, "energy_j": 871.0,
-}
+#: The projection's calibration: the rows of ``reports/published.csv`` with role ``calibration``.
+CALIBRATION_NAME = "ml-energy-a100-sd21-bs1+sdxl-bs8"
 REFIT_COMMAND = "un0-bench calibrate --projection"
 
 CountFn = Callable[..., dict[str, Any]]
@@ -74,7 +67,8 @@ def _environment() -> dict[str, Any]:
 
 
 def estimate_records(arch: str, profiles: list[str], *, calibration: Calibration | None = None,
-                     count_fn: CountFn | None = None, **setting: Any) -> list[dict[str, Any]]:
+                     count_fn: CountFn | None = None, flags: MathFlags | None = None,
+                     **setting: Any) -> list[dict[str, Any]]:
     """Count ``arch`` once and project it on each profile: one projected record per profile."""
     cal = calibration or load_calibration()
     gpus = [get_gpu_profile(p) for p in profiles]  # unknown names refused before counting
@@ -82,7 +76,7 @@ def estimate_records(arch: str, profiles: list[str], *, calibration: Calibration
     env = _environment()
     out = []
     for gpu in gpus:
-        rec = projected_record(counted, gpu, cal)
+        rec = projected_record(counted, gpu, cal, flags)
         rec["environment"] = {**env, "projected_on": gpu.name, "note": "counted on this host; time and energy "
                               "projected for the named GPU, not measured"}
         rec["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -127,28 +121,39 @@ def describe(rec: dict[str, Any]) -> str:
     if phases:
         lines.append("  by phase: " + "; ".join(f"{n} {_si(ph.get('flops', 0) / max(rec.get('images', 1), 1), 'FLOP')}"
                                                for n, ph in phases.items()))
-    lines.append(f"  projected: {p['time_s_per_image']:.3g} s and {p['energy_j_per_image']:.4g} J per image "
-                 f"({p['power_w']:.0f} W, {p['bound']}-bound; roofline {p['compute_s_at_peak']:.3g} s compute, "
-                 f"{p['memory_s_at_peak']:.3g} s memory at datasheet peaks)")
-    lines.append(f"  calibration: {cal['name']} (efficiency {cal['efficiency']:.4g}, power fraction "
-                 f"{cal['power_fraction']:.4g}; {cal['measured']['time_s_per_image']} s, "
-                 f"{cal['measured']['energy_j_per_image']} J measured for {cal['setting'].get('arch')} on "
-                 f"{cal['setting'].get('profile')})")
+    band = p.get("energy_band_j")
+    span = (f" (expected range {band[0]:.4g}-{band[1]:.4g} J: x/{p['error_band']:.3g}, the leave-one-out spread)"
+            if band else " (no error band: the calibration has a single point)")
+    lines.append(f"  projected: {p['time_s_per_image']:.3g} s and {p['energy_j_per_image']:.4g} J per image{span}; "
+                 f"{p['power_w']:.0f} W, mostly {p['bound']}-bound")
+    lines.append("  kernels per image: " + "; ".join(
+        f"{k} {c['launches']:.0f} launches {c['time_s']:.3g} s [{', '.join(c['paths'])}]"
+        for k, c in p["kernel_classes"].items()))
+    lines.append("  math flags: " + ", ".join(f"{k}={v}" for k, v in p["flags"].items()))
+    lines.append(f"  calibration: {cal['name']} (efficiency {cal['efficiency']:.4g} of the tensor-core peak, power "
+                 f"fraction {cal['power_fraction']:.4g}; fitted on " + ", ".join(x["id"] for x in cal["points"]) + ")")
     return "\n".join(lines)
 
 
 # --- the projection's calibration -----------------------------------------------------------------
+def calibration_points(count_fn: CountFn | None = None, role: str = "calibration") -> list[tuple]:
+    """The published points of ``reports/published.csv`` with ``role``, each counted: ``(point, counted, GPU)``."""
+    from un0_bench.scale import published_points
+
+    out = []
+    for pt, arch, kwargs, profile in published_points(role):
+        if pt["measured"]["time_s_per_image"] is None or pt["measured"]["energy_j_per_image"] is None:
+            continue  # a point without both time and energy cannot fit the two factors
+        out.append((pt, count(arch, count_fn=count_fn, **kwargs), get_gpu_profile(profile)))
+    return out
+
+
 def refit_projection(out: Path | None = None, count_fn: CountFn | None = None) -> Calibration:
-    """Recount the published setting and refit the projection's two factors.
+    """Recount the calibration points and refit the projection's two factors (with the leave-one-out table).
 
     Writes them to ``out`` (default: the shipped ``harness/projection_calibration.json``).
     """
-    pub = PUBLISHED_CALIBRATION
-    s = pub["setting"]
-    counted = count(pub["arch"], steps=s["steps"], resolution=s["resolution"], batch_size=s["batch_size"],
-                    guidance=s["guidance"], dtype=s["dtype"], count_fn=count_fn)
-    cal = fit_calibration(counted, get_gpu_profile(pub["profile"]), time_s=pub["time_s"], energy_j=pub["energy_j"],
-                          name=pub["name"], source=pub["source"], setting=s, command=REFIT_COMMAND)
+    cal = fit_calibration(calibration_points(count_fn), name=CALIBRATION_NAME, command=REFIT_COMMAND)
     if out is None:
         out = Path(__file__).resolve().parent.parent / "harness" / CALIBRATION_FILE
     out.write_text(json.dumps(cal.to_dict(), indent=1, sort_keys=True) + "\n")

@@ -65,6 +65,26 @@ def _rows(path: Path) -> list[dict[str, str]]:
     return list(csv.DictReader(io.StringIO("\n".join(lines))))
 
 
+def published_points(role: str | None = None, path: Path = PUBLISHED_FILE) -> list[tuple]:
+    """Rows of ``reports/published.csv`` (of ``role``, if given): ``(point, arch, count kwargs, profile)``.
+
+    ``point`` has ``id``, ``role``, ``source``, ``note``, ``setting`` and ``measured`` (per image;
+    ``None`` where not published).
+    """
+    out = []
+    for row in _rows(path):
+        if role is not None and row["role"] != role:
+            continue
+        arch, kwargs, profile = parse_setting(row["setting"])
+        kwargs.setdefault("dtype", "fp16")
+        measured = {"time_s_per_image": float(row["measured_time_s"]) if row["measured_time_s"] else None,
+                    "energy_j_per_image": float(row["measured_energy_j"]) if row["measured_energy_j"] else None}
+        pt = {"id": row["point_id"], "role": row["role"], "source": row["source"], "note": row["note"],
+              "setting": {"arch": arch, **kwargs}, "measured": measured}
+        out.append((pt, arch, kwargs, profile))
+    return out
+
+
 def _projected(setting: str, cal: Any, count_fn: CountFn | None, cache: dict[str, dict[str, Any]]) -> dict[str, Any]:
     arch, kwargs, profile = parse_setting(setting)
     kwargs.setdefault("dtype", "fp16")
@@ -117,6 +137,9 @@ def _digital_energy_j(rec: dict[str, Any], gpu: GpuProfile, cal: Any) -> float |
     names = [n for n in phases if "oscillat" not in n.lower()]
     if not names or len(names) == len(phases):
         return None
+    if rec.get("kernels"):
+        return project(rec, gpu, cal, phases=lambda name: "oscillat" not in name.lower())["energy_j_per_image"]
+    # A record without kernel rows: the digital phases' totals, charged coarsely.
     images = max(int(rec.get("images") or 1), 1)
     flops = sum(float(phases[n].get("flops") or 0) for n in names) / images
     nbytes = sum(float(phases[n].get("bytes") or 0) for n in names) / images
@@ -193,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"un0-bench: error: {e}", file=sys.stderr)
         return 2
-    from un0_bench.reports.projected import scale_rows, validation_rows
+    from un0_bench.reports.projected import leave_one_out_lines, scale_rows, validation_rows
 
     print("PROJECTED, not measured (calibration: " + records[0]["projection"]["calibration"]["name"] + ")")
     print(f"{'model':26} {'FLOPs/image':>12} {'J/image':>10} {'FID@50k':>8} {'factor':>8} "
@@ -204,9 +227,11 @@ def main(argv: list[str] | None = None) -> int:
         fac = f"{r['factor']:.3g}x" if r["factor"] else "—"
         fid = r["fid"] if r["fid"] is not None else "—"
         print(f"{r['model']:26} {r['flops']:12.4g} {r['energy_j']:10.4g} {fid:>8} {fac:>8} {be:>34}")
-    print("\nvalidation (projected / measured):")
+    print()
+    print("\n".join(leave_one_out_lines(load_calibration().to_dict())))
+    print("\nvalidation (projected / measured; calibration rows are fitted, see the leave-one-out above):")
     for v in validation_rows(records):
-        print(f"  {v['id']:26} {v['role']:11} {v['quantity']:10} measured {v['measured']:<8.4g} projected "
+        print(f"  {v['id']:30} {v['role']:11} {v['quantity']:10} measured {v['measured']:<8.4g} projected "
               f"{v['projected']:<8.4g} ratio {v['ratio']:.3g}")
     print(f"\nreport: {args.out / 'report.html'} ({time.perf_counter() - t0:.0f} s)")
     return 0

@@ -677,7 +677,9 @@ class OpCounter(TorchDispatchMode):
     def __init__(self, root: torch.nn.Module | None = None) -> None:
         super().__init__()
         self._tracker = _ModuleTracker(root)
-        self._groups: dict[tuple[str, str, str, str], list[Any]] = {}
+        # (calls, flops, bytes_read, bytes_written, counted) per group, as tuples replaced on every update: a
+        # snapshot is then a shallow copy, and `since` finds the changed groups by identity.
+        self._groups: dict[tuple[str, str, str, str], tuple[int, int, int, int, bool]] = {}
         self._lock = threading.Lock()
 
     # -- context
@@ -725,15 +727,17 @@ class OpCounter(TorchDispatchMode):
     def snapshot(self) -> dict[tuple[str, str, str, str], tuple[int, int, int, int, bool]]:
         """Totals so far by (op, dtype, role, module): ``(calls, flops, bytes_read, bytes_written, counted)``."""
         with self._lock:
-            return {k: tuple(g) for k, g in self._groups.items()}  # type: ignore[misc]
+            return dict(self._groups)
 
     @staticmethod
     def since(before: dict[tuple[str, str, str, str], tuple], after: dict[tuple[str, str, str, str], tuple]
               ) -> list[OpStat]:
         """What was counted between two :meth:`snapshot` s, as op groups."""
         out = []
-        for key, (calls, flops, br, bw, counted) in after.items():
-            c0, f0, r0, w0, _ = before.get(key, (0, 0, 0, 0, True))
+        get = before.get
+        for key in [k for k, g in after.items() if get(k) is not g]:
+            calls, flops, br, bw, counted = after[key]
+            c0, f0, r0, w0, _ = get(key, (0, 0, 0, 0, True))
             if calls > c0:
                 out.append(OpStat(*key, calls=calls - c0, flops=flops - f0, bytes_read=br - r0, bytes_written=bw - w0,
                                   counted=counted))
@@ -744,13 +748,8 @@ class OpCounter(TorchDispatchMode):
         with self._lock:
             for s in stats:
                 key = (s.op, s.dtype, s.role, s.module)
-                g = self._groups.get(key)
-                if g is None:
-                    g = self._groups[key] = [0, 0, 0, 0, s.counted]
-                g[0] += s.calls
-                g[1] += s.flops
-                g[2] += s.bytes_read
-                g[3] += s.bytes_written
+                c, f, r, w, counted = self._groups.get(key, (0, 0, 0, 0, s.counted))
+                self._groups[key] = (c + s.calls, f + s.flops, r + s.bytes_read, w + s.bytes_written, counted)
 
     # -- dispatch
     @contextlib.contextmanager
@@ -797,13 +796,8 @@ class OpCounter(TorchDispatchMode):
         role = "gating" if gating else "compute"
         key = (str(func), op_dtype(func, args, kwargs, out), role, module)
         with self._lock:
-            g = self._groups.get(key)
-            if g is None:
-                g = self._groups[key] = [0, 0, 0, 0, formula is not None]
-            g[0] += 1
-            g[1] += flops
-            g[2] += bytes_read
-            g[3] += bytes_written
+            c, f, r, w, counted = self._groups.get(key, (0, 0, 0, 0, formula is not None))
+            self._groups[key] = (c + 1, f + flops, r + bytes_read, w + bytes_written, counted)
 
 
 def current_counter() -> OpCounter | None:

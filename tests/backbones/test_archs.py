@@ -153,6 +153,25 @@ def test_steps_scale_the_denoiser_part_linearly_and_nothing_else(sd21_counts):
         assert four[phase]["flops"] == two[phase]["flops"]
 
 
+def test_kernels_by_phase_add_up_to_the_counted_work(sd21_counts):
+    r = sd21_counts[2]
+    k = r["kernels"]
+    # Rows [phase, class, dtype, launches, FLOPs per launch, bytes per launch] of the whole batch (1 image).
+    for phase, p in r["phases"].items():
+        rows = [x for x in k if x[0] == phase]
+        # Per-launch sizes are means rounded to whole FLOPs and bytes: equal to a part in 10^6.
+        assert sum(x[3] * x[4] for x in rows) == pytest.approx(p["flops"], rel=1e-6)
+        assert sum(x[3] * x[5] for x in rows) == pytest.approx(p["bytes"], rel=1e-6)
+
+    def launches(rec, phase):
+        return sum(x[3] for x in rec["kernels"] if x[0] == phase)
+
+    # Twice the steps, twice the denoiser launches; the text encoder and the VAE launch the same.
+    assert launches(sd21_counts[4], "denoise_step") == 2 * launches(r, "denoise_step") > 0
+    assert launches(sd21_counts[4], "vae_decode") == launches(r, "vae_decode") > 0
+    assert {x[1] for x in k} == {"conv", "matmul", "attention", "norm", "elementwise"}
+
+
 def test_guidance_one_runs_a_single_half_and_encodes_no_negative_prompt(sd21_counts):
     one = count_arch("sd21", steps=2, guidance=1.0)["phases"]
     cfg = sd21_counts[2]["phases"]

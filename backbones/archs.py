@@ -545,7 +545,8 @@ def count_arch(arch: str, model: str | None = None, *, steps: int | None = None,
         ``phases`` (per phase: calls and counted work of the whole batch, like measured records),
         ``phase_calls`` (every occurrence in order), ``kernels`` (launched kernels of the whole batch by
         phase: ``[phase, class, dtype, launches, FLOPs per launch, bytes per launch]``), ``arch``, ``steps``,
-        ``denoiser_calls_per_image``, ``resolution``, ``guidance``, ``batch_size``, ``dtype``, ``parameters``, ``published_*`` and
+        ``denoiser_calls_per_image``, ``resolution``, ``guidance``, ``batch_size``, ``dtype``, ``parameters``,
+        ``published_*`` and
         ``count_wall_s`` (CPU time the count took). ``energy_j_per_image`` and
         ``duration_s_per_image`` are ``None``: nothing was measured.
 

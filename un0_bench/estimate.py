@@ -9,6 +9,8 @@ Every record written here is marked projected (``status: "projected"``, ``meter:
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import time
 from collections.abc import Callable
@@ -135,11 +137,54 @@ def describe(rec: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# --- the published points (reports/published.csv) ------------------------------------------------
+PUBLISHED_FILE = Path(__file__).resolve().parent.parent / "reports" / "published.csv"
+
+def parse_setting(text: str) -> tuple[str, dict[str, Any], str]:
+    """``arch:key=value,...@profile`` -> (arch, count kwargs, profile)."""
+    spec, at, profile = text.partition("@")
+    if not at or not profile:
+        raise UserError(f"setting {text!r}: expected arch:key=value,...@gpu-profile")
+    arch, _, params = spec.partition(":")
+    kwargs: dict[str, Any] = {}
+    kinds = {"steps": int, "resolution": int, "batch_size": int, "guidance": float, "dtype": str}
+    for item in filter(None, params.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or key not in kinds:
+            raise UserError(f"setting {text!r}: bad parameter {item!r} (known: {', '.join(kinds)})")
+        kwargs[key] = kinds[key](value)
+    return arch, kwargs, profile
+
+
+def published_rows(path: Path) -> list[dict[str, str]]:
+    text = path.read_text()
+    lines = [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    return list(csv.DictReader(io.StringIO("\n".join(lines))))
+
+
+def published_points(role: str | None = None, path: Path = PUBLISHED_FILE) -> list[tuple]:
+    """Rows of ``reports/published.csv`` (of ``role``, if given): ``(point, arch, count kwargs, profile)``.
+
+    ``point`` has ``id``, ``role``, ``source``, ``note``, ``setting`` and ``measured`` (per image;
+    ``None`` where not published).
+    """
+    out = []
+    for row in published_rows(path):
+        if role is not None and row["role"] != role:
+            continue
+        arch, kwargs, profile = parse_setting(row["setting"])
+        kwargs.setdefault("dtype", "fp16")
+        measured = {"time_s_per_image": float(row["measured_time_s"]) if row["measured_time_s"] else None,
+                    "energy_j_per_image": float(row["measured_energy_j"]) if row["measured_energy_j"] else None}
+        pt = {"id": row["point_id"], "role": row["role"], "source": row["source"], "note": row["note"],
+              "setting": {"arch": arch, **kwargs}, "measured": measured}
+        out.append((pt, arch, kwargs, profile))
+    return out
+
+
 # --- the projection's calibration -----------------------------------------------------------------
 def calibration_points(count_fn: CountFn | None = None, role: str = "calibration") -> list[tuple]:
     """The published points of ``reports/published.csv`` with ``role``, each counted: ``(point, counted, GPU)``."""
-    from un0_bench.scale import published_points
-
     out = []
     for pt, arch, kwargs, profile in published_points(role):
         if pt["measured"]["time_s_per_image"] is None or pt["measured"]["energy_j_per_image"] is None:

@@ -12,14 +12,12 @@ Every record is projected, none measured.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from un0_bench.estimate import CountFn, count, write_report
+from un0_bench.estimate import PUBLISHED_FILE, CountFn, count, parse_setting, published_rows, write_report
 from un0_bench.harness.errors import UserError
 from un0_bench.harness.projection import (
     GpuProfile,
@@ -28,8 +26,6 @@ from un0_bench.harness.projection import (
     project,
     projected_record,
 )
-
-PUBLISHED_FILE = Path(__file__).resolve().parent.parent / "reports" / "published.csv"
 
 #: The published Un-0 sizes (Unconventional AI, June 2026) and the diffusion model of each dataset.
 UN0_ARCHS = {
@@ -41,48 +37,6 @@ DEFAULT_PROFILE = "h100-sxm5"
 #: Images per sampler run in the scale table: a serving batch. At batch 1 an Un-0 step reads its whole
 #: N x N coupling matrix for one image and is memory-bound; a batch shares that read.
 SCALE_BATCH = 64
-
-
-def parse_setting(text: str) -> tuple[str, dict[str, Any], str]:
-    """``arch:key=value,...@profile`` -> (arch, count kwargs, profile)."""
-    spec, at, profile = text.partition("@")
-    if not at or not profile:
-        raise UserError(f"setting {text!r}: expected arch:key=value,...@gpu-profile")
-    arch, _, params = spec.partition(":")
-    kwargs: dict[str, Any] = {}
-    kinds = {"steps": int, "resolution": int, "batch_size": int, "guidance": float, "dtype": str}
-    for item in filter(None, params.split(",")):
-        key, eq, value = item.partition("=")
-        if not eq or key not in kinds:
-            raise UserError(f"setting {text!r}: bad parameter {item!r} (known: {', '.join(kinds)})")
-        kwargs[key] = kinds[key](value)
-    return arch, kwargs, profile
-
-
-def _rows(path: Path) -> list[dict[str, str]]:
-    text = path.read_text()
-    lines = [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
-    return list(csv.DictReader(io.StringIO("\n".join(lines))))
-
-
-def published_points(role: str | None = None, path: Path = PUBLISHED_FILE) -> list[tuple]:
-    """Rows of ``reports/published.csv`` (of ``role``, if given): ``(point, arch, count kwargs, profile)``.
-
-    ``point`` has ``id``, ``role``, ``source``, ``note``, ``setting`` and ``measured`` (per image;
-    ``None`` where not published).
-    """
-    out = []
-    for row in _rows(path):
-        if role is not None and row["role"] != role:
-            continue
-        arch, kwargs, profile = parse_setting(row["setting"])
-        kwargs.setdefault("dtype", "fp16")
-        measured = {"time_s_per_image": float(row["measured_time_s"]) if row["measured_time_s"] else None,
-                    "energy_j_per_image": float(row["measured_energy_j"]) if row["measured_energy_j"] else None}
-        pt = {"id": row["point_id"], "role": row["role"], "source": row["source"], "note": row["note"],
-              "setting": {"arch": arch, **kwargs}, "measured": measured}
-        out.append((pt, arch, kwargs, profile))
-    return out
 
 
 def _projected(setting: str, cal: Any, count_fn: CountFn | None, cache: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -100,7 +54,7 @@ def validation_records(cal: Any, count_fn: CountFn | None = None, path: Path = P
     """One projected record per published point, carrying the point (``published_point``)."""
     cache = {} if cache is None else cache
     out = []
-    for row in _rows(path):
+    for row in published_rows(path):
         rec = _projected(row["setting"], cal, count_fn, cache)
         rec["published_point"] = {
             "id": row["point_id"], "role": row["role"], "source": row["source"], "note": row["note"],

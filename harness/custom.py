@@ -208,11 +208,35 @@ def measure(fn: Callable[[], Any], *, images_per_call: int, out: str | Path, nam
             **options: Any) -> Measurement:
     """Measure ``fn`` (no arguments, returns ``images_per_call`` images) into the folder ``out``.
 
-    Each metered request is ``calls`` calls of ``fn``; ``meter_registry`` replaces the registered meters. ``options`` are :class:`RunConfig` fields
-    (``min_repeats``, ``min_duration_s``, ``warmup``, ``idle_s``, ``seed``, ``fresh``, ...). A model
-    already in ``out`` under ``name`` is not measured again (as ``compare`` resumes): its records
-    are returned. Bad input (a callable that raises or returns no images, a bad count) raises
-    :class:`UserError` before any record is written.
+    Each metered request is ``calls`` calls of ``fn``; ``meter_registry`` replaces the registered meters.
+    ``options`` are :class:`RunConfig` fields (``min_repeats``, ``min_duration_s``, ``warmup``,
+    ``idle_s``, ``seed``, ``fresh``, ...). A model already in ``out`` under ``name`` is not measured
+    again (as ``compare`` resumes): its records are returned. Bad input (a callable that raises or
+    returns no images, a bad count) raises :class:`UserError` before any record is written.
+    """
+    if not callable(fn):
+        raise UserError(f"measure needs a callable, got {type(fn).__name__}")
+    for what, v in (("images_per_call", images_per_call), ("calls", calls)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise UserError(f"{what} must be a positive integer, got {v!r}")
+    generator = CallableGenerator(fn, images_per_call, name)
+    records = measure_generator(generator, CallableBackbone(), name=name, out=out, meters=meters,
+                                images=images_per_call * calls, meter_registry=meter_registry,
+                                before=generator.probe, **options)
+    return Measurement.from_records(records, Path(out), images_per_call)
+
+
+#: RunConfig fields :func:`measure_generator` sets itself.
+_SET_HERE = ("models", "backbone", "images", "batch_sizes", "reference", "out", "meters")
+
+
+def measure_generator(generator: Generator, backbone: Backbone, *, name: str, out: str | Path,
+                      meters: list[str] | str, images: int, meter_registry: Any = None,
+                      before: Callable[[], Any] | None = None, **options: Any) -> list[dict[str, Any]]:
+    """Measure one ready generator on ``backbone`` by the runner, as the model ``name``; return its records.
+
+    ``before`` runs after every option is checked and before the runner writes anything (a probe
+    call that refuses a broken generator). Records of ``name`` already in ``out`` are resumed.
     """
     from un0_bench.harness.config import RunConfig, meters_list
     from un0_bench.harness.registry import METERS, Registry
@@ -220,33 +244,28 @@ def measure(fn: Callable[[], Any], *, images_per_call: int, out: str | Path, nam
     from un0_bench.harness.runner import Runner
     from un0_bench.harness.spec import ModelSpec
 
-    if not callable(fn):
-        raise UserError(f"measure needs a callable, got {type(fn).__name__}")
-    for what, v in (("images_per_call", images_per_call), ("calls", calls)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise UserError(f"{what} must be a positive integer, got {v!r}")
     spec = ModelSpec.parse(name)
     if spec.params or spec.name != name:
         raise UserError(f"name must be a plain model name (letters, digits, - and _), got {name!r}")
-    if set(options) & {"models", "backbone", "images", "batch_sizes", "reference", "out", "meters"}:
-        raise UserError(f"measure sets {sorted(set(options) & {'models', 'backbone', 'images', 'batch_sizes', 'reference', 'out', 'meters'})} itself")
+    given = sorted(set(options) & set(_SET_HERE))
+    if given:
+        raise UserError(f"measure sets {', '.join(given)} itself")
     options.setdefault("quality_samples", 0)
     try:
-        config = RunConfig(models=[name], out=Path(out), backbone=KIND,
+        config = RunConfig(models=[name], out=Path(out), backbone=backbone.kind,
                            meters=meters_list(meters) if isinstance(meters, str) else list(meters),
-                           images=images_per_call * calls, batch_sizes=[images_per_call * calls],
-                           reference=name, **options)
+                           images=images, batch_sizes=[images], reference=name, **options)
     except TypeError as e:
         raise UserError(f"measure: {e}") from None
-
-    generator = CallableGenerator(fn, images_per_call, name)
-    generator.probe()  # raises before the runner writes anything
     generators, backbones = Registry("generator"), Registry("backbone")
-    generators.register(name, lambda backbone: generator, "the measured callable", kinds=(KIND,))
-    backbones.register(KIND, CallableBackbone, "a callable's backbone")
-    Runner(config, generators=generators, backbones=backbones, meters=meter_registry or METERS).run()
-    records = [r for r in ResultStore(config.out).load() if r["model"] == name and r["backbone"] == KIND]
+    generators.register(name, lambda bb: generator, "the measured generator", kinds=(backbone.kind,))
+    backbones.register(backbone.kind, lambda arg=None, **kw: backbone, "the measured generator's backbone")
+    runner = Runner(config, generators=generators, backbones=backbones, meters=meter_registry or METERS)
+    if before is not None:
+        before()
+    runner.run()
+    records = [r for r in ResultStore(config.out).load() if r["model"] == name and r["backbone"] == backbone.kind]
     failed = [r["status"] for r in records if r["status"].startswith("failed")]
     if failed or not records:
         raise UserError(f"{name}: {failed[0] if failed else 'no records written'}")
-    return Measurement.from_records(records, config.out, images_per_call)
+    return records

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from un0_bench.command import add_run_parser, cmd_run
 from un0_bench.harness.config import finite, models_list, non_negative, non_negative_int, path_arg, positive_int
 from un0_bench.harness.errors import UserError
 
@@ -122,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("dir", type=path_arg)
 
     _count_parser(sub)
+    add_run_parser(sub)  # issue 23: un0-bench run -- CMD
 
     t = sub.add_parser("train", help="reproduce a shipped weights file from its seed")
     t.add_argument("target", help="what to train (see `un0-bench list`), or all")
@@ -529,6 +531,7 @@ def _ours(filename: str) -> bool:
 
 
 COMMANDS.update(estimate=cmd_estimate, calibrate=cmd_calibrate)  # issue 14, part B
+COMMANDS.update(run=cmd_run)  # issue 23
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -260,6 +260,7 @@ def cmd_count(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from un0_bench.harness.registry import BACKBONES, GENERATORS, METERS, TECHNIQUES, TRAINERS
@@ -308,7 +309,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         status = m if isinstance(m, str) else "ok"
         if not isinstance(m, str):
             m.close()
-        table.add_row(e.name, status, e.summary)
+        table.add_row(e.name, escape(status), escape(e.summary))  # "un0-bench[zeus]" is text, not rich markup
     console.print(table)
     return 0
 

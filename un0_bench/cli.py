@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--tolerance", type=non_negative, default=0.01, help="relative change allowed (0.01 = 1%%)")
     k.add_argument("--models", type=models_list, default=None, help="default: every registered generator")
     k.add_argument("--update", action="store_true", help="rewrite the baseline with the current figures")
+    k.add_argument("--run", type=path_arg, default=None, help="gate the records of a run folder (your own generator, "
+                                                              "from un0_bench.measure or un0-bench run) instead of "
+                                                              "the built-in suite")
 
     _estimate_options(sub)
 
@@ -463,15 +466,16 @@ def cmd_check(args: argparse.Namespace) -> int:
     from un0_bench import check
 
     models = args.models or check.gate_models()
+    made_with = check.RUN_PROTOCOL if args.run is not None else None  # --run DIR: a user's own records
     if args.update:
-        current = check.measure(models)
-        check.write_baseline(args.baseline, current)
+        current = check.measure(models) if args.run is None else check.from_run(args.run)
+        check.write_baseline(args.baseline, current, made_with)
         print(f"baseline written: {args.baseline} ({len(current)} models)")
         return 0
-    baseline = check.load_baseline(args.baseline)["models"]
+    baseline = check.load_baseline(args.baseline, made_with)["models"]
     if args.models:
         baseline = {m: v for m, v in baseline.items() if m in models}
-    current = check.measure(models)
+    current = check.measure(models) if args.run is None else check.from_run(args.run)
     regressions, improvements, notes = check.compare(baseline, current, args.tolerance)
     for note in notes:
         print(note)

@@ -108,6 +108,8 @@ METERS.register("proxy", f"{_M}.proxy:ProxyMeter", "counted ops x energy per op 
 METERS.register("rapl", f"{_M}.rapl:RaplMeter", "Linux powercap RAPL: CPU package and DRAM")
 METERS.register("nvml", f"{_M}.nvml:NvmlMeter", "NVIDIA GPU energy counter via pynvml")
 METERS.register("codecarbon", f"{_M}.codecarbon:CodecarbonMeter", "codecarbon offline tracker")
+METERS.register("zeus", f"{_M}.zeus:ZeusMeter", "ML.ENERGY Zeus (cross-check of nvml/rapl; also AMD GPUs and Apple "
+                                                "silicon, which the own meters lack); pip install 'un0-bench[zeus]'")
 
 # --- training targets (registration order is training order: later ones derive from earlier) ---
 TRAINERS.register("teacher", "un0_bench.backbones.teacher:train_teacher",

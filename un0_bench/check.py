@@ -81,28 +81,32 @@ def compare(baseline: dict[str, dict[str, float]], current: dict[str, dict[str, 
         if model not in baseline:
             notes.append(f"{model}: new model, not in the baseline (run with --update to add it)")
             continue
-        for metric in ("proxy_j_per_image", "flops_per_image"):
-            b, c = baseline[model][metric], current[model][metric]
+        for metric in sorted(baseline[model]):
+            b, c = baseline[model][metric], current[model].get(metric)
             change = Change(model, metric, b, c)
-            if c > b * (1 + tolerance) + 1e-30:
+            if c is None:
+                regressions.append(Change(model, f"{metric} missing from the current run", b, None))
+            elif c > b * (1 + tolerance) + 1e-30:
                 regressions.append(change)
             elif c < b * (1 - tolerance):
                 improvements.append(change)
     return regressions, improvements, notes
 
 
-def load_baseline(path: Path) -> dict[str, Any]:
+def load_baseline(path: Path, expected: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The baseline at ``path``, refused unless it was made under ``expected`` (default: the gate's protocol)."""
     from un0_bench.harness.errors import UserError
 
+    expected = protocol() if expected is None else expected
     if not path.is_file():
         raise UserError(f"baseline {path} does not exist (create it with `un0-bench check --update`)")
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"baseline {path} is not valid JSON: {e}") from None
-    if data.get("protocol") != protocol():
+    if data.get("protocol") != expected:
         raise UserError(f"baseline {path} was made with another protocol {data.get('protocol')}; "
-                        f"this gate uses {protocol()} (re-create it with --update)")
+                        f"this gate uses {expected} (re-create it with --update)")
     return data
 
 
@@ -110,10 +114,49 @@ def protocol() -> dict[str, Any]:
     return {"images": GATE_IMAGES, "seed": GATE_SEED, "backbone": GATE_BACKBONE, "profile": GATE_PROFILE}
 
 
-def write_baseline(path: Path, current: dict[str, dict[str, float]]) -> None:
+#: The protocol of a baseline made from a run folder's records (``check --run DIR``).
+RUN_PROTOCOL = {"source": "records of a run folder (un0-bench check --run DIR)"}
+
+
+def write_baseline(path: Path, current: dict[str, dict[str, float]], made_with: dict[str, Any] | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"protocol": protocol(), "models": current}, indent=2, sort_keys=True,
-                               allow_nan=False) + "\n")
+    path.write_text(json.dumps({"protocol": protocol() if made_with is None else made_with, "models": current},
+                               indent=2, sort_keys=True, allow_nan=False) + "\n")
+
+
+def from_run(folder: Path) -> dict[str, dict[str, float]]:
+    """The gated figures of every model measured in a run folder (``un0_bench.measure``, ``run``, ``compare``).
+
+    Per model (``model`` or ``model@backbone`` when the folder holds several backbones, ``/bN`` for
+    batch sizes after the first): ``proxy_j_per_image`` and ``flops_per_image`` from its proxy record
+    (deterministic), ``<meter>_j_per_image`` from each other meter that measured energy, and
+    ``wall_s_per_image``. Failed and unavailable records are left out.
+    """
+    from un0_bench.harness.errors import UserError
+    from un0_bench.harness.results import ResultStore
+
+    if not (folder / "results.jsonl").is_file():
+        raise UserError(f"{folder} has no results.jsonl (measure into it first)")
+    records = [r for r in ResultStore(folder).load() if r["status"] == "ok"]
+    backbones = {r["backbone"] for r in records}
+    first_batch: dict[tuple[str, str], int] = {}
+    out: dict[str, dict[str, float]] = {}
+    for r in records:
+        key = (r["model"], r["backbone"])
+        batch = first_batch.setdefault(key, int(r["batch_size"]))
+        name = r["model"] + (f"@{r['backbone']}" if len(backbones) > 1 else "") + (
+            f"/b{r['batch_size']}" if int(r["batch_size"]) != batch else "")
+        figures = out.setdefault(name, {})
+        if r["meter"] == "proxy":
+            figures["proxy_j_per_image"] = r["energy_j_per_image"]
+            figures["flops_per_image"] = r["flops_per_image"]
+        elif r["meter"] == "wall":
+            figures["wall_s_per_image"] = r["duration_s_per_image"]
+        elif r.get("energy_j_per_image") is not None:
+            figures[f"{r['meter']}_j_per_image"] = r["energy_j_per_image"]
+    if not out:
+        raise UserError(f"{folder} has no measured record (every one failed or was unavailable)")
+    return out
 
 
 def format_changes(changes: list[Change]) -> str:

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from un0_bench.command import add_run_parser, cmd_run
 from un0_bench.harness.config import finite, models_list, non_negative, non_negative_int, path_arg, positive_int
 from un0_bench.harness.errors import UserError
 
@@ -115,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--tolerance", type=non_negative, default=0.01, help="relative change allowed (0.01 = 1%%)")
     k.add_argument("--models", type=models_list, default=None, help="default: every registered generator")
     k.add_argument("--update", action="store_true", help="rewrite the baseline with the current figures")
+    k.add_argument("--run", type=path_arg, default=None, help="gate the records of a run folder (your own generator, "
+                                                              "from un0_bench.measure or un0-bench run) instead of "
+                                                              "the built-in suite")
 
     _estimate_options(sub)
 
@@ -122,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("dir", type=path_arg)
 
     _count_parser(sub)
+    add_run_parser(sub)  # issue 23: un0-bench run -- CMD
 
     t = sub.add_parser("train", help="reproduce a shipped weights file from its seed")
     t.add_argument("target", help="what to train (see `un0-bench list`), or all")
@@ -265,6 +270,7 @@ def cmd_count(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from un0_bench.harness.registry import BACKBONES, GENERATORS, METERS, TECHNIQUES, TRAINERS
@@ -313,7 +319,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         status = m if isinstance(m, str) else "ok"
         if not isinstance(m, str):
             m.close()
-        table.add_row(e.name, status, e.summary)
+        table.add_row(e.name, escape(status), escape(e.summary))  # "un0-bench[zeus]" is text, not rich markup
     console.print(table)
     return 0
 
@@ -470,15 +476,16 @@ def cmd_check(args: argparse.Namespace) -> int:
     from un0_bench import check
 
     models = args.models or check.gate_models()
+    made_with = check.RUN_PROTOCOL if args.run is not None else None  # --run DIR: a user's own records
     if args.update:
-        current = check.measure(models)
-        check.write_baseline(args.baseline, current)
+        current = check.measure(models) if args.run is None else check.from_run(args.run)
+        check.write_baseline(args.baseline, current, made_with)
         print(f"baseline written: {args.baseline} ({len(current)} models)")
         return 0
-    baseline = check.load_baseline(args.baseline)["models"]
+    baseline = check.load_baseline(args.baseline, made_with)["models"]
     if args.models:
         baseline = {m: v for m, v in baseline.items() if m in models}
-    current = check.measure(models)
+    current = check.measure(models) if args.run is None else check.from_run(args.run)
     regressions, improvements, notes = check.compare(baseline, current, args.tolerance)
     for note in notes:
         print(note)
@@ -539,6 +546,7 @@ def _ours(filename: str) -> bool:
 
 
 COMMANDS.update(estimate=cmd_estimate, calibrate=cmd_calibrate)  # issue 14, part B
+COMMANDS.update(run=cmd_run)  # issue 23
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,9 +29,9 @@ _running: contextvars.ContextVar[Generator | None] = contextvars.ContextVar("un0
 
 
 def window(name: str) -> contextlib.AbstractContextManager[None]:
-    """``with window("decode"): ...`` meters the block as the phase ``decode`` of the generator being measured.
+    """Meter a block of the user's code as the phase ``name`` of the generator being measured.
 
-    Outside a measurement it does nothing, so the user's code runs unchanged.
+    ``with window("decode"): ...``. Outside a measurement it does nothing, so the user's code runs unchanged.
     """
     if not isinstance(name, str) or not name:
         raise UserError(f"window needs a non-empty phase name, got {name!r}")

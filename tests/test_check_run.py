@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import torch
+
 import un0_bench
 from un0_bench.cli import main
 

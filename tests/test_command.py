@@ -6,8 +6,9 @@ import json
 import sys
 
 import pytest
-from un0_bench.cli import main
 from un0_bench.harness.results import ResultStore
+
+from un0_bench.cli import main
 
 # The README's example script: N grayscale 8x8 PNGs (image k a digit-like blob) into the folder it is given.
 SCRIPT = '''
@@ -49,7 +50,8 @@ def test_command_is_measured_and_judged_and_readable_by_report(tmp_path, capsys)
 def test_environment_variables_tell_the_command_where(tmp_path):
     code = ("import os, numpy as np; from PIL import Image\n"
             "for k in range(int(os.environ['UN0_BENCH_IMAGES'])):\n"
-            "    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(os.environ['UN0_BENCH_OUT'] + '/' + str(k) + '.png')\n")
+            "    path = os.environ['UN0_BENCH_OUT'] + '/' + str(k) + '.png'\n"
+            "    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(path)\n")
     assert run(tmp_path, sys.executable, "-c", code) == 0
     record = ResultStore(tmp_path / "out").load()[0]
     assert record["quality"] is None

@@ -7,8 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from un0_bench.cli import main
 from un0_bench.harness.results import ResultStore
+
+from un0_bench.cli import main
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

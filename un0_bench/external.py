@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from un0_bench.harness.backbone import Backbone, QualityOptions
 from un0_bench.harness.errors import UserError
 from un0_bench.harness.generator import GenerationRequest, GenerationResult, Generator

@@ -6,11 +6,12 @@ import json
 
 import pytest
 import torch
-import un0_bench
-from tests.conftest import SequenceMeter
 from un0_bench.harness.errors import UserError
 from un0_bench.harness.registry import Registry
 from un0_bench.harness.results import ResultStore
+
+import un0_bench
+from tests.conftest import SequenceMeter
 
 FAST = {"min_repeats": 2, "min_duration_s": 0.0, "warmup": 1, "idle_s": 0.0}
 WEIGHT = torch.eye(16)

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from un0_bench.harness.backbone import Backbone
 from un0_bench.harness.config import RunConfig
+from un0_bench.harness.counters.records import Counts
 from un0_bench.harness.errors import UserError
 from un0_bench.harness.generator import GenerationRequest, GenerationResult
 from un0_bench.harness.hoststate import HostProbe
@@ -35,6 +36,7 @@ from un0_bench.harness.protocol import (
     measure_cell_windows,
     measure_phases,
     summarise,
+    uncounted_fields,
     warm_up,
 )
 from un0_bench.harness.registry import BACKBONES, GENERATORS, METERS, TECHNIQUES, Registry
@@ -299,7 +301,12 @@ class Workbench:
         # Warm up until two calls agree (bounded), so no window measures a cold cache or a cold chip.
         warmup = warm_up(generator, request, cfg.warmup, cfg.warmup_max_s, cfg.warmup_tolerance, clock=self.clock)
         first: GenerationResult | None = warmup.pop("first")
-        counts = count_ops(generator, request)  # warm: what every later call costs
+        if generator.uncounted_reason is None:
+            counts = count_ops(generator, request)  # warm: what every later call costs
+            counted = counts_fields(counts, profile_name)
+        else:  # the work runs where no counter sees it: null figures with the reason, never 0
+            counts, counted = Counts(images=len(request.prompts), stats=[]), uncounted_fields(
+                generator.uncounted_reason, profile_name)
         if first is None:
             first = generator.generate(request)
         grid = Path("samples") / f"{slug(model)}.png"
@@ -342,7 +349,7 @@ class Workbench:
             "images": cfg.images,
             "duration_s_per_image": duration_s,
             "duration_ci95_s": duration_ci,
-            **counts_fields(counts, profile_name),
+            **counted,
             **measured.fields(),
             "warmup": warmup,
             "cell_order": {"order": cfg.cell_order, "seed": cfg.seed, "position": cell.position, "of": cell.cells},

@@ -71,6 +71,9 @@ class Generator(abc.ABC):
     #: around every occurrence of each phase of :meth:`phases`, so the protocol can open and close a
     #: meter window on each. Phases never nest.
     phase_hook: Callable[[str, str], None] | None = None
+    #: Why this generator's work cannot be counted in this process (e.g. it runs in another process), or
+    #: ``None`` (counted). A generator that declares a reason gets null FLOPs and bytes, never 0.
+    uncounted_reason: str | None = None
 
     @abc.abstractmethod
     def generate(self, request: GenerationRequest) -> GenerationResult:

@@ -345,6 +345,13 @@ def counts_fields(counts: Counts, profile: str, prefix: str = "") -> dict[str, A
     return {prefix + k: v for k, v in fields.items()}
 
 
+def uncounted_fields(reason: str, profile: str) -> dict[str, Any]:
+    """The keys of :func:`counts_fields` for work no counter saw: null figures and the reason."""
+    fields = {k: None for k in counts_fields(Counts(images=1, stats=[]), profile)}
+    fields.update(proxy_profile=None, counts_missing_reason=reason)
+    return fields
+
+
 #: Module-path parts that name a layer group: ``UNet2DModel.down_blocks.0`` (class, blocks, index).
 MODULE_GROUP_DEPTH = 3
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 from typing import Any
 
 
-def _tflop(flops: float) -> str:
-    return f"{flops / 1e12:.4g} TFLOP"
+def _tflop(flops: float | None) -> str:
+    return "? TFLOP" if flops is None else f"{flops / 1e12:.4g} TFLOP"
 
 
-def _gb(nbytes: float) -> str:
-    return f"{nbytes / 1e9:.4g} GB"
+def _gb(nbytes: float | None) -> str:
+    return "? GB" if nbytes is None else f"{nbytes / 1e9:.4g} GB"
 
 
 def _millions(n: float | None) -> str:

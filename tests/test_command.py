@@ -40,6 +40,10 @@ def test_command_is_measured_and_judged_and_readable_by_report(tmp_path, capsys)
     assert [w["images"] for w in record["windows"]] == [4, 4]
     assert record["duration_s_per_image"] > 0
     assert record["config"]["generator"]["command"][-3:] == ["{out}", "{n}", "{seed}"]
+    # The work ran in another process: unknown, with the reason, not 0 (the PNG loading here is not the work).
+    assert (record["flops_per_image"], record["bytes_per_image"], record["proxy_j_per_image_by_part"]) == (
+        None, None, None)
+    assert record["counts_missing_reason"].startswith("the command runs in another process")
     # 8x8 grayscale: judged by the digits judge on the 4 files the command wrote.
     assert record["quality"]["samples"] == 4
     assert len(list((tmp_path / "out" / "images").glob("*.png"))) == 4

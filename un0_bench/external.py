@@ -50,6 +50,9 @@ def load_images(folder: Path) -> torch.Tensor:
 class CommandGenerator(Generator):
     """An external command as a generator: one run of it makes the ``n`` images of a request."""
 
+    uncounted_reason = ("the command runs in another process: no operator counter sees its work, so its FLOPs "
+                        "and bytes are unknown")
+
     def __init__(self, argv: list[str], n: int, images_dir: Path, seed: int) -> None:
         if not argv:
             raise UserError("un0-bench run needs a command after --, e.g. un0-bench run --out DIR -- python gen.py")

@@ -81,8 +81,25 @@ class Meter(abc.ABC):
         self.reading: Reading | None = None
 
     def probe(self) -> str:
-        """Return ``"ok"`` or ``"unavailable: <reason>"`` for this host. Must not raise."""
+        """Return ``"ok"`` or ``"unavailable: <reason>"`` for this host. Must not raise.
+
+        A meter supplies its own part, :meth:`_check`; an exception other than :class:`MeterUnavailable`
+        becomes the reason :meth:`_probe_failure` words.
+        """
+        try:
+            self._check()
+        except MeterUnavailable as exc:
+            return f"unavailable: {exc}"
+        except Exception as exc:  # probe() must never raise
+            return f"unavailable: {self._probe_failure(exc)}"
         return "ok"
+
+    def _check(self) -> None:
+        """Raise :class:`MeterUnavailable` with the reason if the meter cannot measure here (by default it can)."""
+
+    def _probe_failure(self, exc: Exception) -> str:
+        """The reason :meth:`probe` gives for an unexpected exception of :meth:`_check`."""
+        return f"unexpected {self.name} failure: {exc!r}"
 
     def start(self) -> None:
         """Open a window. Raises :class:`MeterUnavailable` with the reason if the meter cannot run."""

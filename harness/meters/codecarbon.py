@@ -213,15 +213,9 @@ class CodecarbonMeter(Meter):
         self._tracker, self._scratch = tracker, scratch
         return tracker
 
-    def probe(self) -> str:
-        """Return ``"ok"`` if codecarbon can build a tracker here (it always has a fallback estimate)."""
-        try:
-            self._ensure_tracker()
-        except MeterUnavailable as exc:
-            return f"unavailable: {exc}"
-        except Exception as exc:  # probe() must never raise
-            return f"unavailable: unexpected codecarbon failure: {exc!r}"
-        return "ok"
+    def _check(self) -> None:
+        """Whether codecarbon can build a tracker here (it always has a fallback estimate)."""
+        self._ensure_tracker()
 
     def _start(self) -> None:
         tracker = self._ensure_tracker()

@@ -433,15 +433,12 @@ class NvmlMeter(Meter):
             self._shutdown(self._nv)
             self._nv, self._gpus = None, []
 
-    def probe(self) -> str:
-        """Return ``"ok"`` or ``"unavailable: <reason>"``. Keeps NVML initialised for later windows."""
-        try:
-            self._init()
-        except MeterUnavailable as exc:
-            return f"unavailable: {exc}"
-        except Exception as exc:  # probe() must never raise
-            return f"unavailable: unexpected NVML failure: {exc!r}"
-        return "ok"
+    def _check(self) -> None:
+        """Initialise NVML and find the GPUs; keeps NVML initialised for later windows."""
+        self._init()
+
+    def _probe_failure(self, exc: Exception) -> str:
+        return f"unexpected NVML failure: {exc!r}"
 
     # -- the window -----------------------------------------------------------------------------
 

@@ -208,15 +208,12 @@ class RaplMeter(Meter):
         except (OSError, ValueError) as exc:
             raise MeterUnavailable(f"cannot read RAPL energy_uj under {self.sysfs_root}: {exc}") from exc
 
-    def probe(self) -> str:
-        """Return ``"ok"`` if every domain's counter can be read, else ``"unavailable: <reason>"``."""
-        try:
-            self._read_all(self._discover())
-        except MeterUnavailable as exc:
-            return f"unavailable: {exc}"
-        except Exception as exc:  # probe() must never raise
-            return f"unavailable: cannot read RAPL counters under {self.sysfs_root}: {exc}"
-        return "ok"
+    def _check(self) -> None:
+        """Whether every domain's counter can be read."""
+        self._read_all(self._discover())
+
+    def _probe_failure(self, exc: Exception) -> str:
+        return f"cannot read RAPL counters under {self.sysfs_root}: {exc}"
 
     def _start(self) -> None:
         self._domains = self._discover()

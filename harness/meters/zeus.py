@@ -48,14 +48,11 @@ class ZeusMeter(Meter):
             self._monitor = monitor
         return self._monitor
 
-    def probe(self) -> str:
-        try:
-            self._open()
-        except MeterUnavailable as e:
-            return f"unavailable: {e}"
-        except Exception as e:  # Zeus's own initialisation errors: the reason, not a traceback
-            return f"unavailable: zeus: {type(e).__name__}: {e}"
-        return "ok"
+    def _check(self) -> None:
+        self._open()
+
+    def _probe_failure(self, exc: Exception) -> str:  # Zeus's own initialisation errors: the reason, not a traceback
+        return f"zeus: {type(exc).__name__}: {exc}"
 
     def _start(self) -> None:
         monitor = self._open()

@@ -44,6 +44,7 @@ import torch
 from torch import nn
 from un0_bench.harness.backbone import Backbone
 from un0_bench.harness.errors import PromptError, StackError, UserError
+from un0_bench.harness.meters.proxy import DEFAULT_PROFILE
 from un0_bench.harness.model import Model
 from un0_bench.harness.technique import DenoiserGenerator
 
@@ -523,7 +524,7 @@ def default_model(arch: str) -> str:
 
 def count_arch(arch: str, model: str | None = None, *, steps: int | None = None, resolution: int | None = None,
                batch_size: int = 1, guidance: float | None = None, dtype: str | None = None,
-               profile: str = "horowitz-45nm") -> dict[str, Any]:
+               profile: str = DEFAULT_PROFILE) -> dict[str, Any]:
     """Count one batch of ``arch`` under stack ``model`` on the meta device: one record, ``status: "counted"``.
 
     Args:

@@ -30,6 +30,7 @@ from un0_bench.harness.errors import UserError
 from un0_bench.harness.generator import GenerationRequest, GenerationResult
 from un0_bench.harness.hoststate import HostProbe
 from un0_bench.harness.meters.base import Meter
+from un0_bench.harness.meters.proxy import DEFAULT_PROFILE
 from un0_bench.harness.protocol import (
     count_ops,
     counts_fields,
@@ -291,7 +292,7 @@ class Workbench:
         generator = build(stack, backbone, self.generators, self.techniques)
         request = GenerationRequest(tuple(backbone.default_prompts(cfg.images)), seed=cfg.seed, batch_size=bs)
         profile = getattr(meters.get("proxy"), "profile", None)
-        profile_name = profile.name if profile is not None else "horowitz-45nm"
+        profile_name = profile.name if profile is not None else DEFAULT_PROFILE
         extra: dict[str, Any] = {}
         caches = generator.cache_stats() is not None
         if caches:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from un0_bench.harness.environment import git_commit
+from un0_bench.harness.meters.proxy import DEFAULT_PROFILE
 from un0_bench.harness.registry import METERS
 
 # Meters that can watch a long training run from outside (proxy is computed from counts instead).
@@ -31,7 +32,7 @@ class TrainingEnergy:
     by_meter: dict[str, dict[str, Any]] = field(default_factory=dict)
     duration_s: float = 0.0
 
-    def add_proxy(self, step_counts: Any, steps: int, profile: str = "horowitz-45nm") -> None:
+    def add_proxy(self, step_counts: Any, steps: int, profile: str = DEFAULT_PROFILE) -> None:
         """Charge ``steps`` training steps at the proxy cost of one counted step."""
         from un0_bench.harness.meters.proxy import load_profiles, proxy_energy
 

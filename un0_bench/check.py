@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from un0_bench.harness.generator import GenerationRequest
+from un0_bench.harness.meters.proxy import DEFAULT_PROFILE
 from un0_bench.harness.protocol import count_ops
 from un0_bench.harness.registry import GENERATORS
 from un0_bench.harness.runner import load_backbone
@@ -22,7 +23,7 @@ from un0_bench.harness.stack import make_generator
 GATE_IMAGES = 10
 GATE_SEED = 0
 GATE_BACKBONE = "digits"
-GATE_PROFILE = "horowitz-45nm"
+GATE_PROFILE = DEFAULT_PROFILE
 
 
 #: Stacks the gate counts besides every registered name: the suite's combined models.

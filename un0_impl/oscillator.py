@@ -46,6 +46,7 @@ from un0_bench.harness.backbone import Backbone
 from un0_bench.harness.counters.records import Counts
 from un0_bench.harness.errors import SpecError
 from un0_bench.harness.generator import GenerationRequest, GenerationResult, Generator, image_noise
+from un0_bench.harness.meters.proxy import DEFAULT_PROFILE
 from un0_bench.harness.spec import Param, takes
 
 __all__ = [
@@ -370,7 +371,7 @@ class OscillatorGenerator(Generator):
         return self.metadata or None
 
     def analog_projection(self, work: Counts | int, profile: str = ANALOG_PROFILE,
-                          digital_profile: str = "horowitz-45nm") -> dict[str, Any]:
+                          digital_profile: str = DEFAULT_PROFILE) -> dict[str, Any]:
         """A clearly labelled projection of this generator's energy onto analog oscillator hardware.
 
         The oscillator dynamics are charged per oscillator per integration step at the ``profile``'s
@@ -424,7 +425,7 @@ def digital_counts(counts: Counts) -> Counts:
     return Counts(images=counts.images, stats=[s for s in counts.stats if digital(s.module)])
 
 
-def projected_energy(gen: OscillatorGenerator, counts: Counts, digital_profile: str = "horowitz-45nm",
+def projected_energy(gen: OscillatorGenerator, counts: Counts, digital_profile: str = DEFAULT_PROFILE,
                      analog_profile: str = ANALOG_PROFILE) -> dict[str, Any]:
     """Projected energy on analog oscillator hardware: oscillators at the analog rate, the rest digital.
 

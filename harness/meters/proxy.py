@@ -43,6 +43,7 @@ __all__ = [
     "proxy_energy",
 ]
 
+#: The profile every proxy figure uses unless another is named (its one home: import it, do not retype it).
 DEFAULT_PROFILE = "horowitz-45nm"
 #: The same costs with memory priced as DRAM accesses: shown beside the default in the report's ledger.
 DRAM_PROFILE = "horowitz-45nm-dram"

@@ -6,7 +6,7 @@ import math
 from typing import Any
 
 import jinja2
-from un0_bench.reports.claims import fmt_range
+from un0_bench.reports.claims import fmt_factor, fmt_range
 
 _ENV = jinja2.Environment(
     loader=jinja2.PackageLoader("un0_bench.reports", "templates"),
@@ -38,7 +38,7 @@ def fmt_num(value: float | None) -> str:
 
 _ENV.filters["joules"] = fmt_j
 _ENV.filters["num"] = fmt_num
-_ENV.filters["factor"] = lambda f: "—" if f is None else (f"{f:,.0f}x" if f >= 100 else f"{f:.3g}x")
+_ENV.filters["factor"] = fmt_factor
 _ENV.filters["yesno"] = lambda v: "—" if v is None else ("yes" if v else "no")
 _ENV.filters["ms"] = lambda s: "—" if s is None else f"{s * 1e3:.3g} ms"
 

@@ -45,7 +45,7 @@ import torch
 import torch.utils.flop_counter as _torch_flops
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten
 from un0_bench.harness.counters.records import Counts, OpStat
 
 __all__ = [
@@ -72,24 +72,10 @@ GATING_ATTR = "_un0_gating"
 # ---------------------------------------------------------------------------------------------
 
 #: Formulas registered here, keyed by OpOverloadPacket or OpOverload. Looked up before torch's
-#: ``flop_registry``, so a formula here overrides torch's.
+#: ``flop_registry``, so a formula here overrides torch's. Not torch's ``register_flop_formula``: that
+#: writes into torch's process-wide registry (every ``FlopCounterMode`` would see these formulas, and
+#: one torch adds later would clash at import) and takes packets only, not single overloads.
 _FORMULAS: dict[Any, Callable[..., int]] = {}
-
-
-def _shape(x: Any) -> Any:
-    return x.shape if isinstance(x, torch.Tensor) else x
-
-
-def _shape_wrapper(f: Callable[..., int]) -> Callable[..., int]:
-    # Same calling convention as torch.utils.flop_counter.shape_wrapper: tensors become shapes and
-    # the output arrives as ``out_shape``.
-    def nf(*args: Any, out_val: Any = None, **kwargs: Any) -> int:
-        args, kwargs, out_shape = tree_map(_shape, (args, kwargs, out_val))
-        return f(*args, out_shape=out_shape, **kwargs)
-
-    nf.__name__ = getattr(f, "__name__", "formula")
-    nf.__doc__ = f.__doc__
-    return nf
 
 
 def register_formula(*targets: Any, get_raw: bool = False) -> Callable[[Callable[..., int]], Callable[..., int]]:
@@ -111,7 +97,7 @@ def register_formula(*targets: Any, get_raw: bool = False) -> Callable[[Callable
     flat, _ = tree_flatten(list(targets))
 
     def decorator(formula: Callable[..., int]) -> Callable[..., int]:
-        wrapped = formula if get_raw else _shape_wrapper(formula)
+        wrapped = formula if get_raw else _torch_flops.shape_wrapper(formula)
         for target in flat:
             if target in _FORMULAS:
                 raise RuntimeError(f"duplicate FLOP formula for {target}")

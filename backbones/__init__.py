@@ -1,1 +1,1 @@
-"""Backbones: where a generator's weights and prompts come from (built-in digits, diffusers folders)."""
+"""Backbones: where weights, prompts, samplers and quality come from (digits, ``diffusers:PATH``, ``arch:NAME``)."""

@@ -576,7 +576,7 @@ def count_arch(arch: str, model: str | None = None, *, steps: int | None = None,
 
 
 def _kernels_by_phase(counts: Any, occurrences: list, exact: bool = False) -> list[list[Any]]:
-    """Launched kernels of the whole batch by phase (``harness.counters.kernels.kernel_groups`` rows).
+    """Launched kernels of the whole batch by phase (``un0_bench.harness.counters.kernels.kernel_groups`` rows).
 
     Work outside every phase (the sampler's arithmetic) is the phase ``other``: the total's op groups
     less what the phase occurrences counted.

@@ -1,6 +1,6 @@
 """``diffusers:PATH``: any diffusers text-to-image pipeline in a local folder, as a backbone.
 
-It loads a pipeline with ``DiffusionPipeline.from_pretrained`` (through :mod:`backbones.hf`, the one
+It loads a pipeline with ``DiffusionPipeline.from_pretrained`` (through :mod:`un0_bench.backbones.hf`, the one
 module that imports diffusers and transformers) with ``local_files_only=True`` for a folder, so
 nothing is ever downloaded (a hub id is tried only when the text is not a local path), checks that
 it is a text-to-image pipeline with a ``unet`` or ``transformer`` denoiser, places it on the chosen

@@ -1,6 +1,6 @@
 """The accounting-boundary ledger: energy per image as the boundary widens, and factors vs a reference.
 
-Boundaries (shared/DESIGN.md), each including the ones before it:
+The boundaries, each including the ones before it:
 
 1. ``compute``  — the generator's network, gating excluded;
 2. ``gating``   — + router/gate networks and the gathers they cause;

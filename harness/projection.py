@@ -1,7 +1,7 @@
 """Projected time and energy per image from counted work on a named GPU profile (not a measurement).
 
 A per-operator roofline. Every launched kernel of the counted record (``record["kernels"]``, rows of
-:func:`harness.counters.kernels.kernel_groups`) is charged by its class::
+:func:`un0_bench.harness.counters.kernels.kernel_groups`) is charged by its class::
 
     gpu_s(k)  = latency + max(flops_k / (rate(class, dtype, flags)), bytes_k / (memory_efficiency * bandwidth))
     call_s(k) = max(gpu_s(k), launch)                  # the host issues one kernel per `launch` seconds at best
@@ -46,7 +46,8 @@ from pathlib import Path
 from typing import Any
 
 from un0_bench.harness.errors import UserError
-from un0_bench.harness.meters.proxy import _parse_rows
+from un0_bench.harness.meters.proxy import _parse_rows, _profile_texts
+from un0_bench.harness.registry import lookup
 
 __all__ = [
     "ASSUMES",
@@ -192,10 +193,10 @@ class GpuProfile:
     memory_bandwidth_b_per_s: float
     board_power_w: float
     idle_power_w: float
-    kernel_launch_s: float = 0.0
-    kernel_latency_s: float = 0.0
-    memory_efficiency: float = 1.0
-    wait_power_w: float = 0.0
+    kernel_launch_s: float
+    kernel_latency_s: float
+    memory_efficiency: float
+    wait_power_w: float
     sources: dict[tuple[str, str], str] = field(default_factory=dict)
 
     def peak_for(self, dtype: str) -> float:
@@ -250,13 +251,7 @@ def load_gpu_profiles(path: str | os.PathLike[str] | None = None) -> dict[str, G
         UserError: A malformed row, a repeated row, a user profile reusing a built-in name, or a
             profile missing one of :data:`REQUIRED` (the message names the profile and the field).
     """
-    texts = [_builtin_text()]
-    user = path if path is not None else os.environ.get(GPU_PROFILES_ENV) or None
-    if user is not None:
-        p = Path(user)
-        if not p.is_file():
-            raise UserError(f"GPU profiles file {str(p)!r} does not exist")
-        texts.append((p.read_text(encoding="utf-8"), str(p)))
+    texts = _profile_texts(_builtin_text(), path, GPU_PROFILES_ENV, "GPU profiles file")
     values: dict[str, dict[tuple[str, str], float]] = {}
     sources: dict[str, dict[tuple[str, str], str]] = {}
     origin_of: dict[str, str] = {}
@@ -292,12 +287,7 @@ def load_gpu_profiles(path: str | os.PathLike[str] | None = None) -> dict[str, G
 
 def get_gpu_profile(name: str, path: str | os.PathLike[str] | None = None) -> GpuProfile:
     """The GPU profile called ``name``; an unknown name raises :class:`UserError` with suggestions."""
-    profiles = load_gpu_profiles(path)
-    if name not in profiles:
-        from un0_bench.harness.registry import unknown_name
-
-        raise UserError(unknown_name("GPU profile", name, sorted(profiles)))
-    return profiles[name]
+    return lookup("GPU profile", name, load_gpu_profiles(path))
 
 
 # --- the per-operator roofline --------------------------------------------------------------------

@@ -266,8 +266,8 @@ def summarise(meter_name: str, windows: list[Window], idle: Idle | float | None,
               min_window_s: float | None = None) -> dict[str, Any]:
     """Per-image statistics of one meter over the windows.
 
-    The per-image figure is total energy over total images (see :mod:`harness.stats`), its
-    interval a t-interval on the windows at :data:`~harness.stats.CI_LEVEL`, labelled with its method.
+    The per-image figure is total energy over total images (see :mod:`un0_bench.harness.stats`), its
+    interval a t-interval on the windows at :data:`~un0_bench.harness.stats.CI_LEVEL`, labelled with its method.
     Net of idle: ``(energy - idle power x time) / images``; its uncertainty adds the gross interval's
     half-width and the idle's (drift x time per image). A net within that uncertainty of zero is
     *below the detection limit*: ``energy_net_below_detection_limit`` is True and the net figure is
@@ -386,7 +386,7 @@ def count_phase_occurrences(generator: Generator, request: GenerationRequest, ro
         generator: Any generator; one without phases gives an empty occurrence list.
         request: What to generate.
         root: A module whose ``named_modules()`` names the ops' module paths (see
-            :class:`~harness.counters.ops.OpCounter`); ``None``: modules are named by their class.
+            :class:`~un0_bench.harness.counters.ops.OpCounter`); ``None``: modules are named by their class.
 
     Returns:
         ``(total counts of the whole request, [(phase, ops of that occurrence), ...] in order)``.
@@ -416,7 +416,7 @@ def measure_phases(generator: Generator, request: GenerationRequest,
                    meters: Mapping[str, Meter] | Sequence[Meter], *, cold: bool = False) -> dict[str, dict[str, Any]]:
     """Energy, time and counted work of each phase of one ``generate(request)``.
 
-    Two passes over the same request: a counting pass (:class:`~harness.counters.ops.OpCounter`,
+    Two passes over the same request: a counting pass (:class:`~un0_bench.harness.counters.ops.OpCounter`,
     snapshotted at every phase boundary, so each phase occurrence has its own counts) and a metered
     pass, in which every meter opens a window at each ``begin`` and closes it at the matching
     ``end``; the proxy meter is handed that occurrence's counts before it closes. Windows of one

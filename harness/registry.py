@@ -1,27 +1,43 @@
 """Typed registries, one per kind: generators, techniques, backbones, meters, training targets.
 
-Entries are lazy, duplicates are refused and an unknown name gets "did you mean".
+Entries are lazy, duplicates are refused and an unknown name gets "did you mean". Each registry
+holds one kind of object, checked when an entry is registered as an object or first imported:
+subclasses of its base class (techniques, backbones, meters), or callables (generator factories,
+training functions); anything else is refused with :class:`EntryTypeError`.
 
 An entry is a ``"module:attr"`` string, imported only when chosen, so listing generators does not
 import diffusers or pynvml. The built-in entries are registered in one place, :mod:`un0_bench.catalog`
-(imported with the package); third-party generators and techniques register through the entry-point
-groups ``un0_bench.generators`` and ``un0_bench.techniques``.
+(imported with the package); third-party generators, techniques, backbones and meters register
+through the entry-point groups ``un0_bench.generators``, ``un0_bench.techniques``,
+``un0_bench.backbones`` and ``un0_bench.meters``.
 """
 
 from __future__ import annotations
 
 import difflib
 import importlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 from un0_bench.harness.errors import UserError
+
+if TYPE_CHECKING:
+    from un0_bench.harness.backbone import Backbone
+    from un0_bench.harness.generator import Generator
+    from un0_bench.harness.meters.base import Meter
+    from un0_bench.harness.technique import Technique
+
+T = TypeVar("T")
 
 
 class UnknownNameError(UserError):
     """A name that is not registered; the message suggests close matches and lists what exists."""
+
+
+class EntryTypeError(UserError):
+    """An entry that is not what its registry holds (a plug-in's meter that is no :class:`Meter`, ...)."""
 
 
 @dataclass(frozen=True)
@@ -81,13 +97,23 @@ class Entry:
         return self.target
 
 
-class Registry:
-    """Name -> lazily imported object, for one kind of thing."""
+class Registry(Generic[T]):
+    """Name -> lazily imported object, for one kind of thing.
 
-    def __init__(self, kind: str, entry_point_group: str | None = None) -> None:
+    Args:
+        kind: What the entries are, for messages (``"meter"``).
+        base: ``"module:attr"`` of the base class every entry subclasses (a string, so that building
+            the registry imports nothing); ``None``: every entry is a callable.
+        entry_point_group: Package entry-point group whose entries join this registry (``un0_bench.meters``).
+    """
+
+    def __init__(self, kind: str, base: str | None = None, entry_point_group: str | None = None) -> None:
+        if base is not None and ":" not in base:
+            raise ValueError(f"base must be 'module:attr', got {base!r}")
         self.kind = kind
+        self.base = base
         self._entries: dict[str, Entry] = {}
-        self._group = entry_point_group
+        self.entry_point_group = entry_point_group
         self._entry_points_loaded = entry_point_group is None
 
     def register(self, name: str, target: str | Callable[..., Any] | dict[str, Any] | None, summary: str = "", *,
@@ -102,13 +128,16 @@ class Registry:
                 raise ValueError(f"lazy target must be 'module:attr', got {t!r}")
         if target is None and not alias:
             raise ValueError(f"{name}: give a target, an alias, or both (for different backbone kinds)")
+        for t in targets:
+            if t is not None and not isinstance(t, str):
+                self._checked(name, t)
         self._entries[name] = Entry(name, target, summary, kinds, dict(unsupported or {}), alias)
 
     def _load_entry_points(self) -> None:
         if self._entry_points_loaded:
             return
         self._entry_points_loaded = True
-        for ep in metadata.entry_points(group=self._group):
+        for ep in metadata.entry_points(group=self.entry_point_group):
             if ep.name not in self._entries:
                 self._entries[ep.name] = Entry(ep.name, ep.value, f"(plugin from {ep.value})")
 
@@ -135,19 +164,45 @@ class Registry:
         except KeyError:
             raise UnknownNameError(self.unknown_message(name)) from None
 
-    def get(self, name: str, kind: str | None = None) -> Any:
-        """The registered object (for backbone ``kind``), importing its module on first use."""
+    def get(self, name: str, kind: str | None = None) -> T:
+        """The registered object (for backbone ``kind``), importing its module on first use.
+
+        Raises:
+            EntryTypeError: The entry is not what this registry holds.
+        """
         target = self.entry(name).target_for(kind)
-        if isinstance(target, str):
-            module, _, attr = target.partition(":")
-            obj: Any = importlib.import_module(module)
-            for part in attr.split("."):
-                obj = getattr(obj, part)
-            return obj
-        return target
+        return self._checked(name, _resolve(target) if isinstance(target, str) else target, target)
+
+    def _checked(self, name: str, obj: object, target: object = None) -> T:
+        """``obj`` if it is what this registry holds; else :class:`EntryTypeError`, naming where it came from."""
+        base = _resolve(self.base) if self.base is not None else None
+        if base is None:
+            ok, wanted = callable(obj), "a callable"
+        else:
+            ok, wanted = isinstance(obj, type) and issubclass(obj, base), f"a subclass of {self.base}"
+        if not ok:
+            where = f" ({target})" if isinstance(target, str) else ""
+            raise EntryTypeError(f"{self.kind} {name!r}{where} is {obj!r}, not {wanted}")
+        return cast(T, obj)
 
     def unknown_message(self, name: str) -> str:
         return unknown_name(self.kind, name, self.names())
+
+
+def _resolve(target: str) -> Any:
+    """The object a ``"module:attr"`` string names (``attr`` may be dotted), importing its module."""
+    module, _, attr = target.partition(":")
+    obj: Any = importlib.import_module(module)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def lookup(kind: str, name: str, table: Mapping[str, T]) -> T:
+    """``table[name]``; an unknown name raises :class:`UnknownNameError` (did you mean, the sorted names)."""
+    if name not in table:
+        raise UnknownNameError(unknown_name(kind, name, sorted(table)))
+    return table[name]
 
 
 def unknown_name(kind: str, name: str, names: Iterable[str]) -> str:
@@ -158,14 +213,20 @@ def unknown_name(kind: str, name: str, names: Iterable[str]) -> str:
     return f"unknown {kind} {name!r}.{hint} Available: {', '.join(names)}"
 
 
-#: Base models (``sd``, ``un0``, references) and aliases of stacks (``sd-int8``).
-GENERATORS = Registry("generator", entry_point_group="un0_bench.generators")
+#: Base models (``sd``, ``un0``, references) and aliases of stacks (``sd-int8``): factories
+#: ``(backbone, **params) -> Generator``.
+GENERATORS: Registry[Callable[..., Generator]] = Registry("generator", entry_point_group="un0_bench.generators")
 #: Transforms of a denoiser that stack on a base model (``int8``, ``cached``, ...).
-TECHNIQUES = Registry("technique", entry_point_group="un0_bench.techniques")
-BACKBONES = Registry("backbone")
-METERS = Registry("meter")
+TECHNIQUES: Registry[type[Technique]] = Registry("technique", "un0_bench.harness.technique:Technique",
+                                                  entry_point_group="un0_bench.techniques")
+#: Where weights, prompts, samplers and quality come from (``digits``, ``diffusers:PATH``, ``arch:NAME``).
+BACKBONES: Registry[type[Backbone]] = Registry("backbone", "un0_bench.harness.backbone:Backbone",
+                                                entry_point_group="un0_bench.backbones")
+#: Measurement windows (``wall``, ``proxy``, ``rapl``, ...).
+METERS: Registry[type[Meter]] = Registry("meter", "un0_bench.harness.meters.base:Meter",
+                                          entry_point_group="un0_bench.meters")
 #: ``un0-bench train TARGET``: functions taking ``steps``, ``seed``, ``out`` and returning metadata.
-TRAINERS = Registry("training target")
+TRAINERS: Registry[Callable[..., dict[str, Any]]] = Registry("training target")
 
 # The built-in entries are registered by the top floor (un0_bench.catalog), which knows the
 # concrete backbones, techniques and generators; the instrument knows only these registries.

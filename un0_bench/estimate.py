@@ -1,7 +1,7 @@
 """``un0-bench estimate`` and ``un0-bench calibrate``: counted real architectures projected on a GPU.
 
-The top floor joins what the floors below keep apart: ``backbones.archs.count_arch`` counts an
-architecture on the meta device (no weights), ``harness.projection`` turns counted work into
+The top floor joins what the floors below keep apart: ``un0_bench.backbones.archs.count_arch`` counts an
+architecture on the meta device (no weights), ``un0_bench.harness.projection`` turns counted work into
 projected time and energy on a GPU profile, and ``reports`` builds the same report as ``compare``.
 Every record written here is marked projected (``status: "projected"``, ``meter:
 "projection:<profile>"``); none is a measurement.

@@ -1,7 +1,7 @@
 """``make bench-scale``: the Un-0 claim at real scale, projected (minutes on a CPU, no weights, offline).
 
 For the published Un-0 sizes and the ImageNet-64 diffusion model (ADM): counted FLOPs per image
-(meta device, ``backbones.archs.count_arch``), projected J per image on a GPU (H100 by default),
+(meta device, ``un0_bench.backbones.archs.count_arch``), projected J per image on a GPU (H100 by default),
 published FID@50k, the factor Un-0 vs diffusion at each size (digital), and the analog break-even:
 the energy per oscillator-step a substrate must reach, decoder kept digital, for 1,000x. The same run
 projects the published measurements of ``reports/published.csv`` (the validation table) and the

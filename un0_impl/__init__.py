@@ -1,1 +1,1 @@
-"""Reference Un-0 generators: ``un0`` (gated sparse, few-step) and ``un0-osc`` (coupled oscillators)."""
+"""Reference Un-0s: ``un0`` (gated sparse on digits, ``contextual`` on pipelines) and ``un0-osc`` (oscillators)."""

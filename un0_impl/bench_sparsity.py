@@ -1,7 +1,7 @@
 """How much of the FLOP reduction of gated sparsity turns into wall-clock speed on this machine.
 
 ``python -m un0_impl.bench_sparsity --json OUT.json`` times the gated MLP blocks of ``un0`` alone
-(shapes of :data:`un0_impl.gated.UN0_CONFIG`), dense (every hidden unit) versus the compact gathered
+(shapes of :data:`un0_bench.un0_impl.gated.UN0_CONFIG`), dense (every hidden unit) versus the compact gathered
 sub-network at keep 0.1, 0.01 and 0.001, for one prompt group of ``batch`` images:
 
 * ``flop_reduction``: dense FLOPs / sparse FLOPs, both counted by :class:`OpCounter`;

@@ -8,8 +8,8 @@ are gathered once per prompt into a :class:`CompactMLP`, which then runs every i
 of that prompt with small dense matmuls. :class:`SubnetCache` keeps compact sub-networks keyed by
 (prompt label, keep), so a repeated prompt skips the gate and the gather.
 
-Cost attribution: the gate module is marked with :func:`~harness.counters.ops.mark_gating` and the
-top-k and gather run inside :func:`~harness.counters.ops.gating_scope`, so a counter records them
+Cost attribution: the gate module is marked with :func:`~un0_bench.harness.counters.ops.mark_gating` and the
+top-k and gather run inside :func:`~un0_bench.harness.counters.ops.gating_scope`, so a counter records them
 with role ``"gating"`` from the ops that actually ran. A cache hit runs no op at all (a dict lookup).
 """
 

@@ -2,7 +2,7 @@
 
 ``OpCounter`` is a :class:`~torch.utils._python_dispatch.TorchDispatchMode`: every aten (and
 ``quantized::``) op that runs inside it, forward or backward, is recorded into
-:class:`~harness.counters.records.OpStat` groups keyed by (op overload, dtype, role, module path)::
+:class:`~un0_bench.harness.counters.records.OpStat` groups keyed by (op overload, dtype, role, module path)::
 
     with OpCounter(root=model) as c:
         model(x)

@@ -1,6 +1,6 @@
 """The record of one counting pass: per-op totals, and how they split by role, dtype and module.
 
-These are plain data; :mod:`harness.counters.ops` produces them and the proxy meter and the runner
+These are plain data; :mod:`un0_bench.harness.counters.ops` produces them and the proxy meter and the runner
 consume them.
 """
 
@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 #: Role of an op for the accounting boundaries. Ops run inside a module marked as gating (see
-#: :func:`harness.counters.ops.mark_gating`) or inside ``gating_scope()`` get ``"gating"``.
+#: :func:`un0_bench.harness.counters.ops.mark_gating`) or inside ``gating_scope()`` get ``"gating"``.
 ROLES = ("compute", "gating")
 
 

@@ -3,8 +3,8 @@
 The runner (the driver) plans the cells and alone writes the output folder; an executor hands each
 :class:`~un0_bench.harness.cell.Cell` to a :class:`~un0_bench.harness.cell.Workbench` somewhere and
 passes every :class:`~un0_bench.harness.cell.CellResult` back as soon as it is in. ``local`` measures
-the cells one after another in this process; ``ray`` (:mod:`.ray`, an optional extra) runs one task
-per cell on a Ray cluster.
+the cells one after another in this process; ``ray`` (:mod:`~un0_bench.harness.executors.ray`, an
+optional extra) runs one task per cell on a Ray cluster.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Energy and time meters: one module per meter, all sharing :class:`harness.meters.base.Meter`."""
+"""Energy and time meters: one module per meter, all sharing :class:`un0_bench.harness.meters.base.Meter`."""
 
 from un0_bench.harness.meters.base import Meter, MeterUnavailable, Reading
 

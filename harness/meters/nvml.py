@@ -57,7 +57,7 @@ def _translated(nv: ModuleType, what: str) -> Iterator[None]:
 
 
 def _sync_cuda() -> None:
-    """Wait for queued CUDA work on every visible device (:func:`~harness.meters.base.sync_devices`)."""
+    """Wait for queued CUDA work on every visible device (:func:`~un0_bench.harness.meters.base.sync_devices`)."""
     sync_devices()
 
 

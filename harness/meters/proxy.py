@@ -7,7 +7,7 @@ citing its source. Users add profiles with their own CSV of the same columns, pa
 or named by the ``UN0_BENCH_PROFILES`` environment variable.
 
 The meter does not watch the hardware: the runner counts the work once with
-:class:`harness.counters.ops.OpCounter` and hands the :class:`~harness.counters.records.Counts` to
+:class:`un0_bench.harness.counters.ops.OpCounter` and hands the :class:`~un0_bench.harness.counters.records.Counts` to
 :meth:`ProxyMeter.record_work` inside the window. :func:`proxy_energy` gives the same figures
 without a window, split by role for the accounting boundaries.
 """
@@ -28,6 +28,7 @@ from typing import Any
 from un0_bench.harness.counters.records import Counts, OpStat
 from un0_bench.harness.errors import UserError
 from un0_bench.harness.meters.base import Meter, Reading
+from un0_bench.harness.registry import lookup
 from un0_bench.harness.spec import Param
 
 __all__ = [
@@ -187,6 +188,19 @@ def _builtin_text() -> tuple[str, str]:
     return ref.read_text(encoding="utf-8"), "harness/meters/profiles.csv"
 
 
+def _profile_texts(builtin: tuple[str, str], path: str | os.PathLike[str] | None, env: str,
+                   what: str) -> list[tuple[str, str]]:
+    """``(text, origin)`` of the built-in CSV and of the user's at ``path`` (default: the file ``$env`` names)."""
+    texts = [builtin]
+    user = path if path is not None else os.environ.get(env) or None
+    if user is not None:
+        p = Path(user)
+        if not p.is_file():
+            raise UserError(f"{what} {str(p)!r} does not exist")
+        texts.append((p.read_text(encoding="utf-8"), str(p)))
+    return texts
+
+
 def load_profiles(path: str | os.PathLike[str] | None = None) -> dict[str, EnergyProfile]:
     """Read the built-in profiles and, if given, a user CSV of more profiles.
 
@@ -201,14 +215,7 @@ def load_profiles(path: str | os.PathLike[str] | None = None) -> dict[str, Energ
         UserError: For a missing or malformed file, a row repeated within a profile, or a user
             profile that reuses a built-in name.
     """
-    texts = [_builtin_text()]
-    user = path if path is not None else os.environ.get(PROFILES_ENV) or None
-    if user is not None:
-        p = Path(user)
-        if not p.is_file():
-            raise UserError(f"profiles file {str(p)!r} does not exist")
-        texts.append((p.read_text(encoding="utf-8"), str(p)))
-
+    texts = _profile_texts(_builtin_text(), path, PROFILES_ENV, "profiles file")
     profiles: dict[str, EnergyProfile] = {}
     for text, origin in texts:
         defined_here: set[str] = set()
@@ -230,12 +237,7 @@ def load_profiles(path: str | os.PathLike[str] | None = None) -> dict[str, Energ
 
 def get_profile(name: str, path: str | os.PathLike[str] | None = None) -> EnergyProfile:
     """The profile called ``name``; an unknown name raises :class:`UserError` with suggestions."""
-    profiles = load_profiles(path)
-    if name not in profiles:
-        from un0_bench.harness.registry import unknown_name
-
-        raise UserError(unknown_name("energy profile", name, sorted(profiles)))
-    return profiles[name]
+    return lookup("energy profile", name, load_profiles(path))
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from un0_bench.harness.errors import UserError
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("harness", "backbones", "baselines", "un0_impl", "reports", "un0_bench")
 
-#: Each vendor library and the modules whose import statements name it (STYLE.md rule 6: one each).
+#: Each vendor library and the modules whose import statements name it (one module each, imported lazily).
 #: backbones/hf.py imports diffusers and transformers by name through importlib, so no statement
 #: anywhere names them.
 VENDOR_IMPORTERS = {

@@ -122,3 +122,50 @@ def test_builtin_generators_declare_their_kinds():
     assert "pretrained pipeline" in osc.why_not("diffusers")
     assert osc.supports("arch") and not un0.supports("arch") and "no weights" in un0.why_not("arch")
     assert "sd" in GENERATORS and "int8" not in GENERATORS  # techniques live in their own registry
+
+
+# --- typed registries, and meters and backbones from entry points ---------------------------------------------
+def _from_entry_points(monkeypatch, registry, **values):
+    """A fresh registry configured as ``registry`` (kind, base, group), whose group offers ``values``."""
+    from importlib import metadata
+
+    group = registry.entry_point_group
+    eps = [metadata.EntryPoint(name=n, value=v, group=group) for n, v in values.items()]
+    monkeypatch.setattr(metadata, "entry_points", lambda group: eps if group == registry.entry_point_group else [])
+    return Registry(registry.kind, registry.base, entry_point_group=group)
+
+
+def test_meters_and_backbones_come_from_entry_points_and_are_checked(monkeypatch):
+    from un0_bench.backbones.digits import DigitsBackbone
+    from un0_bench.harness.meters.wall import WallMeter
+    from un0_bench.harness.registry import BACKBONES, EntryTypeError
+
+    meters = _from_entry_points(monkeypatch, METERS, **{"my-meter": "un0_bench.harness.meters.wall:WallMeter",
+                                                        "bad-meter": "math:sqrt"})
+    assert meters.entry_point_group == "un0_bench.meters"
+    assert meters.get("my-meter") is WallMeter
+    with pytest.raises(EntryTypeError) as e:
+        meters.get("bad-meter")
+    assert str(e.value) == ("meter 'bad-meter' (math:sqrt) is <built-in function sqrt>, not a subclass of "
+                            "un0_bench.harness.meters.base:Meter")
+    backbones = _from_entry_points(monkeypatch, BACKBONES, **{"my-bb": "un0_bench.backbones.digits:DigitsBackbone",
+                                                              "a-meter": "un0_bench.harness.meters.wall:WallMeter"})
+    assert backbones.entry_point_group == "un0_bench.backbones"
+    assert backbones.get("my-bb") is DigitsBackbone
+    with pytest.raises(EntryTypeError, match="backbone 'a-meter' .* not a subclass of un0_bench.harness.backbone:"):
+        backbones.get("a-meter")
+
+
+def test_objects_are_checked_at_registration():
+    from un0_bench.harness.meters.wall import WallMeter
+    from un0_bench.harness.registry import EntryTypeError
+
+    typed = Registry("meter", "un0_bench.harness.meters.base:Meter")
+    typed.register("wall", WallMeter)
+    assert typed.get("wall") is WallMeter
+    with pytest.raises(EntryTypeError, match=r"^meter 'clock' is <class 'int'>, not a subclass of "):
+        typed.register("clock", int)
+    untyped = Registry("thing")  # no base: every entry is a callable
+    with pytest.raises(EntryTypeError, match=r"^thing 'n' is 3, not a callable$"):
+        untyped.register("n", 3)
+    assert typed.names() == ["wall"] and untyped.names() == []

@@ -91,6 +91,20 @@ class Backbone(abc.ABC):
         """How records name a weights file of this backbone (default: its file name)."""
         return Path(path).name
 
+    # -- what a technique that ships weights needs to know (they arrive here, not by importing a backbone)
+
+    def weights(self, name: str) -> Path:
+        """The path of this backbone's shipped weights file ``name`` (``"teacher"``, ``"sd-int8"``, ...)."""
+        raise NotImplementedError(f"backbone {self.kind} ships no weights files")
+
+    def denoiser_config(self) -> dict[str, Any]:
+        """The config the base denoiser is built from; files derived from it record it and are checked against it."""
+        raise NotImplementedError(f"backbone {self.kind} has no denoiser config")
+
+    def schedule_config(self) -> dict[str, Any]:
+        """The noise schedule the base denoiser was trained on and its sampler steps with."""
+        raise NotImplementedError(f"backbone {self.kind} has no noise schedule config")
+
     def sampler(self, model: Model) -> Generator:
         """The backbone's sampler around ``model``: a generator that calls every layer's hooks."""
         raise NotImplementedError(f"backbone {self.kind} has no sampler")

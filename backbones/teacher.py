@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from un0_bench.backbones.ddim import SCHEDULER_CONFIG, make_scheduler  # noqa: F401  (the schedule it trains on)
 from un0_bench.backbones.digits_data import IMAGE_SIZE, WEIGHTS_DIR
 from un0_bench.backbones.hf import diffusers_class
 from un0_bench.harness.checkpoints import load_checkpoint, load_into

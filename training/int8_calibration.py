@@ -18,7 +18,7 @@ from un0_bench.harness.checkpoints import save_checkpoint
 from un0_bench.harness.derivation import metered_training
 from un0_bench.harness.errors import UserError
 from un0_bench.harness.quantize import QMAX
-from un0_bench.training.loop import training_metadata
+from un0_bench.training.loop import train_command, training_metadata
 
 
 def _abs_quantile(x: torch.Tensor, percentile: float) -> float:
@@ -165,8 +165,8 @@ def calibrate_int8(steps: int | None = None, seed: int | None = None, out: Path 
     energy.add_parent("teacher", teacher_meta)
     calibration = {"steps": steps, "batch_size": batch_size, "seed": seed, "timesteps": timesteps,
                    "percentile": percentile}
-    command = f"un0-bench train sd-int8 --steps {steps} --seed {seed}"
     meta = training_metadata(kind="digits-sd-int8", config=int8_config(UNET_CONFIG, TEACHER_FILE), energy=energy,
-                             extra={"command": command, "calibration": calibration, "data_sha256": data.sha256})
+                             command=train_command("sd-int8", steps=steps, seed=seed),
+                             extra={"calibration": calibration, "data_sha256": data.sha256})
     save_checkpoint(out, qunet.state_dict(), meta)
     return meta

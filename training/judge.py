@@ -12,7 +12,7 @@ from un0_bench.backbones.digits_data import load_data
 from un0_bench.backbones.judge import JUDGE_CONFIG, JUDGE_FILE, build_judge, held_out_accuracy
 from un0_bench.harness.checkpoints import save_checkpoint
 from un0_bench.harness.derivation import metered_training
-from un0_bench.training.loop import one_cycle, run_steps, training_metadata
+from un0_bench.training.loop import one_cycle, run_steps, train_command, training_metadata
 
 TRAIN_DEFAULTS: dict[str, Any] = {"steps": 1000, "batch_size": 64, "lr": 2e-3, "weight_decay": 1e-4,
                                   "max_shift_px": 1, "seed": 0}
@@ -78,9 +78,8 @@ def train_judge(steps: int | None = None, seed: int | None = None, out: Path | N
     energy.count_proxy(train_step, batch_size, steps)
     meta = training_metadata(
         kind="digits-judge", config=JUDGE_CONFIG, energy=energy, losses=losses,
+        command=train_command("judge", steps=steps, seed=seed), train={**TRAIN_DEFAULTS, "steps": steps, "seed": seed},
         extra={
-            "command": f"un0-bench train judge --steps {steps} --seed {seed}",
-            "train": {**TRAIN_DEFAULTS, "steps": steps, "seed": seed},
             # CPU time of this process (all threads): unlike wall time, other work on a shared host
             # does not inflate it.
             "process_cpu_s": cpu_s,

@@ -89,18 +89,36 @@ def ema_update(ema: Any, model: Any, decay: float) -> None:
             pe.lerp_(p, 1.0 - decay)
 
 
+def train_command(target: str, **options: Any) -> str:
+    """The command that reproduces a run: ``train_command("judge", steps=3, seed=1)`` is
+    ``un0-bench train judge --steps 3 --seed 1`` (options in the order given, ``_`` written ``-``).
+    """
+    return " ".join([f"un0-bench train {target}", *(f"--{k.replace('_', '-')} {v}" for k, v in options.items())])
+
+
 def training_metadata(
     *, kind: str, config: dict[str, Any], energy: TrainingEnergy, extra: dict[str, Any],
-    losses: list[float] | None = None,
+    losses: list[float] | None = None, command: str | None = None, train: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Metadata JSON written beside a weights file; ``final_loss`` is the mean of the last 50 ``losses``."""
+    """Metadata JSON written beside a weights file.
+
+    Args:
+        kind: What was made (``"digits-judge"``).
+        config: The config the file is checked against when loaded.
+        energy: What the run spent.
+        extra: Further entries (they override the ones above).
+        losses: The run's losses; the mean of the last 50 is ``final_loss``.
+        command: The command that reproduces the file (default: this process's command line).
+        train: The run's settings (seed, steps, learning rate, ...).
+    """
     import torch
 
     return {
         "kind": kind,
         "config": config,
-        "command": "un0-bench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-        if Path(sys.argv[0]).name == "un0-bench" else " ".join(shlex.quote(a) for a in sys.argv),
+        "command": command if command is not None else (
+            "un0-bench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+            if Path(sys.argv[0]).name == "un0-bench" else " ".join(shlex.quote(a) for a in sys.argv)),
         "duration_s": energy.duration_s,
         "energy": energy.by_meter,
         "torch": torch.__version__,
@@ -111,6 +129,7 @@ def training_metadata(
         "git_commit": git_commit(),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **({"final_loss": sum(losses[-50:]) / len(losses[-50:])} if losses else {}),
+        **({"train": train} if train is not None else {}),
         **extra,
     }
 

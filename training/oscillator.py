@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from un0_bench.backbones.digits import WEIGHTS_DIR
 from un0_bench.harness.checkpoints import load_checkpoint, save_checkpoint
 from un0_bench.harness.derivation import metered_training
-from un0_bench.training.loop import one_cycle, run_steps, training_metadata
+from un0_bench.training.loop import one_cycle, run_steps, train_command, training_metadata
 from un0_bench.training.pairs import teacher_pairs
 from un0_bench.un0_impl.oscillator import SHIPPED, OscillatorConfig, OscillatorNet, _pack_state
 
@@ -89,14 +89,12 @@ def train_oscillator(steps: int | None = None, seed: int | None = None, out: Pat
     energy.add_parent("teacher", teacher_meta)
     meta = training_metadata(
         kind="digits-un0-osc", config=cfg.to_dict(), energy=energy, losses=losses,
-        extra={
-            "command": f"un0-bench train un0-osc --steps {steps} --seed {seed}"
-                       + (f" (n={n}: train_oscillator(n={n}))" if n != 1024 else ""),
-            "train": {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
-                      "integration_steps": integration_steps, "teacher_pairs": n_pairs,
-                      "loss": "L1 to the teacher's 50-step DDIM image from the same noise"},
-            "train_wall_s": train_s,
-        },
+        command=train_command("un0-osc", steps=steps, seed=seed) + (f" (n={n}: train_oscillator(n={n}))"
+                                                                    if n != 1024 else ""),
+        train={"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
+               "integration_steps": integration_steps, "teacher_pairs": n_pairs,
+               "loss": "L1 to the teacher's 50-step DDIM image from the same noise"},
+        extra={"train_wall_s": train_s},
     )
     save_checkpoint(Path(out), state, meta)
     return meta

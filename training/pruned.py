@@ -14,7 +14,7 @@ from un0_bench.backbones.teacher import TEACHER_FILE, UNET_CONFIG, load_teacher
 from un0_bench.baselines.pruned import prune_channels, pruned_config
 from un0_bench.harness.checkpoints import file_sha256, save_checkpoint
 from un0_bench.harness.derivation import metered_training
-from un0_bench.training.loop import ema_update, one_cycle, run_steps, training_metadata
+from un0_bench.training.loop import ema_update, one_cycle, run_steps, train_command, training_metadata
 
 PRUNED_FILE = WEIGHTS_DIR / "sd-pruned.safetensors"
 
@@ -94,10 +94,10 @@ def train_pruned(steps: int | None = None, seed: int | None = None, out: Path | 
     energy.add_parent("teacher", teacher_meta)
     meta = training_metadata(
         kind="digits-pruned", config=pruned_config(UNET_CONFIG), energy=energy, losses=losses,
+        command=train_command("sd-pruned", steps=steps, seed=seed),
+        train={"steps": steps, "batch_size": batch_size, "lr": lr, "ema_decay": decay, "distil_weight": distil_weight,
+               "seed": seed},
         extra={
-            "command": f"un0-bench train sd-pruned --steps {steps} --seed {seed}",
-            "train": {"steps": steps, "batch_size": batch_size, "lr": lr, "ema_decay": decay,
-                      "distil_weight": distil_weight, "seed": seed},
             "parameters": sum(p.numel() for p in ema.parameters()),
             "teacher_parameters": sum(p.numel() for p in teacher.parameters()),
             # The pruned weights are only valid for this teacher: retrain when it changes.

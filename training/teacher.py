@@ -13,7 +13,7 @@ from un0_bench.backbones.digits_data import load_data
 from un0_bench.backbones.teacher import TEACHER_FILE, UNET_CONFIG, build_unet
 from un0_bench.harness.checkpoints import save_checkpoint
 from un0_bench.harness.derivation import metered_training
-from un0_bench.training.loop import ema_update, one_cycle, run_steps, training_metadata
+from un0_bench.training.loop import ema_update, one_cycle, run_steps, train_command, training_metadata
 
 TRAIN_DEFAULTS = {"steps": 1500, "batch_size": 128, "lr": 2e-3, "ema_decay": 0.995, "seed": 0}
 
@@ -58,11 +58,9 @@ def train_teacher(out: Path = TEACHER_FILE, steps: int = TRAIN_DEFAULTS["steps"]
     energy.count_proxy(train_step, batch_size, steps)
     meta = training_metadata(
         kind="digits-teacher", config=UNET_CONFIG, energy=energy, losses=losses,
-        extra={
-            "command": f"un0-bench train teacher --steps {steps} --batch-size {batch_size} --seed {seed}",
-            "scheduler": SCHEDULER_CONFIG, "train": {"steps": steps, "batch_size": batch_size, "lr": lr,
-                                                   "ema_decay": decay, "seed": seed}, "data_sha256": data.sha256,
-        },
+        command=train_command("teacher", steps=steps, batch_size=batch_size, seed=seed),
+        train={"steps": steps, "batch_size": batch_size, "lr": lr, "ema_decay": decay, "seed": seed},
+        extra={"scheduler": SCHEDULER_CONFIG, "data_sha256": data.sha256},
     )
     save_checkpoint(out, ema.state_dict(), meta)
     return meta

@@ -23,7 +23,7 @@ from un0_bench.harness.counters.ops import OpCounter
 from un0_bench.harness.derivation import metered_training
 from un0_bench.harness.generator import image_noise
 from un0_bench.harness.meters.proxy import DEFAULT_PROFILE, proxy_energy
-from un0_bench.training.loop import ema_update, run_steps, training_metadata
+from un0_bench.training.loop import ema_update, run_steps, train_command, training_metadata
 from un0_bench.training.pairs import teacher_pairs
 from un0_bench.un0_impl.gated import (
     FP16_STORED,
@@ -196,9 +196,8 @@ def train_un0(steps: int | None = None, seed: int | None = None, out: Path | Non
         energy.add_parent("teacher_pairs", {"energy": _teacher_pairs_cost(cfg["pairs"])})
     meta = training_metadata(
         kind="un0-gated", config=config, energy=energy, losses=losses,
+        command=train_command("un0", steps=steps, seed=seed), train={**cfg, "steps": steps, "seed": seed},
         extra={
-            "command": f"un0-bench train un0 --steps {steps} --seed {seed}",
-            "train": {**cfg, "steps": steps, "seed": seed},
             "fit": fit,
             "storage": {**{k: "int8, float32 scale per row" for k in INT8_STORED},
                         **{k: "float16" for k in FP16_STORED}},

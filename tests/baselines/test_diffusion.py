@@ -10,9 +10,8 @@ import json
 import pytest
 import torch
 from diffusers import UNet2DModel
-from un0_bench.backbones.ddim import DigitsSampler, ddim_sample
+from un0_bench.backbones.ddim import DigitsSampler, ddim_sample, make_scheduler
 from un0_bench.backbones.digits import DEFAULT_STEPS, IMAGE_SHAPE, DigitsBackbone
-from un0_bench.backbones.teacher import make_scheduler
 from un0_bench.harness.counters.ops import OpCounter
 from un0_bench.harness.errors import SpecError
 from un0_bench.harness.generator import GenerationRequest, image_noise

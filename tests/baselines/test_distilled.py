@@ -3,9 +3,8 @@ import json
 
 import pytest
 import torch
-from un0_bench.backbones.ddim import DigitsSampler, ddim_step
+from un0_bench.backbones.ddim import DigitsSampler, ddim_step, make_scheduler
 from un0_bench.backbones.digits import DigitsBackbone
-from un0_bench.backbones.teacher import make_scheduler
 from un0_bench.baselines.distilled import (
     SAMPLERS,
     StudentSampler,
@@ -63,7 +62,7 @@ def test_bad_samplers_are_refused(timesteps, predictions):
 @pytest.mark.parametrize("prediction", ["epsilon", "sample"])
 def test_ddim_step_is_diffusers_with_the_clipped_model_output(prediction):
     from diffusers import DDIMScheduler
-    from un0_bench.backbones.teacher import SCHEDULER_CONFIG
+    from un0_bench.backbones.ddim import SCHEDULER_CONFIG
 
     sched = DDIMScheduler(**{**SCHEDULER_CONFIG, "prediction_type": prediction, "timestep_spacing": "trailing"})
     sched.set_timesteps(4)  # 999, 749, 499, 249

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 from un0_bench.harness.derivation import TrainingEnergy
-from un0_bench.training.loop import deterministic_algorithms, ema_update, one_cycle, run_steps, training_metadata
+from un0_bench.training.loop import (
+    deterministic_algorithms,
+    ema_update,
+    one_cycle,
+    run_steps,
+    train_command,
+    training_metadata,
+)
 
 
 def test_run_steps_steps_the_scheduler_and_hook_each_step():
@@ -110,3 +117,11 @@ def test_training_metadata_final_loss_is_the_mean_of_the_last_50_losses():
     meta = training_metadata(kind="k", config={}, energy=TrainingEnergy(), extra={}, losses=losses)
     assert meta["final_loss"] == 24.5
     assert "final_loss" not in training_metadata(kind="k", config={}, energy=TrainingEnergy(), extra={})
+
+
+def test_train_command_writes_the_options_in_order():
+    assert train_command("teacher", steps=2, batch_size=4, seed=3) == (
+        "un0-bench train teacher --steps 2 --batch-size 4 --seed 3")
+    meta = training_metadata(kind="k", config={}, energy=TrainingEnergy(), extra={},
+                             command=train_command("judge", steps=1, seed=0), train={"seed": 0})
+    assert (meta["command"], meta["train"]) == ("un0-bench train judge --steps 1 --seed 0", {"seed": 0})

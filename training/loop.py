@@ -90,8 +90,9 @@ def ema_update(ema: Any, model: Any, decay: float) -> None:
 
 
 def train_command(target: str, **options: Any) -> str:
-    """The command that reproduces a run: ``train_command("judge", steps=3, seed=1)`` is
-    ``un0-bench train judge --steps 3 --seed 1`` (options in the order given, ``_`` written ``-``).
+    """The command that reproduces a run, options in the order given (``_`` written ``-``).
+
+    ``train_command("judge", steps=3, seed=1)`` is ``un0-bench train judge --steps 3 --seed 1``.
     """
     return " ".join([f"un0-bench train {target}", *(f"--{k.replace('_', '-')} {v}" for k, v in options.items())])
 

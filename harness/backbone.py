@@ -4,7 +4,10 @@ The instrument (everything in ``harness/``) knows backbones only through this cl
 supplies the prompts it understands, builds its base diffusion model (a denoiser, see
 :mod:`~un0_bench.harness.technique`), runs it with its own sampler (which calls the hooks every
 technique uses), and judges the quality of generated images with its own evaluator and band rule
-(digits: FID, KID and accuracy in a shipped judge's features; pipelines: CLIP score).
+(digits: FID, KID and accuracy in a shipped judge's features; pipelines: CLIP score). A technique
+that loads shipped weights gets their paths and the configs they were made for from it too
+(:meth:`Backbone.weights`, :meth:`Backbone.denoiser_config`, :meth:`Backbone.schedule_config`), so no
+technique imports a backbone.
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ from un0_bench.un0_impl.gated import (
     pack_state,
     unpack_state,
 )
-from un0_bench.un0_impl.sparse import kept_units, layer_norm
+from un0_bench.un0_impl.sparse import GatedMLP, kept_units, layer_norm
 
 #: The shipped training run. ``keep_levels``: (keep, loss weight) pairs the gate is trained at (the
 #: model's :data:`~un0_bench.un0_impl.gated.KEEP_LEVELS`).
@@ -56,6 +56,41 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     # steps did not help); with 16,384 it reaches 1.11x at keep 0.1, one step (make bench, n=1,000).
     "pairs": 16384,
 }
+
+
+def gather_band(mlp: GatedMLP, index: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Differentiable gather of ``mlp``'s candidate units ``index`` ``(G, blocks, band)``.
+
+    Returns per block ``(w1, b1, w2t)``: ``(G, band, dim)``, ``(G, band)``, ``(G, band, dim)``.
+    Gather once per training step and slice prefixes for narrower bands: each gather's backward
+    scatters into a full-size gradient. (Per-block tensors, not one stacked tensor, so the
+    backward does not zero-fill a stacked gradient for every use of one block.)
+    """
+    return [(mlp.w1[b][index[:, b]], mlp.b1[b][index[:, b]], mlp.w2t[b][index[:, b]])
+            for b in range(mlp.blocks)]
+
+
+def forward_band(h: torch.Tensor, band: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                 mask: torch.Tensor, dropout: float = 0.0) -> torch.Tensor:
+    """A gated MLP's grouped sparse computation over a band of candidate units.
+
+    Args:
+        h: ``(G, B, dim)``: ``G`` prompt groups of ``B`` rows each.
+        band: Per block ``(w1, b1, w2t)`` from :func:`gather_band` (or a prefix of its band).
+        mask: ``(G, blocks, band)`` multiplier of each candidate's activation (the
+            straight-through top-k mask: 1 for kept units and 0 for the others in the forward
+            pass, with a surrogate gradient to the gate scores).
+        dropout: Dropout probability on the hidden activations (a regulariser; 0 at inference).
+
+    Returns:
+        ``(G, B, dim)``.
+    """
+    for b, (w1, b1, w2t) in enumerate(band):
+        a = torch.baddbmm(b1[:, None, :], layer_norm(h), w1.transpose(1, 2)).relu()  # (G, B, band)
+        if dropout:
+            a = F.dropout(a, dropout)
+        h = torch.baddbmm(h, a * mask[:, b, None, :], w2t)  # (G, B, dim)
+    return h
 
 
 def forward_train(net: Un0Net, z: torch.Tensor, labels: torch.Tensor, keeps: list[float], steps: int, band: float,
@@ -81,7 +116,7 @@ def forward_train(net: Un0Net, z: torch.Tensor, labels: torch.Tensor, keeps: lis
     widths = [min(net.hidden, max(k + 1, round(band * k))) for k in ks]
     scores = net.gate(labels)  # (G, blocks, hidden)
     top = scores.topk(max(widths), dim=-1)  # values and indices (G, blocks, width), sorted by score
-    gathered = net.mlp.gather_band(top.indices)
+    gathered = gather_band(net.mlp, top.indices)
     bias = net.prompt_bias(labels)  # (G, max_steps, dim)
     zp = F.linear(z, net.z_in.weight)  # (G, B, dim)
     result: dict[float, list[torch.Tensor]] = {}
@@ -98,7 +133,7 @@ def forward_train(net: Un0Net, z: torch.Tensor, labels: torch.Tensor, keeps: lis
         x, outs = None, []
         for s in range(steps):
             h = zp + bias[:, None, s] if x is None else zp + bias[:, None, s] + net.x_in(x)
-            x = net.out(layer_norm(net.mlp.forward_band(h, band_k, mask, dropout)))  # (G, B, 256)
+            x = net.out(layer_norm(forward_band(h, band_k, mask, dropout)))  # (G, B, 256)
             outs.append(x)
         result[keep] = outs
     return result

@@ -52,6 +52,16 @@ class DigitsBackbone(Backbone):
     def weights(self, name: str) -> Path:
         return self.weights_dir / f"{name}.safetensors"
 
+    def denoiser_config(self) -> dict[str, Any]:
+        from un0_bench.backbones.teacher import UNET_CONFIG
+
+        return UNET_CONFIG
+
+    def schedule_config(self) -> dict[str, Any]:
+        from un0_bench.backbones.ddim import SCHEDULER_CONFIG
+
+        return SCHEDULER_CONFIG
+
     def describe(self) -> dict[str, Any]:
         data = load_data()
         return {
@@ -68,7 +78,8 @@ class DigitsBackbone(Backbone):
     def plan_base(self, steps: int | None) -> Plan:
         from un0_bench.harness.model import Plan
 
-        return Plan("digits", "UNet2DModel", DEFAULT_STEPS if steps is None else steps, weights="teacher")
+        return Plan("digits", "UNet2DModel", DEFAULT_STEPS if steps is None else steps, weights="teacher",
+                    default_steps=DEFAULT_STEPS)
 
     def check_base_weights(self) -> list[Path]:
         from un0_bench.backbones.teacher import UNET_CONFIG

@@ -10,7 +10,7 @@ Two ways, chosen by the parameters:
   denoiser (``sd-distilled+int8``, ``sd-int8`` on a pipeline).
 * ``int8:scales=static`` (``sd-int8`` on digits): the project's own int8 layers
   (:class:`Int8Linear`, :class:`Int8Conv2d`) with one input scale per layer and timestep bucket,
-  calibrated on real digits (:func:`calibrate_int8`, the ``un0-bench train sd-int8`` target),
+  calibrated on real digits (the ``un0-bench train sd-int8`` target, ``training/int8_calibration.py``),
   because the range of a layer's input changes along the noise schedule. Every Conv2d and Linear
   runs in int8: weights int8 per output channel, inputs int8 (symmetric, zero point 0), the product
   by the guarded ``torch._int_mm`` (``baselines/int_mm.py``), rescaled to float32 and the bias
@@ -24,8 +24,6 @@ softmax, the embeddings and the residual adds.
 from __future__ import annotations
 
 import copy
-import math
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,18 +34,15 @@ from torch import nn
 from un0_bench.baselines.int_mm import int_mm
 from un0_bench.harness.backbone import Backbone
 from un0_bench.harness.checkpoints import file_sha256
-from un0_bench.harness.errors import StackError, UserError
+from un0_bench.harness.errors import StackError
 from un0_bench.harness.model import Layer, Model, Plan, Run
+from un0_bench.harness.quantize import QMAX, quantize_per_channel
 from un0_bench.harness.spec import Param
 from un0_bench.harness.technique import Technique
 
 # ---------------------------------------------------------------------------------------------
 # int8 layers
 # ---------------------------------------------------------------------------------------------
-
-#: Largest int8 code used. Symmetric quantisation uses [-127, 127] so that -x quantises to -q.
-QMAX = 127
-
 
 @dataclass
 class TimestepBucket:
@@ -80,20 +75,6 @@ class TimestepBucket:
                 raise ValueError("int8 layers use one activation scale per batch: all timesteps must be equal")
             t = int(flat[0])
         self.index = self.of(t)
-
-
-def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-output-channel int8 quantisation of a weight ``(O, ...)``.
-
-    Returns:
-        ``(q, scale)``: ``q`` int8 of the same shape with ``weight ~= q * scale[:, None, ...]``,
-        ``scale`` ``(O,)`` float32 (max |w| of the channel / 127; 1.0 for an all-zero channel).
-    """
-    w = weight.detach().float()
-    amax = w.reshape(w.shape[0], -1).abs().amax(dim=1)  # (O,)
-    scale = torch.where(amax > 0, amax / QMAX, torch.ones_like(amax))
-    q = torch.round(w / scale.reshape(-1, *([1] * (w.dim() - 1)))).clamp(-QMAX, QMAX).to(torch.int8)
-    return q, scale
 
 
 def _dynamic_scale(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
@@ -137,7 +118,7 @@ class _Int8Layer(nn.Module):
             raise ValueError(f"act_scale must have shape {tuple(self.act_scale.shape)}, got {tuple(act_scale.shape)}")
         if not bool((act_scale > 0).all()):
             raise ValueError("activation scales must be positive")
-        q, s = quantize_weight(layer.weight)
+        q, s = quantize_per_channel(layer.weight)
         self.weight.copy_(q)
         self.weight_scale.copy_(s)
         self.act_scale.copy_(act_scale)
@@ -263,8 +244,8 @@ def quantize_unet(unet: nn.Module, act_scales: dict[str, torch.Tensor], bucket: 
 
     Args:
         unet: A float32 UNet.
-        act_scales: Layer name -> ``(n_buckets,)`` activation scales (from
-            :func:`calibrate_activations`); must name exactly the layers of :func:`quantizable_layers`.
+        act_scales: Layer name -> ``(n_buckets,)`` activation scales (calibrated by
+            ``training/int8_calibration.py``); must name exactly the layers of :func:`quantizable_layers`.
         bucket: The timestep bucket object the new layers share.
     """
     names = quantizable_layers(unet)
@@ -283,94 +264,8 @@ def quantize_unet(unet: nn.Module, act_scales: dict[str, torch.Tensor], bucket: 
 
 
 # ---------------------------------------------------------------------------------------------
-# Calibration
+# The technique
 # ---------------------------------------------------------------------------------------------
-
-
-def _abs_quantile(x: torch.Tensor, percentile: float) -> float:
-    """The ``percentile`` (0-100] of ``|x|``; 100 is the max."""
-    a = x.detach().abs().float().reshape(-1)
-    if percentile >= 100.0:
-        return float(a.max())
-    k = max(1, math.ceil(percentile / 100.0 * a.numel()))
-    return float(a.kthvalue(k).values)
-
-
-@torch.no_grad()
-def calibrate_activations(unet: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-                          bucket: TimestepBucket, percentile: float = 100.0) -> dict[str, torch.Tensor]:
-    """Static int8 scales of the inputs of every Conv2d/Linear of a float ``unet``, per timestep bucket.
-
-    For each layer and bucket the scale is (the largest over batches of the ``percentile`` of
-    ``|input|`` in a batch) / 127.
-
-    Args:
-        unet: The float32 UNet (not modified; hooks are removed afterwards).
-        batches: ``(x_t (B, C, H, W), t (B,) equal timesteps, labels (B,))`` to run the UNet on.
-        bucket: Bucketing of timesteps (its :attr:`~TimestepBucket.index` is changed).
-        percentile: Clipping percentile of ``|input|`` per batch; 100 keeps the batch maximum.
-
-    Returns:
-        Layer name -> ``(n_buckets,)`` float32 scales.
-
-    Raises:
-        ValueError: If some bucket received no batch (its scale would be unknown).
-    """
-    if not 0.0 < percentile <= 100.0:
-        raise ValueError(f"percentile must be in (0, 100], got {percentile}")
-    names = quantizable_layers(unet)
-    amax = {n: torch.zeros(bucket.n_buckets) for n in names}
-    seen = torch.zeros(bucket.n_buckets, dtype=torch.bool)
-
-    def observer(name: str) -> Any:
-        def hook(module: nn.Module, args: tuple) -> None:
-            b = bucket.index
-            amax[name][b] = max(float(amax[name][b]), _abs_quantile(args[0], percentile))
-        return hook
-
-    handles = [unet.get_submodule(n).register_forward_pre_hook(observer(n)) for n in names]
-    try:
-        for x, t, labels in batches:
-            bucket.set(t)
-            seen[bucket.index] = True
-            unet(x, t, class_labels=labels)
-    finally:
-        for h in handles:
-            h.remove()
-    if not bool(seen.all()):
-        missing = [i for i in range(bucket.n_buckets) if not seen[i]]
-        raise ValueError(f"calibration saw no batch in timestep buckets {missing}; give timesteps covering all")
-    # NB: a layer whose input was exactly zero everywhere gets a tiny positive scale (any scale
-    # quantises zero exactly); the int8 layers refuse non-positive scales.
-    return {n: torch.clamp(a, min=1e-12) / QMAX for n, a in amax.items()}
-
-
-def calibration_batches(images: torch.Tensor, labels: torch.Tensor, timesteps: list[int], batches: int,
-                        batch_size: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Real images noised to the sampler's timesteps: ``batches`` batches cycling over ``timesteps``.
-
-    Each batch draws ``batch_size`` images (with replacement) and fresh Gaussian noise from a
-    generator seeded with ``seed``, and noises them to one timestep with the teacher's schedule:
-    ``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps``.
-
-    Yields:
-        ``(x_t (B, 1, H, W), t (B,) int64, labels (B,))``.
-    """
-    from un0_bench.backbones.teacher import make_scheduler
-
-    scheduler = make_scheduler()
-    g = torch.Generator().manual_seed(seed)
-    for i in range(batches):
-        idx = torch.randint(0, len(labels), (batch_size,), generator=g)
-        noise = torch.randn((batch_size, *images.shape[1:]), generator=g)
-        t = torch.full((batch_size,), int(timesteps[i % len(timesteps)]), dtype=torch.long)
-        yield scheduler.add_noise(images[idx], noise, t), t, labels[idx]
-
-
-#: The shipped calibration run (``un0-bench train sd-int8``). ``steps`` is the number of
-#: calibration batches; they cycle over the timesteps of the default 50-step DDIM schedule, so each
-#: of those timesteps sees ``steps / 50`` batches.
-CALIBRATION_DEFAULTS: dict[str, Any] = {"steps": 100, "batch_size": 64, "seed": 0}
 
 #: What the quantisation is; part of the config a calibration file must match.
 INT8_SCHEME: dict[str, Any] = {
@@ -386,85 +281,12 @@ INT8_SCHEME: dict[str, Any] = {
 }
 
 
-def int8_config(teacher_path: Path) -> dict[str, Any]:
-    """The config an ``sd-int8`` calibration file must carry: the UNet, the scheme and the teacher file."""
-    from un0_bench.backbones.teacher import UNET_CONFIG
-
-    return {"unet": copy.deepcopy(UNET_CONFIG), "scheme": copy.deepcopy(INT8_SCHEME),
+def int8_config(unet_config: dict[str, Any], teacher_path: Path) -> dict[str, Any]:
+    """The config an ``sd-int8`` calibration file must carry: the UNet's config, the scheme and the teacher file."""
+    return {"unet": copy.deepcopy(unet_config), "scheme": copy.deepcopy(INT8_SCHEME),
             "teacher_sha256": file_sha256(teacher_path)}
 
 
-def calibrate_int8(steps: int | None = None, seed: int | None = None, out: Path | None = None) -> dict[str, Any]:
-    """``un0-bench train sd-int8``: calibrate the int8 activation scales on real digits and save.
-
-    The teacher runs in float32 on training digits noised to each timestep of the 50-step DDIM
-    schedule (the inputs it sees while sampling, with real digits in place of its own samples, so
-    the scales do not inherit the teacher's errors); every Conv2d/Linear input's 99.99th
-    percentile of |x| is recorded per timestep bucket. The saved file holds the whole quantised
-    UNet (int8 weights and their scales, activation scales, float32 biases, norms and
-    embeddings), about 1.2 MB.
-
-    Args:
-        steps: Calibration batches (default ``CALIBRATION_DEFAULTS["steps"]``).
-        seed: Seed of the image and noise draws (default 0).
-        out: Weights file (default ``backbones/weights/digits/sd-int8.safetensors``).
-
-    Returns:
-        The metadata written beside the weights.
-    """
-    from un0_bench.backbones.digits import DEFAULT_STEPS, WEIGHTS_DIR, load_data
-    from un0_bench.backbones.teacher import TEACHER_FILE, load_teacher, make_scheduler
-    from un0_bench.harness.checkpoints import save_checkpoint
-    from un0_bench.harness.training import metered_training, training_metadata
-
-    steps = CALIBRATION_DEFAULTS["steps"] if steps is None else steps
-    seed = CALIBRATION_DEFAULTS["seed"] if seed is None else seed
-    out = WEIGHTS_DIR / "sd-int8.safetensors" if out is None else Path(out)
-    batch_size = CALIBRATION_DEFAULTS["batch_size"]
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-
-    teacher, teacher_meta = load_teacher(TEACHER_FILE)
-    data = load_data()
-    sched = make_scheduler()
-    sched.set_timesteps(DEFAULT_STEPS)
-    timesteps = [int(t) for t in sched.timesteps]
-    bucket = TimestepBucket(INT8_SCHEME["timestep_buckets"], sched.config.num_train_timesteps)
-    percentile = INT8_SCHEME["percentile"]
-    # Batches cycle over the timesteps, so the first `needed` batches are the fewest that reach every
-    # bucket; fewer would leave a bucket with no activation scale.
-    first_seen = {}
-    for i, t in enumerate(timesteps):
-        first_seen.setdefault(bucket.of(t), i)
-    needed = max(first_seen.values()) + 1
-    if steps < needed:
-        raise UserError(f"sd-int8 calibration needs at least {needed} batches (--steps) so that each of "
-                         f"the {bucket.n_buckets} timestep buckets gets a scale; got {steps}")
-
-    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        return calibration_batches(data.train_images, data.train_labels, timesteps, steps, batch_size, seed)
-
-    with metered_training() as energy:
-        scales = calibrate_activations(teacher, batches(), bucket, percentile)
-        qunet = quantize_unet(teacher, scales, bucket)
-    # The proxy figure: one calibration batch (a forward with the observers) counted, times steps.
-    energy.count_proxy(lambda: calibrate_activations(teacher, [next(batches())], TimestepBucket(1), percentile),
-                       batch_size, steps)
-    energy.add_parent("teacher", teacher_meta)
-    calibration = {"steps": steps, "batch_size": batch_size, "seed": seed, "timesteps": timesteps,
-                   "percentile": percentile}
-    command = f"un0-bench train sd-int8 --steps {steps} --seed {seed}"
-    meta = training_metadata(kind="digits-sd-int8", config=int8_config(TEACHER_FILE), energy=energy,
-                             extra={"command": command, "calibration": calibration, "data_sha256": data.sha256})
-    save_checkpoint(out, qunet.state_dict(), meta)
-    return meta
-
-
-
-
-# ---------------------------------------------------------------------------------------------
-# The technique
-# ---------------------------------------------------------------------------------------------
 
 SCALES = Param(str, "dynamic", "input scales: dynamic (from each input, torchao) or static (calibrated, digits "
                "teacher, every conv and linear)", choices=("dynamic", "static"))
@@ -512,7 +334,7 @@ class Int8(Technique):
             return []  # dynamic scales are computed from each call's own activations
         from un0_bench.harness.checkpoints import check_checkpoint
 
-        check_checkpoint(backbone.weights("sd-int8"), expected_config=int8_config(backbone.weights("teacher")))
+        check_checkpoint(backbone.weights("sd-int8"), expected_config=_expected_config(backbone))
         return [backbone.weights("sd-int8")]
 
     def apply(self, model: Model, backbone: Backbone, mode: str = "w8a8", scales: str = "dynamic") -> Layer:
@@ -596,10 +418,15 @@ def _static_teacher(teacher: nn.Module, backbone: Backbone) -> tuple[nn.Module, 
     from un0_bench.harness.checkpoints import load_checkpoint, load_into
 
     path = backbone.weights("sd-int8")
-    state, meta = load_checkpoint(path, expected_config=int8_config(backbone.weights("teacher")))
+    state, meta = load_checkpoint(path, expected_config=_expected_config(backbone))
     bucket = TimestepBucket(INT8_SCHEME["timestep_buckets"])
     names = quantizable_layers(teacher)
     # Placeholder scales: the loaded state overwrites every int8 buffer.
     qunet = quantize_unet(teacher, {n: torch.ones(bucket.n_buckets) for n in names}, bucket)
     load_into(qunet, state, path)
     return qunet, bucket, meta
+
+
+def _expected_config(backbone: Backbone) -> dict[str, Any]:
+    """The config the backbone's ``sd-int8`` file must carry: its teacher's UNet config and file."""
+    return int8_config(backbone.denoiser_config(), backbone.weights("teacher"))

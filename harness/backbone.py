@@ -4,7 +4,10 @@ The instrument (everything in ``harness/``) knows backbones only through this cl
 supplies the prompts it understands, builds its base diffusion model (a denoiser, see
 :mod:`~un0_bench.harness.technique`), runs it with its own sampler (which calls the hooks every
 technique uses), and judges the quality of generated images with its own evaluator and band rule
-(digits: FID, KID and accuracy in a shipped judge's features; pipelines: CLIP score).
+(digits: FID, KID and accuracy in a shipped judge's features; pipelines: CLIP score). A technique
+that loads shipped weights gets their paths and the configs they were made for from it too
+(:meth:`Backbone.weights`, :meth:`Backbone.denoiser_config`, :meth:`Backbone.schedule_config`), so no
+technique imports a backbone.
 """
 
 from __future__ import annotations
@@ -90,6 +93,20 @@ class Backbone(abc.ABC):
     def weights_name(self, path: Path) -> str:
         """How records name a weights file of this backbone (default: its file name)."""
         return Path(path).name
+
+    # -- what a technique that ships weights needs to know (they arrive here, not by importing a backbone)
+
+    def weights(self, name: str) -> Path:
+        """The path of this backbone's shipped weights file ``name`` (``"teacher"``, ``"sd-int8"``, ...)."""
+        raise NotImplementedError(f"backbone {self.kind} ships no weights files")
+
+    def denoiser_config(self) -> dict[str, Any]:
+        """The config the base denoiser is built from; files derived from it record it and are checked against it."""
+        raise NotImplementedError(f"backbone {self.kind} has no denoiser config")
+
+    def schedule_config(self) -> dict[str, Any]:
+        """The noise schedule the base denoiser was trained on and its sampler steps with."""
+        raise NotImplementedError(f"backbone {self.kind} has no noise schedule config")
 
     def sampler(self, model: Model) -> Generator:
         """The backbone's sampler around ``model``: a generator that calls every layer's hooks."""

@@ -31,6 +31,8 @@ class Plan:
         steps: Denoiser calls per image (sampling steps), or ``None`` when unknown.
         layers: Names of the base and the techniques so far, in order.
         weights: Who made the denoiser's weights so far (``"teacher"``, ``"sd-pruned"``, ...).
+        default_steps: The backbone's default sampling steps (``None``: it does not say), so a
+            technique can tell whether the steps before it were changed.
     """
 
     backbone_kind: str
@@ -38,6 +40,7 @@ class Plan:
     steps: int | None
     layers: list[str] = field(default_factory=list)
     weights: str = "base"
+    default_steps: int | None = None
 
 
 @dataclass

@@ -18,8 +18,9 @@ ALLOWED = {
     "backbones": {"harness", "backbones"},
     "baselines": {"harness", "backbones", "baselines"},
     "un0_impl": {"harness", "backbones", "un0_impl"},
+    "training": {"harness", "backbones", "baselines", "un0_impl", "training"},
     "reports": {"harness", "reports"},
-    "un0_bench": {"harness", "backbones", "baselines", "un0_impl", "reports", "un0_bench"},
+    "un0_bench": {"harness", "backbones", "baselines", "un0_impl", "training", "reports", "un0_bench"},
 }
 FLOORS = set(ALLOWED) - {"un0_bench"}
 
@@ -109,6 +110,15 @@ def import_cycles() -> list[list[str]]:
 
 def test_no_floor_imports_a_floor_above_it():
     assert upward_imports() == []
+
+
+def test_techniques_know_a_backbone_only_through_the_interface_they_are_given():
+    # A technique is a transform of a denoiser: weights, configs and the sampler come from the Backbone
+    # it is handed. Only the quality references (noise, real digits) are made of one backbone's data.
+    users = sorted(f"{path.relative_to(ROOT)}:{line} imports {module}" for folder, path in _sources()
+                   if folder == "baselines" and path.name != "references.py"
+                   for line, module in _imports(path) if _floor_of(module) == "backbones")
+    assert users == []
 
 
 def test_no_import_circles():

@@ -112,11 +112,11 @@ METERS.register("zeus", f"{_M}.zeus:ZeusMeter", "ML.ENERGY Zeus (cross-check of 
                                                 "silicon, which the own meters lack); pip install 'un0-bench[zeus]'")
 
 # --- training targets (registration order is training order: later ones derive from earlier) ---
-TRAINERS.register("teacher", "un0_bench.backbones.teacher:train_teacher",
-                  "the digits teacher UNet (everything derives from it)")
-TRAINERS.register("judge", "un0_bench.backbones.judge:train_judge", "digits classifier: FID/KID features and accuracy")
-TRAINERS.register("sd-int8", f"{_B}.int8:calibrate_int8", "int8 scales calibrated on real digits")
-TRAINERS.register("sd-pruned", f"{_B}.pruned:train_pruned", "channel pruning + fine-tuning")
-TRAINERS.register("sd-distilled", f"{_B}.distilled:train_distilled", "few-step students (4 and 1 step)")
-TRAINERS.register("un0", f"{_U}.gated:train_un0", "gated sparse Un-0 student")
-TRAINERS.register("un0-osc", f"{_U}.oscillator:train_oscillator", "coupled-oscillator Un-0")
+_T = "un0_bench.training"
+TRAINERS.register("teacher", f"{_T}.teacher:train_teacher", "the digits teacher UNet (everything derives from it)")
+TRAINERS.register("judge", f"{_T}.judge:train_judge", "digits classifier: FID/KID features and accuracy")
+TRAINERS.register("sd-int8", f"{_T}.int8_calibration:calibrate_int8", "int8 scales calibrated on real digits")
+TRAINERS.register("sd-pruned", f"{_T}.pruned:train_pruned", "channel pruning + fine-tuning")
+TRAINERS.register("sd-distilled", f"{_T}.distilled:train_distilled", "few-step students (4 and 1 step)")
+TRAINERS.register("un0", f"{_T}.un0:train_un0", "gated sparse Un-0 student")
+TRAINERS.register("un0-osc", f"{_T}.oscillator:train_oscillator", "coupled-oscillator Un-0")

@@ -333,7 +333,7 @@ class ContextualSparsity(Technique):
     def _calibrate(self, model: Model, backbone: Backbone, specs: list[FeedForwardSpec], prompts: tuple[str, ...],
                    steps: int) -> tuple[torch.Tensor, list[torch.Tensor], dict[str, Any], float]:
         """Run the pipeline on the calibration prompts, recording prompt features and unit activations."""
-        from un0_bench.harness.training import metered_training
+        from un0_bench.harness.derivation import metered_training
 
         n = len(prompts)
         sums = [torch.zeros(n, s.inner, dtype=torch.float64) for s in specs]

@@ -12,13 +12,13 @@ rows are gathered once per (prompt, keep) into a compact sub-network (:class:`Un
 and reused for every image and step of that prompt. A batch with mixed prompts is grouped by prompt:
 each group runs its own compact sub-network with ordinary dense matmuls.
 
-``un0-bench train un0`` reproduces the shipped weights (``backbones/weights/digits/un0.safetensors``).
+``un0-bench train un0`` (``training/un0.py``) reproduces the shipped weights
+(``backbones/weights/digits/un0.safetensors``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -31,6 +31,7 @@ from un0_bench.backbones.digits import IMAGE_SHAPE, WEIGHTS_DIR, prompt_labels, 
 from un0_bench.harness.backbone import Backbone
 from un0_bench.harness.counters.ops import gating_scope, mark_gating
 from un0_bench.harness.generator import GenerationRequest, GenerationResult, Generator, image_noise
+from un0_bench.harness.quantize import quantize_per_channel
 from un0_bench.harness.spec import Param, takes
 from un0_bench.un0_impl.sparse import CompactMLP, GatedMLP, PromptGate, SubnetCache, kept_units, layer_norm
 
@@ -45,25 +46,9 @@ UN0_CONFIG: dict[str, Any] = {
     "max_steps": 4,
 }
 
-#: The shipped training run. ``keep_levels``: (keep, loss weight) pairs the gate is trained at, one
-#: model for all of them (top-k sets are nested: the top 1% of a prompt's units are inside its top 10%).
-TRAIN_DEFAULTS: dict[str, Any] = {
-    "steps": 2500,
-    "per_class": 32,  # batch = 10 classes x 32 pairs, grouped by class as at inference
-    "lr": 2e-3,
-    "gate_lr": 2e-2,
-    "weight_decay": 0.0,
-    "dropout": 0.0,  # on hidden activations, training only
-    "unroll": 4,  # steps unrolled (and supervised) in training
-    "ema_decay": 0.998,
-    "keep_levels": [[0.1, 1.0], [0.01, 0.3], [0.001, 0.1]],
-    "band": 1.5,  # candidate units per kept unit for the straight-through gradient
-    "tau": 0.05,  # temperature of the surrogate sigmoid, in units of the scores
-    "seed": 0,
-    # 16,384 teacher pairs: with 4,096 the student overfit (held-out FID 1.3x sd's, and more
-    # steps did not help); with 16,384 it reaches 1.11x at keep 0.1, one step (make bench, n=1,000).
-    "pairs": 16384,
-}
+#: The keep fractions the shipped model's gate and units were trained at, with their loss weights (one
+#: model for all of them: top-k sets are nested, the top 1% of a prompt's units are inside its top 10%).
+KEEP_LEVELS: list[list[float]] = [[0.1, 1.0], [0.01, 0.3], [0.001, 0.1]]
 UN0_FILE = WEIGHTS_DIR / "un0.safetensors"
 
 KEEP = Param(float, 0.1, "fraction of hidden units kept per block (trained at 0.001 to 0.1)", low=0.0,
@@ -83,9 +68,9 @@ def pack_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     packed = {}
     for k, v in state.items():
         if k in INT8_STORED:
-            scale = (v.abs().amax(-1, keepdim=True) / 127).clamp_min(torch.finfo(torch.float32).tiny)
-            packed[k] = torch.round(v / scale).clamp(-127, 127).to(torch.int8)
-            packed[k + ".scale"] = scale.float()
+            q, scale = quantize_per_channel(v.reshape(-1, v.shape[-1]))  # one scale per unit row
+            packed[k] = q.reshape(v.shape)
+            packed[k + ".scale"] = scale.reshape(*v.shape[:-1], 1)
         else:
             packed[k] = v.half() if k in FP16_STORED else v
         packed[k] = packed[k].contiguous().clone()
@@ -162,52 +147,6 @@ class Un0Net(nn.Module):
             h = zp + bias[:, k] if x is None else zp + bias[:, k] + self.x_in(x)
             x = self.out(layer_norm(self.mlp.forward_masked(h, mask)))
         return x
-
-    # -- training: class-grouped bands, straight-through top-k ------------------------------------
-    def forward_train(self, z: torch.Tensor, labels: torch.Tensor, keeps: list[float], steps: int, band: float,
-                      tau: float, dropout: float = 0.0) -> dict[float, list[torch.Tensor]]:
-        """Images after each of ``steps`` steps at each keep fraction, for ``z`` ``(G, B, 256)``.
-
-        ``z`` is grouped by prompt, one group per label of ``labels`` ``(G,)``, as at inference.
-
-        The gate is trained with a straight-through top-k. Why: the forward pass must be exactly
-        what inference runs (hard top-k, kept units x 1, others x 0), so no soft-to-hard gap
-        appears at deployment; the backward pass needs a signal telling the gate which units are
-        worth keeping. Each group computes a *band* of candidates, its top ``band x k`` units by
-        score; the mask is ``hard + s - stop_grad(s)`` with ``s = sigmoid((score - threshold) / tau)``
-        and the threshold halfway between the k-th and (k+1)-th score. So the forward is hard top-k,
-        and the gradient reaching a candidate's score is its activation's first-order effect on the
-        loss: kept units that hurt sink below the threshold, runners-up that would help rise above
-        it. Restricting the surrogate to the band (not all units, as a dense straight-through
-        estimator would) keeps training sparse too: it costs about ``band x keep`` of a dense step.
-        The top-k sets of different keep fractions are nested (prefixes of the same ranking), so
-        one gather of the widest band serves them all.
-        """
-        ks = [kept_units(keep, self.hidden) for keep in keeps]
-        widths = [min(self.hidden, max(k + 1, round(band * k))) for k in ks]
-        scores = self.gate(labels)  # (G, blocks, hidden)
-        top = scores.topk(max(widths), dim=-1)  # values and indices (G, blocks, width), sorted by score
-        gathered = self.mlp.gather_band(top.indices)
-        bias = self.prompt_bias(labels)  # (G, max_steps, dim)
-        zp = F.linear(z, self.z_in.weight)  # (G, B, dim)
-        result: dict[float, list[torch.Tensor]] = {}
-        for keep, k, width in zip(keeps, ks, widths, strict=True):
-            values = top.values[..., :width]
-            if width > k:
-                threshold = 0.5 * (values[..., k - 1] + values[..., k])  # (G, blocks)
-            else:
-                threshold = values[..., k - 1] - tau
-            soft = torch.sigmoid((values - threshold.detach()[..., None]) / tau)  # (G, blocks, width)
-            hard = (torch.arange(width) < k).to(soft.dtype)  # (width,): the top k of the sorted band
-            mask = hard + soft - soft.detach()
-            band_k = [tuple(t[:, :width] for t in block) for block in gathered]
-            x, outs = None, []
-            for s in range(steps):
-                h = zp + bias[:, None, s] if x is None else zp + bias[:, None, s] + self.x_in(x)
-                x = self.out(layer_norm(self.mlp.forward_band(h, band_k, mask, dropout)))  # (G, B, 256)
-                outs.append(x)
-            result[keep] = outs
-        return result
 
 
 class Un0Subnet(nn.Module):
@@ -333,7 +272,7 @@ class Un0Generator(Generator):
         Above the largest trained keep the extra units were never trained to cooperate: at keep 1 the
         shipped model's error on the teacher's pairs is ~100x that at keep 0.1 (``fit`` in its metadata).
         """
-        levels = self.metadata.get("train", TRAIN_DEFAULTS)["keep_levels"]
+        levels = self.metadata.get("train", {}).get("keep_levels", KEEP_LEVELS)
         keeps = sorted(keep for keep, _ in levels)
         note: dict[str, Any] = {"trained_keeps": keeps}
         if not keeps[0] <= self.keep <= keeps[-1]:
@@ -370,150 +309,3 @@ def _check_weights(backbone: Backbone, **params: Any) -> list[Path]:
 
 
 build.check_weights = _check_weights  # type: ignore[attr-defined]
-
-
-# ---------------------------------------------------------------------------------------------
-# Training
-# ---------------------------------------------------------------------------------------------
-
-
-def _teacher_pairs_cost(n: int, steps: int = 50, images: int = 2) -> dict[str, Any]:
-    """Counted proxy cost of making ``n`` teacher pairs: one counted ``images``-image run, scaled."""
-    from un0_bench.backbones.ddim import ddim_sample
-    from un0_bench.backbones.teacher import load_teacher
-    from un0_bench.harness.counters.ops import OpCounter
-    from un0_bench.harness.meters.proxy import DEFAULT_PROFILE, proxy_energy
-
-    unet, _ = load_teacher()
-    noise = image_noise(0, 0, images, IMAGE_SHAPE)
-    with OpCounter() as c:
-        ddim_sample(unet, steps, noise, torch.arange(images))
-    counts = c.counts(images=images)
-    scale = n / images
-    return {"proxy": {"status": "ok", "energy_j": proxy_energy(counts).total_j * scale,
-                      "flops": counts.flops() * scale, "profile": DEFAULT_PROFILE,
-                      "note": f"teacher_pairs({n}, steps={steps}): counted cost of {images} images x {scale:g}; "
-                              "the pairs are cached on disk and shared by every student"}}
-
-
-def train_un0(steps: int | None = None, seed: int | None = None, out: Path | None = None, *,
-              config: dict[str, Any] | None = None,
-              pairs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> dict[str, Any]:
-    """Distil the teacher's noise -> image map into the gated sparse student and save it.
-
-    Args:
-        steps: Optimizer steps (default: the shipped run's).
-        seed: Seed of initialisation and batches (default: the shipped run's).
-        out: Weights file to write (default: the shipped ``un0.safetensors``).
-        config: Architecture (default :data:`UN0_CONFIG`); tests pass a tiny one.
-        pairs: ``(noise, labels, images)`` to learn from (default: ``teacher_pairs(TRAIN_DEFAULTS["pairs"])``).
-
-    Returns:
-        The metadata written beside the weights.
-    """
-    from un0_bench.harness.checkpoints import save_checkpoint
-    from un0_bench.harness.training import ema_update, metered_training, run_steps, training_metadata
-
-    cfg = dict(TRAIN_DEFAULTS)
-    steps = cfg["steps"] if steps is None else steps
-    seed = cfg["seed"] if seed is None else seed
-    out = UN0_FILE if out is None else Path(out)
-    config = copy.deepcopy(UN0_CONFIG if config is None else config)
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
-    teacher_meta = None
-    if pairs is None:
-        from un0_bench.backbones.teacher import load_teacher, teacher_pairs
-
-        pairs = teacher_pairs(cfg["pairs"])
-        _, teacher_meta = load_teacher()
-    noise, labels, images = pairs
-    z_all = noise.flatten(1)  # (N, 256)
-    y_all = images.flatten(1)  # (N, 256)
-    classes = config["classes"]
-    by_class = [torch.nonzero(labels == c).flatten() for c in range(classes)]
-    if any(len(ix) == 0 for ix in by_class):
-        raise ValueError("the training pairs must contain every class")
-
-    torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
-    net = Un0Net.from_config(config).train()
-    ema = copy.deepcopy(net).requires_grad_(False)
-    gate_params = list(net.gate.parameters())
-    other = [p for n_, p in net.named_parameters() if not n_.startswith("gate.")]
-    opt = torch.optim.AdamW([{"params": other, "lr": cfg["lr"], "weight_decay": cfg["weight_decay"]},
-                             {"params": gate_params, "lr": cfg["gate_lr"], "weight_decay": 0.0}])
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(steps))
-    class_labels = torch.arange(classes)
-    unroll = min(cfg["unroll"], config["max_steps"])
-
-    def train_step() -> float:
-        # One row of per_class pairs for every class: the batch is grouped by prompt, as at inference.
-        pick = torch.stack([ix[torch.randint(0, len(ix), (cfg["per_class"],), generator=g)] for ix in by_class])
-        z, y = z_all[pick], y_all[pick]  # (classes, per_class, 256) each
-        keeps = [keep for keep, _ in cfg["keep_levels"]]
-        outs = net.forward_train(z, class_labels, keeps, unroll, cfg["band"], cfg["tau"], cfg["dropout"])
-        loss = torch.zeros(())
-        for keep, weight in cfg["keep_levels"]:
-            # Every step is supervised, so the same weights serve steps=1..max_steps.
-            loss = loss + weight * sum(F.mse_loss(x, y) for x in outs[keep]) / len(outs[keep])
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return float(loss.detach())
-
-    def ema_step(step: int) -> None:
-        # Warm-up of the EMA decay: early averages follow the fast-moving weights more closely.
-        ema_update(ema, net, min(cfg["ema_decay"], (1 + step) / (10 + step)))
-
-    with metered_training() as energy:
-        losses = run_steps(train_step, steps, "train un0", scheduler=sched, after_step=ema_step)
-    state = pack_state(ema.state_dict())
-    ema.load_state_dict(unpack_state(state))  # report the fit of the weights as shipped
-    fit = _fit_report(ema, z_all, y_all, labels)
-    # Count one more training step (forward, backward, optimizer) for the proxy figure; it changes
-    # only the raw weights, not the EMA snapshot saved above.
-    energy.count_proxy(train_step, classes * cfg["per_class"], steps)
-    if teacher_meta is not None:
-        energy.add_parent("teacher", teacher_meta)
-        energy.add_parent("teacher_pairs", {"energy": _teacher_pairs_cost(cfg["pairs"])})
-    meta = training_metadata(
-        kind="un0-gated", config=config, energy=energy,
-        extra={
-            "command": f"un0-bench train un0 --steps {steps} --seed {seed}",
-            "train": {**cfg, "steps": steps, "seed": seed},
-            "final_loss": sum(losses[-50:]) / len(losses[-50:]),
-            "fit": fit,
-            "storage": {**{k: "int8, float32 scale per row" for k in INT8_STORED},
-                        **{k: "float16" for k in FP16_STORED}},
-            "parameters": sum(p.numel() for p in ema.parameters()),
-        },
-    )
-    save_checkpoint(out, state, meta)
-    return meta
-
-
-def _warmup_cosine(steps: int, warmup: float = 0.05) -> Any:
-    """Learning-rate factor: linear warm-up over ``warmup`` of the steps, then cosine decay to 0."""
-    import math
-
-    n_warm = max(1, round(warmup * steps))
-
-    def factor(step: int) -> float:
-        if step < n_warm:
-            return (step + 1) / n_warm
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - n_warm) / max(1, steps - n_warm))))
-
-    return factor
-
-
-@torch.no_grad()
-def _fit_report(net: Un0Net, z: torch.Tensor, y: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
-    """Mean squared error to the teacher's images on the training pairs, per keep and step count."""
-    net.eval()
-    out: dict[str, Any] = {}
-    for keep in (1.0, 0.1, 0.01, 0.001):
-        for steps in range(1, net.max_steps + 1):
-            x = net.forward_masked(z[:1024], labels[:1024], keep, steps)
-            out[f"keep={keep:g},steps={steps}"] = float(F.mse_loss(x.clamp(-1, 1), y[:1024]))
-    return out

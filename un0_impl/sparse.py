@@ -145,38 +145,6 @@ class GatedMLP(nn.Module):
         return CompactMLP(w1, b1, w2t, index)
 
     # -- training: class-grouped bands with a straight-through top-k -------------------------------
-    def gather_band(self, index: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Differentiable gather of candidate units ``index`` ``(G, blocks, band)``, for training.
-
-        Returns per block ``(w1, b1, w2t)``: ``(G, band, dim)``, ``(G, band)``, ``(G, band, dim)``.
-        Gather once per training step and slice prefixes for narrower bands: each gather's backward
-        scatters into a full-size gradient. (Per-block tensors, not one stacked tensor, so the
-        backward does not zero-fill a stacked gradient for every use of one block.)
-        """
-        return [(self.w1[b][index[:, b]], self.b1[b][index[:, b]], self.w2t[b][index[:, b]])
-                for b in range(self.blocks)]
-
-    def forward_band(self, h: torch.Tensor, band: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-                     mask: torch.Tensor, dropout: float = 0.0) -> torch.Tensor:
-        """Grouped sparse computation over a band of candidate units, for training.
-
-        Args:
-            h: ``(G, B, dim)``: ``G`` prompt groups of ``B`` rows each.
-            band: Per block ``(w1, b1, w2t)`` from :meth:`gather_band` (or a prefix of its band).
-            mask: ``(G, blocks, band)`` multiplier of each candidate's activation (the
-                straight-through top-k mask: 1 for kept units and 0 for the others in the forward
-                pass, with a surrogate gradient to the gate scores).
-            dropout: Dropout probability on the hidden activations (a regulariser; 0 at inference).
-
-        Returns:
-            ``(G, B, dim)``.
-        """
-        for b, (w1, b1, w2t) in enumerate(band):
-            a = torch.baddbmm(b1[:, None, :], layer_norm(h), w1.transpose(1, 2)).relu()  # (G, B, band)
-            if dropout:
-                a = F.dropout(a, dropout)
-            h = torch.baddbmm(h, a * mask[:, b, None, :], w2t)  # (G, B, dim)
-        return h
 
 
 class SubnetCache:

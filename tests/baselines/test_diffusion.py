@@ -10,9 +10,8 @@ import json
 import pytest
 import torch
 from diffusers import UNet2DModel
-from un0_bench.backbones.ddim import DigitsSampler, ddim_sample
+from un0_bench.backbones.ddim import DigitsSampler, ddim_sample, make_scheduler
 from un0_bench.backbones.digits import DEFAULT_STEPS, IMAGE_SHAPE, DigitsBackbone
-from un0_bench.backbones.teacher import make_scheduler
 from un0_bench.harness.counters.ops import OpCounter
 from un0_bench.harness.errors import SpecError
 from un0_bench.harness.generator import GenerationRequest, image_noise
@@ -35,8 +34,9 @@ class TinyDigits(DigitsBackbone):
     """The digits backbone whose base model is a random tiny UNet (``tiny_unet(seed)``); reads no weights file.
 
     Techniques that ship their own weights (``pruned``, ``distilled``, ``int8:scales=static``) read them
-    from ``weights_dir`` (the shipped folder by default), where they were made for the teacher; every
-    other technique stacks on this one exactly as on the teacher.
+    from ``weights_dir`` (the shipped folder by default) and check them against :meth:`denoiser_config`,
+    the tiny UNet's (so only files made for the tiny UNet fit); every other technique stacks on this
+    one exactly as on the teacher.
     """
 
     def __init__(self, seed: int = 0, derivation: dict | None = None, weights_dir=None) -> None:
@@ -46,6 +46,9 @@ class TinyDigits(DigitsBackbone):
     def base_model(self, steps: int | None) -> Model:
         return Model(denoiser=tiny_unet(self.seed), steps=DEFAULT_STEPS if steps is None else steps,
                      derivation=self.derivation)
+
+    def denoiser_config(self) -> dict:
+        return json.loads(json.dumps(TINY))  # as a metadata file holds it (tuples become lists)
 
 
 def tiny(text: str, **backbone) -> DigitsSampler:

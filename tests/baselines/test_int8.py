@@ -3,7 +3,6 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-import un0_bench.backbones.teacher as teacher_module
 from torch import nn
 from un0_bench.backbones.digits import DigitsBackbone, load_data
 from un0_bench.baselines.int8 import (
@@ -11,21 +10,19 @@ from un0_bench.baselines.int8 import (
     Int8Conv2d,
     Int8Linear,
     TimestepBucket,
-    calibrate_activations,
-    calibrate_int8,
-    calibration_batches,
     int8_config,
     quantize_unet,
-    quantize_weight,
 )
 from un0_bench.baselines.torchao_int8 import torchao_version
 from un0_bench.harness.checkpoints import save_checkpoint
 from un0_bench.harness.counters.ops import OpCounter
 from un0_bench.harness.counters.records import Counts
-from un0_bench.harness.errors import CheckpointError, SpecError, StackError, UserError
+from un0_bench.harness.errors import CheckpointError, SpecError, StackError
 from un0_bench.harness.generator import GenerationRequest
 from un0_bench.harness.meters.proxy import get_profile, proxy_energy
+from un0_bench.harness.quantize import quantize_per_channel
 from un0_bench.harness.stack import make_generator, resolve
+from un0_bench.training.int8_calibration import calibrate_activations, calibration_batches
 
 from tests.baselines.test_diffusion import TINY, TinyDigits, tiny, tiny_unet
 from tests.contract import GeneratorContract
@@ -52,9 +49,7 @@ def static_dir(tmp_path_factory):
                                   batches=len(BUCKET_TIMESTEPS), batch_size=8, seed=0)
     unet = tiny_unet()
     scales = calibrate_activations(unet, batches, bucket)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(teacher_module, "UNET_CONFIG", TINY_JSON)
-        config = int8_config(folder / "teacher.safetensors")
+    config = int8_config(TINY_JSON, folder / "teacher.safetensors")
     save_checkpoint(folder / "sd-int8.safetensors", quantize_unet(unet, scales, bucket).state_dict(),
                     {"config": config, "energy": {}, "kind": "test calibration"})
     return folder
@@ -62,9 +57,7 @@ def static_dir(tmp_path_factory):
 
 def tiny_static(folder, steps: int = 2):
     """``sd:steps=N+int8:scales=static`` on TinyDigits, reading the calibration in ``folder``."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(teacher_module, "UNET_CONFIG", TINY_JSON)  # the config the calibration file must match
-        return make_generator(f"sd:steps={steps}+int8:scales=static", TinyDigits(weights_dir=folder))
+    return make_generator(f"sd:steps={steps}+int8:scales=static", TinyDigits(weights_dir=folder))
 
 
 class TestBf16Contract(GeneratorContract):
@@ -106,7 +99,7 @@ class TestInt8DynamicContract(GeneratorContract):
 
 def _fake_quant_reference(layer: nn.Module, x: torch.Tensor, act_scale: float) -> torch.Tensor:
     """The same layer with both operands rounded to the int8 grid, computed in float64."""
-    qw, sw = quantize_weight(layer.weight)
+    qw, sw = quantize_per_channel(layer.weight)
     w = qw.double() * sw.double().reshape(-1, *([1] * (qw.dim() - 1)))
     xq = torch.round(x.double() / act_scale).clamp(-127, 127) * act_scale
     b = layer.bias.double()
@@ -246,23 +239,6 @@ def test_torchao_quantizes_the_linears_and_names_the_float_convolutions(mode):
     # Every linear holds its weight in int8 (torchao's Int8Tensor keeps the codes in qdata).
     assert all(gen.model.denoiser.get_submodule(n).weight.qdata.dtype == torch.int8 for n in linears)
     assert d["dtype"] == "int8" and d["parameters"] == sum(p.numel() for p in plain.parameters())
-
-
-def test_calibration_must_cover_every_bucket():
-    data = load_data()
-    batches = calibration_batches(data.train_images[:8], data.train_labels[:8], [900], batches=1, batch_size=4,
-                                  seed=0)
-    with pytest.raises(ValueError, match=r"no batch in timestep buckets \[0\]"):
-        calibrate_activations(tiny_unet(), batches, TimestepBucket(2))
-
-
-def test_calibration_with_too_few_batches_is_refused_before_it_runs(tmp_path):
-    # The 50 DDIM timesteps run 981, 961, ..., 1 and fall 5 to a bucket of 100 (10 buckets); bucket 0
-    # (timesteps 0..99) first comes at index 45, so 46 batches are the fewest that reach all ten.
-    out = tmp_path / "int8.safetensors"
-    with pytest.raises(UserError, match=r"at least 46 batches .* 10 timestep buckets .*; got 45"):
-        calibrate_int8(steps=45, out=out)
-    assert not out.exists()
 
 
 # -- the stack ---------------------------------------------------------------------------------
@@ -412,7 +388,7 @@ def weights_dir(tmp_path):
               if type(m) in (nn.Conv2d, nn.Linear)}
     qunet = quantize_unet(teacher, scales, bucket)
     save_checkpoint(tmp_path / "sd-int8.safetensors", qunet.state_dict(),
-                    {"config": int8_config(tmp_path / "teacher.safetensors"), "kind": "test calibration"})
+                    {"config": int8_config(UNET_CONFIG, tmp_path / "teacher.safetensors"), "kind": "test calibration"})
     return tmp_path
 
 

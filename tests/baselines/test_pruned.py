@@ -5,11 +5,11 @@ import pytest
 import torch
 from un0_bench.backbones.ddim import DigitsSampler
 from un0_bench.backbones.digits import DigitsBackbone
+from un0_bench.backbones.teacher import UNET_CONFIG
 from un0_bench.baselines.pruned import (
     load_pruned,
     magnitude_prune_,
     prune_channels,
-    pruned_architecture,
     pruned_config,
     weight_sparsity,
 )
@@ -88,7 +88,7 @@ def test_frozen_network_is_pruned_and_stays_frozen():
 
 def test_pruned_shapes_do_not_depend_on_weights():
     a = {k: v.shape for k, v in prune_channels(tiny_unet(seed=1)).state_dict().items()}
-    b = {k: v.shape for k, v in pruned_architecture(TINY).state_dict().items()}
+    b = {k: v.shape for k, v in prune_channels(tiny_unet(seed=2)).state_dict().items()}
     assert a == b
 
 
@@ -96,29 +96,29 @@ def test_pruned_checkpoint_round_trip_and_refusals(tmp_path):
     unet = prune_channels(tiny_unet()).eval()
     path = tmp_path / "p.safetensors"
     save_checkpoint(path, unet.state_dict(), {"config": pruned_config(TINY), "energy": {}})
-    loaded, _ = load_pruned(path, base_config=TINY)
+    loaded, _ = load_pruned(path, tiny_unet(seed=5), TINY)  # another base: its weights are replaced
     with torch.no_grad():
         torch.testing.assert_close(loaded(X, T, class_labels=Y).sample, unet(X, T, class_labels=Y).sample)
-    # The default expects the teacher's config: a file pruned from another network is refused.
+    # Under the teacher's config, a file pruned from another network is refused.
     with pytest.raises(CheckpointError, match="config does not match"):
-        load_pruned(path)
+        load_pruned(path, tiny_unet(), UNET_CONFIG)
     # So is a file with another pruning ratio.
     with pytest.raises(CheckpointError, match="config does not match"):
-        load_pruned(path, base_config=TINY, pruning={**json.loads(json.dumps(pruned_config(TINY)))["pruning"],
+        load_pruned(path, tiny_unet(), TINY, pruning={**json.loads(json.dumps(pruned_config(TINY)))["pruning"],
                                                     "ratio": 0.25})
     # And tensors that do not fit the pruned shapes, even under the right config.
     bad = tmp_path / "bad.safetensors"
     save_checkpoint(bad, tiny_unet().state_dict(), {"config": pruned_config(TINY), "energy": {}})
     with pytest.raises(CheckpointError, match="do not fit the pruned architecture"):
-        load_pruned(bad, base_config=TINY)
+        load_pruned(bad, tiny_unet(), TINY)
 
 
 def test_sd_pruned_is_the_shipped_pruned_network():
-    from un0_bench.backbones.teacher import load_teacher
+    from un0_bench.backbones.teacher import build_unet, load_teacher
 
     backbone = DigitsBackbone()
     gen = make_generator("sd-pruned:steps=2", backbone)
-    shipped, meta = load_pruned(backbone.weights("sd-pruned"))
+    shipped, meta = load_pruned(backbone.weights("sd-pruned"), build_unet(), UNET_CONFIG)
     for (name, a), b in zip(gen.model.denoiser.state_dict().items(), shipped.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     d = gen.describe()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import un0_bench.harness.training
+import un0_bench.harness.derivation
 from un0_bench.backbones.hf import diffusers_class
 from un0_bench.backbones.pipeline import CALIBRATION_PROMPTS, PipelineBackbone
 from un0_bench.backbones.tiny_pipeline import IMAGE_SIZE
@@ -288,7 +288,7 @@ def test_calibration_is_deterministic(backbone, un0):
 
 
 def test_calibration_is_metered_into_its_derivation(backbone, monkeypatch):
-    monkeypatch.setattr(un0_bench.harness.training, "_TRAINING_METERS", ("wall",))  # skip the slow whole-host meters
+    monkeypatch.setattr(un0_bench.harness.derivation, "_TRAINING_METERS", ("wall",))  # skip the slow whole-host meters
     gen = build_un0(backbone, calibration_prompts=CALIBRATION[:2], calibration_steps=1, meter_calibration=True)
     meta = gen.derivation()
     assert meta["kind"] == "un0-pipeline-calibration"

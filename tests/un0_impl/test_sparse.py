@@ -80,29 +80,6 @@ def test_gate_module_is_marked_and_scores_every_unit():
     assert counts.flops("gating") >= 2 * 4 * 21 and counts.flops("compute") == 0  # the (1,4)@(4,21) matmul
 
 
-def test_forward_band_matches_masked_dense():
-    mlp = _mlp(dim=8, hidden=40, blocks=2)
-    index = torch.stack([torch.tensor([[3, 9, 1], [0, 7, 8]]), torch.tensor([[5, 6, 2], [39, 1, 4]])])  # (G=2, L, 3)
-    band_mask = torch.tensor([[[1.0, 1.0, 0.0], [1.0, 0.0, 1.0]], [[0.0, 1.0, 1.0], [1.0, 1.0, 1.0]]])
-    h = torch.randn(2, 3, 8)  # (G, B, D)
-    with torch.no_grad():
-        got = mlp.forward_band(h, mlp.gather_band(index), band_mask)
-        for g in range(2):
-            dense_mask = torch.zeros(1, 2, 40)
-            for b in range(2):
-                dense_mask[0, b, index[g, b]] = band_mask[g, b]
-            torch.testing.assert_close(got[g], mlp.forward_masked(h[g], dense_mask.expand(3, -1, -1)),
-                                       rtol=1e-5, atol=1e-5)
-
-
-def test_band_gradient_reaches_only_gathered_units():
-    mlp = _mlp(dim=8, hidden=40, blocks=2).requires_grad_(True)
-    index = torch.tensor([[[3, 9], [0, 7]]])  # (G=1, L=2, band=2)
-    mlp.forward_band(torch.randn(1, 4, 8), mlp.gather_band(index), torch.ones(1, 2, 2)).sum().backward()
-    touched = mlp.w1.grad.abs().sum(-1) > 0  # (L, hidden)
-    assert touched.nonzero().tolist() == [[0, 3], [0, 9], [1, 0], [1, 7]]
-
-
 class _Entry:
     def __init__(self, n):
         self.nbytes = n

@@ -1,70 +1,18 @@
-"""un0_bench.harness.training: the energy a trainer records, its loop and its EMA."""
+"""un0_bench.training.loop: a trainer's step loop, its schedule, its EMA and its metadata."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
-from un0_bench.harness import training
-from un0_bench.harness.counters.ops import OpCounter
-from un0_bench.harness.meters.base import MeterUnavailable
-from un0_bench.harness.meters.proxy import proxy_energy
-from un0_bench.harness.meters.wall import WallMeter
-from un0_bench.harness.training import (
-    TrainingEnergy,
+from un0_bench.harness.derivation import TrainingEnergy
+from un0_bench.training.loop import (
     deterministic_algorithms,
     ema_update,
-    metered_training,
     one_cycle,
     run_steps,
+    train_command,
     training_metadata,
 )
-
-
-def test_count_proxy_runs_one_step_and_charges_every_step():
-    a, b = torch.ones(2, 3), torch.ones(3, 4)
-    calls = []
-
-    def step():
-        calls.append(1)
-        return a @ b
-
-    energy = TrainingEnergy()
-    energy.count_proxy(step, images=8, steps=10)
-    with OpCounter() as c:
-        a @ b
-    one_step_j = proxy_energy(c.counts(images=8)).total_j
-    proxy = energy.by_meter["proxy"]
-    assert len(calls) == 1
-    # (2x3) @ (3x4): 2 * 2 * 3 * 4 = 48 FLOPs a step, 10 steps.
-    assert proxy["flops"] == 480
-    assert proxy["energy_j"] == pytest.approx(10 * one_step_j, rel=1e-12)
-    assert proxy["energy_j"] > 0
-    assert (proxy["status"], proxy["profile"]) == ("ok", "horowitz-45nm")
-    assert proxy["note"] == "counted cost of one training step x 10 steps"
-
-
-def test_add_parent_nests_the_parents_energy_and_skips_none():
-    energy = TrainingEnergy()
-    energy.add_parent("teacher", {"energy": {"proxy": {"energy_j": 180.0}}})
-    energy.add_parent("missing", None)
-    assert energy.by_meter == {"includes": {"teacher": {"proxy": {"energy_j": 180.0}}}}
-
-
-def test_metered_training_records_unavailable_meters_with_a_reason(monkeypatch):
-    class Missing:
-        def __init__(self):
-            raise MeterUnavailable("no such counter here")
-
-    meters = {"wall": WallMeter, "missing": Missing}
-    monkeypatch.setattr(training, "_TRAINING_METERS", ("wall", "missing"))
-    monkeypatch.setattr(training, "METERS", SimpleNamespace(get=meters.__getitem__))
-    with metered_training() as energy:
-        sum(range(1000))
-    wall = energy.by_meter["wall"]
-    assert wall["status"] == "ok" and wall["energy_j"] is None and 0 < wall["duration_s"] <= energy.duration_s + 1
-    assert energy.by_meter["missing"] == {"status": "unavailable: no such counter here", "energy_j": None}
 
 
 def test_run_steps_steps_the_scheduler_and_hook_each_step():
@@ -162,3 +110,18 @@ def test_training_metadata_records_the_thread_count():
     assert (meta["torch_threads"], meta["kind"], meta["config"], meta["duration_s"], meta["seed"]) == (
         1, "k", {"a": 1}, 2.5, 7)
     assert meta["torch"] == torch.__version__
+
+
+def test_training_metadata_final_loss_is_the_mean_of_the_last_50_losses():
+    losses = [100.0] * 10 + [float(i) for i in range(50)]  # the last 50: 0..49, mean 24.5
+    meta = training_metadata(kind="k", config={}, energy=TrainingEnergy(), extra={}, losses=losses)
+    assert meta["final_loss"] == 24.5
+    assert "final_loss" not in training_metadata(kind="k", config={}, energy=TrainingEnergy(), extra={})
+
+
+def test_train_command_writes_the_options_in_order():
+    assert train_command("teacher", steps=2, batch_size=4, seed=3) == (
+        "un0-bench train teacher --steps 2 --batch-size 4 --seed 3")
+    meta = training_metadata(kind="k", config={}, energy=TrainingEnergy(), extra={},
+                             command=train_command("judge", steps=1, seed=0), train={"seed": 0})
+    assert (meta["command"], meta["train"]) == ("un0-bench train judge --steps 1 --seed 0", {"seed": 0})

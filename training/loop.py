@@ -1,8 +1,7 @@
-"""Shared training plumbing: metering the energy a derivation spends, and its metadata.
+"""What every trainer shares: the deterministic step loop, its schedule and EMA, and the metadata it writes.
 
-Every shipped model records what it cost to make (``derivation.energy`` per meter) so the ledger's
-"amortised training" boundary can charge it. The proxy figure is the counted cost of one training
-step times the number of steps, so it is deterministic like every proxy figure.
+The energy a run spends is metered by :mod:`~un0_bench.harness.derivation` (which a technique that
+calibrates when it is built uses too); this module is the rest of a training run.
 """
 
 from __future__ import annotations
@@ -13,84 +12,11 @@ import shlex
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from un0_bench.harness.derivation import TrainingEnergy
 from un0_bench.harness.environment import git_commit
-from un0_bench.harness.meters.proxy import DEFAULT_PROFILE
-from un0_bench.harness.registry import METERS
-
-# Meters that can watch a long training run from outside (proxy is computed from counts instead).
-_TRAINING_METERS = ("wall", "rapl", "nvml", "codecarbon")
-
-
-@dataclass
-class TrainingEnergy:
-    """Energy spent deriving a model, by meter. Filled by :func:`metered_training`."""
-
-    by_meter: dict[str, dict[str, Any]] = field(default_factory=dict)
-    duration_s: float = 0.0
-
-    def add_proxy(self, step_counts: Any, steps: int, profile: str = DEFAULT_PROFILE) -> None:
-        """Charge ``steps`` training steps at the proxy cost of one counted step."""
-        from un0_bench.harness.meters.proxy import load_profiles, proxy_energy
-
-        per_step = proxy_energy(step_counts, load_profiles()[profile])
-        self.by_meter["proxy"] = {
-            "status": "ok",
-            "energy_j": per_step.total_j * steps,
-            "flops": step_counts.flops() * steps,
-            "profile": profile,
-            "note": f"counted cost of one training step x {steps} steps",
-        }
-
-    def count_proxy(self, step: Callable[[], Any], images: int, steps: int) -> None:
-        """Run ``step`` once more under the op counter and charge ``steps`` steps at its proxy cost.
-
-        One step stands for all: every step runs the same ops on the same shapes. The extra step
-        changes a trainer's raw weights, so trainers save from an EMA or a copy taken before it.
-        """
-        from un0_bench.harness.counters.ops import OpCounter
-
-        with OpCounter() as counter:
-            step()
-        self.add_proxy(counter.counts(images=images), steps)
-
-    def add_parent(self, name: str, parent: dict[str, Any] | None) -> None:
-        """Include the derivation energy of the model this one was derived from (e.g. the teacher)."""
-        if parent:
-            self.by_meter.setdefault("includes", {})[name] = parent.get("energy", {})
-
-
-@contextlib.contextmanager
-def metered_training() -> Iterator[TrainingEnergy]:
-    """Meter a training run with every whole-host meter that works here; unavailable ones say why."""
-    result = TrainingEnergy()
-    meters = []
-    for name in _TRAINING_METERS:
-        try:
-            meter = METERS.get(name)()
-            meter.start()
-            meters.append(meter)
-        except Exception as e:  # a meter that cannot run is recorded with its reason, not as 0 J
-            result.by_meter[name] = {"status": f"unavailable: {e}", "energy_j": None}
-    t0 = time.perf_counter()
-    try:
-        yield result
-    finally:
-        result.duration_s = time.perf_counter() - t0
-        for meter in meters:
-            try:
-                r = meter.stop()
-                result.by_meter[meter.name] = {
-                    "status": r.status,
-                    "energy_j": r.total_energy_j,
-                    "duration_s": r.duration_s,
-                    **{k: v for k, v in r.details.items() if isinstance(v, (str, int, float, bool))},
-                }
-            finally:
-                meter.close()
 
 
 def run_steps(train_step: Callable[[], float], steps: int, desc: str, *, scheduler: Any = None,
@@ -163,17 +89,37 @@ def ema_update(ema: Any, model: Any, decay: float) -> None:
             pe.lerp_(p, 1.0 - decay)
 
 
+def train_command(target: str, **options: Any) -> str:
+    """The command that reproduces a run, options in the order given (``_`` written ``-``).
+
+    ``train_command("judge", steps=3, seed=1)`` is ``un0-bench train judge --steps 3 --seed 1``.
+    """
+    return " ".join([f"un0-bench train {target}", *(f"--{k.replace('_', '-')} {v}" for k, v in options.items())])
+
+
 def training_metadata(
-    *, kind: str, config: dict[str, Any], energy: TrainingEnergy, extra: dict[str, Any]
+    *, kind: str, config: dict[str, Any], energy: TrainingEnergy, extra: dict[str, Any],
+    losses: list[float] | None = None, command: str | None = None, train: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Metadata JSON written beside a weights file."""
+    """Metadata JSON written beside a weights file.
+
+    Args:
+        kind: What was made (``"digits-judge"``).
+        config: The config the file is checked against when loaded.
+        energy: What the run spent.
+        extra: Further entries (they override the ones above).
+        losses: The run's losses; the mean of the last 50 is ``final_loss``.
+        command: The command that reproduces the file (default: this process's command line).
+        train: The run's settings (seed, steps, learning rate, ...).
+    """
     import torch
 
     return {
         "kind": kind,
         "config": config,
-        "command": "un0-bench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-        if Path(sys.argv[0]).name == "un0-bench" else " ".join(shlex.quote(a) for a in sys.argv),
+        "command": command if command is not None else (
+            "un0-bench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+            if Path(sys.argv[0]).name == "un0-bench" else " ".join(shlex.quote(a) for a in sys.argv)),
         "duration_s": energy.duration_s,
         "energy": energy.by_meter,
         "torch": torch.__version__,
@@ -183,6 +129,8 @@ def training_metadata(
         "python": platform.python_version(),
         "git_commit": git_commit(),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **({"final_loss": sum(losses[-50:]) / len(losses[-50:])} if losses else {}),
+        **({"train": train} if train is not None else {}),
         **extra,
     }
 

@@ -165,8 +165,10 @@ def default_of(f: Field) -> Any:
 
 
 class _Axis:
-    """What every axis shares: its fields are real numbers of their kind (a config built in code skips the CLI's
-    parsers), and lists given to it are kept as tuples (a frozen config holds nothing that changes).
+    """What every axis shares: typed fields, kept as given.
+
+    Its numbers must be real numbers of their kind (a config built in code skips the CLI's parsers),
+    and lists given to it are kept as tuples (a frozen config holds nothing that changes).
     """
 
     def __post_init__(self) -> None:

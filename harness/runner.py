@@ -3,9 +3,10 @@
 The runner's pre-flight (:func:`~un0_bench.harness.plan.preflight`) checks everything that can be
 checked (names, stacks, meters, backbone) and freezes what the run measures; the runner checks the
 output folder and the executor before the first cell, plans the pending cells (model x batch size,
-in a seeded shuffled order) and hands them to an executor (:mod:`~un0_bench.harness.executors`: local, or Ray), whose workbenches measure
-them (:mod:`~un0_bench.harness.cell`). It alone writes the folder: it caches each model's quality,
-judges it against the reference's band and appends one record per meter as soon as a cell is in.
+in a seeded shuffled order) and hands them to an executor (:mod:`~un0_bench.harness.executors`:
+local, or Ray), whose workbenches measure them (:mod:`~un0_bench.harness.cell`). It alone writes
+the folder: it caches each model's quality, judges it against the reference's band and appends one
+record per meter as soon as a cell is in.
 The ledger is not computed here: reports compute it from the records.
 """
 
@@ -63,7 +64,7 @@ class Runner:
                  techniques: Registry = TECHNIQUES, executor: Executor | None = None,
                  clock: Callable[[], float] | None = None, sleep: Callable[[float], None] | None = None,
                  host: HostProbe | None = None) -> None:
-        from un0_bench.harness.executors.local import LocalExecutor
+        from un0_bench.harness.executors import make_executor
 
         self.config = config
         # The protocol's clock, sleep and host probe: injectable so tests drive time and load.
@@ -71,7 +72,7 @@ class Runner:
         self.generators, self.techniques = generators, techniques
         self.meters, self.backbones = meters, backbones
         self.on_event = on_event or (lambda kind, info: None)
-        self.executor = executor or LocalExecutor()
+        self.executor = executor or make_executor(config.executor)
         # Check everything that can be checked before any work starts: names, stacks, meters, the
         # backbone and its quality options (pre-flight), then the output folder and the executor.
         self.plan, self.backbone = preflight(config, generators, techniques, meters, backbones)

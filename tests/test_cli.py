@@ -176,11 +176,11 @@ def test_report_overrides_of_run_settings(capsys, tmp_path, monkeypatch):
 
 
 def test_rerun_with_changed_options_is_refused_in_one_line(capsys, tmp_path):
-    from un0_bench.harness.config import RunConfig
+    from un0_bench.harness.config import MEASUREMENT_FIELDS, RunConfig
 
     from tests.reports.fixtures import proxy, write
 
-    run_options = {k: v for k, v in RunConfig(models=["sd"], out=tmp_path).measurement().items()}
+    run_options = {k: v for k, v in RunConfig.of(models=["sd"], out=tmp_path).flat().items() if k in MEASUREMENT_FIELDS}
     write(tmp_path, [proxy("sd", 2.0, config={"generator": {}, "run": {**run_options, "images": 4}})])
     code, _, err = run(capsys, "compare", "--models", "sd", "--images", "8", "--batch-size", "4", "--seed", "3",
                        "--out", str(tmp_path))

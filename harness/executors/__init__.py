@@ -36,8 +36,9 @@ class Executor(abc.ABC):
 
 
 def make_executor(config: ExecutorConfig) -> Executor:
-    """The executor ``config`` describes (checked first): ``local``, ``ray`` (the cluster at ``RAY_ADDRESS``,
-    or a local one) or ``ray:ADDRESS``.
+    """The executor ``config`` describes, checked first.
+
+    ``local``, ``ray`` (the cluster at ``RAY_ADDRESS``, or a local one) or ``ray:ADDRESS``.
     """
     config.validate()
     text = config.executor

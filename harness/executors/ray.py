@@ -322,10 +322,10 @@ class RayExecutor(Executor):
                                                               f"last: {type(e).__name__}: {last}"))
                         continue
                     node = ray.get(log.ended.remote(cell.label)) or "unknown node"
-                    tally(result.records[0]["node"] if result.records else node,
+                    tally(result.records[0].get("node") if result.records else node,
                           "failed" if result.failed else "done")
                     if self.mixed:
-                        result.records = [{**r, "mixed_nodes": self.mixed} for r in result.records]
+                        result.records = [r.with_fields(mixed_nodes=self.mixed) for r in result.records]
                     on_result(result)
             on_event("progress", progress(counts, {}, len(cells)))
         except BaseException:

@@ -156,8 +156,7 @@ def test_resume_refuses_the_same_meter_with_other_parameters(tmp_path, weights_d
     Runner(cfg).run()
     (rec,) = ResultStore(tmp_path / "out").load()
     assert rec["meter"] == "proxy" and rec["meter_spec"] == "proxy:profile=horowitz-45nm"
-    again = _config(tmp_path, weights_dir, ["sd:steps=1"])
-    again.meters = ["proxy:profile=horowitz-45nm-dram"]
+    again = _config(tmp_path, weights_dir, ["sd:steps=1"], meters=["proxy:profile=horowitz-45nm-dram"])
     listed = "--meters proxy:profile=horowitz-45nm there, proxy:profile=horowitz-45nm-dram now"
     with pytest.raises(UserError, match=listed):
         Runner(again)

@@ -226,7 +226,7 @@ def measure(fn: Callable[[], Any], *, images_per_call: int, out: str | Path, nam
     return Measurement.from_records(records, Path(out), images_per_call)
 
 
-#: RunConfig fields :func:`measure_generator` sets itself.
+#: Run options (:meth:`RunConfig.of`) :func:`measure_generator` sets itself.
 _SET_HERE = ("models", "backbone", "images", "batch_sizes", "reference", "out", "meters")
 
 

@@ -129,15 +129,15 @@ class Record:
 
     @classmethod
     def core_fields(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in fields(cls) if "check" in f.metadata)
+        """The fields every record has, in their order."""
+        return tuple(_CHECKS)
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            if "check" in f.metadata:
-                why = f.metadata["check"](getattr(self, f.name))
-                if why is not None:
-                    raise RecordError(f.name, why)
-        clash = sorted(set(self.extras) & {f.name for f in fields(self)})
+        for name, check in _CHECKS.items():
+            why = check(getattr(self, name))
+            if why is not None:
+                raise RecordError(name, why)
+        clash = sorted(set(self.extras) & {*_CHECKS, "schema", "extras"})
         if clash:
             raise RecordError(clash[0], "given as a field and as an extra")
         for k, v in self.extras.items():
@@ -182,7 +182,7 @@ class Record:
 
     def get(self, name: str, default: Any = None) -> Any:
         """A field by name, core or extra (``default`` when the record lacks it)."""
-        if name in self.core_fields():
+        if name in _CHECKS:
             return getattr(self, name)
         return self.extras.get(name, default)
 
@@ -215,6 +215,10 @@ class Record:
     def with_fields(self, **extra: Any) -> Record:
         """This record with more (or other) extra fields: the quality the driver adds."""
         return Record.from_json({**self.to_json(), **extra})
+
+
+#: Core field -> its check (the fields every record has).
+_CHECKS: dict[str, Check] = {f.name: f.metadata["check"] for f in fields(Record) if "check" in f.metadata}
 
 
 def identity(*, model: str, canonical: str, stack: list[dict[str, Any]], backbone: str, batch_size: int,

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fresh", action="store_true", help="start --out over (its earlier files are moved aside)")
     args = p.parse_args(argv)
 
-    from un0_bench.cli import print_records
+    from un0_bench.commands.options import print_records
     from un0_bench.harness.config import models_list
     from un0_bench.harness.results import ResultStore
     from un0_bench.harness.runner import Runner

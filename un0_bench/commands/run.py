@@ -1,6 +1,6 @@
 """``un0-bench run -- CMD``: measure an external command (see :mod:`un0_bench.external`).
 
-Light at import (the CLI imports it to build its parser); the generator is imported when a command runs.
+The generator is imported when the command runs.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from un0_bench.harness.config import non_negative, non_negative_int, path_arg, p
 from un0_bench.harness.errors import UserError
 
 
-def add_run_parser(sub: Any) -> None:
+def add_parser(sub: Any) -> None:
     r = sub.add_parser("run", help="measure an external command that writes --images images to a folder",
                        description="Measure CMD, which writes N images to a folder it is told as {out} (or "
                                    "$UN0_BENCH_OUT), N as {n} ($UN0_BENCH_IMAGES), the seed as {seed} "

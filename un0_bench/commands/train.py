@@ -1,0 +1,41 @@
+"""``un0-bench train TARGET|all``: reproduce a shipped weights file from its seed."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from un0_bench.harness.config import path_arg, positive_int
+from un0_bench.harness.errors import UserError
+
+
+def add_parser(sub: Any) -> None:
+    t = sub.add_parser("train", help="reproduce a shipped weights file from its seed")
+    t.add_argument("target", help="what to train (see `un0-bench list`), or all")
+    t.add_argument("--steps", type=positive_int, default=None, help="training steps (default: the shipped run's)")
+    t.add_argument("--seed", type=int, default=None)
+    t.add_argument("--out", type=path_arg, default=None,
+                   help="weights file (default: the shipped location; sd-distilled writes <stem>-4 and <stem>-1 "
+                        "beside it)")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from un0_bench.harness.registry import TRAINERS
+
+    if args.target == "all":
+        targets = TRAINERS.names_in_order()
+        if args.out is not None:
+            raise UserError("--out names one file; it cannot be used with 'train all'")
+    else:
+        TRAINERS.entry(args.target)  # "did you mean" for an unknown target
+        targets = [args.target]
+    if args.out is not None:
+        from un0_bench.harness.results import check_file_writable
+
+        check_file_writable(args.out, "weights file")  # before training, not minutes after
+    for name in targets:
+        kwargs = {k: v for k, v in (("steps", args.steps), ("seed", args.seed), ("out", args.out)) if v is not None}
+        meta = TRAINERS.get(name)(**kwargs)
+        energy = ", ".join(f"{m}={v.get('energy_j')}" for m, v in meta["energy"].items() if "status" in v)
+        print(f"{name}: trained in {meta['duration_s']:.0f} s; energy (J): {energy}")
+    return 0

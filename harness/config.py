@@ -349,7 +349,8 @@ class OutputConfig(_Axis):
     """
 
     out: Path | None = option(None, "output folder (default: runs/<UTC time>)", path_arg)
-    fresh: bool = option(False, "start the output folder over (its earlier files are moved aside)", cli=False)
+    fresh: bool = option(False, "start --out over: its earlier results are moved aside (needed when they were "
+                                "measured with other options)")
 
     def __post_init__(self) -> None:
         if isinstance(self.out, str):

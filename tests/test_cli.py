@@ -200,7 +200,14 @@ def test_bad_lines_of_a_results_file_are_reported_not_a_traceback(capsys, tmp_pa
     assert code == 0, err
     path = tmp_path / "results.jsonl"
     warned = [line for line in err.splitlines() if line.startswith("un0-bench: warning: ")]
-    assert [w.split(": skipped: ")[0] for w in warned] == [f"un0-bench: warning: {path} line {n}" for n in (3, 4, 5, 6)]
+    # Each bad line once, as file:line: field: problem (the field where one is at fault).
+    lacks = ("energy_j_per_image, energy_ci95_j, flops_per_image, bytes_per_image, duration_s_per_image, "
+             "uncounted_ops, config, environment")
+    assert warned == [f"un0-bench: warning: {path}:{why}; skipped" for why in (
+        f"3: backbone: missing (a record lacks backbone, batch_size, meter, status, images, {lacks})",
+        "4: not a record (a JSON list, expected an object)",
+        "5: not UTF-8 text (invalid start byte at byte 0)",
+        f"6: meter: missing (a record lacks meter, status, images, {lacks})")]
     assert "Traceback" not in err and out.startswith("report: ")
 
 

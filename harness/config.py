@@ -135,8 +135,8 @@ DEFAULT_QUALITY_SAMPLES = 1000
 DEFAULT_BATCH_SIZE = 16
 
 
-#: Where cells run (``un0-bench compare --executor``): ``local``, ``ray`` or ``ray:ADDRESS``. Not a
-#: :class:`RunConfig` field: where a cell ran is recorded beside its figures, it does not shape them.
+#: Where cells run (``un0-bench compare --executor``): ``local``, ``ray`` or ``ray:ADDRESS`` (see
+#: :class:`ExecutorConfig`).
 DEFAULT_EXECUTOR = "local"
 #: On a cluster: times a cell whose worker died (OOM, node lost) is tried again before it is recorded as failed.
 DEFAULT_CELL_RETRIES = 2
@@ -144,7 +144,7 @@ DEFAULT_CELL_RETRIES = 2
 DEFAULT_CELL_CPUS = 1
 
 
-#: :class:`RunConfig` fields that shape a measurement (resume is keyed by them as well as by the cell);
+#: Run options that shape a measurement (resume is keyed by them as well as by the cell);
 #: ``pue``, ``lifetime_images`` and the like only shape the ledger, which reports compute.
 MEASUREMENT_FIELDS = ("backbone_options", "images", "seed", "min_repeats", "min_duration_s", "max_repeats", "warmup",
                       "warmup_max_s", "warmup_tolerance", "idle_s", "quality_samples", "quality_seeds", "reference",

@@ -70,8 +70,7 @@ def _interval(v: Any) -> str | None:
 
 
 def _kind(kind: type, name: str) -> Check:
-    return lambda v: None if isinstance(v, kind) and not (kind is int and isinstance(v, bool)) else \
-        f"must be {name} or null, got {type(v).__name__}"
+    return lambda v: None if isinstance(v, kind) else f"must be {name} or null, got {type(v).__name__}"
 
 
 _object, _list, _bool, _str = _kind(dict, "an object"), _kind(list, "a list"), _kind(bool, "true/false"), \

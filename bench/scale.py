@@ -71,9 +71,9 @@ def registries(cells: int) -> dict[str, Registry]:
 
 
 def config(out: Path, cells: int) -> RunConfig:
-    return RunConfig(models=[f"c{i}" for i in range(cells)], out=out, backbone="flat", meters=["wall"], images=2,
-                     batch_sizes=[2], min_repeats=1, max_repeats=1, min_duration_s=0.0, warmup=0, idle_s=0.0,
-                     quality_samples=0, reference="c0")
+    return RunConfig.of(models=[f"c{i}" for i in range(cells)], out=out, backbone="flat", meters=["wall"], images=2,
+                        batch_sizes=[2], min_repeats=1, max_repeats=1, min_duration_s=0.0, warmup=0, idle_s=0.0,
+                        quality_samples=0, reference="c0")
 
 
 def _cpu_s() -> float:

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class QualityOptions:
-    """How a run judges quality (built by :meth:`RunConfig.quality_options`, where the defaults live).
+    """How a run judges quality (built by :meth:`~un0_bench.harness.config.QualityConfig.options`; defaults there).
 
     Attributes:
         samples: Images per model to evaluate (0: quality not measured).

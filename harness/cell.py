@@ -18,19 +18,18 @@ import re
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from un0_bench.harness.backbone import Backbone
-from un0_bench.harness.config import RunConfig
 from un0_bench.harness.counters.records import Counts
-from un0_bench.harness.errors import UserError
 from un0_bench.harness.generator import GenerationRequest, GenerationResult
 from un0_bench.harness.hoststate import HostProbe
 from un0_bench.harness.meters.base import Meter
 from un0_bench.harness.meters.proxy import DEFAULT_PROFILE
+from un0_bench.harness.plan import RunPlan, load_backbone, make_meter
 from un0_bench.harness.protocol import (
     count_ops,
     counts_fields,
@@ -40,70 +39,10 @@ from un0_bench.harness.protocol import (
     uncounted_fields,
     warm_up,
 )
+from un0_bench.harness.record import Record, identity
 from un0_bench.harness.registry import BACKBONES, GENERATORS, METERS, TECHNIQUES, Registry
-from un0_bench.harness.spec import ModelSpec
 from un0_bench.harness.stack import build, resolve_checked
 from un0_bench.harness.stats import ratio_interval
-
-
-# --- building things from names -------------------------------------------------------------------
-def load_backbone(text: str, registry: Registry = BACKBONES, **options: Any) -> Backbone:
-    name, _, arg = text.partition(":")
-    return registry.get(name)(arg or None, **options)
-
-
-def resolve_meters(names: list[str], registry: Registry = METERS) -> list[str]:
-    """Expand ``auto`` and check every meter name before any work starts."""
-    out: list[str] = []
-    for text in names:
-        if text == "auto":
-            out.extend(n for n in registry.names() if n not in out)
-            continue
-        registry.entry(ModelSpec.parse(text).name)  # raises "did you mean"
-        if text not in out:
-            out.append(text)
-    return out
-
-
-def meter_specs(names: list[str], registry: Registry = METERS) -> dict[str, str]:
-    """Each meter's name -> its spec as given (``proxy`` -> ``proxy:profile=NAME``), checked.
-
-    A meter with parameters is built from its spec but keyed, recorded and reported by its name (its
-    readings are keyed so, and reports single out ``proxy``); its parameters are in the record's
-    ``meter_details``. A meter named twice is refused.
-    """
-    from un0_bench.harness.spec import bind
-
-    specs: dict[str, str] = {}
-    for text in resolve_meters(names, registry):
-        spec = ModelSpec.parse(text)
-        if spec.name in specs:
-            raise UserError(f"--meters names {spec.name!r} twice ({specs[spec.name]!r} and {text!r}); one each")
-        schema = getattr(registry.get(spec.name), "params", None)
-        if schema is not None:
-            bind(spec, schema)  # typed parameters (nvml:devices=0+1): a bad one is refused here, before any work
-        specs[spec.name] = text
-    return specs
-
-
-def make_meter(text: str, registry: Registry = METERS) -> Meter | str:
-    """A ready meter, or the reason it cannot measure here (``"unavailable: ..."``)."""
-    spec = ModelSpec.parse(text)
-    try:
-        factory = registry.get(spec.name)
-        # A Meter class declares typed parameters (nvml:devices=0+1): parsed like model parameters, so
-        # a bad one is the user's error here, not an "unavailable" meter later.
-        from_spec = getattr(factory, "from_spec", None)
-        meter = from_spec(text) if from_spec is not None else factory(**dict(spec.params))
-    except UserError:
-        raise
-    except TypeError as e:
-        raise UserError(f"meter {text!r}: {e}") from None
-    except Exception as e:  # a meter whose construction fails is unavailable, with the reason
-        return f"unavailable: {type(e).__name__}: {e}"
-    status = meter.probe()
-    return meter if status == "ok" else status
-
 
 #: Longest file-name stem derived from a spec (file systems allow 255 bytes a name).
 MAX_SLUG = 80
@@ -188,7 +127,7 @@ class CellResult:
     """
 
     cell: Cell
-    records: list[dict[str, Any]]
+    records: list[Record]
     quality: dict[str, Any] | None = None
     grid: str = ""
     grid_png: bytes = b""
@@ -216,10 +155,10 @@ class BenchSpec:
     """The picklable inputs a worker builds its :class:`Workbench` from.
 
     ``backbone`` is the driver's own, already loaded, for a workbench in the driver's process; it is
-    not pickled (a worker elsewhere loads its own from ``config.backbone``).
+    not pickled (a worker elsewhere loads its own from the plan's backbone spec).
     """
 
-    config: RunConfig
+    plan: RunPlan
     generators: Registry = GENERATORS
     techniques: Registry = TECHNIQUES
     meters: Registry = METERS
@@ -244,19 +183,18 @@ class Workbench:
     def __init__(self, spec: BenchSpec, environment: dict[str, Any] | None = None,
                  placement: Placement | None = None,
                  on_event: Callable[[str, dict[str, Any]], None] | None = None) -> None:
-        cfg = spec.config
+        sweep = spec.plan.config.sweep
         self.spec = spec
-        self.config = cfg
+        self.plan = spec.plan
         self.generators, self.techniques = spec.generators, spec.techniques
         self.meter_registry = spec.meters
-        self.backbone = spec.backbone or load_backbone(cfg.backbone, spec.backbones, **cfg.backbone_options)
-        self.quality_options = cfg.quality_options()
-        self.meter_specs = meter_specs(cfg.meters, spec.meters)
-        self.meter_names = list(self.meter_specs)
+        self.backbone = spec.backbone or load_backbone(sweep.backbone, spec.backbones, **sweep.backbone_options)
+        self.quality_options = spec.plan.config.quality.options()
+        self.meter_names = list(spec.plan.meter_names)
         self.env = environment
         self.placement = placement or Placement()
         if self.placement.device is None:
-            self.placement.device = str(cfg.backbone_options.get("device") or "cpu")
+            self.placement.device = str(sweep.backbone_options.get("device") or "cpu")
         self.on_event = on_event or (lambda kind, info: None)
         self.meters: dict[str, Meter] = {}
         self.unavailable: dict[str, str] = {}
@@ -272,7 +210,7 @@ class Workbench:
         if self.env is None:
             self.env = environment()
         for name in self.meter_names:
-            m = make_meter(self.meter_specs[name], self.meter_registry)
+            m = make_meter(self.plan.meter_spec(name), self.meter_registry)
             if isinstance(m, str):
                 self.unavailable[name] = m
             else:
@@ -284,13 +222,13 @@ class Workbench:
             m.close()
 
     def measure(self, cell: Cell) -> CellResult:
-        cfg = self.config
+        plan, protocol = self.plan, self.plan.config.protocol
         backbone = self.backbone
         model, bs, meter_names, meters = cell.model, cell.batch_size, list(cell.meter_names), self.meters
         unavailable, env = self.unavailable, self.env
         stack = resolve_checked(model, backbone, self.generators, self.techniques)
         generator = build(stack, backbone, self.generators, self.techniques)
-        request = GenerationRequest(tuple(backbone.default_prompts(cfg.images)), seed=cfg.seed, batch_size=bs)
+        request = GenerationRequest(tuple(backbone.default_prompts(protocol.images)), seed=protocol.seed, batch_size=bs)
         profile = getattr(meters.get("proxy"), "profile", None)
         profile_name = profile.name if profile is not None else DEFAULT_PROFILE
         extra: dict[str, Any] = {}
@@ -300,7 +238,8 @@ class Workbench:
             generator.reset_cache()
             extra.update(counts_fields(count_ops(generator, request), profile_name, prefix="cold_"))
         # Warm up until two calls agree (bounded), so no window measures a cold cache or a cold chip.
-        warmup = warm_up(generator, request, cfg.warmup, cfg.warmup_max_s, cfg.warmup_tolerance, clock=self.clock)
+        warmup = warm_up(generator, request, protocol.warmup, protocol.warmup_max_s, protocol.warmup_tolerance,
+                         clock=self.clock)
         first: GenerationResult | None = warmup.pop("first")
         if generator.uncounted_reason is None:
             counts = count_ops(generator, request)  # warm: what every later call costs
@@ -321,9 +260,9 @@ class Workbench:
         self.placement.begin(cell)
         span_from = time.time()  # wall-clock (epoch) span of every metered window: comparable across cells
         # Idle before, windows (each at least every meter's minimum), idle after: one thermal state.
-        measured = measure_cell_windows(generator, request, active, counts, min_repeats=cfg.min_repeats,
-                                        max_repeats=cfg.max_repeats, min_duration_s=cfg.min_duration_s,
-                                        idle_s=cfg.idle_s if self.idle_around_cells else 0.0, clock=self.clock,
+        measured = measure_cell_windows(generator, request, active, counts, min_repeats=protocol.min_repeats,
+                                        max_repeats=protocol.max_repeats, min_duration_s=protocol.min_duration_s,
+                                        idle_s=protocol.idle_s if self.idle_around_cells else 0.0, clock=self.clock,
                                         sleep=self.sleep, host=self.host)
         windows = measured.windows
         if generator.phases():
@@ -338,27 +277,19 @@ class Workbench:
         duration_s, duration_ci = (duration.estimate, duration.as_list()) if duration else (None, None)
         derivation = generator.derivation()
         quality = None
-        if cell.wants_quality and cfg.quality_samples > 0:
+        if cell.wants_quality and plan.config.quality.quality_samples > 0:
             self.on_event("quality", {"model": model})
             quality = backbone.evaluate_quality(generator, first, self.quality_options)
-        common = {
-            "model": model,
-            "model_canonical": stack.canonical,
-            "stack": stack.describe(),
-            "backbone": cfg.backbone,
-            "batch_size": bs,
-            "images": cfg.images,
+        measured_fields = {
             "duration_s_per_image": duration_s,
             "duration_ci95_s": duration_ci,
             **counted,
             **measured.fields(),
             "warmup": warmup,
-            "cell_order": {"order": cfg.cell_order, "seed": cfg.seed, "position": cell.position, "of": cell.cells},
+            "cell_order": {"order": protocol.cell_order, "seed": protocol.seed, "position": cell.position,
+                           "of": cell.cells},
             **extra,
-            "config": {"generator": generator.describe(), "run": {k: (str(v) if isinstance(v, Path) else v)
-                                                                  for k, v in asdict(cfg).items()}},
             "environment": env,
-            "executor": self.placement.executor,
             "node": self.placement.node,
             "host": self.placement.host,
             "device": self.placement.device,
@@ -367,14 +298,17 @@ class Workbench:
             "derivation_energy": (derivation or {}).get("energy"),
             "derivation_command": (derivation or {}).get("command"),
             "sample_grid": str(grid),
-            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        records = []
+        records, run, described = [], plan.run, generator.describe()
         for name in meter_names:
             if name in unavailable:
                 rec = {"status": unavailable[name], "energy_j_per_image": None, "energy_ci95_j": None}
             else:
                 rec = summarise(name, windows, measured.idle.get(name), min_window_s=meters[name].min_window_s)
-            records.append({**common, "meter": name, "meter_spec": self.meter_specs[name], **rec})
+            about = identity(model=model, canonical=stack.canonical, stack=stack.describe(),
+                             backbone=plan.config.sweep.backbone, batch_size=bs, images=protocol.images, meter=name,
+                             meter_spec=plan.meter_spec(name), run=run, executor=self.placement.executor,
+                             generator=described)
+            records.append(Record.measured(about, {**measured_fields, **rec}))
         return CellResult(cell, records, quality=quality, grid=str(grid), grid_png=png)
 

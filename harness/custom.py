@@ -226,7 +226,7 @@ def measure(fn: Callable[[], Any], *, images_per_call: int, out: str | Path, nam
     return Measurement.from_records(records, Path(out), images_per_call)
 
 
-#: RunConfig fields :func:`measure_generator` sets itself.
+#: Run options (:meth:`RunConfig.of`) :func:`measure_generator` sets itself.
 _SET_HERE = ("models", "backbone", "images", "batch_sizes", "reference", "out", "meters")
 
 
@@ -252,9 +252,9 @@ def measure_generator(generator: Generator, backbone: Backbone, *, name: str, ou
         raise UserError(f"measure sets {', '.join(given)} itself")
     options.setdefault("quality_samples", 0)
     try:
-        config = RunConfig(models=[name], out=Path(out), backbone=backbone.kind,
-                           meters=meters_list(meters) if isinstance(meters, str) else list(meters),
-                           images=images, batch_sizes=[images], reference=name, **options)
+        config = RunConfig.of(models=[name], out=Path(out), backbone=backbone.kind,
+                              meters=meters_list(meters) if isinstance(meters, str) else list(meters),
+                              images=images, batch_sizes=[images], reference=name, **options)
     except TypeError as e:
         raise UserError(f"measure: {e}") from None
     generators, backbones = Registry("generator"), Registry("backbone")
@@ -264,7 +264,8 @@ def measure_generator(generator: Generator, backbone: Backbone, *, name: str, ou
     if before is not None:
         before()
     runner.run()
-    records = [r for r in ResultStore(config.out).load() if r["model"] == name and r["backbone"] == backbone.kind]
+    stored = ResultStore(config.output.out).load()
+    records = [r for r in stored if r["model"] == name and r["backbone"] == backbone.kind]
     failed = [r["status"] for r in records if r["status"].startswith("failed")]
     if failed or not records:
         raise UserError(f"{name}: {failed[0] if failed else 'no records written'}")

@@ -1,89 +1,38 @@
-"""Result records and the append-only ``results.jsonl`` store (resume, nothing lost on interrupt).
+"""The append-only JSONL stores of an output folder: ``results.jsonl`` and ``quality.jsonl``.
 
-One record per cell: model x backbone x batch size x meter. A record is appended, flushed and
-fsynced as soon as its cell is measured; re-running into the same folder skips finished cells.
-Result files are the only interface between measuring and reporting.
+One :class:`JsonlStore` serves both: append (flushed and fsynced, starting on a line boundary after an
+interrupted write), load (every line that is not a valid entry is refused with its line number and
+skipped) and resume. :class:`ResultStore` holds the :class:`~un0_bench.harness.record.Record` s of a
+folder, and its lock (one writer at a time); :class:`QualityStore` the quality figure of each model.
+Re-running into the same folder skips finished cells. Result files are the only interface between
+measuring and reporting.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from un0_bench.harness.errors import UserError
+from un0_bench.harness.record import READABLE_SCHEMAS, SCHEMA_VERSION, Record, RecordError, SchemaVersionError
 
-#: 2: records name their stack (`stack`, `model_canonical`) and no longer store a ledger (reports compute
-#: it from the run's settings); files of version 1 are read the same way.
-SCHEMA_VERSION = 2
+__all__ = ["READABLE_SCHEMAS", "SCHEMA_VERSION", "CellKey", "JsonlStore", "QualityEntry", "QualityStore", "Record",
+           "ResultStore", "SchemaVersionError", "check_file_writable", "check_writable"]
+
 RESULTS_FILE = "results.jsonl"
-
-#: Schema versions this code reads (a record without ``schema`` is of version 1).
-READABLE_SCHEMAS = (1, 2)
+QUALITY_FILE = "quality.jsonl"
 LOCK_FILE = ".lock"
 
-#: Fields every record has (later issues add fields; these names stay).
-REQUIRED_FIELDS = (
-    "model", "backbone", "batch_size", "meter", "status", "images", "energy_j_per_image",
-    "energy_ci95_j", "flops_per_image", "bytes_per_image", "duration_s_per_image", "uncounted_ops",
-    "config", "environment",
-)
+#: A cell of a folder, as resume knows it: (canonical model, backbone, batch size, meter).
+CellKey = tuple[str, str, int, str]
 
-_TEXT_FIELDS = ("model", "backbone", "meter", "status")
-_COUNT_FIELDS = ("batch_size", "images")
-_NUMBER_FIELDS = ("energy_j_per_image", "flops_per_image", "bytes_per_image", "duration_s_per_image")
-_OBJECT_FIELDS = ("uncounted_ops", "config", "environment")
-
-
-class SchemaVersionError(UserError):
-    """A results file written by a newer un0-bench (a schema version this code cannot read)."""
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def record_problem(record: Any) -> str | None:
-    """The one schema check: why ``record`` is not a valid result record, or ``None`` if it is.
-
-    A schema version this code cannot read raises :class:`SchemaVersionError` instead (not a bad
-    line: a file from a newer un0-bench, to be refused as a whole).
-    """
-    if not isinstance(record, dict):
-        return f"not a record (a JSON {type(record).__name__}, expected an object)"
-    version = record.get("schema", 1)
-    if not isinstance(version, int) or isinstance(version, bool) or version not in READABLE_SCHEMAS:
-        raise SchemaVersionError(f"schema version {version!r}; this un0-bench reads versions "
-                                 f"{', '.join(map(str, READABLE_SCHEMAS))}")
-    missing = [k for k in REQUIRED_FIELDS if k not in record]
-    if missing:
-        return f"lacks required fields {missing}"
-    for k in _TEXT_FIELDS:
-        if not isinstance(record[k], str) or not record[k]:
-            return f"{k} must be a non-empty string, got {record[k]!r}"
-    for k in _COUNT_FIELDS:
-        v = record[k]
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            return f"{k} must be a positive integer, got {v!r}"
-    for k in _NUMBER_FIELDS:
-        if record[k] is not None and not _is_number(record[k]):
-            return f"{k} must be a finite number or null, got {record[k]!r}"
-    ci = record["energy_ci95_j"]
-    if ci is not None and not (isinstance(ci, list) and len(ci) == 2 and all(_is_number(v) for v in ci)):
-        return f"energy_ci95_j must be [low, high] or null, got {ci!r}"
-    for k in _OBJECT_FIELDS:
-        if record[k] is not None and not isinstance(record[k], dict):
-            return f"{k} must be an object or null, got {type(record[k]).__name__}"
-    return None
-
-
-def cell_key(record: dict[str, Any]) -> tuple[str, str, int, str]:
-    return (record["model"], record["backbone"], int(record["batch_size"]), record["meter"])
+T = TypeVar("T")
 
 
 def _warn(message: str) -> None:
@@ -94,17 +43,18 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not strict JSON")
 
 
-class ResultStore:
-    """``DIR/results.jsonl``: read what is finished, append new records durably, one writer at a time.
+class JsonlStore(Generic[T]):
+    """``DIR/NAME``: one JSON object a line, each an entry ``parse`` reads (and ``dump`` writes).
 
-    Every line that cannot be read or is not a valid record is reported (``warn``: file, line, why)
-    and skipped; the reports of the last :meth:`load` are kept in :attr:`problems`.
+    ``parse`` raises :class:`RecordError` (field and problem) for a line that is not an entry; such a
+    line is reported (``warn``: ``file:line: field: problem``) and skipped. The reports of the last
+    :meth:`load` are kept in :attr:`problems`.
     """
 
-    def __init__(self, out_dir: Path, warn: Callable[[str], None] | None = None) -> None:
-        self.out_dir = Path(out_dir)
-        self.path = self.out_dir / RESULTS_FILE
-        self.lock_path = self.out_dir / LOCK_FILE
+    def __init__(self, path: Path, parse: Callable[[Any], T], dump: Callable[[T], dict[str, Any]],
+                 warn: Callable[[str], None] | None = None) -> None:
+        self.path = Path(path)
+        self.parse, self.dump = parse, dump
         self.warn = warn or _warn
         self.problems: list[str] = []
         self._reported: set[str] = set()
@@ -115,8 +65,22 @@ class ResultStore:
             self._reported.add(message)
             self.warn(message)
 
-    def load(self) -> list[dict[str, Any]]:
-        """All valid records; every other line is reported and skipped (a torn last line too)."""
+    def _read(self, raw: bytes, where: str) -> T:
+        """The entry of one line (``where``: ``file:line``), or :class:`RecordError`."""
+        try:
+            value = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+        except UnicodeDecodeError as e:
+            raise RecordError(None, f"not UTF-8 text ({e.reason} at byte {e.start})") from None
+        except (ValueError, RecursionError) as e:
+            raise RecordError(None, f"not JSON ({e})") from None
+        try:
+            return self.parse(value)
+        except SchemaVersionError as e:
+            raise SchemaVersionError(f"{where}: {e}: written by a newer un0-bench; use that version, or another "
+                                     f"output folder") from None
+
+    def load(self) -> list[T]:
+        """Every valid entry; every other line is refused with its number and skipped (a torn last line too)."""
         self.problems = []
         if not self.path.exists():
             return []
@@ -126,35 +90,19 @@ class ResultStore:
             raise UserError(f"cannot read {self.path}: {e.strerror or e}") from None
         lines = data.split(b"\n")
         torn = lines[-1] != b""  # the file does not end on a line boundary
-        records = []
+        out = []
         for number, raw in enumerate(lines, start=1):
             if not raw.strip():
                 continue
-            where = f"{self.path} line {number}"
+            where = f"{self.path}:{number}"
             try:
-                record = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
-            except UnicodeDecodeError as e:
-                self._report(f"{where}: skipped: not UTF-8 text ({e.reason} at byte {e.start})")
-                continue
-            except (ValueError, RecursionError) as e:
-                if torn and number == len(lines):
-                    self._report(f"{where}: skipped: torn last line (no newline at its end: an interrupted write)")
+                out.append(self._read(raw, where))
+            except RecordError as e:
+                if torn and number == len(lines) and e.field is None and e.problem.startswith("not JSON"):
+                    self._report(f"{where}: torn last line (no newline at its end: an interrupted write); skipped")
                 else:
-                    self._report(f"{where}: skipped: not JSON ({e})")
-                continue
-            try:
-                why = record_problem(record)
-            except SchemaVersionError as e:
-                raise SchemaVersionError(f"{where}: {e}: written by a newer un0-bench; use that version, or "
-                                         f"another output folder") from None
-            if why is not None:
-                self._report(f"{where}: skipped: {why}")
-                continue
-            records.append(record)
-        return records
-
-    def done(self) -> set[tuple[str, str, int, str]]:
-        return {cell_key(r) for r in self.load()}
+                    self._report(f"{where}: {e}; skipped")
+        return out
 
     def _end_torn_tail(self) -> None:
         """Start the next append on a line boundary: cut a torn last line, or end a complete one."""
@@ -170,34 +118,65 @@ class ResultStore:
             number = data.count(b"\n") + 1
             tail = data[start:]
             try:
-                complete = record_problem(json.loads(tail.decode("utf-8"), parse_constant=_reject_constant)) is None
-            except (ValueError, RecursionError, SchemaVersionError):
+                self._read(tail, f"{self.path}:{number}")
+                complete = True
+            except (RecordError, SchemaVersionError):
                 complete = False
             if complete:
                 f.seek(0, os.SEEK_END)
                 f.write(b"\n")
-                self._report(f"{self.path} line {number}: had no newline at its end; ended it")
+                self._report(f"{self.path}:{number}: had no newline at its end; ended it")
             else:
                 f.truncate(start)
-                self._report(f"{self.path} line {number}: cut a torn last line ({len(tail)} bytes, an interrupted "
-                             f"write)")
+                self._report(f"{self.path}:{number}: cut a torn last line ({len(tail)} bytes, an interrupted write)")
             f.flush()
             os.fsync(f.fileno())
 
-    def append(self, records: Iterable[dict[str, Any]]) -> None:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        lines = []
-        for record in records:
-            why = record_problem({"schema": SCHEMA_VERSION, **record})
-            if why is not None:
-                raise ValueError(f"invalid record: {why}")
-            lines.append(json.dumps({"schema": SCHEMA_VERSION, **record}, sort_keys=True, default=_jsonable,
-                                    allow_nan=False) + "\n")
+    def append(self, entries: Iterable[T]) -> None:
+        """Append ``entries`` durably (all or none: each is written as strict JSON first)."""
+        lines = [json.dumps(self.dump(e), sort_keys=True, default=_jsonable, allow_nan=False) + "\n" for e in entries]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._end_torn_tail()
         with self.path.open("a") as f:
             f.write("".join(lines))
             f.flush()
             os.fsync(f.fileno())
+
+
+def _record(value: Any) -> Record:
+    return value if isinstance(value, Record) else Record.from_json({"schema": SCHEMA_VERSION, **value})
+
+
+class ResultStore(JsonlStore[Record]):
+    """``DIR/results.jsonl``: the folder's :class:`Record` s; read what is finished, append new ones, one writer.
+
+    :meth:`load` gives the records' JSON form (what the reports read); :meth:`records` the typed records.
+    """
+
+    def __init__(self, out_dir: Path, warn: Callable[[str], None] | None = None) -> None:
+        self.out_dir = Path(out_dir)
+        self.lock_path = self.out_dir / LOCK_FILE
+        super().__init__(self.out_dir / RESULTS_FILE, Record.from_json, Record.to_json, warn)
+
+    def records(self) -> list[Record]:
+        """Every valid record of the folder (each bad line refused with its number, as :meth:`load`)."""
+        return JsonlStore.load(self)
+
+    def load(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        """Every valid record as ``results.jsonl`` stores it (a dict each)."""
+        return [r.to_json() for r in self.records()]
+
+    def append(self, records: Iterable[Record | dict[str, Any]]) -> None:
+        """Append records (a dict is read as a record first: a bad one is refused before anything is written)."""
+        try:
+            checked = [_record(r) for r in records]
+        except RecordError as e:
+            raise ValueError(f"invalid record: {e}") from None
+        super().append(checked)
+
+    def finished(self, canonical: Callable[[Record], str]) -> set[CellKey]:
+        """The cells resume skips: measured under any name of their model (``canonical``), failed ones excluded."""
+        return {(canonical(r), r.backbone, r.batch_size, r.meter) for r in self.records() if not r.failed}
 
     def refuse_if_locked(self) -> None:
         """Pre-flight: refuse now if a live process holds the folder (:meth:`lock` checks again)."""
@@ -238,6 +217,44 @@ class ResultStore:
         finally:
             if _lock_holder(self.lock_path) == os.getpid():
                 self.lock_path.unlink()
+
+
+@dataclass(frozen=True)
+class QualityEntry:
+    """One model's quality figure in ``quality.jsonl``, with the settings it was judged under."""
+
+    model: str
+    backbone: str
+    samples_requested: int
+    seeds_requested: int
+    quality: dict[str, Any]
+
+    @classmethod
+    def from_json(cls, value: Any) -> QualityEntry:
+        if not isinstance(value, dict):
+            raise RecordError(None, f"not a quality entry (a JSON {type(value).__name__}, expected an object)")
+        for name, ok, what in (("model", str, "a string"), ("backbone", str, "a string"),
+                               ("samples_requested", int, "an integer"), ("quality", dict, "an object")):
+            if name not in value:
+                raise RecordError(name, "missing")
+            if not isinstance(value[name], ok) or isinstance(value[name], bool):
+                raise RecordError(name, f"must be {what}, got {value[name]!r}")
+        seeds = value.get("seeds_requested", 1)  # entries before quality seeds were one draw
+        if not isinstance(seeds, int) or isinstance(seeds, bool):
+            raise RecordError("seeds_requested", f"must be an integer, got {seeds!r}")
+        return cls(value["model"], value["backbone"], value["samples_requested"], seeds, value["quality"])
+
+
+class QualityStore(JsonlStore[QualityEntry]):
+    """``DIR/quality.jsonl``: each model's quality, judged once per folder and its quality settings."""
+
+    def __init__(self, out_dir: Path, warn: Callable[[str], None] | None = None) -> None:
+        super().__init__(Path(out_dir) / QUALITY_FILE, QualityEntry.from_json, asdict, warn)
+
+    def figures(self, backbone: str, samples: int, seeds: int) -> dict[str, dict[str, Any]]:
+        """Model -> its quality figure judged on ``backbone`` with these settings (the newest wins)."""
+        return {q.model: q.quality for q in self.load()
+                if (q.backbone, q.samples_requested, q.seeds_requested) == (backbone, samples, seeds)}
 
 
 def _lock_holder(path: Path) -> int | None:

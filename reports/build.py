@@ -33,7 +33,7 @@ from un0_bench.reports.strength import strength_markdown, strength_rows
 from un0_bench.reports.tables import (
     failed_cells,
     format_summary,
-    is_failed,
+    measured,
     meter_statuses,
     summary_frame,
     write_csv,
@@ -137,8 +137,8 @@ def build_report(out_dir: Path, options: dict[str, Any] | None = None) -> Path:
 
     options = options or {}
     out_dir = Path(out_dir)
-    stored = ResultStore(out_dir).load()  # read once: each bad line is reported once
-    records, failed = [r for r in stored if not is_failed(r)], failed_cells(stored)
+    stored = ResultStore(out_dir).records()  # read once: each bad line is reported once
+    records, failed = measured(stored), failed_cells(stored)
     opts = {**run_settings(records, options),
             "grid_gco2_per_kwh": options.get("grid_gco2_per_kwh") or DEFAULT_GRID_GCO2_PER_KWH}
     with_ledgers(records, opts["reference"], opts["pue"], opts["lifetime_images"])

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from un0_bench.harness.record import Record
 from un0_bench.harness.results import ResultStore
 from un0_bench.reports.claims import evidence
 
@@ -25,27 +26,30 @@ _QUALITY_COLUMNS = {"fid": "fid", "fid_std": "fid_std", "kid": "kid", "kid_std":
                     "samples": "quality_samples", "seeds": "quality_seeds"}
 
 
-def is_failed(record: dict[str, Any]) -> bool:
-    """A cell that could not be measured (its worker lost on a cluster, or its own error): no figures."""
-    return str(record.get("status", "")).startswith("failed")
+def measured(records: list[Record]) -> list[dict[str, Any]]:
+    """The records of cells that were measured, as the dicts the reports annotate.
+
+    Failed cells are listed apart: :func:`failed_cells`.
+    """
+    return [r.to_json() for r in records if not r.failed]
 
 
 def load_records(out_dir: Path) -> list[dict[str, Any]]:
-    """The measured records of a folder (failed cells are listed apart: :func:`failed_cells`)."""
-    return [r for r in ResultStore(out_dir).load() if not is_failed(r)]
+    """The measured records of a folder."""
+    return measured(ResultStore(out_dir).records())
 
 
-def failed_cells(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def failed_cells(records: list[Record]) -> list[dict[str, Any]]:
     """Each cell recorded as failed and not measured since: model, batch size, meters, reason."""
-    measured = {(r["model"], r["backbone"], r["batch_size"], r["meter"]) for r in records if not is_failed(r)}
+    done = {(r.model, r.backbone, r.batch_size, r.meter) for r in records if not r.failed}
     cells: dict[tuple[str, str, int], dict[str, Any]] = {}
     for r in records:
-        if is_failed(r) and (r["model"], r["backbone"], r["batch_size"], r["meter"]) not in measured:
-            cell = cells.setdefault((r["model"], r["backbone"], r["batch_size"]), {
-                "model": r["model"], "backbone": r["backbone"], "batch_size": r["batch_size"], "meters": [],
-                "reason": r["status"].removeprefix("failed: "), "executor": r.get("executor")})
-            if r["meter"] not in cell["meters"]:
-                cell["meters"].append(r["meter"])
+        if r.failed and (r.model, r.backbone, r.batch_size, r.meter) not in done:
+            cell = cells.setdefault((r.model, r.backbone, r.batch_size), {
+                "model": r.model, "backbone": r.backbone, "batch_size": r.batch_size, "meters": [],
+                "reason": r.status.removeprefix("failed: "), "executor": r.get("executor")})
+            if r.meter not in cell["meters"]:
+                cell["meters"].append(r.meter)
     return list(cells.values())
 
 

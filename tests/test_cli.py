@@ -176,11 +176,11 @@ def test_report_overrides_of_run_settings(capsys, tmp_path, monkeypatch):
 
 
 def test_rerun_with_changed_options_is_refused_in_one_line(capsys, tmp_path):
-    from un0_bench.harness.config import RunConfig
+    from un0_bench.harness.config import MEASUREMENT_FIELDS, RunConfig
 
     from tests.reports.fixtures import proxy, write
 
-    run_options = {k: v for k, v in RunConfig(models=["sd"], out=tmp_path).measurement().items()}
+    run_options = {k: v for k, v in RunConfig.of(models=["sd"], out=tmp_path).flat().items() if k in MEASUREMENT_FIELDS}
     write(tmp_path, [proxy("sd", 2.0, config={"generator": {}, "run": {**run_options, "images": 4}})])
     code, _, err = run(capsys, "compare", "--models", "sd", "--images", "8", "--batch-size", "4", "--seed", "3",
                        "--out", str(tmp_path))
@@ -200,7 +200,14 @@ def test_bad_lines_of_a_results_file_are_reported_not_a_traceback(capsys, tmp_pa
     assert code == 0, err
     path = tmp_path / "results.jsonl"
     warned = [line for line in err.splitlines() if line.startswith("un0-bench: warning: ")]
-    assert [w.split(": skipped: ")[0] for w in warned] == [f"un0-bench: warning: {path} line {n}" for n in (3, 4, 5, 6)]
+    # Each bad line once, as file:line: field: problem (the field where one is at fault).
+    lacks = ("energy_j_per_image, energy_ci95_j, flops_per_image, bytes_per_image, duration_s_per_image, "
+             "uncounted_ops, config, environment")
+    assert warned == [f"un0-bench: warning: {path}:{why}; skipped" for why in (
+        f"3: backbone: missing (a record lacks backbone, batch_size, meter, status, images, {lacks})",
+        "4: not a record (a JSON list, expected an object)",
+        "5: not UTF-8 text (invalid start byte at byte 0)",
+        f"6: meter: missing (a record lacks meter, status, images, {lacks})")]
     assert "Traceback" not in err and out.startswith("report: ")
 
 

@@ -138,23 +138,22 @@ def from_run(folder: Path) -> dict[str, dict[str, float]]:
 
     if not (folder / "results.jsonl").is_file():
         raise UserError(f"{folder} has no results.jsonl (measure into it first)")
-    records = [r for r in ResultStore(folder).load() if r["status"] == "ok"]
-    backbones = {r["backbone"] for r in records}
+    records = [r for r in ResultStore(folder).records() if r.status == "ok"]
+    backbones = {r.backbone for r in records}
     first_batch: dict[tuple[str, str], int] = {}
     out: dict[str, dict[str, float]] = {}
     for r in records:
-        key = (r["model"], r["backbone"])
-        batch = first_batch.setdefault(key, int(r["batch_size"]))
-        name = r["model"] + (f"@{r['backbone']}" if len(backbones) > 1 else "") + (
-            f"/b{r['batch_size']}" if int(r["batch_size"]) != batch else "")
+        batch = first_batch.setdefault((r.model, r.backbone), r.batch_size)
+        name = r.model + (f"@{r.backbone}" if len(backbones) > 1 else "") + (
+            f"/b{r.batch_size}" if r.batch_size != batch else "")
         figures = out.setdefault(name, {})
-        if r["meter"] == "proxy":
-            figures["proxy_j_per_image"] = r["energy_j_per_image"]
-            figures["flops_per_image"] = r["flops_per_image"]
-        elif r["meter"] == "wall":
-            figures["wall_s_per_image"] = r["duration_s_per_image"]
-        elif r.get("energy_j_per_image") is not None:
-            figures[f"{r['meter']}_j_per_image"] = r["energy_j_per_image"]
+        if r.meter == "proxy":
+            figures["proxy_j_per_image"] = r.energy_j_per_image
+            figures["flops_per_image"] = r.flops_per_image
+        elif r.meter == "wall":
+            figures["wall_s_per_image"] = r.duration_s_per_image
+        elif r.energy_j_per_image is not None:
+            figures[f"{r.meter}_j_per_image"] = r.energy_j_per_image
     if not out:
         raise UserError(f"{folder} has no measured record (every one failed or was unavailable)")
     return out

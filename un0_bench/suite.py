@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from un0_bench.harness.config import DEFAULT_QUALITY_SAMPLES, RunConfig
+from un0_bench.harness.config import DEFAULT_QUALITY_SAMPLES, ProtocolConfig, RunConfig
 from un0_bench.harness.errors import UserError
 
 #: ``make bench``: the claims in about 10 minutes on 2 CPU cores. The reference (sd, 50 DDIM steps), one
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"default: {len(DEFAULT_SUITE)} models (make bench); full: {len(FULL_SUITE)} (make bench-full)")
     p.add_argument("--models", help="comma-separated models instead of a suite")
     p.add_argument("--meters", default="auto")
-    p.add_argument("--images", type=int, default=RunConfig.images)
+    p.add_argument("--images", type=int, default=ProtocolConfig.images)
     # FID reads ~10% higher and varies ~10% between seeds at 500 samples, about 2% at 1,000 (the
     # run configuration's default), so the suites keep 1,000.
     p.add_argument("--quality-samples", type=int, default=DEFAULT_QUALITY_SAMPLES)
@@ -56,9 +56,9 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     models = models_list(args.models) if args.models else list(SUITES[args.suite])
-    cfg = RunConfig(models=models, out=args.out, meters=args.meters.split(","), images=args.images,
-                    batch_sizes=[args.images], min_repeats=3, min_duration_s=1.0, idle_s=1.0,
-                    quality_samples=args.quality_samples, quality_seeds=args.quality_seeds, fresh=args.fresh)
+    cfg = RunConfig.of(models=models, out=args.out, meters=args.meters.split(","), images=args.images,
+                       batch_sizes=[args.images], min_repeats=3, min_duration_s=1.0, idle_s=1.0,
+                       quality_samples=args.quality_samples, quality_seeds=args.quality_seeds, fresh=args.fresh)
 
     def on_event(kind: str, info: dict) -> None:
         if kind in ("cell", "quality"):

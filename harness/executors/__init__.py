@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from un0_bench.harness.cell import BenchSpec, Cell, CellResult
+from un0_bench.harness.config import ExecutorConfig
 from un0_bench.harness.errors import UserError
 
 OnResult = Callable[[CellResult], None]
@@ -34,8 +35,13 @@ class Executor(abc.ABC):
         """Measure ``cells``; call ``on_result`` in the calling thread for each, as it finishes."""
 
 
-def make_executor(text: str, **options: Any) -> Executor:
-    """``local``, ``ray`` (the cluster at ``RAY_ADDRESS``, or a local one) or ``ray:ADDRESS``."""
+def make_executor(config: ExecutorConfig) -> Executor:
+    """The executor ``config`` describes, checked first.
+
+    ``local``, ``ray`` (the cluster at ``RAY_ADDRESS``, or a local one) or ``ray:ADDRESS``.
+    """
+    config.validate()
+    text = config.executor
     name, _, address = text.partition(":")
     if name == "local" and not address:
         from un0_bench.harness.executors.local import LocalExecutor
@@ -44,6 +50,7 @@ def make_executor(text: str, **options: Any) -> Executor:
     if name == "ray":
         from un0_bench.harness.executors.ray import RayExecutor
 
-        return RayExecutor(address or None, **options)
+        return RayExecutor(address or None, retries=config.retries, allow_mixed=config.allow_mixed,
+                           cpus_per_cell=config.cell_cpus)
     raise UserError(f"unknown executor {text!r}: use local, ray (the cluster at RAY_ADDRESS, or a local one) or "
                     f"ray:ADDRESS")

@@ -82,15 +82,15 @@ def fingerprint(spec: BenchSpec) -> dict[str, Any]:
     The files are those the driver's pre-flight opens (:func:`~un0_bench.harness.stack.check_weights`),
     named and hashed the same way; a node whose file cannot be opened reports why in their place.
     """
-    from un0_bench.harness.cell import load_backbone
     from un0_bench.harness.environment import git_commit
     from un0_bench.harness.errors import UserError
+    from un0_bench.harness.plan import load_backbone
     from un0_bench.harness.stack import resolve_checked
 
-    cfg = spec.config
-    backbone = load_backbone(cfg.backbone, spec.backbones, **cfg.backbone_options)
+    plan, sweep = spec.plan, spec.plan.config.sweep
+    backbone = load_backbone(sweep.backbone, spec.backbones, **sweep.backbone_options)
     weights: dict[str, str] = {}
-    for model in dict.fromkeys([*cfg.models, cfg.reference]):
+    for model in dict.fromkeys([*plan.models, plan.reference]):
         try:
             weights.update(resolve_checked(model, backbone, spec.generators, spec.techniques).weights())
         except UserError as e:
@@ -262,7 +262,7 @@ class RayExecutor(Executor):
     # --- the sweep ------------------------------------------------------------------------------
     def resources(self, spec: BenchSpec, cell: Cell) -> dict[str, Any]:
         """What a cell's task asks Ray for: one GPU or its CPUs, and all or a share of its node's device unit."""
-        cuda = str(spec.config.backbone_options.get("device") or "cpu").startswith("cuda")
+        cuda = str(spec.plan.config.sweep.backbone_options.get("device") or "cpu").startswith("cuda")
         whole = any(sees_whole_device(spec, m) for m in cell.meter_names)
         return {"num_cpus": 0 if cuda else self.cpus_per_cell, "num_gpus": 1 if cuda else 0,
                 "resources": {DEVICE_RESOURCE: 1.0 if whole else SHARED_SHARE}}
@@ -322,10 +322,10 @@ class RayExecutor(Executor):
                                                               f"last: {type(e).__name__}: {last}"))
                         continue
                     node = ray.get(log.ended.remote(cell.label)) or "unknown node"
-                    tally(result.records[0]["node"] if result.records else node,
+                    tally(result.records[0].get("node") if result.records else node,
                           "failed" if result.failed else "done")
                     if self.mixed:
-                        result.records = [{**r, "mixed_nodes": self.mixed} for r in result.records]
+                        result.records = [r.with_fields(mixed_nodes=self.mixed) for r in result.records]
                     on_result(result)
             on_event("progress", progress(counts, {}, len(cells)))
         except BaseException:

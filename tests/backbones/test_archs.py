@@ -13,7 +13,7 @@ from un0_bench.harness.counters.ops import OpCounter, count
 from un0_bench.harness.errors import StackError, UserError
 from un0_bench.harness.generator import GenerationRequest
 from un0_bench.harness.protocol import count_phase_occurrences
-from un0_bench.harness.results import record_problem
+from un0_bench.harness.record import Record
 from un0_bench.harness.stack import make_generator
 
 MATMUL_OPS = ("convolution", "addmm", "mm", "bmm", "_scaled_dot_product_flash_attention_for_cpu")
@@ -123,7 +123,7 @@ def sd21_counts():
 
 def test_count_arch_record_has_the_measured_schema_and_is_marked_counted(sd21_counts):
     r = sd21_counts[2]
-    assert record_problem({"schema": 2, **r}) is None
+    assert Record.from_json({"schema": 2, **r}).to_json() == {"schema": 2, **r}  # a valid record, read back whole
     assert r["status"] == "counted" and r["meter"] == "count"
     assert r["energy_j_per_image"] is None and r["duration_s_per_image"] is None  # nothing was measured
     for key in ("flops_per_image", "bytes_per_image", "flops_per_image_by_dtype", "proxy_j_per_image_by_module",

@@ -6,6 +6,7 @@ meters below are module-level; each logs its builds to a file so a test counts a
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ from un0_bench.harness.generator import GenerationRequest, GenerationResult, Gen
 from un0_bench.harness.meters.base import Meter, Reading
 from un0_bench.harness.registry import Registry
 from un0_bench.harness.results import ResultStore
-from un0_bench.harness.runner import RunConfig, Runner
+from un0_bench.harness.runner import RunConfig, Runner, RunPlan
 
 from tests.harness.test_runner import TinyBackbone
 
@@ -101,7 +102,13 @@ def registries(log: Path, modes: dict[str, str] | None = None, pause_s: float = 
 def tiny_config(out: Path, models: list[str], meters: list[str], **kw: Any) -> RunConfig:
     base = dict(models=models, out=out, backbone="tiny", meters=meters, images=2, batch_sizes=[2], min_repeats=3,
                 max_repeats=3, min_duration_s=0.0, idle_s=0.0, quality_samples=0, reference=models[0])
-    return RunConfig(**{**base, **kw})
+    return RunConfig.of(**{**base, **kw})
+
+
+def plan_of(cfg: RunConfig) -> RunPlan:
+    """A plan of ``cfg`` as given, without pre-flight (what an executor's own checks see)."""
+    return RunPlan(config=cfg, models=cfg.sweep.models, batch_sizes=cfg.protocol.batches(),
+                   reference=cfg.sweep.reference, meter_specs=tuple((m, m) for m in cfg.sweep.meters), stacks=())
 
 
 def builds(log: Path) -> list[str]:
@@ -121,7 +128,7 @@ def test_ray_records_equal_the_local_records(cluster, tmp_path):
     models = ["sd:steps=2", "sd:steps=3", "un0", "sd-int8:steps=2"]
 
     def cfg(out):
-        return RunConfig(models=list(models), out=out, meters=["proxy", "wall"], images=2, batch_sizes=[2],
+        return RunConfig.of(models=list(models), out=out, meters=["proxy", "wall"], images=2, batch_sizes=[2],
                          min_repeats=2, max_repeats=2, min_duration_s=0.0, idle_s=0.0, quality_samples=0,
                          reference="sd:steps=2")
 
@@ -188,7 +195,7 @@ def test_a_killed_worker_is_retried_then_recorded_failed_and_an_error_is_not_ret
     runner = Runner(cfg, **registries(log), on_event=lambda k, i: notes.append(i["text"]) if k == "note" else None,
                     executor=RayExecutor(retries=2))
     runner.run()
-    records = {r["model"]: r for r in ResultStore(cfg.out).load()}
+    records = {r["model"]: r for r in ResultStore(cfg.output.out).load()}
     assert records["a"]["status"] == "ok" and records["b"]["status"] == "ok"  # the other cells completed
     # boom's worker exits on its first call: 1 try + 2 retries, then failed with the reason.
     assert builds(log).count("boom") == 3
@@ -203,7 +210,7 @@ def test_a_killed_worker_is_retried_then_recorded_failed_and_an_error_is_not_ret
     # The report lists them; a rerun measures them again (a failed cell is not a finished one).
     from un0_bench.reports.tables import failed_cells
 
-    failed = failed_cells(ResultStore(cfg.out).load())
+    failed = failed_cells(ResultStore(cfg.output.out).records())
     assert sorted((f["model"], f["meters"]) for f in failed) == [("bad", ["wall"]), ("boom", ["wall"])]
     assert [(m, bs) for m, bs, _ in Runner(cfg, **registries(log)).pending()] == [("boom", 2), ("bad", 2)]
 
@@ -218,13 +225,13 @@ def test_driver_interrupt_keeps_finished_cells_and_resume_measures_none_twice(cl
 
     with pytest.raises(KeyboardInterrupt):
         Runner(cfg, **registries(log), on_event=interrupt, executor=RayExecutor()).run()
-    kept = ResultStore(cfg.out).load()
+    kept = ResultStore(cfg.output.out).load()
     assert len(kept) == 2  # the finished cell's two records
     first = (kept[0]["model"], kept[0]["batch_size"])
-    assert not (cfg.out / ".lock").exists()
+    assert not (cfg.output.out / ".lock").exists()
     before = len(builds(log))
     Runner(cfg, **registries(log), executor=RayExecutor()).run()
-    records = ResultStore(cfg.out).load()
+    records = ResultStore(cfg.output.out).load()
     keys = [(r["model"], r["batch_size"], r["meter"]) for r in records]
     assert len(keys) == 16 and len(set(keys)) == 16  # every cell once, none twice
     assert len(builds(log)) - before == 7  # the finished cell was not measured again
@@ -241,9 +248,9 @@ def test_a_weights_file_no_node_can_open_is_named_even_when_all_nodes_agree(tmp_
     weights = tmp_path / "w"
     shutil.copytree(WEIGHTS_DIR, weights)
     (weights / "un0.safetensors").unlink()
-    cfg = RunConfig(models=["sd:steps=1", "un0"], out=tmp_path / "o", meters=["proxy"], reference="sd:steps=1",
+    cfg = RunConfig.of(models=["sd:steps=1", "un0"], out=tmp_path / "o", meters=["proxy"], reference="sd:steps=1",
                     backbone_options={"weights_dir": weights})
-    print_ = fingerprint(BenchSpec(config=cfg))
+    print_ = fingerprint(BenchSpec(plan_of(cfg)))
     assert print_["weights"]["teacher.safetensors"] and f"un0 {WEIGHTS_UNREADABLE}" in print_["weights"]
     prints = {"n1" * 8: print_, "n2" * 8: dict(print_)}
     assert differences(prints) == {}
@@ -325,7 +332,7 @@ def test_tasks_ask_for_what_they_use(tmp_path):
     from un0_bench.harness.cell import BenchSpec, Cell
 
     regs = registries(tmp_path / "log")
-    spec = BenchSpec(tiny_config(tmp_path / "out", ["a"], ["device", "wall"]), regs["generators"],
+    spec = BenchSpec(plan_of(tiny_config(tmp_path / "out", ["a"], ["device", "wall"])), regs["generators"],
                      meters=regs["meters"], backbones=regs["backbones"])
     executor = RayExecutor(cpus_per_cell=2)
     # A whole-device meter takes the node's whole device unit; proxy and wall take a share of it.
@@ -334,6 +341,7 @@ def test_tasks_ask_for_what_they_use(tmp_path):
     assert executor.resources(spec, Cell("a", 2, ("proxy", "wall"))) == {
         "num_cpus": 2, "num_gpus": 0, "resources": {DEVICE_RESOURCE: 0.01}}
     # A CUDA cell asks for one GPU (Ray gives it alone) and no CPUs.
-    spec.config.backbone_options = {"device": "cuda:0"}
+    cuda = tiny_config(tmp_path / "out", ["a"], ["device", "wall"], backbone_options={"device": "cuda:0"})
+    spec = dataclasses.replace(spec, plan=plan_of(cuda))
     assert executor.resources(spec, Cell("a", 2, ("wall",))) == {
         "num_cpus": 0, "num_gpus": 1, "resources": {DEVICE_RESOURCE: 0.01}}

@@ -31,9 +31,10 @@ def weights_dir(tmp_path):
 
 
 def _config(tmp_path, weights_dir, models, **kw) -> RunConfig:
-    return RunConfig(models=models, out=tmp_path / "out", meters=["proxy"], images=2, batch_sizes=[2],
-                     warmup=0, min_repeats=1, min_duration_s=0.0, idle_s=0.0, quality_samples=0,
-                     reference=models[0], backbone_options={"weights_dir": weights_dir}, **kw)
+    base = dict(models=models, out=tmp_path / "out", meters=["proxy"], images=2, batch_sizes=[2], warmup=0,
+                min_repeats=1, min_duration_s=0.0, idle_s=0.0, quality_samples=0, reference=models[0],
+                backbone_options={"weights_dir": weights_dir})
+    return RunConfig.of(**{**base, **kw})
 
 
 def _sha(path) -> str:
@@ -59,7 +60,7 @@ def test_a_bad_weights_file_is_refused_before_the_first_cell(tmp_path, weights_d
     with pytest.raises(CheckpointError, match=message) as err:
         Runner(cfg)
     assert "un0.safetensors" in str(err.value)
-    assert not cfg.out.exists()
+    assert not cfg.output.out.exists()
 
 
 def test_the_static_int8_calibration_is_checked_against_its_teacher(tmp_path, weights_dir):
@@ -125,7 +126,7 @@ def test_a_pipelines_component_weights_are_opened_before_the_first_cell(tmp_path
     """A truncated UNet file in a pipeline folder: refused at construction, named by its place in the folder."""
     folder = tmp_path / "pipe"
     shutil.copytree(tiny_dir, folder)
-    cfg = RunConfig(models=["sd:steps=2"], backbone=f"diffusers:{folder}", out=tmp_path / "out", meters=["proxy"],
+    cfg = RunConfig.of(models=["sd:steps=2"], backbone=f"diffusers:{folder}", out=tmp_path / "out", meters=["proxy"],
                     images=1, batch_sizes=[1], warmup=0, min_repeats=1, min_duration_s=0.0, idle_s=0.0,
                     quality_samples=0, reference="sd:steps=2")
     stack = Runner(cfg).stacks["sd:steps=2"]
@@ -135,15 +136,14 @@ def test_a_pipelines_component_weights_are_opened_before_the_first_cell(tmp_path
     unet.write_bytes(unet.read_bytes()[:-100])
     with pytest.raises(CheckpointError, match="diffusion_pytorch_model.safetensors: truncated"):
         Runner(cfg)
-    assert not cfg.out.exists()
+    assert not cfg.output.out.exists()
 
 
 def test_a_bad_meter_parameter_is_refused_before_the_folder_is_touched(tmp_path, weights_dir):
     """nvml:mig=bogus with --fresh: refused at construction; the earlier results are not moved aside."""
     Runner(_config(tmp_path, weights_dir, ["sd:steps=1"])).run()
     before = (tmp_path / "out" / "results.jsonl").read_text()
-    cfg = _config(tmp_path, weights_dir, ["sd:steps=1"], fresh=True)
-    cfg.meters = ["proxy", "nvml:mig=bogus"]
+    cfg = _config(tmp_path, weights_dir, ["sd:steps=1"], fresh=True, meters=["proxy", "nvml:mig=bogus"])
     with pytest.raises(UserError, match="mig"):
         Runner(cfg)
     assert (tmp_path / "out" / "results.jsonl").read_text() == before
@@ -152,13 +152,11 @@ def test_a_bad_meter_parameter_is_refused_before_the_folder_is_touched(tmp_path,
 
 def test_resume_refuses_the_same_meter_with_other_parameters(tmp_path, weights_dir):
     """proxy priced with the SRAM profile there, the DRAM one now: not the same cells, refused with both specs."""
-    cfg = _config(tmp_path, weights_dir, ["sd:steps=1"])
-    cfg.meters = ["proxy:profile=horowitz-45nm"]
+    cfg = _config(tmp_path, weights_dir, ["sd:steps=1"], meters=["proxy:profile=horowitz-45nm"])
     Runner(cfg).run()
     (rec,) = ResultStore(tmp_path / "out").load()
     assert rec["meter"] == "proxy" and rec["meter_spec"] == "proxy:profile=horowitz-45nm"
-    again = _config(tmp_path, weights_dir, ["sd:steps=1"])
-    again.meters = ["proxy:profile=horowitz-45nm-dram"]
+    again = _config(tmp_path, weights_dir, ["sd:steps=1"], meters=["proxy:profile=horowitz-45nm-dram"])
     listed = "--meters proxy:profile=horowitz-45nm there, proxy:profile=horowitz-45nm-dram now"
     with pytest.raises(UserError, match=listed):
         Runner(again)

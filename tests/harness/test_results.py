@@ -6,18 +6,12 @@ import sys
 
 import pytest
 from un0_bench.harness.errors import UserError
-from un0_bench.harness.results import (
-    REQUIRED_FIELDS,
-    SCHEMA_VERSION,
-    ResultStore,
-    SchemaVersionError,
-    check_writable,
-    record_problem,
-)
+from un0_bench.harness.record import SCHEMA_VERSION, Record, RecordError, SchemaVersionError
+from un0_bench.harness.results import QualityStore, ResultStore, check_writable
 
 
 def record(model, meter="wall"):
-    r = {k: None for k in REQUIRED_FIELDS}
+    r = {k: None for k in Record.core_fields()}
     r.update(model=model, backbone="digits", batch_size=4, meter=meter, status="ok", images=4)
     return r
 
@@ -35,7 +29,8 @@ def test_append_load_and_done(tmp_path):
     store.append([record("sd"), record("sd", "proxy")])
     store.append([record("sd:steps=10")])
     assert [r["model"] for r in store.load()] == ["sd", "sd", "sd:steps=10"]
-    assert ("sd", "digits", 4, "proxy") in store.done()
+    assert store.finished(lambda r: r.model) == {("sd", "digits", 4, "wall"), ("sd", "digits", 4, "proxy"),
+                                                 ("sd:steps=10", "digits", 4, "wall")}
 
 
 def test_torn_last_line_is_ignored_with_a_warning(tmp_path):
@@ -44,7 +39,7 @@ def test_torn_last_line_is_ignored_with_a_warning(tmp_path):
     with s.path.open("a") as f:
         f.write('{"model": "half')
     assert len(s.load()) == 1
-    assert s.problems == [f"{s.path} line 2: skipped: torn last line (no newline at its end: an interrupted write)"]
+    assert s.problems == [f"{s.path}:2: torn last line (no newline at its end: an interrupted write); skipped"]
     assert s.warned == s.problems
 
 
@@ -57,7 +52,7 @@ def test_append_after_a_torn_tail_starts_on_a_line_boundary(tmp_path):
     s.append([record("sd:steps=10")])
     assert [r["model"] for r in s.load()] == ["sd", "sd:steps=10"]
     assert s.problems == []
-    assert s.warned == [f"{s.path} line 2: cut a torn last line (24 bytes, an interrupted write)"]
+    assert s.warned == [f"{s.path}:2: cut a torn last line (24 bytes, an interrupted write)"]
     assert s.path.read_text().count("\n") == 2
 
 
@@ -66,17 +61,18 @@ def test_a_complete_last_record_without_newline_is_ended_not_cut(tmp_path):
     s.path.write_text(json.dumps({"schema": 2, **record("sd")}))
     s.append([record("sd2")])
     assert [r["model"] for r in s.load()] == ["sd", "sd2"]
-    assert s.warned == [f"{s.path} line 1: had no newline at its end; ended it"]
+    assert s.warned == [f"{s.path}:1: had no newline at its end; ended it"]
 
 
 @pytest.mark.parametrize("line, why", [
-    (b'{"model":"x"}', "lacks required fields ['backbone', 'batch_size', 'meter', 'status', 'images', "
-                       "'energy_j_per_image', 'energy_ci95_j', 'flops_per_image', 'bytes_per_image', "
-                       "'duration_s_per_image', 'uncounted_ops', 'config', 'environment']"),
+    (b'{"model":"x"}', "backbone: missing (a record lacks backbone, batch_size, meter, status, images, "
+                       "energy_j_per_image, energy_ci95_j, flops_per_image, bytes_per_image, duration_s_per_image, "
+                       "uncounted_ops, config, environment)"),
+    (json.dumps({**record("bad"), "batch_size": "4"}).encode(), "batch_size: must be a positive integer, got '4'"),
     (b"[1,2,3]", "not a record (a JSON list, expected an object)"),
     (b"garbage", "not JSON (Expecting value: line 1 column 1 (char 0))"),
     (b'{"a": \xff}', "not UTF-8 text (invalid start byte at byte 6)"),
-    (None, "energy_j_per_image must be a finite number or null, got 'a lot'"),
+    (None, "energy_j_per_image: must be a finite number or null, got 'a lot'"),
     (b'{"energy_j_per_image": NaN}', "not JSON (NaN is not strict JSON)"),
 ])
 def test_every_bad_line_is_reported_with_its_number_and_skipped(tmp_path, line, why):
@@ -88,8 +84,8 @@ def test_every_bad_line_is_reported_with_its_number_and_skipped(tmp_path, line, 
         f.write(line + b"\n")
     s.append([record("sd2")])
     assert [r["model"] for r in s.load()] == ["sd", "sd2"]
-    assert s.problems == [f"{s.path} line 2: skipped: {why}"]
-    assert ("sd2", "digits", 4, "wall") in s.done()
+    assert s.problems == [f"{s.path}:2: {why}; skipped"]
+    assert ("sd2", "digits", 4, "wall") in s.finished(lambda r: r.model)
 
 
 def test_version_1_records_are_read_and_an_unknown_version_is_refused(tmp_path):
@@ -100,25 +96,59 @@ def test_version_1_records_are_read_and_an_unknown_version_is_refused(tmp_path):
         f.write(json.dumps({**record("new"), "schema": 3}) + "\n")
     with pytest.raises(SchemaVersionError) as e:
         s.load()
-    assert str(e.value) == (f"{s.path} line 3: schema version 3; this un0-bench reads versions 1, 2: written by a "
+    assert str(e.value) == (f"{s.path}:3: schema version 3; this un0-bench reads versions 1, 2: written by a "
                             f"newer un0-bench; use that version, or another output folder")
     assert isinstance(e.value, UserError)  # the CLI's one line and exit 2
 
 
+def _problem(value):
+    try:
+        Record.from_json(value)
+    except RecordError as e:
+        return str(e)
+    return None
+
+
 def test_the_one_schema_check():
-    assert record_problem({"schema": SCHEMA_VERSION, **record("sd")}) is None
-    assert record_problem({**record("sd"), "batch_size": True}) == "batch_size must be a positive integer, got True"
-    assert record_problem({**record("sd"), "batch_size": 0}) == "batch_size must be a positive integer, got 0"
-    assert record_problem({**record("sd"), "model": 3}) == "model must be a non-empty string, got 3"
-    assert record_problem({**record("sd"), "energy_ci95_j": [1]}) == ("energy_ci95_j must be [low, high] or null, "
-                                                                      "got [1]")
-    assert record_problem({**record("sd"), "config": []}) == "config must be an object or null, got list"
+    assert _problem({"schema": SCHEMA_VERSION, **record("sd")}) is None
+    assert _problem({**record("sd"), "batch_size": True}) == "batch_size: must be a positive integer, got True"
+    assert _problem({**record("sd"), "batch_size": 0}) == "batch_size: must be a positive integer, got 0"
+    assert _problem({**record("sd"), "model": 3}) == "model: must be a non-empty string, got 3"
+    assert _problem({**record("sd"), "energy_ci95_j": [1]}) == "energy_ci95_j: must be [low, high] or null, got [1]"
+    assert _problem({**record("sd"), "config": []}) == "config: must be an object or null, got list"
+    # Fields beyond the core are typed where they are known, and kept as written.
+    assert _problem({**record("sd"), "quality_matched": "yes"}) == ("quality_matched: must be true/false or null, "
+                                                                    "got str")
+    assert _problem({**record("sd"), "repeats": 0}) == "repeats: must be a positive integer, got 0"
     with pytest.raises(SchemaVersionError, match="schema version 'two'"):
-        record_problem({**record("sd"), "schema": "two"})
+        Record.from_json({**record("sd"), "schema": "two"})
+
+
+def test_a_record_reads_back_as_written_and_its_fields_are_typed():
+    written = {"schema": 2, **record("sd"), "energy_j_per_image": 1.5, "energy_ci95_j": [1.0, 2.0],
+               "quality": {"fid": 3.0}, "quality_matched": True, "window_s": [0.1, 0.2]}
+    r = Record.from_json(written)
+    assert (r.model, r.batch_size, r.energy_j_per_image, r.energy_ci95_j) == ("sd", 4, 1.5, (1.0, 2.0))
+    assert r.get("quality_matched") is True and r.get("absent", "none") == "none"
+    assert r.to_json() == written
+    old = Record.from_json(record("v1"))  # version 1 wrote no schema, and reads back without one
+    assert old.schema is None and "schema" not in old.to_json()
+
+
+def test_quality_entries_share_the_store(tmp_path):
+    q = QualityStore(tmp_path, warn=lambda m: None)
+    from un0_bench.harness.results import QualityEntry
+
+    q.append([QualityEntry("sd", "digits", 8, 1, {"fid": 2.0}), QualityEntry("sd", "digits", 16, 1, {"fid": 1.0})])
+    with q.path.open("a") as f:
+        f.write('{"model": "un0", "backbone": "digits", "samples_requested": "8", "quality": {}}\n')
+    assert q.figures("digits", 8, 1) == {"sd": {"fid": 2.0}}
+    assert q.problems == [f"{q.path}:3: samples_requested: must be an integer, got '8'; skipped"]
 
 
 def test_appends_are_strict_json(tmp_path):
-    with pytest.raises(ValueError, match="energy_j_per_image must be a finite number or null, got nan"):
+    with pytest.raises(ValueError, match="invalid record: energy_j_per_image: must be a finite number or null, "
+                                         "got nan"):
         ResultStore(tmp_path).append([{**record("sd"), "energy_j_per_image": float("nan")}])
     with pytest.raises(ValueError, match="Out of range float values are not JSON compliant"):
         ResultStore(tmp_path).append([{**record("sd"), "extra": float("inf")}])
@@ -160,7 +190,7 @@ def test_reader_fuzz_no_exception_every_good_record_kept_every_bad_line_reported
         # A line is good iff it is the exact good line; every other line is reported with its number.
         kept = [i + 1 for i, raw in enumerate(lines) if raw == good_line.encode()]
         assert len(records) == len(kept) and all(r["model"] == "good" for r in records)
-        reported = sorted(int(p.split(" line ")[1].split(":")[0]) for p in s.problems)
+        reported = sorted(int(p[len(str(s.path)) + 1:].split(":")[0]) for p in s.problems)
         assert reported == [i + 1 for i, raw in enumerate(lines) if raw != good_line.encode()]
         # Appending after any of these starts on a line boundary and keeps every good record.
         s.append([record("after")])
@@ -197,7 +227,7 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over_with_a_note(tmp_path):
 
 
 def test_incomplete_record_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="invalid record: lacks required fields"):
+    with pytest.raises(ValueError, match=r"invalid record: backbone: missing \(a record lacks backbone, "):
         ResultStore(tmp_path).append([{"model": "sd"}])
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any
 
@@ -78,7 +79,7 @@ def config(tmp_path, models, meters=("seq", "wall", "broken"), **kw):
                 batch_sizes=[2], min_repeats=3, max_repeats=3, min_duration_s=0.0, idle_s=0.01,
                 quality_samples=0)
     base.update(kw)
-    return RunConfig(**base)
+    return RunConfig.of(**base)
 
 
 def test_exact_joules_idle_and_unavailable(tmp_path):
@@ -116,7 +117,7 @@ def test_resume_skips_finished_cells(tmp_path):
     assert built == ["mm", "mm2"]
     again = Runner(cfg, **registries(built)).run()
     assert again == [] and built == ["mm", "mm2"]  # nothing rebuilt, nothing re-measured
-    assert len(ResultStore(cfg.out).load()) == 2
+    assert len(ResultStore(cfg.output.out).load()) == 2
 
 
 def test_interrupt_keeps_finished_cells_and_rerun_completes(tmp_path):
@@ -124,10 +125,10 @@ def test_interrupt_keeps_finished_cells_and_rerun_completes(tmp_path):
     cfg = config(tmp_path, ["mm", "mm2"], meters=["wall"])
     with pytest.raises(KeyboardInterrupt):
         Runner(cfg, **registries(built, interrupt_on="mm2")).run()
-    assert [r["model"] for r in ResultStore(cfg.out).load()] == ["mm"]
+    assert [r["model"] for r in ResultStore(cfg.output.out).load()] == ["mm"]
     Runner(cfg, **registries(built)).run()
     assert built == ["mm", "mm2", "mm2"]  # only the unfinished model was built again
-    assert sorted(r["model"] for r in ResultStore(cfg.out).load()) == ["mm", "mm2"]
+    assert sorted(r["model"] for r in ResultStore(cfg.output.out).load()) == ["mm", "mm2"]
 
 
 def test_bad_names_fail_before_any_work(tmp_path):
@@ -148,13 +149,13 @@ def test_bad_names_fail_before_any_work(tmp_path):
 
 @pytest.mark.parametrize(("images", "batch"), [(4, 4), (16, 16), (64, 16)])
 def test_default_batch_is_16_or_the_whole_window(tmp_path, images, batch):
-    cfg = RunConfig(models=["sd"], out=tmp_path, images=images)
+    cfg = RunConfig.of(models=["sd"], out=tmp_path, images=images)
     cfg.validate()
-    assert cfg.batch_sizes == [batch]
+    assert cfg.protocol.batches() == (batch,)
 
 
 def test_batch_larger_than_the_window_is_refused(tmp_path):
-    cfg = RunConfig(models=["sd"], out=tmp_path, images=4, batch_sizes=[2, 8, 16])
+    cfg = RunConfig.of(models=["sd"], out=tmp_path, images=4, batch_sizes=[2, 8, 16])
     with pytest.raises(UserError, match=r"^--batch-size 8,16 is larger than --images 4: a window generates"):
         cfg.validate()
 
@@ -165,7 +166,7 @@ def test_batch_larger_than_the_window_is_refused(tmp_path):
 ])
 def test_quality_options_refused(tmp_path, kw, message):
     with pytest.raises(UserError, match=re.escape(message)):
-        RunConfig(models=["sd"], out=tmp_path, **kw).validate()
+        RunConfig.of(models=["sd"], out=tmp_path, **kw).validate()
 
 
 def test_backbone_refuses_its_quality_options_before_any_work(tmp_path):
@@ -227,14 +228,14 @@ def test_quality_comes_from_the_backbone_once_per_folder(tmp_path):
     assert by_model["mm"]["quality_matched"] is True
     assert by_model["mm2"]["quality_matched"] is False  # 0.5 < 1.0 - 0.1
     assert by_model["mm2"]["quality_band"] == {"reference": "mm", "fid_ratio": 1.25, "accuracy_drop": 0.1}
-    lines = (cfg.out / "quality.jsonl").read_text().splitlines()
+    lines = (cfg.output.out / "quality.jsonl").read_text().splitlines()
     assert len(lines) == 2
     # Another batch size in the same folder: quality is read back, not evaluated again.
     again = Runner(config(tmp_path, ["mm2", "mm"], meters=["wall"], reference="mm", quality_samples=4,
                           accuracy_drop=0.1, batch_sizes=[4]), **regs).run()
     assert ScoredBackbone.evaluated == ["mm2", "mm"] and len(again) == 2
     assert {r["model"]: r["quality_matched"] for r in again} == {"mm": True, "mm2": False}
-    assert len((cfg.out / "quality.jsonl").read_text().splitlines()) == 2
+    assert len((cfg.output.out / "quality.jsonl").read_text().splitlines()) == 2
 
 
 def test_a_second_writer_refuses_before_any_work_and_names_the_holder(tmp_path):
@@ -242,28 +243,28 @@ def test_a_second_writer_refuses_before_any_work_and_names_the_holder(tmp_path):
 
     built: list[str] = []
     cfg = config(tmp_path, ["mm"], meters=["wall"])
-    cfg.out.mkdir()
-    (cfg.out / ".lock").write_text(f"{os.getppid()}\n")
+    cfg.output.out.mkdir()
+    (cfg.output.out / ".lock").write_text(f"{os.getppid()}\n")
     with pytest.raises(UserError, match=rf"being written by another run \(process {os.getppid()}, lock "):
         Runner(cfg, **registries(built))  # pre-flight
-    (cfg.out / ".lock").unlink()
+    (cfg.output.out / ".lock").unlink()
     runner = Runner(cfg, **registries(built))
-    (cfg.out / ".lock").write_text(f"{os.getppid()}\n")  # taken between pre-flight and the run
+    (cfg.output.out / ".lock").write_text(f"{os.getppid()}\n")  # taken between pre-flight and the run
     with pytest.raises(UserError, match=rf"being written by another run \(process {os.getppid()}, lock "):
         runner.run()
-    assert built == [] and not (cfg.out / "results.jsonl").exists()
+    assert built == [] and not (cfg.output.out / "results.jsonl").exists()
 
 
 def test_resume_after_a_torn_write_loses_no_record(tmp_path):
     built: list[str] = []
     cfg = config(tmp_path, ["mm", "mm2"], meters=["wall"])
     Runner(config(tmp_path, ["mm"], meters=["wall"]), **registries(built)).run()
-    with (cfg.out / "results.jsonl").open("a") as f:
+    with (cfg.output.out / "results.jsonl").open("a") as f:
         f.write('{"model": "mm2", "backbone": "ti')  # SIGKILL mid-write
     Runner(cfg, **registries(built)).run()
     assert built == ["mm", "mm2"]
-    assert [r["model"] for r in ResultStore(cfg.out).load()] == ["mm", "mm2"]
-    assert not (cfg.out / ".lock").exists()
+    assert [r["model"] for r in ResultStore(cfg.output.out).load()] == ["mm", "mm2"]
+    assert not (cfg.output.out / ".lock").exists()
 
 
 def test_a_reference_not_among_the_models_is_added_saying_so(tmp_path):
@@ -274,10 +275,10 @@ def test_a_reference_not_among_the_models_is_added_saying_so(tmp_path):
                     **registries(built))
     assert notes == ["--reference mm2 is not among --models: added to the run (its energy is 1x and its quality "
                      "sets the band)"]
-    assert runner.notes == notes and cfg.models == ["mm", "mm2"]
+    assert runner.notes == notes and runner.plan.models == ("mm", "mm2") and cfg.sweep.models == ("mm",)
     runner.run()
     assert sorted(built) == ["mm", "mm2"]  # the added reference is measured too (in the run's shuffled order)
-    assert sorted(r["model"] for r in ResultStore(cfg.out).load()) == ["mm", "mm2"]
+    assert sorted(r["model"] for r in ResultStore(cfg.output.out).load()) == ["mm", "mm2"]
 
 
 def test_an_unknown_reference_is_refused_like_a_model_name(tmp_path):
@@ -320,8 +321,8 @@ def test_a_folder_made_with_another_configuration_is_refused_with_the_difference
     cfg = config(tmp_path, ["mm"], meters=["wall"], **changed)
     with pytest.raises(UserError) as e:
         Runner(cfg, **registries(built))
-    assert str(e.value) == (f"{cfg.out} holds results measured with another configuration ({listed}); run with the "
-                            f"folder's options to resume it, another --out, or --fresh to start it over")
+    assert str(e.value) == (f"{cfg.output.out} holds results measured with another configuration ({listed}); run "
+                            f"with the folder's options to resume it, another --out, or --fresh to start it over")
     assert built == ["mm"]
 
 
@@ -333,13 +334,13 @@ def test_fresh_starts_the_folder_over_and_keeps_the_earlier_files_aside(tmp_path
     Runner(cfg, on_event=lambda kind, info: notes.append(info["text"]) if kind == "note" else None,
            **registries(built)).run()
     assert built == ["mm", "mm"]  # measured again with the new seed
-    (record,) = ResultStore(cfg.out).load()
+    (record,) = ResultStore(cfg.output.out).load()
     assert record["config"]["run"]["seed"] == 7
-    (aside,) = cfg.out.glob("replaced-*")
+    (aside,) = cfg.output.out.glob("replaced-*")
     assert notes == [f"--fresh: moved the folder's earlier results.jsonl, samples to {aside}"]
     assert [r["config"]["run"]["seed"] for r in ResultStore(aside).load()] == [0]
     # Resuming with the new options now finds the cell done.
-    cfg.fresh = False
+    cfg = dataclasses.replace(cfg, output=dataclasses.replace(cfg.output, fresh=False))
     assert Runner(cfg, **registries(built)).run() == [] and built == ["mm", "mm"]
 
 
@@ -371,9 +372,9 @@ def test_each_canonical_cell_is_measured_once_and_said_so(tmp_path):
     assert notes == ["--models gives mm twice: measured once",
                      "--models mmp:n=4 is the same model as mmp (mmp:n=4): measured once, as mmp",
                      "--batch-size gives 2 more than once: each measured once"]
-    assert cfg.models == ["mm", "mmp", "mmp:n=2"] and cfg.batch_sizes == [2, 1]
+    assert runner.plan.models == ("mm", "mmp", "mmp:n=2") and runner.plan.batch_sizes == (2, 1)
     runner.run()
-    cells = sorted((r["model"], r["batch_size"]) for r in ResultStore(cfg.out).load())
+    cells = sorted((r["model"], r["batch_size"]) for r in ResultStore(cfg.output.out).load())
     assert cells == [("mm", 1), ("mm", 2), ("mmp", 1), ("mmp", 2), ("mmp:n=2", 1), ("mmp:n=2", 2)]
     # A later run naming the same canonical model another way finds its cells done.
     later = config(tmp_path, ["mmp:n=4"], meters=["wall"], batch_sizes=[2, 1], reference="mm")

@@ -94,7 +94,7 @@ def run(tmp_path, watts: dict[str, float], **kw):
     meters.register("dev", lambda: DeviceMeter(device))
     backbones = Registry("backbone")
     backbones.register("tiny", TinyBackbone)
-    cfg = RunConfig(models=list(watts), out=tmp_path / "out", backbone="tiny", meters=["dev"], images=4,
+    cfg = RunConfig.of(models=list(watts), out=tmp_path / "out", backbone="tiny", meters=["dev"], images=4,
                     batch_sizes=[2], min_repeats=3, max_repeats=3, min_duration_s=0.0, idle_s=0.5,
                     quality_samples=0, reference=next(iter(watts)), **kw)
     runner = Runner(cfg, generators=gens, meters=meters, backbones=backbones, clock=clock, sleep=clock.advance,

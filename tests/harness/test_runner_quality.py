@@ -71,7 +71,7 @@ def _config(tmp_path, models, **kw):
     base = dict(models=models, out=tmp_path / "out", backbone="scored", meters=["wall"], images=2, batch_sizes=[2],
                 min_repeats=1, max_repeats=1, min_duration_s=0.0, idle_s=0.0, quality_samples=2, reference="ref",
                 accuracy_drop=0.03)
-    return RunConfig(**{**base, **kw})
+    return RunConfig.of(**{**base, **kw})
 
 
 def test_quality_band_by_the_clip_rule_and_cached_per_folder(tmp_path):
@@ -94,16 +94,14 @@ def test_quality_band_by_the_clip_rule_and_cached_per_folder(tmp_path):
 
 def test_a_tighter_band_changes_the_verdict(tmp_path):
     ScoredBackbone.evaluated = []
-    cfg = _config(tmp_path, ["ref", "close"])
-    cfg.accuracy_drop = 0.01  # 80 x 0.99 = 79.2 > 79
+    cfg = _config(tmp_path, ["ref", "close"], accuracy_drop=0.01)  # 80 x 0.99 = 79.2 > 79
     Runner(cfg, **_registries()).run()
     records = {r["model"]: r["quality_matched"] for r in ResultStore(tmp_path / "out").load()}
     assert records == {"ref": True, "close": False}
 
 
 def test_no_quality_says_why(tmp_path):
-    cfg = _config(tmp_path, ["close"], reference="close")
-    cfg.quality_samples = 0
+    cfg = _config(tmp_path, ["close"], reference="close", quality_samples=0)
     Runner(cfg, **_registries()).run()
     (record,) = ResultStore(tmp_path / "out").load()
     assert record["quality"] is None and record["quality_matched"] is None

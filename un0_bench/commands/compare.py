@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from un0_bench.commands.options import ledger_options, print_records, report_options
-from un0_bench.harness.config import non_negative_int, path_arg, positive_int
+from un0_bench.harness.config import path_arg
 from un0_bench.harness.errors import UserError
 
 #: ``compare``'s options that go to the backbone (diffusers backbones only).
@@ -24,27 +24,25 @@ def add_parser(sub: Any) -> None:
     for name, text in _BACKBONE_OPTIONS:
         c.add_argument(f"--{name}", default=None, help=text, type=path_arg if name == "prompts" else str)
     ledger_options(c)
-    _executor_options(c)
     c.add_argument("--no-report", action="store_true", help="write results only")
-    c.add_argument("--fresh", action="store_true", help="start --out over: its earlier results are moved aside "
-                                                        "(needed when they were measured with other options)")
 
 
 def _run_options(c: argparse.ArgumentParser) -> None:
-    """``compare``'s options, built from :class:`RunConfig`'s fields (their one home, with their help)."""
-    import dataclasses
+    """``compare``'s options, built from the fields of the run's per-axis configs (their one home, with their help)."""
+    from un0_bench.harness.config import axis_fields, default_of
 
-    from un0_bench.harness.config import RunConfig
-
-    for f in dataclasses.fields(RunConfig):
+    for _, f in axis_fields():
         meta = f.metadata
         if not meta.get("cli", False):
             continue
         flag = meta.get("flag") or "--" + f.name.replace("_", "-")
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        text = ",".join(map(str, default)) if isinstance(default, list) else default
-        shown = "" if default is None else f" (default: {text})"
-        kwargs: dict[str, Any] = {"dest": f.name, "help": meta["help"] + shown}
+        default = default_of(f)
+        kwargs: dict[str, Any] = {"dest": f.name}
+        if f.type in ("bool", bool):  # a switch: off unless given
+            c.add_argument(flag, action="store_true", help=meta["help"], **kwargs)
+            continue
+        text = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+        kwargs["help"] = meta["help"] + ("" if default is None else f" (default: {text})")
         if meta.get("parse") is not None:
             kwargs["type"] = meta["parse"]
         if f.name == "models":
@@ -54,38 +52,11 @@ def _run_options(c: argparse.ArgumentParser) -> None:
         c.add_argument(flag, **kwargs)
 
 
-def _executor_options(c: argparse.ArgumentParser) -> None:
-    from un0_bench.harness.config import DEFAULT_CELL_CPUS, DEFAULT_CELL_RETRIES, DEFAULT_EXECUTOR
-
-    c.add_argument("--executor", default=DEFAULT_EXECUTOR,
-                   help="where cells run: local, ray (the cluster at RAY_ADDRESS, else a local one) or ray:ADDRESS "
-                        f"(default: {DEFAULT_EXECUTOR})")
-    c.add_argument("--allow-mixed", action="store_true",
-                   help="ray: run even if nodes differ in un0-bench version or weights (recorded in every record)")
-    c.add_argument("--retries", type=non_negative_int, default=DEFAULT_CELL_RETRIES,
-                   help=f"ray: times a cell whose worker died is tried again (default: {DEFAULT_CELL_RETRIES})")
-    c.add_argument("--cell-cpus", type=positive_int, default=DEFAULT_CELL_CPUS,
-                   help=f"ray: CPUs (torch threads) a CPU cell asks for (default: {DEFAULT_CELL_CPUS})")
-
-
-def make_executor(args: argparse.Namespace) -> Any:
-    from un0_bench.harness.config import DEFAULT_CELL_CPUS, DEFAULT_CELL_RETRIES
-    from un0_bench.harness.executors import make_executor as make
-
-    if args.executor.partition(":")[0] != "ray":
-        for flag, given in (("--allow-mixed", args.allow_mixed), ("--retries", args.retries != DEFAULT_CELL_RETRIES),
-                            ("--cell-cpus", args.cell_cpus != DEFAULT_CELL_CPUS)):
-            if given:
-                raise UserError(f"{flag} applies to --executor ray only")
-        return make(args.executor)
-    return make(args.executor, retries=args.retries, allow_mixed=args.allow_mixed, cpus_per_cell=args.cell_cpus)
-
-
 def cmd_compare(args: argparse.Namespace) -> int:
-    import dataclasses
-
     from rich.progress import Progress
 
+    from un0_bench.harness.config import axis_fields
+    from un0_bench.harness.executors import make_executor
     from un0_bench.harness.results import ResultStore
     from un0_bench.harness.runner import RunConfig, Runner
 
@@ -98,8 +69,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise UserError(f"{flag} applies to diffusers:PATH backbones only")
     if args.clip and not is_pipeline:
         raise UserError("--clip applies to diffusers:PATH backbones only (digits quality uses its own judge)")
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig) if f.metadata.get("cli")}
-    cfg = RunConfig(**{**given, "out": out, "backbone_options": options, "fresh": args.fresh})
+    given = {f.name: getattr(args, f.name) for _, f in axis_fields() if f.metadata.get("cli")}
+    cfg = RunConfig.of(**{**given, "out": out, "backbone_options": options})
     live: dict[str, Any] = {}
 
     def on_event(kind: str, info: dict[str, Any]) -> None:
@@ -129,7 +100,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     # Pre-flight (names, stacks, numbers, the folder, the cluster) before any progress bar: a refused run
     # prints one line.
-    executor = make_executor(args)
+    executor = make_executor(cfg.executor)
     try:
         runner = Runner(cfg, on_event=on_event, executor=executor)
         with Progress(transient=True) as bar:
@@ -143,12 +114,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
                 return 130
     finally:
         getattr(executor, "shutdown", lambda: None)()
-    from un0_bench.reports.tables import failed_cells, is_failed
+    from un0_bench.reports.tables import failed_cells, measured
 
-    measured = {s.canonical for s in runner.stacks.values()}
-    mine = [r for r in ResultStore(out).load() if r["backbone"] == cfg.backbone
-            and (r["model"] in cfg.models or runner.canonical_of(r) in measured)]
-    print_records([r for r in mine if not is_failed(r)])
+    plan = runner.plan
+    canonical = {s.canonical for _, s in plan.stacks}
+    mine = [r for r in ResultStore(out).records() if r.backbone == cfg.sweep.backbone
+            and (r.model in plan.models or runner.canonical_of(r) in canonical)]
+    print_records(measured(mine))
     for f in failed_cells(mine):
         print(f"failed: {f['model']} (batch {f['batch_size']}): {f['reason']}")
     if not args.no_report:

@@ -105,8 +105,7 @@ def _expand(first: ModelSpec, kind: str, generators: Registry, techniques: Regis
 
 
 def _technique(name: str, techniques: Registry = TECHNIQUES) -> Technique:
-    obj = techniques.get(name)
-    return obj() if isinstance(obj, type) else obj
+    return techniques.get(name)()
 
 
 def resolve(text: str, backbone: Backbone, generators: Registry = GENERATORS,

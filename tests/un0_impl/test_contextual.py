@@ -131,9 +131,14 @@ def backbone(tiny_dir):
 
 def build_un0(backbone, spec=UN0, **options):
     """``spec`` built through the stack, with a contextual technique given test options."""
-    techniques = Registry("technique")
-    techniques.register("contextual", ContextualSparsity(
-        **{"calibration_prompts": CALIBRATION, "meter_calibration": False, **options}))
+    settings = {"calibration_prompts": CALIBRATION, "meter_calibration": False, **options}
+
+    class Configured(ContextualSparsity):  # a registry holds technique classes: this one has the test options
+        def __init__(self) -> None:
+            super().__init__(**settings)
+
+    techniques = Registry("technique", "un0_bench.harness.technique:Technique")
+    techniques.register("contextual", Configured)
     return make_generator(spec, backbone, techniques=techniques)
 
 

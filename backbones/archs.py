@@ -7,7 +7,7 @@ backbone builds each component with :func:`~un0_bench.backbones.hf.build_on_meta
 meta tensors, so an SDXL UNet costs no memory, nothing is downloaded, and a forward pass runs no
 arithmetic. What it does run, op by op with every shape, is what the project's counter records.
 
-The sampler (:class:`ArchSampler`) is a :class:`~un0_bench.harness.technique.DenoiserGenerator`
+The sampler (:class:`ArchSampler`) is a :class:`~un0_bench.harness.core.technique.DenoiserGenerator`
 like every other backbone's, so techniques apply exactly as on a pipeline (``sd+cached``,
 ``sd+int8``, ``sd:steps=20``, ``sd-fp16``); it follows the diffusers pipeline's ``__call__``:
 prompt (and, with classifier-free guidance, negative prompt) through each text encoder, one
@@ -42,15 +42,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from un0_bench.harness.backbone import Backbone
+from un0_bench.harness.core.backbone import Backbone
+from un0_bench.harness.core.model import Model
+from un0_bench.harness.core.technique import DenoiserGenerator
 from un0_bench.harness.errors import PromptError, StackError, UserError
 from un0_bench.harness.meters.proxy import DEFAULT_PROFILE
-from un0_bench.harness.model import Model
-from un0_bench.harness.technique import DenoiserGenerator
 
 if TYPE_CHECKING:
-    from un0_bench.harness.generator import Generator
-    from un0_bench.harness.model import Plan
+    from un0_bench.harness.core.generator import Generator
+    from un0_bench.harness.core.model import Plan
 
 #: Folder of the shipped architecture configs.
 ARCH_DIR = Path(__file__).parent / "archs"
@@ -238,7 +238,7 @@ class ArchBackbone(Backbone):
                              f"un0-osc (un0-bench count --arch {self.arch} --models un0-osc)")
 
     def plan_base(self, steps: int | None) -> Plan:
-        from un0_bench.harness.model import Plan
+        from un0_bench.harness.core.model import Plan
 
         self._check_diffusion()
         return Plan("arch", self.config["denoiser"]["class"], steps or self.default_steps, weights="none (meta device)")
@@ -554,10 +554,10 @@ def count_arch(arch: str, model: str | None = None, *, steps: int | None = None,
     Raises:
         UserError: Bad arch, option or stack (techniques that need weights are refused with the reason).
     """
-    from un0_bench.harness.environment import environment
-    from un0_bench.harness.generator import GenerationRequest
-    from un0_bench.harness.protocol import count_phase_occurrences
-    from un0_bench.harness.stack import build, resolve
+    from un0_bench.harness.core.generator import GenerationRequest
+    from un0_bench.harness.core.stack import build, resolve
+    from un0_bench.harness.measuring.environment import environment
+    from un0_bench.harness.measuring.protocol import count_phase_occurrences
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise UserError(f"--batch-size {batch_size!r}: must be a positive integer")
@@ -622,8 +622,8 @@ def counted_record(gen: Generator, stack: Any, backbone: ArchBackbone, counts: A
                    ) -> dict[str, Any]:
     """The record of one counting pass (see :func:`count_arch`)."""
     from un0_bench.harness.counters.records import Counts
+    from un0_bench.harness.measuring.protocol import counts_fields, module_groups
     from un0_bench.harness.meters.proxy import proxy_energy
-    from un0_bench.harness.protocol import counts_fields, module_groups
 
     n = counts.images
     desc = gen.describe()

@@ -7,7 +7,7 @@ changes the denoiser it runs, never this loop. Two schedules:
 * an explicit one (``model.sampler["schedule"]``): decreasing timesteps and what the network predicts
   at each (``"epsilon"`` or ``"sample"``), for distilled students, stepped by :func:`ddim_step`.
 
-Hooks (:class:`~un0_bench.harness.technique.DenoiserGenerator`) run around every denoiser call, and
+Hooks (:class:`~un0_bench.harness.core.technique.DenoiserGenerator`) run around every denoiser call, and
 each call is a ``denoise_step`` phase.
 """
 
@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from un0_bench.backbones.digits_data import IMAGE_SHAPE, prompt_labels, to_unit
 from un0_bench.backbones.hf import diffusers_class
-from un0_bench.harness.generator import image_noise
-from un0_bench.harness.model import Model
-from un0_bench.harness.technique import DenoiserGenerator
+from un0_bench.harness.core.generator import image_noise
+from un0_bench.harness.core.model import Model
+from un0_bench.harness.core.technique import DenoiserGenerator
 
 #: Noise schedule shared by training and sampling (DDIM, epsilon prediction, samples clipped to [-1, 1]).
 SCHEDULER_CONFIG: dict[str, Any] = {

@@ -23,12 +23,12 @@ from un0_bench.backbones.digits_data import (  # noqa: F401  (re-exported: the d
     prompt_labels,
     to_unit,
 )
-from un0_bench.harness.backbone import Backbone, QualityOptions
+from un0_bench.harness.core.backbone import Backbone, QualityOptions
 from un0_bench.harness.errors import UserError
 
 if TYPE_CHECKING:
-    from un0_bench.harness.generator import GenerationResult, Generator
-    from un0_bench.harness.model import Model, Plan
+    from un0_bench.harness.core.generator import GenerationResult, Generator
+    from un0_bench.harness.core.model import Model, Plan
 
 
 class DigitsBackbone(Backbone):
@@ -76,14 +76,14 @@ class DigitsBackbone(Backbone):
     # -- the base model and its sampler -----------------------------------------------------------
 
     def plan_base(self, steps: int | None) -> Plan:
-        from un0_bench.harness.model import Plan
+        from un0_bench.harness.core.model import Plan
 
         return Plan("digits", "UNet2DModel", DEFAULT_STEPS if steps is None else steps, weights="teacher",
                     default_steps=DEFAULT_STEPS)
 
     def check_base_weights(self) -> list[Path]:
         from un0_bench.backbones.teacher import UNET_CONFIG
-        from un0_bench.harness.checkpoints import check_checkpoint
+        from un0_bench.harness.weights.checkpoints import check_checkpoint
 
         check_checkpoint(self.weights("teacher"), expected_config=UNET_CONFIG)
         return [self.weights("teacher")]
@@ -91,7 +91,7 @@ class DigitsBackbone(Backbone):
     def base_model(self, steps: int | None) -> Model:
         """The shipped teacher (fresh copy) with ``steps`` DDIM steps; its derivation is its training."""
         from un0_bench.backbones.teacher import load_teacher
-        from un0_bench.harness.model import Model
+        from un0_bench.harness.core.model import Model
 
         unet, meta = load_teacher(self.weights("teacher"))
         return Model(denoiser=unet, steps=DEFAULT_STEPS if steps is None else steps, derivation=meta)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from un0_bench.backbones.digits_data import IMAGE_SIZE, WEIGHTS_DIR, load_data
-from un0_bench.harness.checkpoints import load_checkpoint, load_into
+from un0_bench.harness.weights.checkpoints import load_checkpoint, load_into
 
 #: Architecture. Two conv stages (16 -> 8 -> 4 px), then a ``features``-wide penultimate layer.
 JUDGE_CONFIG: dict[str, Any] = {

@@ -36,12 +36,12 @@ from un0_bench.backbones.pipeline_parts import (  # noqa: F401  (re-exported for
     feed_forward_layers,
     text_encoders_of,
 )
-from un0_bench.harness.backbone import Backbone, QualityOptions
+from un0_bench.harness.core.backbone import Backbone, QualityOptions
 from un0_bench.harness.errors import PromptError, UserError
 
 if TYPE_CHECKING:
-    from un0_bench.harness.generator import GenerationResult, Generator
-    from un0_bench.harness.model import Model, Plan
+    from un0_bench.harness.core.generator import GenerationResult, Generator
+    from un0_bench.harness.core.model import Model, Plan
 
 
 #: Prompts of a benchmark run when no ``--prompts`` file is given (cycled over).
@@ -323,7 +323,7 @@ class PipelineBackbone(Backbone):
 
         Their hashes key resume; diffusers reads them at load time.
         """
-        from un0_bench.harness.checkpoints import check_header
+        from un0_bench.harness.weights.checkpoints import check_header
 
         if self.path is None:
             return []  # a hub id: diffusers resolves its files at load time
@@ -358,13 +358,13 @@ class PipelineBackbone(Backbone):
         return int(defaults.get("num_inference_steps") or 50)
 
     def plan_base(self, steps: int | None) -> Plan:
-        from un0_bench.harness.model import Plan
+        from un0_bench.harness.core.model import Plan
 
         return Plan("diffusers", self._denoiser_class() or "unknown", steps or self._default_steps(),
                     weights="pipeline")
 
     def base_model(self, steps: int | None) -> Model:
-        from un0_bench.harness.model import Model
+        from un0_bench.harness.core.model import Model
 
         pipe = self.load_pipeline()
         _, denoiser = denoiser_of(pipe)

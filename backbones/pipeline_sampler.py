@@ -3,7 +3,7 @@
 Every technique changes only the denoiser (``unet`` or ``transformer``); this class runs the
 pipeline through its one entry point, ``pipe(...)``, with its own scheduler. Hooks around the text
 encoders and ``vae.decode`` make ``text_encoder`` and ``vae_decode`` phases; the denoiser hooks of
-:class:`~un0_bench.harness.technique.DenoiserGenerator` make a ``denoise_step`` phase of every
+:class:`~un0_bench.harness.core.technique.DenoiserGenerator` make a ``denoise_step`` phase of every
 denoiser call and call every layer's hooks.
 """
 
@@ -13,10 +13,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from un0_bench.harness.backbone import Backbone
+from un0_bench.harness.core.backbone import Backbone
+from un0_bench.harness.core.model import Model
+from un0_bench.harness.core.technique import DenoiserGenerator
 from un0_bench.harness.errors import UserError
-from un0_bench.harness.model import Model
-from un0_bench.harness.technique import DenoiserGenerator
 
 
 def _image_size(pipe: Any, denoiser: nn.Module) -> tuple[int, int]:
@@ -95,7 +95,7 @@ class PipelineSampler(DenoiserGenerator):
                                       num_inference_steps=self.model.steps, generator=gens, output_type="pt")
         shape = self.latent_shape()
         if shape is not None:
-            # Same draws as harness.generator.image_noise: image i's own generator, seeded seed + i.
+            # Same draws as harness.core.generator.image_noise: image i's own generator, seeded seed + i.
             latents = torch.stack([torch.randn(shape, generator=g) for g in gens])  # (B, C, h, w)
             kwargs["latents"] = latents.to(self.device, self.pipeline_dtype)
         images = self.pipe(**kwargs).images  # (B, 3, H, W) in [0, 1]

@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 from un0_bench.backbones.digits_data import IMAGE_SHAPE, load_data, prompt_labels, to_unit
-from un0_bench.harness.config import DEFAULT_ACCURACY_DROP, DEFAULT_FID_RATIO
-from un0_bench.harness.generator import GenerationRequest, Generator
+from un0_bench.harness.core.generator import GenerationRequest, Generator
+from un0_bench.harness.running.config import DEFAULT_ACCURACY_DROP, DEFAULT_FID_RATIO
 
 #: Seed of the images :func:`evaluate_generator` draws: far from the seeds benchmarks use (0 upwards)
 #: and from the teacher's training pairs (1,000,000 upwards).

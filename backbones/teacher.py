@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from un0_bench.backbones.digits_data import IMAGE_SIZE, WEIGHTS_DIR
 from un0_bench.backbones.hf import diffusers_class
-from un0_bench.harness.checkpoints import load_checkpoint, load_into
+from un0_bench.harness.weights.checkpoints import load_checkpoint, load_into
 
 #: UNet2DModel config. Three resolutions (16, 8, 4), attention at 8x8, 10 class embeddings.
 UNET_CONFIG: dict[str, Any] = {

@@ -24,11 +24,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from un0_bench.harness.backbone import Backbone
+from un0_bench.harness.core.backbone import Backbone
+from un0_bench.harness.core.model import Layer, Model, Plan, Run
+from un0_bench.harness.core.spec import Param
+from un0_bench.harness.core.technique import Technique
 from un0_bench.harness.errors import StackError
-from un0_bench.harness.model import Layer, Model, Plan, Run
-from un0_bench.harness.spec import Param
-from un0_bench.harness.technique import Technique
 
 INTERVAL = Param(int, 3, "denoiser calls per full UNet pass (the deep feature is reused in between)", low=1,
                  high=1000)

@@ -18,11 +18,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from un0_bench.harness.backbone import Backbone
+from un0_bench.harness.core.backbone import Backbone
+from un0_bench.harness.core.model import Layer, Model
+from un0_bench.harness.core.spec import Param
+from un0_bench.harness.core.technique import Technique
 from un0_bench.harness.counters.ops import counting_active
-from un0_bench.harness.model import Layer, Model
-from un0_bench.harness.spec import Param
-from un0_bench.harness.technique import Technique
 
 #: torch.compile's modes ("default" is mode=None); the CUDA-graph modes need a GPU to matter.
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")

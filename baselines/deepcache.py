@@ -23,11 +23,11 @@ from importlib import metadata
 from types import SimpleNamespace
 from typing import Any
 
-from un0_bench.harness.backbone import Backbone
+from un0_bench.harness.core.backbone import Backbone
+from un0_bench.harness.core.model import Layer, Model, Plan
+from un0_bench.harness.core.spec import Param
+from un0_bench.harness.core.technique import Technique
 from un0_bench.harness.errors import StackError
-from un0_bench.harness.model import Layer, Model, Plan
-from un0_bench.harness.spec import Param
-from un0_bench.harness.technique import Technique
 
 INTERVAL = Param(int, 3, "steps per full UNet pass (DeepCache's cache_interval)", low=1, high=1000)
 BRANCH = Param(int, 0, "cache branch (DeepCache's cache_branch_id: layer b % 3 of block b // 3)", low=0, high=11)

@@ -31,12 +31,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from un0_bench.harness.backbone import Backbone
+from un0_bench.harness.core.backbone import Backbone
+from un0_bench.harness.core.model import Layer, Model, Plan
+from un0_bench.harness.core.spec import Param
+from un0_bench.harness.core.technique import Technique
 from un0_bench.harness.errors import SpecError, StackError
-from un0_bench.harness.model import Layer, Model, Plan
-from un0_bench.harness.quantize import quantize_per_channel
-from un0_bench.harness.spec import Param
-from un0_bench.harness.technique import Technique
+from un0_bench.harness.weights.quantize import quantize_per_channel
 
 #: Student step counts that are shipped (``sd-distilled:steps=K``); the first is the default.
 SHIPPED_STEPS = (4, 1)
@@ -86,7 +86,7 @@ def student_config(steps: int, unet_config: dict[str, Any], schedule_config: dic
     """Config stored with (and checked against) a student's weights: network, noise schedule, sampler.
 
     ``unet_config`` and ``schedule_config`` are the teacher's (the backbone's
-    :meth:`~un0_bench.harness.backbone.Backbone.denoiser_config` and ``schedule_config``).
+    :meth:`~un0_bench.harness.core.backbone.Backbone.denoiser_config` and ``schedule_config``).
     """
     return {"unet": copy.deepcopy(unet_config), "schedule": copy.deepcopy(schedule_config),
             "sampler": SAMPLERS[steps].config()}
@@ -152,13 +152,13 @@ class Distillation(Technique):
         plan.steps, plan.weights = params["steps"], f"sd-distilled-{params['steps']}"
 
     def check_weights(self, backbone: Backbone, steps: int = SHIPPED_STEPS[0]) -> list[Path]:
-        from un0_bench.harness.checkpoints import check_checkpoint
+        from un0_bench.harness.weights.checkpoints import check_checkpoint
 
         check_checkpoint(backbone.weights(f"sd-distilled-{steps}"), expected_config=_expected_config(backbone, steps))
         return [backbone.weights(f"sd-distilled-{steps}")]
 
     def apply(self, model: Model, backbone: Backbone, steps: int = SHIPPED_STEPS[0]) -> Layer:
-        from un0_bench.harness.checkpoints import load_checkpoint, load_into, unpacked
+        from un0_bench.harness.weights.checkpoints import load_checkpoint, load_into, unpacked
 
         path = backbone.weights(f"sd-distilled-{steps}")
         state, meta = load_checkpoint(path, expected_config=_expected_config(backbone, steps))

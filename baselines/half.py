@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from un0_bench.harness.backbone import Backbone
-from un0_bench.harness.model import Layer, Model
-from un0_bench.harness.technique import Technique
+from un0_bench.harness.core.backbone import Backbone
+from un0_bench.harness.core.model import Layer, Model
+from un0_bench.harness.core.technique import Technique
 
 
 def cast_floats(obj: Any, dtype: torch.dtype) -> Any:

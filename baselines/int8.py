@@ -32,13 +32,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from un0_bench.baselines.int_mm import int_mm
-from un0_bench.harness.backbone import Backbone
-from un0_bench.harness.checkpoints import file_sha256
+from un0_bench.harness.core.backbone import Backbone
+from un0_bench.harness.core.model import Layer, Model, Plan, Run
+from un0_bench.harness.core.spec import Param
+from un0_bench.harness.core.technique import Technique
 from un0_bench.harness.errors import StackError
-from un0_bench.harness.model import Layer, Model, Plan, Run
-from un0_bench.harness.quantize import QMAX, quantize_per_channel
-from un0_bench.harness.spec import Param
-from un0_bench.harness.technique import Technique
+from un0_bench.harness.weights.checkpoints import file_sha256
+from un0_bench.harness.weights.quantize import QMAX, quantize_per_channel
 
 # ---------------------------------------------------------------------------------------------
 # int8 layers
@@ -332,7 +332,7 @@ class Int8(Technique):
     def check_weights(self, backbone: Backbone, mode: str = "w8a8", scales: str = "dynamic") -> list[Path]:
         if scales != "static":
             return []  # dynamic scales are computed from each call's own activations
-        from un0_bench.harness.checkpoints import check_checkpoint
+        from un0_bench.harness.weights.checkpoints import check_checkpoint
 
         check_checkpoint(backbone.weights("sd-int8"), expected_config=_expected_config(backbone))
         return [backbone.weights("sd-int8")]
@@ -415,7 +415,7 @@ def _static_teacher(teacher: nn.Module, backbone: Backbone) -> tuple[nn.Module, 
         CheckpointError: If the calibration file is missing or was made for another UNet config,
             scheme or teacher file (run ``un0-bench train sd-int8``).
     """
-    from un0_bench.harness.checkpoints import load_checkpoint, load_into
+    from un0_bench.harness.weights.checkpoints import load_checkpoint, load_into
 
     path = backbone.weights("sd-int8")
     state, meta = load_checkpoint(path, expected_config=_expected_config(backbone))

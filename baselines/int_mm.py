@@ -66,7 +66,7 @@ def canonical(a: torch.Tensor, allow_transposed: bool = False) -> torch.Tensor:
 def _host(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    from un0_bench.harness.environment import cpu_model
+    from un0_bench.harness.measuring.environment import cpu_model
 
     return cpu_model()
 

@@ -14,7 +14,7 @@
   nothing unless a kernel skips it. No training: it is derived from the teacher when built.
 
 The pruned architecture is not the teacher's. The shipped checkpoint's config records the base
-config (the backbone's :meth:`~un0_bench.harness.backbone.Backbone.denoiser_config`) and the pruning
+config (the backbone's :meth:`~un0_bench.harness.core.backbone.Backbone.denoiser_config`) and the pruning
 recipe; :func:`load_pruned` rebuilds the exact architecture by re-running the pruning on the base
 denoiser it is given (with ratio-per-group pruning, the resulting shapes depend only on the
 architecture and the recipe, not on the weights) and then loads the fine-tuned weights, refusing
@@ -28,12 +28,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from un0_bench.harness.backbone import Backbone
-from un0_bench.harness.checkpoints import check_checkpoint, load_checkpoint
+from un0_bench.harness.core.backbone import Backbone
+from un0_bench.harness.core.model import Layer, Model, Plan
+from un0_bench.harness.core.spec import Param
+from un0_bench.harness.core.technique import Technique
 from un0_bench.harness.errors import CheckpointError, StackError
-from un0_bench.harness.model import Layer, Model, Plan
-from un0_bench.harness.spec import Param
-from un0_bench.harness.technique import Technique
+from un0_bench.harness.weights.checkpoints import check_checkpoint, load_checkpoint
 
 #: Structured pruning recipe. Part of the checkpoint's config: the architecture is rebuilt from it.
 PRUNING: dict[str, Any] = {

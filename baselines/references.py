@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 from un0_bench.backbones.digits import IMAGE_SHAPE, load_data, prompt_labels, to_unit
-from un0_bench.harness.backbone import Backbone
-from un0_bench.harness.generator import GenerationRequest, GenerationResult, Generator, image_noise
-from un0_bench.harness.spec import takes
+from un0_bench.harness.core.backbone import Backbone
+from un0_bench.harness.core.generator import GenerationRequest, GenerationResult, Generator, image_noise
+from un0_bench.harness.core.spec import takes
 
 
 class NoiseGenerator(Generator):

@@ -21,11 +21,11 @@ from __future__ import annotations
 from importlib import metadata
 from typing import Any
 
-from un0_bench.harness.backbone import Backbone
+from un0_bench.harness.core.backbone import Backbone
+from un0_bench.harness.core.model import Layer, Model, Run
+from un0_bench.harness.core.spec import Param
+from un0_bench.harness.core.technique import Technique
 from un0_bench.harness.errors import StackError
-from un0_bench.harness.model import Layer, Model, Run
-from un0_bench.harness.spec import Param
-from un0_bench.harness.technique import Technique
 
 #: tomesd's own limit: at most 1 - 1 / (sx * sy) of the tokens can merge, 0.75 at its 2 x 2 stride.
 RATIO = Param(float, 0.5, "share of a block's tokens merged before self-attention (tomesd's default 0.5)",

@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from un0_bench.harness.backbone import Backbone
-from un0_bench.harness.generator import GenerationRequest, GenerationResult, Generator
+from un0_bench.harness.core.backbone import Backbone
+from un0_bench.harness.core.generator import GenerationRequest, GenerationResult, Generator
 from un0_bench.harness.registry import Registry
-from un0_bench.harness.runner import RunConfig, Runner
+from un0_bench.harness.running.runner import RunConfig, Runner
 
 
 class Trivial(Generator):

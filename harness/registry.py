@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 from un0_bench.harness.errors import UserError
 
 if TYPE_CHECKING:
-    from un0_bench.harness.backbone import Backbone
-    from un0_bench.harness.generator import Generator
+    from un0_bench.harness.core.backbone import Backbone
+    from un0_bench.harness.core.generator import Generator
+    from un0_bench.harness.core.technique import Technique
     from un0_bench.harness.meters.base import Meter
-    from un0_bench.harness.technique import Technique
 
 T = TypeVar("T")
 
@@ -217,10 +217,10 @@ def unknown_name(kind: str, name: str, names: Iterable[str]) -> str:
 #: ``(backbone, **params) -> Generator``.
 GENERATORS: Registry[Callable[..., Generator]] = Registry("generator", entry_point_group="un0_bench.generators")
 #: Transforms of a denoiser that stack on a base model (``int8``, ``cached``, ...).
-TECHNIQUES: Registry[type[Technique]] = Registry("technique", "un0_bench.harness.technique:Technique",
+TECHNIQUES: Registry[type[Technique]] = Registry("technique", "un0_bench.harness.core.technique:Technique",
                                                   entry_point_group="un0_bench.techniques")
 #: Where weights, prompts, samplers and quality come from (``digits``, ``diffusers:PATH``, ``arch:NAME``).
-BACKBONES: Registry[type[Backbone]] = Registry("backbone", "un0_bench.harness.backbone:Backbone",
+BACKBONES: Registry[type[Backbone]] = Registry("backbone", "un0_bench.harness.core.backbone:Backbone",
                                                 entry_point_group="un0_bench.backbones")
 #: Measurement windows (``wall``, ``proxy``, ``rapl``, ...).
 METERS: Registry[type[Meter]] = Registry("meter", "un0_bench.harness.meters.base:Meter",

@@ -7,17 +7,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from un0_bench.harness.config import DEFAULT_GRID_GCO2_PER_KWH
-from un0_bench.harness.ledger import (
-    BOUNDARIES,
-    BOUNDARY_LABELS,
-    below_detection_limit,
-    find_reference,
-    ledger,
-    run_settings,
-)
 from un0_bench.harness.meters.proxy import MEMORY_CAVEAT
-from un0_bench.harness.results import ResultStore
+from un0_bench.harness.running.config import DEFAULT_GRID_GCO2_PER_KWH
+from un0_bench.harness.running.results import ResultStore
 from un0_bench.reports import plots, projected, units
 from un0_bench.reports.claims import (
     BOUNDARY_GLOSSARY,
@@ -27,6 +19,14 @@ from un0_bench.reports.claims import (
     evidence,
     headline_claims,
     is_reference,
+)
+from un0_bench.reports.ledger import (
+    BOUNDARIES,
+    BOUNDARY_LABELS,
+    below_detection_limit,
+    find_reference,
+    ledger,
+    run_settings,
 )
 from un0_bench.reports.markdown import summary_markdown
 from un0_bench.reports.strength import strength_markdown, strength_rows

@@ -38,8 +38,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from un0_bench.harness.ledger import BOUNDARIES, below_detection_limit
 from un0_bench.harness.meters.codecarbon import evidence_of
+from un0_bench.reports.ledger import BOUNDARIES, below_detection_limit
 
 CLAIMS_FILE = Path(__file__).with_name("claims.csv")
 

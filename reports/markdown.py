@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from un0_bench.harness.ledger import BOUNDARIES, BOUNDARY_LABELS
 from un0_bench.harness.meters.proxy import MEMORY_CAVEAT
 from un0_bench.reports.claims import (
     BOUNDARY_GLOSSARY,
@@ -15,6 +14,7 @@ from un0_bench.reports.claims import (
     fmt_range,
     headline_claims,
 )
+from un0_bench.reports.ledger import BOUNDARIES, BOUNDARY_LABELS
 
 _MARKS = {"holds": "✅", "fails": "❌", "cannot tell": "❔"}
 

@@ -11,7 +11,7 @@ import csv
 from pathlib import Path
 from typing import Any
 
-from un0_bench.harness.ledger import find_reference
+from un0_bench.reports.ledger import find_reference
 
 PUBLISHED = Path(__file__).with_name("published_speedups.csv")
 

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from un0_bench.harness.record import Record
-from un0_bench.harness.results import ResultStore
+from un0_bench.harness.running.record import Record
+from un0_bench.harness.running.results import ResultStore
 from un0_bench.reports.claims import evidence
 
 #: Columns of ``results.csv`` (flat; nested fields stay in results.jsonl).

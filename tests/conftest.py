@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 import torch
-from un0_bench.harness.generator import GenerationRequest, GenerationResult, Generator, image_noise
+from un0_bench.harness.core.generator import GenerationRequest, GenerationResult, Generator, image_noise
 from un0_bench.harness.meters.base import Meter, Reading
 
 

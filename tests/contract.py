@@ -9,9 +9,9 @@ import json
 
 import pytest
 import torch
+from un0_bench.harness.core.generator import GenerationRequest, Generator
 from un0_bench.harness.counters.ops import OpCounter
 from un0_bench.harness.errors import PromptError
-from un0_bench.harness.generator import GenerationRequest, Generator
 
 
 class GeneratorContract:

@@ -86,7 +86,7 @@ def test_list_shows_meter_reasons(capsys):
 
 
 def test_models_with_parameter_commas():
-    from un0_bench.harness.config import models_list as _models
+    from un0_bench.harness.running.config import models_list as _models
 
     assert _models("un0-osc:n=1024,steps=32,sd") == ["un0-osc:n=1024,steps=32", "sd"]
 
@@ -176,7 +176,7 @@ def test_report_overrides_of_run_settings(capsys, tmp_path, monkeypatch):
 
 
 def test_rerun_with_changed_options_is_refused_in_one_line(capsys, tmp_path):
-    from un0_bench.harness.config import MEASUREMENT_FIELDS, RunConfig
+    from un0_bench.harness.running.config import MEASUREMENT_FIELDS, RunConfig
 
     from tests.reports.fixtures import proxy, write
 

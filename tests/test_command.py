@@ -6,7 +6,7 @@ import json
 import sys
 
 import pytest
-from un0_bench.harness.results import ResultStore
+from un0_bench.harness.running.results import ResultStore
 
 from un0_bench.cli import main
 

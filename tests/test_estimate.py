@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from un0_bench.harness.projection import fit_calibration, get_gpu_profile
+from un0_bench.harness.projection.roofline import fit_calibration, get_gpu_profile
 from un0_bench.reports.claims import evaluate_claims
 from un0_bench.reports.projected import scale_rows, validation_rows
 

@@ -152,3 +152,17 @@ def test_ray_is_imported_in_one_module_only():
     users = sorted({str(path.relative_to(ROOT)) for _, path in _sources()
                     for _, module in _imports(path) if module.split(".")[0] == "ray"})
     assert users == ["harness/executors/ray.py"]
+
+
+#: The instrument's rooms, one an axis (README, "Layout"); only these two modules serve them all from the top.
+HARNESS_AXES = {"core", "measuring", "meters", "counters", "running", "executors", "weights", "projection"}
+HARNESS_TOP = {"__init__.py", "errors.py", "registry.py"}
+
+
+def test_the_harness_is_grouped_by_axis_and_the_readme_names_each_room():
+    top = {p.name for p in (ROOT / "harness").glob("*.py")}
+    folders = {p.name for p in (ROOT / "harness").iterdir() if p.is_dir() and (p / "__init__.py").is_file()}
+    assert (top, folders) == (HARNESS_TOP, HARNESS_AXES)
+    row = next(line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("| `harness/` |"))
+    assert sorted(a for a in HARNESS_AXES if f"`{a}/`" not in row) == []
+    assert "`training/`" in (ROOT / "README.md").read_text()

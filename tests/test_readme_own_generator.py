@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from un0_bench.harness.results import ResultStore
+from un0_bench.harness.running.results import ResultStore
 
 from un0_bench.cli import main
 

@@ -31,10 +31,10 @@ import torch.nn.functional as F
 from un0_bench.backbones.ddim import SCHEDULER_CONFIG, ddim_sample, ddim_step, make_scheduler
 from un0_bench.backbones.digits import IMAGE_SHAPE, WEIGHTS_DIR
 from un0_bench.baselines.distilled import SAMPLERS, SHIPPED_STEPS, STORAGE, StudentSampler, pack_int8, student_config
-from un0_bench.harness.checkpoints import file_sha256, save_checkpoint
+from un0_bench.harness.core.generator import image_noise
 from un0_bench.harness.counters.ops import OpCounter
-from un0_bench.harness.derivation import TrainingEnergy, metered_training
-from un0_bench.harness.generator import image_noise
+from un0_bench.harness.weights.checkpoints import file_sha256, save_checkpoint
+from un0_bench.harness.weights.derivation import TrainingEnergy, metered_training
 from un0_bench.training.loop import ema_update, one_cycle, run_steps, training_metadata
 from un0_bench.training.pairs import teacher_pairs
 

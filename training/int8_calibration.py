@@ -14,10 +14,10 @@ from typing import Any
 import torch
 from torch import nn
 from un0_bench.baselines.int8 import INT8_SCHEME, TimestepBucket, int8_config, quantizable_layers, quantize_unet
-from un0_bench.harness.checkpoints import save_checkpoint
-from un0_bench.harness.derivation import metered_training
 from un0_bench.harness.errors import UserError
-from un0_bench.harness.quantize import QMAX
+from un0_bench.harness.weights.checkpoints import save_checkpoint
+from un0_bench.harness.weights.derivation import metered_training
+from un0_bench.harness.weights.quantize import QMAX
 from un0_bench.training.loop import train_command, training_metadata
 
 

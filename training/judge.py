@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from un0_bench.backbones.digits_data import load_data
 from un0_bench.backbones.judge import JUDGE_CONFIG, JUDGE_FILE, build_judge, held_out_accuracy
-from un0_bench.harness.checkpoints import save_checkpoint
-from un0_bench.harness.derivation import metered_training
+from un0_bench.harness.weights.checkpoints import save_checkpoint
+from un0_bench.harness.weights.derivation import metered_training
 from un0_bench.training.loop import one_cycle, run_steps, train_command, training_metadata
 
 TRAIN_DEFAULTS: dict[str, Any] = {"steps": 1000, "batch_size": 64, "lr": 2e-3, "weight_decay": 1e-4,

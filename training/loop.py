@@ -1,6 +1,6 @@
 """What every trainer shares: the deterministic step loop, its schedule and EMA, and the metadata it writes.
 
-The energy a run spends is metered by :mod:`~un0_bench.harness.derivation` (which a technique that
+The energy a run spends is metered by :mod:`~un0_bench.harness.weights.derivation` (which a technique that
 calibrates when it is built uses too); this module is the rest of a training run.
 """
 
@@ -15,8 +15,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from un0_bench.harness.derivation import TrainingEnergy
-from un0_bench.harness.environment import git_commit
+from un0_bench.harness.measuring.environment import git_commit
+from un0_bench.harness.weights.derivation import TrainingEnergy
 
 
 def run_steps(train_step: Callable[[], float], steps: int, desc: str, *, scheduler: Any = None,

@@ -9,8 +9,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from un0_bench.backbones.digits import WEIGHTS_DIR
-from un0_bench.harness.checkpoints import load_checkpoint, save_checkpoint
-from un0_bench.harness.derivation import metered_training
+from un0_bench.harness.weights.checkpoints import load_checkpoint, save_checkpoint
+from un0_bench.harness.weights.derivation import metered_training
 from un0_bench.training.loop import one_cycle, run_steps, train_command, training_metadata
 from un0_bench.training.pairs import teacher_pairs
 from un0_bench.un0_impl.oscillator import SHIPPED, OscillatorConfig, OscillatorNet, _pack_state

@@ -34,7 +34,7 @@ def teacher_pairs(n: int, steps: int = 50, batch_size: int = 256, path: Path = T
     import hashlib
 
     from un0_bench.backbones.digits_data import IMAGE_SHAPE
-    from un0_bench.harness.generator import image_noise
+    from un0_bench.harness.core.generator import image_noise
 
     digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
     cache = _cache_dir() / f"teacher-pairs-{digest}-n{n}-s{steps}.pt"

@@ -12,8 +12,8 @@ from un0_bench.backbones.ddim import make_scheduler
 from un0_bench.backbones.digits import WEIGHTS_DIR, load_data
 from un0_bench.backbones.teacher import TEACHER_FILE, UNET_CONFIG, load_teacher
 from un0_bench.baselines.pruned import prune_channels, pruned_config
-from un0_bench.harness.checkpoints import file_sha256, save_checkpoint
-from un0_bench.harness.derivation import metered_training
+from un0_bench.harness.weights.checkpoints import file_sha256, save_checkpoint
+from un0_bench.harness.weights.derivation import metered_training
 from un0_bench.training.loop import ema_update, one_cycle, run_steps, train_command, training_metadata
 
 PRUNED_FILE = WEIGHTS_DIR / "sd-pruned.safetensors"

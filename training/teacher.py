@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from un0_bench.backbones.ddim import SCHEDULER_CONFIG, make_scheduler
 from un0_bench.backbones.digits_data import load_data
 from un0_bench.backbones.teacher import TEACHER_FILE, UNET_CONFIG, build_unet
-from un0_bench.harness.checkpoints import save_checkpoint
-from un0_bench.harness.derivation import metered_training
+from un0_bench.harness.weights.checkpoints import save_checkpoint
+from un0_bench.harness.weights.derivation import metered_training
 from un0_bench.training.loop import ema_update, one_cycle, run_steps, train_command, training_metadata
 
 TRAIN_DEFAULTS = {"steps": 1500, "batch_size": 128, "lr": 2e-3, "ema_decay": 0.995, "seed": 0}

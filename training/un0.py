@@ -18,11 +18,11 @@ import torch.nn.functional as F
 from un0_bench.backbones.ddim import ddim_sample
 from un0_bench.backbones.digits import IMAGE_SHAPE
 from un0_bench.backbones.teacher import load_teacher
-from un0_bench.harness.checkpoints import save_checkpoint
+from un0_bench.harness.core.generator import image_noise
 from un0_bench.harness.counters.ops import OpCounter
-from un0_bench.harness.derivation import metered_training
-from un0_bench.harness.generator import image_noise
 from un0_bench.harness.meters.proxy import DEFAULT_PROFILE, proxy_energy
+from un0_bench.harness.weights.checkpoints import save_checkpoint
+from un0_bench.harness.weights.derivation import metered_training
 from un0_bench.training.loop import ema_update, run_steps, train_command, training_metadata
 from un0_bench.training.pairs import teacher_pairs
 from un0_bench.un0_impl.gated import (

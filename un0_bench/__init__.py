@@ -17,7 +17,7 @@ _API = {"measure": "measure", "window": "window", "Measurement": "Measurement"}
 
 def __getattr__(name: str):  # noqa: ANN202  (PEP 562: lazy attributes of the package)
     if name in _API:
-        from un0_bench.harness import custom
+        from un0_bench.harness.running import custom
 
         return getattr(custom, _API[name])
     raise AttributeError(f"module 'un0_bench' has no attribute {name!r}")

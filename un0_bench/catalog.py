@@ -63,7 +63,7 @@ TECHNIQUES.register("contextual", f"{_U}.contextual:ContextualSparsity",
 
 # --- generators: base models, and names that stand for stacks -----------------------------------
 _BOTH = ("digits", "diffusers", "arch")
-GENERATORS.register("sd", "un0_bench.harness.stack:diffusion_base",
+GENERATORS.register("sd", "un0_bench.harness.core.stack:diffusion_base",
                     "the backbone's diffusion model (digits teacher: DDIM, 50 steps; a pipeline as loaded; "
                     "an arch as configured)", kinds=_BOTH)
 GENERATORS.register("sd-bf16", None, "sd in bfloat16", alias={k: "sd+bf16" for k in _BOTH})

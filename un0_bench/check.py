@@ -12,12 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from un0_bench.harness.generator import GenerationRequest
+from un0_bench.harness.core.generator import GenerationRequest
+from un0_bench.harness.core.stack import make_generator
+from un0_bench.harness.measuring.protocol import count_ops
 from un0_bench.harness.meters.proxy import DEFAULT_PROFILE
-from un0_bench.harness.protocol import count_ops
 from un0_bench.harness.registry import GENERATORS
-from un0_bench.harness.runner import load_backbone
-from un0_bench.harness.stack import make_generator
+from un0_bench.harness.running.runner import load_backbone
 
 #: The gate's fixed protocol: few images, one batch, digits backbone, default profile.
 GATE_IMAGES = 10
@@ -134,7 +134,7 @@ def from_run(folder: Path) -> dict[str, dict[str, float]]:
     ``wall_s_per_image``. Failed and unavailable records are left out.
     """
     from un0_bench.harness.errors import UserError
-    from un0_bench.harness.results import ResultStore
+    from un0_bench.harness.running.results import ResultStore
 
     if not (folder / "results.jsonl").is_file():
         raise UserError(f"{folder} has no results.jsonl (measure into it first)")

@@ -1,7 +1,7 @@
 """``un0-bench estimate`` and ``un0-bench calibrate``: counted real architectures projected on a GPU.
 
 The top floor joins what the floors below keep apart: ``un0_bench.backbones.archs.count_arch`` counts an
-architecture on the meta device (no weights), ``un0_bench.harness.projection`` turns counted work into
+architecture on the meta device (no weights), ``un0_bench.harness.projection.roofline`` turns counted work into
 projected time and energy on a GPU profile, and ``reports`` builds the same report as ``compare``.
 Every record written here is marked projected (``status: "projected"``, ``meter:
 "projection:<profile>"``); none is a measurement.
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from un0_bench.harness.errors import UserError
-from un0_bench.harness.projection import (
+from un0_bench.harness.projection.roofline import (
     CALIBRATION_FILE,
     Calibration,
     MathFlags,
@@ -63,7 +63,7 @@ def count(arch: str, *, steps: int | None = None, resolution: int | None = None,
 
 
 def _environment() -> dict[str, Any]:
-    from un0_bench.harness.environment import environment
+    from un0_bench.harness.measuring.environment import environment
 
     return environment()
 
@@ -88,7 +88,7 @@ def estimate_records(arch: str, profiles: list[str], *, calibration: Calibration
 
 def write_report(records: list[dict[str, Any]], out: Path, *, report: bool = True) -> Path | None:
     """Append ``records`` to ``out/results.jsonl`` and build the report exactly as ``compare`` does."""
-    from un0_bench.harness.results import ResultStore, check_writable
+    from un0_bench.harness.running.results import ResultStore, check_writable
 
     check_writable(out)
     store = ResultStore(out)
@@ -196,11 +196,11 @@ def calibration_points(count_fn: CountFn | None = None, role: str = "calibration
 def refit_projection(out: Path | None = None, count_fn: CountFn | None = None) -> Calibration:
     """Recount the calibration points and refit the projection's two factors (with the leave-one-out table).
 
-    Writes them to ``out`` (default: the shipped ``harness/projection_calibration.json``).
+    Writes them to ``out`` (default: the shipped ``harness/projection/projection_calibration.json``).
     """
     cal = fit_calibration(calibration_points(count_fn), name=CALIBRATION_NAME, command=REFIT_COMMAND)
     if out is None:
-        out = Path(__file__).resolve().parent.parent / "harness" / CALIBRATION_FILE
+        out = Path(__file__).resolve().parent.parent / "harness" / "projection" / CALIBRATION_FILE
     out.write_text(json.dumps(cal.to_dict(), indent=1, sort_keys=True) + "\n")
     return cal
 
@@ -208,9 +208,9 @@ def refit_projection(out: Path | None = None, count_fn: CountFn | None = None) -
 # --- a host's coefficients from a meter -----------------------------------------------------------
 def calibrate_host(meter_name: str, name: str, out: Path, *, window_s: float = 0.5, windows: int = 2) -> dict[str, Any]:
     """Run the fixed workloads under ``meter_name``, fit, write ``out/profiles.csv`` and ``out/fit.json``."""
-    from un0_bench.harness.calibrate import WORKLOADS, fit_samples, profile_csv, run_workloads
-    from un0_bench.harness.results import check_writable
-    from un0_bench.harness.runner import make_meter
+    from un0_bench.harness.projection.calibrate import WORKLOADS, fit_samples, profile_csv, run_workloads
+    from un0_bench.harness.running.results import check_writable
+    from un0_bench.harness.running.runner import make_meter
 
     check_writable(out)
     meter = make_meter(meter_name)

@@ -19,9 +19,9 @@ from typing import Any
 
 import torch
 
-from un0_bench.harness.backbone import Backbone, QualityOptions
+from un0_bench.harness.core.backbone import Backbone, QualityOptions
+from un0_bench.harness.core.generator import GenerationRequest, GenerationResult, Generator
 from un0_bench.harness.errors import UserError
-from un0_bench.harness.generator import GenerationRequest, GenerationResult, Generator
 
 KIND = "command"
 #: File endings read as images (PIL opens them).

@@ -19,7 +19,7 @@ from typing import Any
 
 from un0_bench.estimate import PUBLISHED_FILE, CountFn, count, parse_setting, published_rows, write_report
 from un0_bench.harness.errors import UserError
-from un0_bench.harness.projection import (
+from un0_bench.harness.projection.roofline import (
     GpuProfile,
     get_gpu_profile,
     load_calibration,

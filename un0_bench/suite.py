@@ -11,8 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-from un0_bench.harness.config import DEFAULT_QUALITY_SAMPLES, ProtocolConfig, RunConfig
 from un0_bench.harness.errors import UserError
+from un0_bench.harness.running.config import DEFAULT_QUALITY_SAMPLES, ProtocolConfig, RunConfig
 
 #: ``make bench``: the claims in about 10 minutes on 2 CPU cores. The reference (sd, 50 DDIM steps), one
 #: model of each technique family, and the two quantised rows of the quantization claim: sd-int8 (every
@@ -49,9 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from un0_bench.commands.options import print_records
-    from un0_bench.harness.config import models_list
-    from un0_bench.harness.results import ResultStore
-    from un0_bench.harness.runner import Runner
+    from un0_bench.harness.running.config import models_list
+    from un0_bench.harness.running.results import ResultStore
+    from un0_bench.harness.running.runner import Runner
     from un0_bench.reports.build import build_report
 
     t0 = time.perf_counter()

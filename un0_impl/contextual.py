@@ -28,12 +28,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from un0_bench.harness.backbone import Backbone
+from un0_bench.harness.core.backbone import Backbone
+from un0_bench.harness.core.model import Layer, Model, Plan, Run
+from un0_bench.harness.core.spec import Param
+from un0_bench.harness.core.technique import Technique
 from un0_bench.harness.counters.ops import gating_scope, mark_gating
 from un0_bench.harness.errors import StackError, UserError
-from un0_bench.harness.model import Layer, Model, Plan, Run
-from un0_bench.harness.spec import Param
-from un0_bench.harness.technique import Technique
 from un0_bench.un0_impl.sparse import SubnetCache
 
 KEEP = Param(float, 0.1, "fraction of feed-forward hidden units kept per prompt", low=0.0, high=1.0, low_open=True)
@@ -333,7 +333,7 @@ class ContextualSparsity(Technique):
     def _calibrate(self, model: Model, backbone: Backbone, specs: list[FeedForwardSpec], prompts: tuple[str, ...],
                    steps: int) -> tuple[torch.Tensor, list[torch.Tensor], dict[str, Any], float]:
         """Run the pipeline on the calibration prompts, recording prompt features and unit activations."""
-        from un0_bench.harness.derivation import metered_training
+        from un0_bench.harness.weights.derivation import metered_training
 
         n = len(prompts)
         sums = [torch.zeros(n, s.inner, dtype=torch.float64) for s in specs]

@@ -28,11 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from un0_bench.backbones.digits import IMAGE_SHAPE, WEIGHTS_DIR, prompt_labels, to_unit
-from un0_bench.harness.backbone import Backbone
+from un0_bench.harness.core.backbone import Backbone
+from un0_bench.harness.core.generator import GenerationRequest, GenerationResult, Generator, image_noise
+from un0_bench.harness.core.spec import Param, takes
 from un0_bench.harness.counters.ops import gating_scope, mark_gating
-from un0_bench.harness.generator import GenerationRequest, GenerationResult, Generator, image_noise
-from un0_bench.harness.quantize import quantize_per_channel
-from un0_bench.harness.spec import Param, takes
+from un0_bench.harness.weights.quantize import quantize_per_channel
 from un0_bench.un0_impl.sparse import CompactMLP, GatedMLP, PromptGate, SubnetCache, kept_units, layer_norm
 
 #: Architecture of the shipped model.
@@ -286,7 +286,7 @@ class Un0Generator(Generator):
 
 def load_un0(path: Path = UN0_FILE) -> tuple[Un0Net, dict[str, Any]]:
     """The trained network (float32) and its metadata. Refuses a file made for another config."""
-    from un0_bench.harness.checkpoints import load_checkpoint, load_into, unpacked
+    from un0_bench.harness.weights.checkpoints import load_checkpoint, load_into, unpacked
 
     state, meta = load_checkpoint(path, expected_config=UN0_CONFIG)
     net = Un0Net.from_config(UN0_CONFIG)
@@ -302,7 +302,7 @@ def build(backbone: Backbone, keep: float, steps: int) -> Generator:
 
 
 def _check_weights(backbone: Backbone, **params: Any) -> list[Path]:
-    from un0_bench.harness.checkpoints import check_checkpoint
+    from un0_bench.harness.weights.checkpoints import check_checkpoint
 
     check_checkpoint(backbone.weights("un0"), expected_config=UN0_CONFIG)
     return [backbone.weights("un0")]

@@ -40,12 +40,12 @@ from typing import Any
 import torch
 from torch import nn
 from un0_bench.backbones.digits import IMAGE_SHAPE, IMAGE_SIZE, prompt_labels, to_unit
-from un0_bench.harness.backbone import Backbone
+from un0_bench.harness.core.backbone import Backbone
+from un0_bench.harness.core.generator import GenerationRequest, GenerationResult, Generator, image_noise
+from un0_bench.harness.core.spec import Param, takes
 from un0_bench.harness.counters.records import Counts
 from un0_bench.harness.errors import SpecError
-from un0_bench.harness.generator import GenerationRequest, GenerationResult, Generator, image_noise
 from un0_bench.harness.meters.proxy import DEFAULT_PROFILE
-from un0_bench.harness.spec import Param, takes
 
 __all__ = [
     "ANALOG_PROFILE",
@@ -291,7 +291,7 @@ def _oscillator_config(path: Path, meta: dict[str, Any], n: int | None = None) -
 
 def load_oscillator(path: Path) -> tuple[OscillatorNet, dict[str, Any]]:
     """A trained :class:`OscillatorNet` in eval mode, with its metadata."""
-    from un0_bench.harness.checkpoints import load_checkpoint, load_into, unpacked
+    from un0_bench.harness.weights.checkpoints import load_checkpoint, load_into, unpacked
 
     state, meta = load_checkpoint(path)
     cfg = _oscillator_config(path, meta)
@@ -463,7 +463,7 @@ def build(backbone: Backbone, n: int, steps: int) -> Generator:
 
 
 def _check_weights(backbone: Backbone, n: int, **params: Any) -> list[Path]:
-    from un0_bench.harness.checkpoints import check_checkpoint
+    from un0_bench.harness.weights.checkpoints import check_checkpoint
 
     if n not in SHIPPED:
         return []  # build() refuses it with the valid sizes

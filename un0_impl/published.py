@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 from un0_bench.backbones.archs import ArchBackbone, parameters
+from un0_bench.harness.core.generator import GenerationRequest, GenerationResult
+from un0_bench.harness.core.spec import Param, takes
 from un0_bench.harness.errors import StackError
-from un0_bench.harness.generator import GenerationRequest, GenerationResult
-from un0_bench.harness.spec import Param, takes
 from un0_bench.un0_impl.oscillator import IMAGE_SIZE, OscillatorConfig, OscillatorGenerator, OscillatorNet
 
 __all__ = ["PublishedOscillatorGenerator", "build_arch", "published_config", "published_net"]

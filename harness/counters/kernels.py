@@ -1,6 +1,6 @@
 """Counted ops as GPU kernels: which kernel class each op launches, and how big each launch is.
 
-The projection (:mod:`un0_bench.harness.projection`) charges every launched kernel by its class: a GEMM or a
+The projection (:mod:`un0_bench.harness.projection.roofline`) charges every launched kernel by its class: a GEMM or a
 convolution on tensor cores (by dtype), attention (the fused SDPA kernel), or a normalisation or
 element-wise kernel bound by the bytes it moves, plus a fixed host cost per launch. This module only
 sorts what the counter recorded; it charges nothing.

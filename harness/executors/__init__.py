@@ -1,8 +1,8 @@
 """Executors: who measures the cells of a run, and where.
 
 The runner (the driver) plans the cells and alone writes the output folder; an executor hands each
-:class:`~un0_bench.harness.cell.Cell` to a :class:`~un0_bench.harness.cell.Workbench` somewhere and
-passes every :class:`~un0_bench.harness.cell.CellResult` back as soon as it is in. ``local`` measures
+:class:`~un0_bench.harness.running.cell.Cell` to a :class:`~un0_bench.harness.running.cell.Workbench` somewhere and
+passes every :class:`~un0_bench.harness.running.cell.CellResult` back as soon as it is in. ``local`` measures
 the cells one after another in this process; ``ray`` (:mod:`~un0_bench.harness.executors.ray`, an
 optional extra) runs one task per cell on a Ray cluster.
 """
@@ -13,9 +13,9 @@ import abc
 from collections.abc import Callable
 from typing import Any
 
-from un0_bench.harness.cell import BenchSpec, Cell, CellResult
-from un0_bench.harness.config import ExecutorConfig
 from un0_bench.harness.errors import UserError
+from un0_bench.harness.running.cell import BenchSpec, Cell, CellResult
+from un0_bench.harness.running.config import ExecutorConfig
 
 OnResult = Callable[[CellResult], None]
 OnEvent = Callable[[str, dict[str, Any]], None]

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from un0_bench.harness.cell import BenchSpec, Cell, Workbench
 from un0_bench.harness.executors import Executor, OnEvent, OnResult
+from un0_bench.harness.running.cell import BenchSpec, Cell, Workbench
 
 
 class LocalExecutor(Executor):

@@ -11,8 +11,8 @@ The only module that imports Ray (lazily: ``pip install 'un0-bench[ray]'``).
   ``proxy`` and ``wall`` takes :data:`SHARED_SHARE` of it. So two whole-device cells never run on one
   node at the same time, and none runs beside a shared cell, while shared cells run side by side.
   Every record still says what else had windows open on its node meanwhile (``device_shared_with``).
-- **One writer.** Workers return :class:`~un0_bench.harness.cell.CellResult` s; the driver's
-  :class:`~un0_bench.harness.runner.Runner` alone appends them.
+- **One writer.** Workers return :class:`~un0_bench.harness.running.cell.CellResult` s; the driver's
+  :class:`~un0_bench.harness.running.runner.Runner` alone appends them.
 - **Mixed nodes.** Before any cell, one small task per node reports its un0-bench version, git
   commit and the digests of the backbone's weights files; nodes that differ are refused, listing the
   differences (``allow_mixed``: run anyway and record them in every record as ``mixed_nodes``).
@@ -29,11 +29,11 @@ import time
 from importlib import metadata
 from typing import Any
 
-from un0_bench.harness.cell import BenchSpec, Cell, CellResult, Placement, Workbench
-from un0_bench.harness.config import DEFAULT_CELL_CPUS, DEFAULT_CELL_RETRIES
+from un0_bench.harness.core.spec import ModelSpec
 from un0_bench.harness.errors import UserError
 from un0_bench.harness.executors import Executor, OnEvent, OnResult
-from un0_bench.harness.spec import ModelSpec
+from un0_bench.harness.running.cell import BenchSpec, Cell, CellResult, Placement, Workbench
+from un0_bench.harness.running.config import DEFAULT_CELL_CPUS, DEFAULT_CELL_RETRIES
 
 #: The custom resource every node offers one unit of: the right to meter its whole devices.
 DEVICE_RESOURCE = "un0_device"
@@ -79,13 +79,13 @@ WEIGHTS_UNREADABLE = "(cannot open its weights)"
 def fingerprint(spec: BenchSpec) -> dict[str, Any]:
     """What must agree on every node: the un0-bench version and commit, the weights files the run's models load.
 
-    The files are those the driver's pre-flight opens (:func:`~un0_bench.harness.stack.check_weights`),
+    The files are those the driver's pre-flight opens (:func:`~un0_bench.harness.core.stack.check_weights`),
     named and hashed the same way; a node whose file cannot be opened reports why in their place.
     """
-    from un0_bench.harness.environment import git_commit
+    from un0_bench.harness.core.stack import resolve_checked
     from un0_bench.harness.errors import UserError
-    from un0_bench.harness.plan import load_backbone
-    from un0_bench.harness.stack import resolve_checked
+    from un0_bench.harness.measuring.environment import git_commit
+    from un0_bench.harness.running.plan import load_backbone
 
     plan, sweep = spec.plan, spec.plan.config.sweep
     backbone = load_backbone(sweep.backbone, spec.backbones, **sweep.backbone_options)
@@ -167,7 +167,7 @@ _ENVIRONMENT: dict[str, Any] = {}
 
 def _node_environment() -> dict[str, Any]:
     """This worker's environment, found once per worker process (a git call and ten version look-ups)."""
-    from un0_bench.harness.environment import environment
+    from un0_bench.harness.measuring.environment import environment
 
     if not _ENVIRONMENT:
         _ENVIRONMENT.update(environment())

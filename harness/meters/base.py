@@ -10,7 +10,7 @@ import abc
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from un0_bench.harness.spec import ModelSpec, Param, bind
+from un0_bench.harness.core.spec import ModelSpec, Param, bind
 
 
 class MeterUnavailable(RuntimeError):

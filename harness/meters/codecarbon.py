@@ -21,8 +21,8 @@ from __future__ import annotations
 import tempfile
 from typing import Any
 
+from un0_bench.harness.core.spec import Param
 from un0_bench.harness.meters.base import Meter, MeterUnavailable, Reading, unavailable
-from un0_bench.harness.spec import Param
 
 #: Joules per kilowatt-hour (1000 W x 3600 s); codecarbon reports kWh, the harness keeps joules.
 J_PER_KWH = 3.6e6

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
+from un0_bench.harness.core.spec import Param
 from un0_bench.harness.meters.base import Meter, MeterUnavailable, Reading, sync_devices, unavailable
-from un0_bench.harness.spec import Param
 
 ENERGY_COUNTER = "energy-counter"
 POWER_SAMPLING = "power-sampling"

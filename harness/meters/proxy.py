@@ -25,11 +25,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from un0_bench.harness.core.spec import Param
 from un0_bench.harness.counters.records import Counts, OpStat
 from un0_bench.harness.errors import UserError
 from un0_bench.harness.meters.base import Meter, Reading
 from un0_bench.harness.registry import lookup
-from un0_bench.harness.spec import Param
 
 __all__ = [
     "DEFAULT_PROFILE",

@@ -23,8 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from un0_bench.harness.core.spec import Param
 from un0_bench.harness.meters.base import Meter, MeterUnavailable, Reading, unavailable
-from un0_bench.harness.spec import Param
 
 DEFAULT_SYSFS_ROOT = "/sys/class/powercap"
 

@@ -9,12 +9,12 @@ import pytest
 import torch
 from un0_bench.backbones.archs import ARCH_NAMES, ArchBackbone, FusedAttention, arch_config, count_arch
 from un0_bench.backbones.hf import build_on_meta
+from un0_bench.harness.core.generator import GenerationRequest
+from un0_bench.harness.core.stack import make_generator
 from un0_bench.harness.counters.ops import OpCounter, count
 from un0_bench.harness.errors import StackError, UserError
-from un0_bench.harness.generator import GenerationRequest
-from un0_bench.harness.protocol import count_phase_occurrences
-from un0_bench.harness.record import Record
-from un0_bench.harness.stack import make_generator
+from un0_bench.harness.measuring.protocol import count_phase_occurrences
+from un0_bench.harness.running.record import Record
 
 MATMUL_OPS = ("convolution", "addmm", "mm", "bmm", "_scaled_dot_product_flash_attention_for_cpu")
 

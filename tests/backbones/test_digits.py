@@ -33,7 +33,7 @@ def test_default_prompts_cycle_over_digits():
 
 # --- the Backbone interface: base model, sampler, quality rule ---------------------------------------
 def _options(samples=100, seeds=1, fid_ratio=1.25, accuracy_drop=0.03):
-    from un0_bench.harness.backbone import QualityOptions
+    from un0_bench.harness.core.backbone import QualityOptions
 
     return QualityOptions(samples=samples, seeds=seeds, fid_ratio=fid_ratio, accuracy_drop=accuracy_drop)
 
@@ -66,7 +66,7 @@ def test_quality_options_and_rule():
 def test_sampler_of_the_base_model_is_ddim_from_each_images_own_noise():
     from un0_bench.backbones.ddim import ddim_sample
     from un0_bench.backbones.teacher import load_teacher
-    from un0_bench.harness.generator import GenerationRequest, image_noise
+    from un0_bench.harness.core.generator import GenerationRequest, image_noise
 
     backbone = DigitsBackbone()
     if not backbone.weights("teacher").is_file():

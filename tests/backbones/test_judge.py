@@ -10,8 +10,8 @@ from un0_bench.backbones.judge import (
     held_out_accuracy,
     load_judge,
 )
-from un0_bench.harness.checkpoints import save_checkpoint
 from un0_bench.harness.errors import CheckpointError
+from un0_bench.harness.weights.checkpoints import save_checkpoint
 
 
 def test_shipped_judge_accuracy_is_recorded_and_reproduced():

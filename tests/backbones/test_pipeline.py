@@ -14,10 +14,10 @@ from un0_bench.backbones.pipeline import (
     read_prompts_file,
 )
 from un0_bench.backbones.tiny_pipeline import IMAGE_SIZE, make_tiny_clip, make_tiny_pipeline
-from un0_bench.harness.backbone import QualityOptions
+from un0_bench.harness.core.backbone import QualityOptions
+from un0_bench.harness.core.generator import GenerationRequest, GenerationResult
+from un0_bench.harness.core.model import Plan
 from un0_bench.harness.errors import PromptError, UserError
-from un0_bench.harness.generator import GenerationRequest, GenerationResult
-from un0_bench.harness.model import Plan
 
 #: The tiny pipeline's ops are too small to share between threads (see conftest.one_torch_thread).
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -222,7 +222,7 @@ def test_quality_is_the_clip_score_of_the_measured_images(backbone, tmp_path):
 
 @pytest.mark.gpu
 def test_cuda_fp16_pipeline(tiny_dir):
-    from un0_bench.harness.stack import make_generator
+    from un0_bench.harness.core.stack import make_generator
 
     bb = PipelineBackbone(str(tiny_dir), device="cuda", dtype="fp16")
     out = make_generator("sd:steps=2", bb).generate(GenerationRequest(("a cat",), seed=0))

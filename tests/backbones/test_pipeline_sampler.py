@@ -16,14 +16,14 @@ import torch
 from un0_bench.backbones.pipeline import PipelineBackbone
 from un0_bench.backbones.pipeline_sampler import PipelineSampler
 from un0_bench.backbones.tiny_pipeline import IMAGE_SIZE
+from un0_bench.harness.core.generator import GenerationRequest
+from un0_bench.harness.core.stack import build, make_generator, resolve
 from un0_bench.harness.counters.ops import OpCounter
 from un0_bench.harness.errors import SpecError, StackError
-from un0_bench.harness.generator import GenerationRequest
+from un0_bench.harness.measuring.protocol import count_ops, measure_phases
 from un0_bench.harness.meters.proxy import ProxyMeter
 from un0_bench.harness.meters.wall import WallMeter
-from un0_bench.harness.protocol import count_ops, measure_phases
 from un0_bench.harness.registry import GENERATORS, TECHNIQUES
-from un0_bench.harness.stack import build, make_generator, resolve
 
 from tests.contract import GeneratorContract
 

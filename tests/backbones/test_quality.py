@@ -161,7 +161,7 @@ def test_marginal_verdict_is_judged_on_paired_draws():
 
 @functools.cache
 def sd_quality(steps: int, n: int = 200) -> dict:
-    from un0_bench.harness.stack import make_generator
+    from un0_bench.harness.core.stack import make_generator
 
     return evaluate_generator(make_generator(f"sd:steps={steps}", DigitsBackbone()), n=n)
 

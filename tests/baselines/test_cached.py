@@ -3,11 +3,11 @@ import torch
 from diffusers import UNet2DModel
 from un0_bench.backbones.digits import DigitsBackbone
 from un0_bench.baselines.cached import DeepCache
+from un0_bench.harness.core.generator import GenerationRequest
+from un0_bench.harness.core.model import Model
+from un0_bench.harness.core.stack import make_generator, resolve
 from un0_bench.harness.counters.ops import OpCounter
 from un0_bench.harness.errors import SpecError, StackError
-from un0_bench.harness.generator import GenerationRequest
-from un0_bench.harness.model import Model
-from un0_bench.harness.stack import make_generator, resolve
 
 from tests.baselines.test_diffusion import TINY, TinyDigits, tiny
 from tests.contract import GeneratorContract

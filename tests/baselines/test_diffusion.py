@@ -12,11 +12,11 @@ import torch
 from diffusers import UNet2DModel
 from un0_bench.backbones.ddim import DigitsSampler, ddim_sample, make_scheduler
 from un0_bench.backbones.digits import DEFAULT_STEPS, IMAGE_SHAPE, DigitsBackbone
+from un0_bench.harness.core.generator import GenerationRequest, image_noise
+from un0_bench.harness.core.model import Model
+from un0_bench.harness.core.stack import make_generator, resolve
 from un0_bench.harness.counters.ops import OpCounter
 from un0_bench.harness.errors import SpecError
-from un0_bench.harness.generator import GenerationRequest, image_noise
-from un0_bench.harness.model import Model
-from un0_bench.harness.stack import make_generator, resolve
 
 from tests.contract import GeneratorContract
 

@@ -11,10 +11,10 @@ from un0_bench.baselines.distilled import (
     pack_int8,
     unpack_int8,
 )
+from un0_bench.harness.core.generator import GenerationRequest
+from un0_bench.harness.core.model import Model
+from un0_bench.harness.core.stack import make_generator, resolve
 from un0_bench.harness.errors import SpecError, StackError
-from un0_bench.harness.generator import GenerationRequest
-from un0_bench.harness.model import Model
-from un0_bench.harness.stack import make_generator, resolve
 
 from tests.baselines.test_diffusion import TINY, tiny_unet
 from tests.contract import GeneratorContract

@@ -14,14 +14,14 @@ from un0_bench.baselines.int8 import (
     quantize_unet,
 )
 from un0_bench.baselines.torchao_int8 import torchao_version
-from un0_bench.harness.checkpoints import save_checkpoint
+from un0_bench.harness.core.generator import GenerationRequest
+from un0_bench.harness.core.stack import make_generator, resolve
 from un0_bench.harness.counters.ops import OpCounter
 from un0_bench.harness.counters.records import Counts
 from un0_bench.harness.errors import CheckpointError, SpecError, StackError
-from un0_bench.harness.generator import GenerationRequest
 from un0_bench.harness.meters.proxy import get_profile, proxy_energy
-from un0_bench.harness.quantize import quantize_per_channel
-from un0_bench.harness.stack import make_generator, resolve
+from un0_bench.harness.weights.checkpoints import save_checkpoint
+from un0_bench.harness.weights.quantize import quantize_per_channel
 from un0_bench.training.int8_calibration import calibrate_activations, calibration_batches
 
 from tests.baselines.test_diffusion import TINY, TinyDigits, tiny, tiny_unet

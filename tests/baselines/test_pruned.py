@@ -13,12 +13,12 @@ from un0_bench.baselines.pruned import (
     pruned_config,
     weight_sparsity,
 )
-from un0_bench.harness.checkpoints import save_checkpoint
+from un0_bench.harness.core.generator import GenerationRequest
+from un0_bench.harness.core.model import Model
+from un0_bench.harness.core.stack import make_generator, resolve
 from un0_bench.harness.counters.ops import OpCounter
 from un0_bench.harness.errors import CheckpointError, SpecError, StackError
-from un0_bench.harness.generator import GenerationRequest
-from un0_bench.harness.model import Model
-from un0_bench.harness.stack import make_generator, resolve
+from un0_bench.harness.weights.checkpoints import save_checkpoint
 
 from tests.baselines.test_diffusion import TINY, tiny, tiny_unet
 from tests.contract import GeneratorContract

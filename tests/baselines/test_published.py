@@ -6,12 +6,12 @@ import pytest
 import torch
 from torch import nn
 from un0_bench.baselines.compiled import _CompiledLayer
+from un0_bench.harness.core.generator import GenerationRequest
+from un0_bench.harness.core.stack import make_generator, resolve
 from un0_bench.harness.counters.ops import OpCounter
 from un0_bench.harness.errors import StackError
-from un0_bench.harness.generator import GenerationRequest
-from un0_bench.harness.protocol import count_ops
-from un0_bench.harness.runner import load_backbone
-from un0_bench.harness.stack import make_generator, resolve
+from un0_bench.harness.measuring.protocol import count_ops
+from un0_bench.harness.running.runner import load_backbone
 
 
 @pytest.fixture(scope="module")

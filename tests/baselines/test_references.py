@@ -2,10 +2,10 @@ import pytest
 import torch
 from un0_bench.backbones.digits import DigitsBackbone, load_data, to_unit
 from un0_bench.baselines.references import NoiseGenerator, RealGenerator, build_noise, build_real
+from un0_bench.harness.core.generator import GenerationRequest
+from un0_bench.harness.core.stack import make_generator, resolve
 from un0_bench.harness.counters.ops import OpCounter
 from un0_bench.harness.errors import SpecError, StackError
-from un0_bench.harness.generator import GenerationRequest
-from un0_bench.harness.stack import make_generator, resolve
 
 from tests.contract import GeneratorContract
 

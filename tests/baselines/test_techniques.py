@@ -11,10 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 from un0_bench.backbones.digits import DigitsBackbone
+from un0_bench.harness.core.generator import GenerationRequest
+from un0_bench.harness.core.stack import make_generator, resolve
 from un0_bench.harness.counters.ops import OpCounter
 from un0_bench.harness.errors import StackError
-from un0_bench.harness.generator import GenerationRequest
-from un0_bench.harness.stack import make_generator, resolve
 
 #: The tiny pipeline's ops are too small to share between threads (see conftest.one_torch_thread).
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

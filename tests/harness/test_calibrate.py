@@ -5,9 +5,9 @@ from __future__ import annotations
 import itertools
 
 import pytest
-from un0_bench.harness.calibrate import WORKLOADS, Sample, Workload, fit_samples, profile_csv, run_workloads
 from un0_bench.harness.meters.base import Meter, Reading
 from un0_bench.harness.meters.proxy import load_profiles
+from un0_bench.harness.projection.calibrate import WORKLOADS, Sample, Workload, fit_samples, profile_csv, run_workloads
 
 E_FLOP_J, E_BYTE_J, STATIC_W = 3e-11, 2e-10, 12.5
 
@@ -88,7 +88,7 @@ def test_the_fixed_workloads_mix_flops_and_bytes():
 
 def test_codecarbon_on_this_host_is_revealed_proportional_to_time():
     """No RAPL here: codecarbon falls back to TDP x load x time, and the fit must show it."""
-    from un0_bench.harness.runner import make_meter
+    from un0_bench.harness.running.runner import make_meter
 
     meter = make_meter("codecarbon")
     if isinstance(meter, str):

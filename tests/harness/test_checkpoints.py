@@ -3,8 +3,8 @@ import pickle
 
 import pytest
 import torch
-from un0_bench.harness.checkpoints import load_checkpoint, save_checkpoint
 from un0_bench.harness.errors import CheckpointError
+from un0_bench.harness.weights.checkpoints import load_checkpoint, save_checkpoint
 
 CONFIG = {"width": 4}
 
@@ -103,7 +103,7 @@ def test_metadata_that_is_not_an_object_is_refused(ckpt, metadata, message):
 
 
 def test_another_models_weights_in_a_models_place_is_one_clear_error(tmp_path):
-    from un0_bench.harness.checkpoints import load_into
+    from un0_bench.harness.weights.checkpoints import load_into
 
     path = tmp_path / "m.safetensors"
     foreign = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Linear(5, 2))
@@ -120,7 +120,7 @@ def test_another_models_weights_in_a_models_place_is_one_clear_error(tmp_path):
 
 
 def test_a_file_that_cannot_be_unpacked_is_one_clear_error(tmp_path):
-    from un0_bench.harness.checkpoints import unpacked
+    from un0_bench.harness.weights.checkpoints import unpacked
 
     with pytest.raises(CheckpointError) as e:
         unpacked(lambda s: {"w": s["w"] * s["w.scale"]}, {"w": torch.ones(1)}, tmp_path / "m.safetensors")

@@ -8,7 +8,7 @@ import pytest
 import torch
 from un0_bench.harness.errors import UserError
 from un0_bench.harness.registry import Registry
-from un0_bench.harness.results import ResultStore
+from un0_bench.harness.running.results import ResultStore
 
 import un0_bench
 from tests.conftest import SequenceMeter

@@ -1,4 +1,4 @@
-"""un0_bench.harness.derivation: the energy a derivation (training, calibration) records."""
+"""un0_bench.harness.weights.derivation: the energy a derivation (training, calibration) records."""
 
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from un0_bench.harness import derivation
 from un0_bench.harness.counters.ops import OpCounter
-from un0_bench.harness.derivation import TrainingEnergy, metered_training
 from un0_bench.harness.meters.base import MeterUnavailable
 from un0_bench.harness.meters.proxy import proxy_energy
 from un0_bench.harness.meters.wall import WallMeter
+from un0_bench.harness.weights import derivation
+from un0_bench.harness.weights.derivation import TrainingEnergy, metered_training
 
 
 def test_count_proxy_runs_one_step_and_charges_every_step():

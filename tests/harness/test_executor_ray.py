@@ -14,12 +14,12 @@ from typing import Any
 
 import pytest
 import torch
+from un0_bench.harness.core.generator import GenerationRequest, GenerationResult, Generator, image_noise
 from un0_bench.harness.errors import UserError
-from un0_bench.harness.generator import GenerationRequest, GenerationResult, Generator, image_noise
 from un0_bench.harness.meters.base import Meter, Reading
 from un0_bench.harness.registry import Registry
-from un0_bench.harness.results import ResultStore
-from un0_bench.harness.runner import RunConfig, Runner, RunPlan
+from un0_bench.harness.running.results import ResultStore
+from un0_bench.harness.running.runner import RunConfig, Runner, RunPlan
 
 from tests.harness.test_runner import TinyBackbone
 
@@ -243,7 +243,7 @@ def test_a_weights_file_no_node_can_open_is_named_even_when_all_nodes_agree(tmp_
     import shutil
 
     from un0_bench.backbones.digits import WEIGHTS_DIR
-    from un0_bench.harness.cell import BenchSpec
+    from un0_bench.harness.running.cell import BenchSpec
 
     weights = tmp_path / "w"
     shutil.copytree(WEIGHTS_DIR, weights)
@@ -329,7 +329,7 @@ def test_quality_is_judged_once_per_model_by_a_worker_and_the_driver_applies_the
 
 
 def test_tasks_ask_for_what_they_use(tmp_path):
-    from un0_bench.harness.cell import BenchSpec, Cell
+    from un0_bench.harness.running.cell import BenchSpec, Cell
 
     regs = registries(tmp_path / "log")
     spec = BenchSpec(plan_of(tiny_config(tmp_path / "out", ["a"], ["device", "wall"])), regs["generators"],

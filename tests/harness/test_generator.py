@@ -1,6 +1,6 @@
 import pytest
 import torch
-from un0_bench.harness.generator import GenerationRequest, image_noise
+from un0_bench.harness.core.generator import GenerationRequest, image_noise
 
 
 def test_noise_does_not_depend_on_batching():

@@ -6,10 +6,10 @@ import copy
 import dataclasses
 
 import pytest
-from un0_bench.harness.config import ExecutorConfig, ProtocolConfig, RunConfig, axis_fields
 from un0_bench.harness.errors import UserError
-from un0_bench.harness.results import ResultStore
-from un0_bench.harness.runner import Runner
+from un0_bench.harness.running.config import ExecutorConfig, ProtocolConfig, RunConfig, axis_fields
+from un0_bench.harness.running.results import ResultStore
+from un0_bench.harness.running.runner import Runner
 
 from tests.harness.test_runner import config, registries
 

@@ -16,8 +16,8 @@ import pytest
 from safetensors.torch import load_file, save_file
 from un0_bench.backbones.digits import WEIGHTS_DIR
 from un0_bench.harness.errors import CheckpointError, UserError
-from un0_bench.harness.results import ResultStore
-from un0_bench.harness.runner import RunConfig, Runner
+from un0_bench.harness.running.results import ResultStore
+from un0_bench.harness.running.runner import RunConfig, Runner
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

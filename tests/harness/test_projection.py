@@ -8,7 +8,7 @@ import json
 
 import pytest
 from un0_bench.harness.errors import UserError
-from un0_bench.harness.projection import (
+from un0_bench.harness.projection.roofline import (
     MathFlags,
     fit_calibration,
     get_gpu_profile,

@@ -6,10 +6,18 @@ import math
 from pathlib import Path
 
 import pytest
-from un0_bench.harness.hoststate import HostProbe
+from un0_bench.harness.measuring.hoststate import HostProbe
+from un0_bench.harness.measuring.protocol import (
+    Idle,
+    IdleWindow,
+    Window,
+    idle_window,
+    metered_window,
+    summarise,
+    warm_up,
+)
+from un0_bench.harness.measuring.stats import mean_interval, ratio_interval
 from un0_bench.harness.meters.base import Meter, Reading
-from un0_bench.harness.protocol import Idle, IdleWindow, Window, idle_window, metered_window, summarise, warm_up
-from un0_bench.harness.stats import mean_interval, ratio_interval
 
 from tests.harness.meters.fake_nvml import TestClock
 
@@ -92,7 +100,7 @@ def test_net_carries_the_idle_uncertainty_and_says_below_detection_limit() -> No
 
 
 def test_window_repeats_until_the_minimum_and_stops_in_reverse_after_one_sync(monkeypatch) -> None:
-    import un0_bench.harness.protocol as protocol
+    import un0_bench.harness.measuring.protocol as protocol
 
     clock, log = TestClock(), []
     monkeypatch.setattr(protocol, "sync_devices", lambda: log.append("sync"))

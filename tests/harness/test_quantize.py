@@ -1,5 +1,5 @@
 import torch
-from un0_bench.harness.quantize import quantize_per_channel
+from un0_bench.harness.weights.quantize import quantize_per_channel
 
 
 def test_one_scale_per_channel_by_hand():

@@ -152,7 +152,8 @@ def test_meters_and_backbones_come_from_entry_points_and_are_checked(monkeypatch
                                                               "a-meter": "un0_bench.harness.meters.wall:WallMeter"})
     assert backbones.entry_point_group == "un0_bench.backbones"
     assert backbones.get("my-bb") is DigitsBackbone
-    with pytest.raises(EntryTypeError, match="backbone 'a-meter' .* not a subclass of un0_bench.harness.backbone:"):
+    wanted = "backbone 'a-meter' .* not a subclass of un0_bench.harness.core.backbone:"
+    with pytest.raises(EntryTypeError, match=wanted):
         backbones.get("a-meter")
 
 

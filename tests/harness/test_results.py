@@ -6,8 +6,8 @@ import sys
 
 import pytest
 from un0_bench.harness.errors import UserError
-from un0_bench.harness.record import SCHEMA_VERSION, Record, RecordError, SchemaVersionError
-from un0_bench.harness.results import QualityStore, ResultStore, check_writable
+from un0_bench.harness.running.record import SCHEMA_VERSION, Record, RecordError, SchemaVersionError
+from un0_bench.harness.running.results import QualityStore, ResultStore, check_writable
 
 
 def record(model, meter="wall"):
@@ -137,7 +137,7 @@ def test_a_record_reads_back_as_written_and_its_fields_are_typed():
 
 def test_quality_entries_share_the_store(tmp_path):
     q = QualityStore(tmp_path, warn=lambda m: None)
-    from un0_bench.harness.results import QualityEntry
+    from un0_bench.harness.running.results import QualityEntry
 
     q.append([QualityEntry("sd", "digits", 8, 1, {"fid": 2.0}), QualityEntry("sd", "digits", 16, 1, {"fid": 1.0})])
     with q.path.open("a") as f:

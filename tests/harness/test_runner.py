@@ -7,12 +7,12 @@ import re
 from typing import Any
 
 import pytest
-from un0_bench.harness.backbone import Backbone
+from un0_bench.harness.core.backbone import Backbone
 from un0_bench.harness.errors import UserError
 from un0_bench.harness.meters.base import Meter, Reading
 from un0_bench.harness.registry import Registry
-from un0_bench.harness.results import ResultStore
-from un0_bench.harness.runner import RunConfig, Runner
+from un0_bench.harness.running.results import ResultStore
+from un0_bench.harness.running.runner import RunConfig, Runner
 
 from tests.conftest import MatmulGenerator, SequenceMeter
 
@@ -188,7 +188,7 @@ def test_backbone_refuses_its_quality_options_before_any_work(tmp_path):
 
 def test_pipeline_backbone_refuses_quality_seeds():
     from un0_bench.backbones.pipeline import PipelineBackbone
-    from un0_bench.harness.backbone import QualityOptions
+    from un0_bench.harness.core.backbone import QualityOptions
 
     # The rule needs no pipeline folder; an instance without one is enough to ask it.
     backbone = PipelineBackbone.__new__(PipelineBackbone)
@@ -353,7 +353,7 @@ def test_options_that_shape_only_the_ledger_do_not_block_resume(tmp_path):
 
 
 def _with_param_model(regs, built):
-    from un0_bench.harness.spec import Param
+    from un0_bench.harness.core.spec import Param
 
     def build(backbone, n=4):
         built.append(f"mmp:n={n}")
@@ -382,7 +382,7 @@ def test_each_canonical_cell_is_measured_once_and_said_so(tmp_path):
 
 
 def test_file_names_from_specs_are_bounded_and_unique():
-    from un0_bench.harness.runner import slug
+    from un0_bench.harness.running.runner import slug
 
     assert slug("mm") == "mm" and slug("sd-int8") == "sd-int8"
     long = "sd:steps=10+cached:interval=2" + ",x=1" * 1000

@@ -12,10 +12,10 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from un0_bench.harness.hoststate import CpuTimes, HostProbe
+from un0_bench.harness.measuring.hoststate import CpuTimes, HostProbe
 from un0_bench.harness.meters.base import Meter, Reading
 from un0_bench.harness.registry import Registry
-from un0_bench.harness.runner import RunConfig, Runner
+from un0_bench.harness.running.runner import RunConfig, Runner
 
 from tests.conftest import MatmulGenerator
 from tests.harness.meters.fake_nvml import TestClock

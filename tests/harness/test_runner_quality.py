@@ -10,11 +10,11 @@ from typing import Any
 
 import torch
 from un0_bench.backbones.pipeline import PipelineBackbone
-from un0_bench.harness.backbone import Backbone, QualityOptions
-from un0_bench.harness.generator import GenerationRequest, GenerationResult, Generator
+from un0_bench.harness.core.backbone import Backbone, QualityOptions
+from un0_bench.harness.core.generator import GenerationRequest, GenerationResult, Generator
 from un0_bench.harness.registry import Registry
-from un0_bench.harness.results import ResultStore
-from un0_bench.harness.runner import RunConfig, Runner
+from un0_bench.harness.running.results import ResultStore
+from un0_bench.harness.running.runner import RunConfig, Runner
 
 
 class Flat(Generator):

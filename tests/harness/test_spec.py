@@ -1,6 +1,6 @@
 import pytest
+from un0_bench.harness.core.spec import ModelSpec, Param, bind
 from un0_bench.harness.errors import SpecError
-from un0_bench.harness.spec import ModelSpec, Param, bind
 
 SCHEMA = {"steps": Param(int, 50, low=1, high=1000), "keep": Param(float, 0.1, low=0, high=1, low_open=True)}
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 from un0_bench.backbones.digits import DigitsBackbone
+from un0_bench.harness.core.generator import GenerationRequest
+from un0_bench.harness.core.stack import make_generator, resolve
 from un0_bench.harness.counters.ops import OpCounter
 from un0_bench.harness.errors import SpecError, StackError
-from un0_bench.harness.generator import GenerationRequest
 from un0_bench.harness.registry import UnknownNameError
-from un0_bench.harness.stack import make_generator, resolve
 
 PROMPTS = ("digit 3", "digit 7")
 
@@ -108,8 +108,8 @@ def test_a_stack_is_its_layers_applied_in_order(digits):
 
 
 def test_proxy_energy_by_layer_group_adds_up_to_the_whole(digits):
+    from un0_bench.harness.measuring.protocol import counts_fields, module_groups
     from un0_bench.harness.meters.proxy import proxy_energy
-    from un0_bench.harness.protocol import counts_fields, module_groups
 
     backbone, _ = digits
     counts = _counts(make_generator("sd:steps=2", backbone))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from un0_bench.harness.results import ResultStore
+from un0_bench.harness.running.results import ResultStore
 
 ENV = {"cpu": "Test CPU", "versions": {"torch": "2.13.0"}}
 #: What codecarbon recorded on a host without RAPL or NVML (before it recorded its class of evidence).

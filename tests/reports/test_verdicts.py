@@ -271,7 +271,7 @@ def test_where_the_joules_go_by_layer_group_keeps_the_six_costliest():
 
 
 def test_ladder_plots_every_meter_that_has_a_factor():
-    from un0_bench.harness.ledger import BOUNDARIES, BOUNDARY_LABELS
+    from un0_bench.reports.ledger import BOUNDARIES, BOUNDARY_LABELS
     from un0_bench.reports.plots import ladder
 
     row = verdict([*sd_records("codecarbon"), proxy("un0", compute=0.0005, fid=4.2), un0("codecarbon", 0.01)])

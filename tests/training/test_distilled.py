@@ -6,9 +6,9 @@ import un0_bench.backbones.teacher as teacher_module
 from un0_bench.backbones.ddim import SCHEDULER_CONFIG, ddim_step, make_scheduler
 from un0_bench.backbones.digits import DigitsBackbone
 from un0_bench.baselines.distilled import SAMPLERS, StudentSampler, student_config, unpack_int8
-from un0_bench.harness.checkpoints import load_checkpoint
-from un0_bench.harness.generator import GenerationRequest
-from un0_bench.harness.stack import make_generator
+from un0_bench.harness.core.generator import GenerationRequest
+from un0_bench.harness.core.stack import make_generator
+from un0_bench.harness.weights.checkpoints import load_checkpoint
 from un0_bench.training import distilled
 from un0_bench.training.distilled import distill_loss, distill_student, rollout_inputs, train_distilled
 
@@ -58,7 +58,7 @@ def test_noise_target_makes_the_ddim_x0_the_teacher_image():
 def test_train_writes_both_students_that_build_loads(tmp_path, monkeypatch):
     # The whole trainer on a tiny teacher and 20 pairs, 2 iterations per student; only the wall
     # meter (codecarbon takes seconds to start).
-    monkeypatch.setattr("un0_bench.harness.derivation._TRAINING_METERS", ("wall",))
+    monkeypatch.setattr("un0_bench.harness.weights.derivation._TRAINING_METERS", ("wall",))
     teacher_meta = {"config": TINY_JSON, "energy": {"wall": {"status": "ok", "energy_j": None, "duration_s": 1.0}}}
     monkeypatch.setattr(teacher_module, "UNET_CONFIG", TINY_JSON)
     monkeypatch.setattr(teacher_module, "build_unet", tiny_unet)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from un0_bench.harness.derivation import TrainingEnergy
+from un0_bench.harness.weights.derivation import TrainingEnergy
 from un0_bench.training.loop import (
     deterministic_algorithms,
     ema_update,

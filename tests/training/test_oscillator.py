@@ -1,6 +1,6 @@
 import torch
 import un0_bench.backbones.teacher as teacher
-from un0_bench.harness.checkpoints import save_checkpoint
+from un0_bench.harness.weights.checkpoints import save_checkpoint
 from un0_bench.training import oscillator
 from un0_bench.training.oscillator import train_oscillator
 from un0_bench.un0_impl.oscillator import load_oscillator

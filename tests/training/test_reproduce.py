@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from un0_bench.backbones.digits import WEIGHTS_DIR
-from un0_bench.harness import derivation
 from un0_bench.harness.registry import TRAINERS
+from un0_bench.harness.weights import derivation
 
 import un0_bench.catalog  # noqa: F401  (registers the training targets)
 

@@ -1,8 +1,8 @@
 import pytest
 import torch
 from un0_bench.backbones.teacher import UNET_CONFIG, load_teacher
-from un0_bench.harness.checkpoints import load_checkpoint
 from un0_bench.harness.errors import CheckpointError
+from un0_bench.harness.weights.checkpoints import load_checkpoint
 from un0_bench.training.pairs import teacher_pairs
 from un0_bench.training.teacher import train_teacher
 

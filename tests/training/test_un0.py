@@ -1,7 +1,7 @@
 import torch
-from un0_bench.harness import derivation
-from un0_bench.harness.checkpoints import load_checkpoint
-from un0_bench.harness.generator import GenerationRequest
+from un0_bench.harness.core.generator import GenerationRequest
+from un0_bench.harness.weights import derivation
+from un0_bench.harness.weights.checkpoints import load_checkpoint
 from un0_bench.training.un0 import forward_band, gather_band, train_un0
 from un0_bench.un0_impl.gated import Un0Generator, Un0Net, unpack_state
 

@@ -9,18 +9,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-import un0_bench.harness.derivation
+import un0_bench.harness.weights.derivation
 from un0_bench.backbones.hf import diffusers_class
 from un0_bench.backbones.pipeline import CALIBRATION_PROMPTS, PipelineBackbone
 from un0_bench.backbones.tiny_pipeline import IMAGE_SIZE
+from un0_bench.harness.core.generator import GenerationRequest
+from un0_bench.harness.core.stack import make_generator, resolve
 from un0_bench.harness.counters.ops import OpCounter
 from un0_bench.harness.errors import PromptError, SpecError, StackError, UserError
-from un0_bench.harness.generator import GenerationRequest
+from un0_bench.harness.measuring.protocol import count_ops, measure_phases
 from un0_bench.harness.meters.proxy import ProxyMeter
 from un0_bench.harness.meters.wall import WallMeter
-from un0_bench.harness.protocol import count_ops, measure_phases
 from un0_bench.harness.registry import TECHNIQUES, Registry
-from un0_bench.harness.stack import make_generator, resolve
 from un0_bench.un0_impl.contextual import (
     CALIBRATION_SEED,
     CompactFeedForward,
@@ -137,7 +137,7 @@ def build_un0(backbone, spec=UN0, **options):
         def __init__(self) -> None:
             super().__init__(**settings)
 
-    techniques = Registry("technique", "un0_bench.harness.technique:Technique")
+    techniques = Registry("technique", "un0_bench.harness.core.technique:Technique")
     techniques.register("contextual", Configured)
     return make_generator(spec, backbone, techniques=techniques)
 
@@ -293,7 +293,8 @@ def test_calibration_is_deterministic(backbone, un0):
 
 
 def test_calibration_is_metered_into_its_derivation(backbone, monkeypatch):
-    monkeypatch.setattr(un0_bench.harness.derivation, "_TRAINING_METERS", ("wall",))  # skip the slow whole-host meters
+    # Skip the slow whole-host meters.
+    monkeypatch.setattr(un0_bench.harness.weights.derivation, "_TRAINING_METERS", ("wall",))
     gen = build_un0(backbone, calibration_prompts=CALIBRATION[:2], calibration_steps=1, meter_calibration=True)
     meta = gen.derivation()
     assert meta["kind"] == "un0-pipeline-calibration"

@@ -3,10 +3,10 @@ import json
 import pytest
 import torch
 from un0_bench.backbones.digits import DigitsBackbone
+from un0_bench.harness.core.generator import GenerationRequest, image_noise
+from un0_bench.harness.core.stack import resolve
 from un0_bench.harness.counters.ops import OpCounter
 from un0_bench.harness.errors import SpecError
-from un0_bench.harness.generator import GenerationRequest, image_noise
-from un0_bench.harness.stack import resolve
 from un0_bench.un0_impl.gated import UN0_FILE, Un0Generator, Un0Net, build, pack_state, unpack_state
 
 from tests.contract import GeneratorContract
@@ -121,7 +121,7 @@ def test_phases_gate_once_per_batch_and_one_refine_step_per_step_and_group():
 
 
 def test_measured_phases_split_the_counted_work():
-    from un0_bench.harness.protocol import count_ops, measure_phases
+    from un0_bench.harness.measuring.protocol import count_ops, measure_phases
 
     gen = Un0Generator(tiny_net(), keep=0.1, steps=3)
     req = GenerationRequest(("3", "7", "3", "1"), seed=0, batch_size=4)

@@ -4,11 +4,11 @@ import math
 import pytest
 import torch
 from un0_bench.backbones.digits import DigitsBackbone
+from un0_bench.harness.core.generator import GenerationRequest
+from un0_bench.harness.core.stack import make_generator
 from un0_bench.harness.counters.ops import OpCounter
 from un0_bench.harness.errors import SpecError
-from un0_bench.harness.generator import GenerationRequest
 from un0_bench.harness.meters.proxy import load_profiles, proxy_energy
-from un0_bench.harness.stack import make_generator
 from un0_bench.training.oscillator import symmetrize_
 from un0_bench.un0_impl.oscillator import (
     DIGITAL_MODULES,
@@ -109,7 +109,7 @@ def test_digital_counts_hold_only_encoder_and_decoder():
 
 
 def test_phases_encode_oscillate_decode_split_the_counted_work():
-    from un0_bench.harness.protocol import count_ops, measure_phases
+    from un0_bench.harness.measuring.protocol import count_ops, measure_phases
 
     gen = OscillatorGenerator(tiny_net(), steps=2)
     assert gen.phases() == ("encode", "oscillate", "decode")
@@ -130,8 +130,8 @@ def test_phases_encode_oscillate_decode_split_the_counted_work():
 
 
 def test_registry_declares_un0_osc_digits_only():
+    from un0_bench.harness.core.stack import resolve
     from un0_bench.harness.errors import StackError
-    from un0_bench.harness.stack import resolve
 
     class PipelineKind:
         kind = "diffusers"
@@ -162,7 +162,7 @@ def test_analog_projection_and_projected_energy():
 
 
 def test_weights_round_trip_keeps_k_symmetric(tmp_path):
-    from un0_bench.harness.checkpoints import save_checkpoint
+    from un0_bench.harness.weights.checkpoints import save_checkpoint
 
     net = tiny_net()
     symmetrize_(net)

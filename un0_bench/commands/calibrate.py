@@ -6,8 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from un0_bench.harness.config import finite, path_arg
 from un0_bench.harness.errors import UserError
+from un0_bench.harness.running.config import finite, path_arg
 
 
 def add_parser(sub: Any) -> None:

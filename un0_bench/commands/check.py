@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from un0_bench.harness.config import models_list, non_negative, path_arg
+from un0_bench.harness.running.config import models_list, non_negative, path_arg
 
 
 def add_parser(sub: Any) -> None:

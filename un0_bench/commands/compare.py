@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from un0_bench.commands.options import ledger_options, print_records, report_options
-from un0_bench.harness.config import path_arg
 from un0_bench.harness.errors import UserError
+from un0_bench.harness.running.config import path_arg
 
 #: ``compare``'s options that go to the backbone (diffusers backbones only).
 _BACKBONE_OPTIONS = (("device", "diffusers backbones: cpu (default), cuda or cuda:N"),
@@ -29,7 +29,7 @@ def add_parser(sub: Any) -> None:
 
 def _run_options(c: argparse.ArgumentParser) -> None:
     """``compare``'s options, built from the fields of the run's per-axis configs (their one home, with their help)."""
-    from un0_bench.harness.config import axis_fields, default_of
+    from un0_bench.harness.running.config import axis_fields, default_of
 
     for _, f in axis_fields():
         meta = f.metadata
@@ -55,10 +55,10 @@ def _run_options(c: argparse.ArgumentParser) -> None:
 def cmd_compare(args: argparse.Namespace) -> int:
     from rich.progress import Progress
 
-    from un0_bench.harness.config import axis_fields
     from un0_bench.harness.executors import make_executor
-    from un0_bench.harness.results import ResultStore
-    from un0_bench.harness.runner import RunConfig, Runner
+    from un0_bench.harness.running.config import axis_fields
+    from un0_bench.harness.running.results import ResultStore
+    from un0_bench.harness.running.runner import RunConfig, Runner
 
     out = args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     is_pipeline = args.backbone.partition(":")[0] == "diffusers"
@@ -134,9 +134,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def print_verdicts(out: Path) -> None:
     """Each claim's headline sentence and the other classes beneath it, as the report's first screen gives them."""
-    from un0_bench.harness.ledger import run_settings
     from un0_bench.reports.build import with_ledgers
     from un0_bench.reports.claims import evaluate_claims, headline_claims
+    from un0_bench.reports.ledger import run_settings
     from un0_bench.reports.tables import load_records, meter_statuses
 
     records = load_records(out)

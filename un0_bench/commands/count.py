@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from un0_bench.commands.options import work_options
-from un0_bench.harness.config import finite, models_list, path_arg
+from un0_bench.harness.running.config import finite, models_list, path_arg
 
 
 def add_parser(sub: Any) -> None:
@@ -30,7 +30,7 @@ def add_parser(sub: Any) -> None:
 def cmd_count(args: argparse.Namespace) -> int:
     """Count each arch x model once and append the counted records (``status: counted``) to results.jsonl."""
     from un0_bench.backbones.archs import count_arch, default_model
-    from un0_bench.harness.results import ResultStore, check_writable
+    from un0_bench.harness.running.results import ResultStore, check_writable
     from un0_bench.reports.counts import format_counted
 
     out = args.out or Path("runs") / time.strftime("count-%Y%m%d-%H%M%S", time.gmtime())

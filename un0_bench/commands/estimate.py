@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from un0_bench.commands.options import work_options
-from un0_bench.harness.config import non_negative, path_arg
 from un0_bench.harness.errors import UserError
+from un0_bench.harness.running.config import non_negative, path_arg
 
 
 def add_parser(sub: Any) -> None:
@@ -33,7 +33,7 @@ def add_parser(sub: Any) -> None:
 
 def cmd_estimate(args: argparse.Namespace) -> int:
     from un0_bench import estimate
-    from un0_bench.harness.projection import load_calibration, parse_flags
+    from un0_bench.harness.projection.roofline import load_calibration, parse_flags
 
     profiles = [p.strip() for p in args.profile.split(",") if p.strip()]
     if not profiles:

@@ -16,7 +16,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from un0_bench.harness.registry import BACKBONES, GENERATORS, METERS, TECHNIQUES, TRAINERS
-    from un0_bench.harness.runner import make_meter
+    from un0_bench.harness.running.runner import make_meter
 
     console = Console(width=180)
     kinds = BACKBONES.names()

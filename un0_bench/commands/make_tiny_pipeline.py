@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from un0_bench.harness.config import path_arg
 from un0_bench.harness.errors import UserError
+from un0_bench.harness.running.config import path_arg
 
 
 def add_parser(sub: Any) -> None:
@@ -16,7 +16,7 @@ def add_parser(sub: Any) -> None:
 
 def cmd_make_tiny_pipeline(args: argparse.Namespace) -> int:
     from un0_bench.backbones.tiny_pipeline import make_tiny_pipeline
-    from un0_bench.harness.results import check_writable
+    from un0_bench.harness.running.results import check_writable
 
     check_writable(args.dir, "pipeline folder")
     try:

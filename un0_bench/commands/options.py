@@ -6,12 +6,12 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
-from un0_bench.harness.config import non_negative, positive_int
 from un0_bench.harness.errors import UserError
+from un0_bench.harness.running.config import non_negative, positive_int
 
 
 def ledger_options(p: argparse.ArgumentParser, overrides: bool = False) -> None:
-    from un0_bench.harness.config import DEFAULT_GRID_GCO2_PER_KWH, finite
+    from un0_bench.harness.running.config import DEFAULT_GRID_GCO2_PER_KWH, finite
 
     if overrides:
         # A report reads the run's own reference, PUE and lifetime from its records; these override them.

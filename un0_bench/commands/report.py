@@ -6,8 +6,8 @@ import argparse
 from typing import Any
 
 from un0_bench.commands.options import ledger_options, report_options
-from un0_bench.harness.config import path_arg
 from un0_bench.harness.errors import UserError
+from un0_bench.harness.running.config import path_arg
 
 
 def add_parser(sub: Any) -> None:

@@ -9,8 +9,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from un0_bench.harness.config import non_negative, non_negative_int, path_arg, positive_int, seed_int
 from un0_bench.harness.errors import UserError
+from un0_bench.harness.running.config import non_negative, non_negative_int, path_arg, positive_int, seed_int
 
 
 def add_parser(sub: Any) -> None:
@@ -35,9 +35,9 @@ def add_parser(sub: Any) -> None:
 def run_command(argv: list[str], *, out: Path, images: int, meters: str = "auto", name: str = "command",
                 seed: int = 0, **options: Any) -> list[dict[str, Any]]:
     """Measure the command ``argv`` into ``out``; its records (one per meter)."""
-    from un0_bench.harness.config import meters_list
-    from un0_bench.harness.custom import measure_generator
     from un0_bench.harness.registry import METERS
+    from un0_bench.harness.running.config import meters_list
+    from un0_bench.harness.running.custom import measure_generator
 
     names = [n for n in METERS.names() if n != "proxy"] if meters == "auto" else meters_list(meters)
     if any(n.partition(":")[0] == "proxy" for n in names):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from un0_bench.harness.config import path_arg, positive_int
 from un0_bench.harness.errors import UserError
+from un0_bench.harness.running.config import path_arg, positive_int
 
 
 def add_parser(sub: Any) -> None:
@@ -30,7 +30,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         TRAINERS.entry(args.target)  # "did you mean" for an unknown target
         targets = [args.target]
     if args.out is not None:
-        from un0_bench.harness.results import check_file_writable
+        from un0_bench.harness.running.results import check_file_writable
 
         check_file_writable(args.out, "weights file")  # before training, not minutes after
     for name in targets:

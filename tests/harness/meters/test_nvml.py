@@ -259,9 +259,9 @@ def test_real_pynvml_on_this_host() -> None:
 
 
 def test_nvml_devices_from_the_command_line_is_typed_not_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
-    from un0_bench.harness.cell import make_meter
-    from un0_bench.harness.config import meters_list
     from un0_bench.harness.registry import Registry
+    from un0_bench.harness.running.cell import make_meter
+    from un0_bench.harness.running.config import meters_list
 
     gpus = four_gpus()
     host(monkeypatch, gpus)

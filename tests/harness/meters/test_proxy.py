@@ -175,8 +175,8 @@ def test_meter_with_static_power(tmp_path):
 
 
 def test_memory_level_is_named_and_the_dram_priced_figure_sits_beside_it():
+    from un0_bench.harness.measuring.protocol import counts_fields
     from un0_bench.harness.meters.proxy import MEMORY_CAVEAT
-    from un0_bench.harness.protocol import counts_fields
 
     assert get_profile("horowitz-45nm").memory_level == "SRAM 8 KB"
     assert get_profile("horowitz-45nm-dram").memory_level == "DRAM"

@@ -2,7 +2,7 @@
 
 :func:`resolve` parses a stack, expands aliases (``sd-int8`` is ``sd+int8:scales=static`` on digits),
 binds every layer's parameters and checks the whole plan with each technique's
-:meth:`~un0_bench.harness.technique.Technique.check`: a stack that cannot work is refused here,
+:meth:`~un0_bench.harness.core.technique.Technique.check`: a stack that cannot work is refused here,
 with the reason, before anything loads. :func:`build` then builds the base and applies the
 techniques in order.
 """
@@ -13,13 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from un0_bench.harness.backbone import Backbone
+from un0_bench.harness.core.backbone import Backbone
+from un0_bench.harness.core.generator import Generator
+from un0_bench.harness.core.model import Model, Plan
+from un0_bench.harness.core.spec import ModelSpec, Param, bind, takes
+from un0_bench.harness.core.technique import Technique
 from un0_bench.harness.errors import SpecError, StackError
-from un0_bench.harness.generator import Generator
-from un0_bench.harness.model import Model, Plan
 from un0_bench.harness.registry import GENERATORS, TECHNIQUES, Registry
-from un0_bench.harness.spec import ModelSpec, Param, bind, takes
-from un0_bench.harness.technique import Technique
 
 
 @dataclass(frozen=True)
@@ -150,7 +150,7 @@ def check_weights(stack: Stack, backbone: Backbone, generators: Registry = GENER
     """
     from dataclasses import replace
 
-    from un0_bench.harness.checkpoints import file_sha256
+    from un0_bench.harness.weights.checkpoints import file_sha256
 
     base = generators.get(stack.layers[0].name, backbone.kind)
     checker = getattr(base, "check_weights", None)

@@ -1,4 +1,4 @@
-"""Pre-flight: the user's :class:`~un0_bench.harness.config.RunConfig` turned into a frozen :class:`RunPlan`.
+"""Pre-flight: the user's :class:`~un0_bench.harness.running.config.RunConfig` turned into a frozen :class:`RunPlan`.
 
 Everything that can be checked before the first cell is checked here (every axis's options, meter
 names and parameters, the backbone and its quality options, every model's stack and weights), and
@@ -12,13 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from un0_bench.harness.backbone import Backbone
-from un0_bench.harness.config import MEASUREMENT_FIELDS, RunConfig
+from un0_bench.harness.core.backbone import Backbone
+from un0_bench.harness.core.spec import ModelSpec
+from un0_bench.harness.core.stack import Stack, resolve_checked
 from un0_bench.harness.errors import UserError
 from un0_bench.harness.meters.base import Meter
 from un0_bench.harness.registry import BACKBONES, GENERATORS, METERS, TECHNIQUES, Registry
-from un0_bench.harness.spec import ModelSpec
-from un0_bench.harness.stack import Stack, resolve_checked
+from un0_bench.harness.running.config import MEASUREMENT_FIELDS, RunConfig
 
 
 # --- building things from names -------------------------------------------------------------------
@@ -47,7 +47,7 @@ def meter_specs(names: list[str], registry: Registry = METERS) -> dict[str, str]
     readings are keyed so, and reports single out ``proxy``); its parameters are in the record's
     ``meter_details``. A meter named twice is refused.
     """
-    from un0_bench.harness.spec import bind
+    from un0_bench.harness.core.spec import bind
 
     specs: dict[str, str] = {}
     for text in resolve_meters(names, registry):

@@ -1,6 +1,6 @@
 """Techniques as transforms of a denoiser, and the sampler base class that runs their hooks.
 
-A *model* (:mod:`~un0_bench.harness.model`, with its plan, run state and layers) is a diffusers
+A *model* (:mod:`~un0_bench.harness.core.model`, with its plan, run state and layers) is a diffusers
 denoiser (``UNet2DModel``, ``UNet2DConditionModel``, a transformer) plus the number of sampling
 steps and what each technique did to it (its *layers*). A :class:`Technique`
 takes a model and changes it in place: it may replace modules inside the denoiser (int8 layers),
@@ -29,13 +29,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from un0_bench.harness.core.generator import GenerationRequest, GenerationResult, Generator
+from un0_bench.harness.core.model import Layer, Model, Plan, Run
+from un0_bench.harness.core.spec import Param
 from un0_bench.harness.errors import StackError
-from un0_bench.harness.generator import GenerationRequest, GenerationResult, Generator
-from un0_bench.harness.model import Layer, Model, Plan, Run
-from un0_bench.harness.spec import Param
 
 if TYPE_CHECKING:
-    from un0_bench.harness.backbone import Backbone
+    from un0_bench.harness.core.backbone import Backbone
 
 
 class Technique(abc.ABC):

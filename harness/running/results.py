@@ -2,7 +2,7 @@
 
 One :class:`JsonlStore` serves both: append (flushed and fsynced, starting on a line boundary after an
 interrupted write), load (every line that is not a valid entry is refused with its line number and
-skipped) and resume. :class:`ResultStore` holds the :class:`~un0_bench.harness.record.Record` s of a
+skipped) and resume. :class:`ResultStore` holds the :class:`~un0_bench.harness.running.record.Record` s of a
 folder, and its lock (one writer at a time); :class:`QualityStore` the quality figure of each model.
 Re-running into the same folder skips finished cells. Result files are the only interface between
 measuring and reporting.
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from un0_bench.harness.errors import UserError
-from un0_bench.harness.record import READABLE_SCHEMAS, SCHEMA_VERSION, Record, RecordError, SchemaVersionError
+from un0_bench.harness.running.record import READABLE_SCHEMAS, SCHEMA_VERSION, Record, RecordError, SchemaVersionError
 
 __all__ = ["READABLE_SCHEMAS", "SCHEMA_VERSION", "CellKey", "JsonlStore", "QualityEntry", "QualityStore", "Record",
            "ResultStore", "SchemaVersionError", "check_file_writable", "check_writable"]

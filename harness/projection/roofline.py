@@ -489,11 +489,11 @@ def fit_calibration(points: list[Point], *, name: str, flags: MathFlags = DEFAUL
 def load_calibration(path: str | os.PathLike[str] | None = None) -> Calibration:
     """The projection's calibration.
 
-    The shipped one (``harness/projection_calibration.json``) or one written by
+    The shipped one (``harness/projection/projection_calibration.json``) or one written by
     ``un0-bench calibrate --projection --out FILE``.
     """
     if path is None:
-        ref = resources.files("un0_bench.harness").joinpath(CALIBRATION_FILE)
+        ref = resources.files("un0_bench.harness.projection").joinpath(CALIBRATION_FILE)
         where = f"harness/{CALIBRATION_FILE}"
         if not ref.is_file():
             raise UserError(f"{where} is missing; `un0-bench calibrate --projection` recounts the published points "

@@ -5,7 +5,7 @@ validator: :class:`SweepConfig` (what is compared), :class:`ProtocolConfig` (how
 measured), :class:`QualityConfig`, :class:`LedgerConfig`, :class:`OutputConfig` and
 :class:`ExecutorConfig` (where cells run). The CLI builds ``un0-bench compare``'s options from their
 fields (each field's ``option`` metadata gives its flag, parser and help); the runner's pre-flight
-(:mod:`~un0_bench.harness.plan`) turns a config into the frozen plan every later stage reads, and the
+(:mod:`~un0_bench.harness.running.plan`) turns a config into the frozen plan every later stage reads, and the
 ledger and the reports read their defaults from here.
 """
 
@@ -19,7 +19,7 @@ from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from un0_bench.harness.backbone import QualityOptions
+from un0_bench.harness.core.backbone import QualityOptions
 from un0_bench.harness.errors import UserError
 
 

@@ -1,7 +1,7 @@
 """Measure a user's own image generator: any callable that makes images, under the CLI's protocol.
 
 A callable is wrapped in a :class:`CallableGenerator` on a :class:`CallableBackbone` and measured by
-the :class:`~un0_bench.harness.runner.Runner` like any registered model (warm-up, one counting pass,
+the :class:`~un0_bench.harness.running.runner.Runner` like any registered model (warm-up, one counting pass,
 idle windows around repeated metered windows, intervals, records in the output folder), so
 ``un0-bench report`` reads the folder. Phases of the user's code are marked with :func:`window`:
 each marked block is metered in its own window, as a generator's phases are.
@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from un0_bench.harness.backbone import Backbone
+from un0_bench.harness.core.backbone import Backbone
+from un0_bench.harness.core.generator import GenerationRequest, GenerationResult, Generator
 from un0_bench.harness.errors import UserError
-from un0_bench.harness.generator import GenerationRequest, GenerationResult, Generator
 
 #: The backbone kind (and spec) of records measured from a callable.
 KIND = "callable"
@@ -238,11 +238,11 @@ def measure_generator(generator: Generator, backbone: Backbone, *, name: str, ou
     ``before`` runs after every option is checked and before the runner writes anything (a probe
     call that refuses a broken generator). Records of ``name`` already in ``out`` are resumed.
     """
-    from un0_bench.harness.config import RunConfig, meters_list
+    from un0_bench.harness.core.spec import ModelSpec
     from un0_bench.harness.registry import METERS, Registry
-    from un0_bench.harness.results import ResultStore
-    from un0_bench.harness.runner import Runner
-    from un0_bench.harness.spec import ModelSpec
+    from un0_bench.harness.running.config import RunConfig, meters_list
+    from un0_bench.harness.running.results import ResultStore
+    from un0_bench.harness.running.runner import Runner
 
     spec = ModelSpec.parse(name)
     if spec.params or spec.name != name:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from un0_bench.harness.config import DEFAULT_LIFETIME_IMAGES, DEFAULT_PUE
+from un0_bench.harness.running.config import DEFAULT_LIFETIME_IMAGES, DEFAULT_PUE
 
 BOUNDARIES = ("compute", "gating", "memory", "idle", "pue", "training")
 BOUNDARY_LABELS = {

@@ -1,10 +1,10 @@
-"""Orchestration (the driver): run a :class:`~un0_bench.harness.config.RunConfig` into an output folder.
+"""Orchestration (the driver): run a :class:`~un0_bench.harness.running.config.RunConfig` into an output folder.
 
-The runner's pre-flight (:func:`~un0_bench.harness.plan.preflight`) checks everything that can be
+The runner's pre-flight (:func:`~un0_bench.harness.running.plan.preflight`) checks everything that can be
 checked (names, stacks, meters, backbone) and freezes what the run measures; the runner checks the
 output folder and the executor before the first cell, plans the pending cells (model x batch size,
 in a seeded shuffled order) and hands them to an executor (:mod:`~un0_bench.harness.executors`:
-local, or Ray), whose workbenches measure them (:mod:`~un0_bench.harness.cell`). It alone writes
+local, or Ray), whose workbenches measure them (:mod:`~un0_bench.harness.running.cell`). It alone writes
 the folder: it caches each model's quality, judges it against the reference's band and appends one
 record per meter as soon as a cell is in.
 The ledger is not computed here: reports compute it from the records.
@@ -17,17 +17,17 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from un0_bench.harness.cell import BenchSpec, Cell, CellResult, save_grid, slug
-from un0_bench.harness.config import RunConfig, flag_of
+from un0_bench.harness.core.generator import GenerationRequest, GenerationResult, Generator
+from un0_bench.harness.core.stack import Stack, build, resolve_checked
 from un0_bench.harness.errors import UserError
-from un0_bench.harness.generator import GenerationRequest, GenerationResult, Generator
-from un0_bench.harness.hoststate import HostProbe
-from un0_bench.harness.plan import RunPlan, load_backbone, make_meter, preflight, resolve_meters
-from un0_bench.harness.protocol import ordered
-from un0_bench.harness.record import Record, identity
+from un0_bench.harness.measuring.hoststate import HostProbe
+from un0_bench.harness.measuring.protocol import ordered
 from un0_bench.harness.registry import BACKBONES, GENERATORS, METERS, TECHNIQUES, Registry
-from un0_bench.harness.results import QualityEntry, QualityStore, ResultStore, check_writable
-from un0_bench.harness.stack import Stack, build, resolve_checked
+from un0_bench.harness.running.cell import BenchSpec, Cell, CellResult, save_grid, slug
+from un0_bench.harness.running.config import RunConfig, flag_of
+from un0_bench.harness.running.plan import RunPlan, load_backbone, make_meter, preflight, resolve_meters
+from un0_bench.harness.running.record import Record, identity
+from un0_bench.harness.running.results import QualityEntry, QualityStore, ResultStore, check_writable
 
 if TYPE_CHECKING:
     from un0_bench.harness.executors import Executor

@@ -2,7 +2,7 @@
 
 The instrument (everything in ``harness/``) knows backbones only through this class: a backbone
 supplies the prompts it understands, builds its base diffusion model (a denoiser, see
-:mod:`~un0_bench.harness.technique`), runs it with its own sampler (which calls the hooks every
+:mod:`~un0_bench.harness.core.technique`), runs it with its own sampler (which calls the hooks every
 technique uses), and judges the quality of generated images with its own evaluator and band rule
 (digits: FID, KID and accuracy in a shipped judge's features; pipelines: CLIP score). A technique
 that loads shipped weights gets their paths and the configs they were made for from it too
@@ -18,13 +18,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from un0_bench.harness.generator import GenerationResult, Generator
-    from un0_bench.harness.model import Model, Plan
+    from un0_bench.harness.core.generator import GenerationResult, Generator
+    from un0_bench.harness.core.model import Model, Plan
 
 
 @dataclass(frozen=True)
 class QualityOptions:
-    """How a run judges quality (built by :meth:`~un0_bench.harness.config.QualityConfig.options`; defaults there).
+    """How a run judges quality.
+
+    Built by :meth:`~un0_bench.harness.running.config.QualityConfig.options` (the defaults are there).
 
     Attributes:
         samples: Images per model to evaluate (0: quality not measured).

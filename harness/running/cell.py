@@ -4,9 +4,9 @@ A :class:`Cell` names what to measure and a :class:`Workbench` measures it. Both
 picklable inputs (the run configuration, the model text, the batch size, the meter names, the
 registries), so a worker on another node measures a cell exactly as the local executor does: build
 the model on the backbone, warm up, count, meter repeated windows and per-phase windows
-(:mod:`~un0_bench.harness.protocol`), and, for the one cell of a model that asks for it, judge its
+(:mod:`~un0_bench.harness.measuring.protocol`), and, for the one cell of a model that asks for it, judge its
 quality. Records leave here without the quality band: the reference's quality may be measured on
-another worker, so the driver (:class:`~un0_bench.harness.runner.Runner`) caches every quality figure
+another worker, so the driver (:class:`~un0_bench.harness.running.runner.Runner`) caches every quality figure
 and derives ``quality_matched`` before it appends the records. Nothing here writes to the output
 folder either: the sample grid travels back as PNG bytes, and the driver alone writes files.
 """
@@ -23,14 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from un0_bench.harness.backbone import Backbone
+from un0_bench.harness.core.backbone import Backbone
+from un0_bench.harness.core.generator import GenerationRequest, GenerationResult
+from un0_bench.harness.core.stack import build, resolve_checked
 from un0_bench.harness.counters.records import Counts
-from un0_bench.harness.generator import GenerationRequest, GenerationResult
-from un0_bench.harness.hoststate import HostProbe
-from un0_bench.harness.meters.base import Meter
-from un0_bench.harness.meters.proxy import DEFAULT_PROFILE
-from un0_bench.harness.plan import RunPlan, load_backbone, make_meter
-from un0_bench.harness.protocol import (
+from un0_bench.harness.measuring.hoststate import HostProbe
+from un0_bench.harness.measuring.protocol import (
     count_ops,
     counts_fields,
     measure_cell_windows,
@@ -39,10 +37,12 @@ from un0_bench.harness.protocol import (
     uncounted_fields,
     warm_up,
 )
-from un0_bench.harness.record import Record, identity
+from un0_bench.harness.measuring.stats import ratio_interval
+from un0_bench.harness.meters.base import Meter
+from un0_bench.harness.meters.proxy import DEFAULT_PROFILE
 from un0_bench.harness.registry import BACKBONES, GENERATORS, METERS, TECHNIQUES, Registry
-from un0_bench.harness.stack import build, resolve_checked
-from un0_bench.harness.stats import ratio_interval
+from un0_bench.harness.running.plan import RunPlan, load_backbone, make_meter
+from un0_bench.harness.running.record import Record, identity
 
 #: Longest file-name stem derived from a spec (file systems allow 255 bytes a name).
 MAX_SLUG = 80
@@ -205,7 +205,7 @@ class Workbench:
 
     def open(self, idle: bool = True) -> None:
         """Make the meters (an unavailable one keeps its reason); ``idle``: measure idle around every cell."""
-        from un0_bench.harness.environment import environment
+        from un0_bench.harness.measuring.environment import environment
 
         if self.env is None:
             self.env = environment()

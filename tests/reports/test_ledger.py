@@ -1,5 +1,5 @@
 import pytest
-from un0_bench.harness.ledger import boundaries, derivation_energy_j, ledger
+from un0_bench.reports.ledger import boundaries, derivation_energy_j, ledger
 
 from tests.reports.fixtures import proxy, record
 
@@ -54,8 +54,8 @@ def test_pue_below_one_refused():
 
 
 def test_run_settings_come_from_the_run_unless_overridden():
-    from un0_bench.harness.config import DEFAULT_LIFETIME_IMAGES, DEFAULT_PUE
-    from un0_bench.harness.ledger import run_settings
+    from un0_bench.harness.running.config import DEFAULT_LIFETIME_IMAGES, DEFAULT_PUE
+    from un0_bench.reports.ledger import run_settings
 
     run = {"reference": "un0", "pue": 1.2, "lifetime_images": 10}
     records = [record("sd", "proxy", 1.0, config={"run": run}), record("un0", "proxy", 0.1, config={"run": run})]

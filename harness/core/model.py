@@ -4,7 +4,7 @@ A :class:`Model` is a denoiser with its steps and layers; its :class:`Plan` is k
 anything loads; :class:`Run` is one batch's state; a :class:`Layer` is what a technique did.
 
 These are the data the instrument passes between a backbone (which builds the base model and
-samples it), the techniques (which change it, :mod:`~un0_bench.harness.technique`) and the sampler
+samples it), the techniques (which change it, :mod:`~un0_bench.harness.core.technique`) and the sampler
 (which calls every layer's hooks). Neither the backbone nor the technique module is imported here,
 so both can use these types without importing each other.
 """
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
-from un0_bench.harness.generator import emitting
+from un0_bench.harness.core.generator import emitting
 
 
 @dataclass

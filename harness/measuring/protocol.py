@@ -5,7 +5,7 @@ windows are not slowed by counting); idle windows right before and after the cel
 for meters that see a whole device; metered windows in which every meter watches the same work,
 each at least every meter's minimum window; and, for generators with phases (every denoiser step, un0's gate, a
 pipeline's text encoder and VAE), one window per phase occurrence. Backbone-independent: it uses
-only the :class:`~un0_bench.harness.generator.Generator` interface and the meters.
+only the :class:`~un0_bench.harness.core.generator.Generator` interface and the meters.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from un0_bench.harness.core.generator import GenerationRequest, Generator
 from un0_bench.harness.counters.records import Counts, OpStat
-from un0_bench.harness.generator import GenerationRequest, Generator
-from un0_bench.harness.hoststate import HostProbe
+from un0_bench.harness.measuring.hoststate import HostProbe
+from un0_bench.harness.measuring.stats import CI_LEVEL, CI_METHOD, Interval, ratio_interval
 from un0_bench.harness.meters.base import Meter, MeterUnavailable, Reading, sync_devices, unavailable
-from un0_bench.harness.stats import CI_LEVEL, CI_METHOD, Interval, ratio_interval
 
 
 def count_ops(generator: Generator, request: GenerationRequest) -> Counts:
@@ -266,8 +266,9 @@ def summarise(meter_name: str, windows: list[Window], idle: Idle | float | None,
               min_window_s: float | None = None) -> dict[str, Any]:
     """Per-image statistics of one meter over the windows.
 
-    The per-image figure is total energy over total images (see :mod:`un0_bench.harness.stats`), its
-    interval a t-interval on the windows at :data:`~un0_bench.harness.stats.CI_LEVEL`, labelled with its method.
+    The per-image figure is total energy over total images (see :mod:`un0_bench.harness.measuring.stats`), its
+    interval a t-interval on the windows at :data:`~un0_bench.harness.measuring.stats.CI_LEVEL`, labelled with its
+    method.
     Net of idle: ``(energy - idle power x time) / images``; its uncertainty adds the gross interval's
     half-width and the idle's (drift x time per image). A net within that uncertainty of zero is
     *below the detection limit*: ``energy_net_below_detection_limit`` is True and the net figure is

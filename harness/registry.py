@@ -1,9 +1,9 @@
 """Typed registries, one per kind: generators, techniques, backbones, meters, training targets.
 
-Entries are lazy, duplicates are refused and an unknown name gets "did you mean". Each registry
-holds one kind of object, checked when an entry is registered as an object or first imported:
-subclasses of its base class (techniques, backbones, meters), or callables (generator factories,
-training functions); anything else is refused with :class:`EntryTypeError`.
+Entries are lazy, duplicates are refused and an unknown name gets "did you mean". A registry with a
+base class (techniques, backbones, meters) holds its subclasses only, checked when an entry is
+registered as an object or first imported; anything else is refused with :class:`EntryTypeError`.
+Generator factories and training functions are typed (``Registry[Callable[...]]``) but not checked.
 
 An entry is a ``"module:attr"`` string, imported only when chosen, so listing generators does not
 import diffusers or pynvml. The built-in entries are registered in one place, :mod:`un0_bench.catalog`
@@ -103,7 +103,7 @@ class Registry(Generic[T]):
     Args:
         kind: What the entries are, for messages (``"meter"``).
         base: ``"module:attr"`` of the base class every entry subclasses (a string, so that building
-            the registry imports nothing); ``None``: every entry is a callable.
+            the registry imports nothing); ``None``: entries are not checked.
         entry_point_group: Package entry-point group whose entries join this registry (``un0_bench.meters``).
     """
 
@@ -175,14 +175,11 @@ class Registry(Generic[T]):
 
     def _checked(self, name: str, obj: object, target: object = None) -> T:
         """``obj`` if it is what this registry holds; else :class:`EntryTypeError`, naming where it came from."""
-        base = _resolve(self.base) if self.base is not None else None
-        if base is None:
-            ok, wanted = callable(obj), "a callable"
-        else:
-            ok, wanted = isinstance(obj, type) and issubclass(obj, base), f"a subclass of {self.base}"
-        if not ok:
-            where = f" ({target})" if isinstance(target, str) else ""
-            raise EntryTypeError(f"{self.kind} {name!r}{where} is {obj!r}, not {wanted}")
+        if self.base is not None:
+            base = _resolve(self.base)
+            if not (isinstance(obj, type) and issubclass(obj, base)):
+                where = f" ({target})" if isinstance(target, str) else ""
+                raise EntryTypeError(f"{self.kind} {name!r}{where} is {obj!r}, not a subclass of {self.base}")
         return cast(T, obj)
 
     def unknown_message(self, name: str) -> str:

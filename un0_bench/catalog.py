@@ -7,7 +7,7 @@ the registries and knows none of these names.
 
 from __future__ import annotations
 
-from un0_bench.harness.registry import BACKBONES, GENERATORS, METERS, TECHNIQUES, TRAINERS
+from un0_bench.harness.registry import BACKBONES, GENERATORS, METERS, TECHNIQUES, TRAINERS, Registry
 
 _B = "un0_bench.baselines"
 _U = "un0_bench.un0_impl"
@@ -102,21 +102,31 @@ GENERATORS.register("real", {"digits": f"{_B}.references:build_real"}, "held-out
                                  "arch": "an arch backbone counts work; it has no reference image set"})
 
 # --- meters --------------------------------------------------------------------------------------
-_M = "un0_bench.harness.meters"
-METERS.register("wall", f"{_M}.wall:WallMeter", "monotonic clock; time only")
-METERS.register("proxy", f"{_M}.proxy:ProxyMeter", "counted ops x energy per op (deterministic)")
-METERS.register("rapl", f"{_M}.rapl:RaplMeter", "Linux powercap RAPL: CPU package and DRAM")
-METERS.register("nvml", f"{_M}.nvml:NvmlMeter", "NVIDIA GPU energy counter via pynvml")
-METERS.register("codecarbon", f"{_M}.codecarbon:CodecarbonMeter", "codecarbon offline tracker")
-METERS.register("zeus", f"{_M}.zeus:ZeusMeter", "ML.ENERGY Zeus (cross-check of nvml/rapl; also AMD GPUs and Apple "
-                                                "silicon, which the own meters lack); pip install 'un0-bench[zeus]'")
+
+
+def _register_rows(registry: Registry, package: str, rows: tuple[tuple[str, str, str], ...]) -> None:
+    """Register ``(name, "module:attr" under package, one-line description)`` rows in order."""
+    for name, target, about in rows:
+        registry.register(name, f"{package}.{target}", about)
+
+
+_register_rows(METERS, "un0_bench.harness.meters", (
+    ("wall", "wall:WallMeter", "monotonic clock; time only"),
+    ("proxy", "proxy:ProxyMeter", "counted ops x energy per op (deterministic)"),
+    ("rapl", "rapl:RaplMeter", "Linux powercap RAPL: CPU package and DRAM"),
+    ("nvml", "nvml:NvmlMeter", "NVIDIA GPU energy counter via pynvml"),
+    ("codecarbon", "codecarbon:CodecarbonMeter", "codecarbon offline tracker"),
+    ("zeus", "zeus:ZeusMeter", "ML.ENERGY Zeus (cross-check of nvml/rapl; also AMD GPUs and Apple silicon, which the "
+                               "own meters lack); pip install 'un0-bench[zeus]'"),
+))
 
 # --- training targets (registration order is training order: later ones derive from earlier) ---
-_T = "un0_bench.training"
-TRAINERS.register("teacher", f"{_T}.teacher:train_teacher", "the digits teacher UNet (everything derives from it)")
-TRAINERS.register("judge", f"{_T}.judge:train_judge", "digits classifier: FID/KID features and accuracy")
-TRAINERS.register("sd-int8", f"{_T}.int8_calibration:calibrate_int8", "int8 scales calibrated on real digits")
-TRAINERS.register("sd-pruned", f"{_T}.pruned:train_pruned", "channel pruning + fine-tuning")
-TRAINERS.register("sd-distilled", f"{_T}.distilled:train_distilled", "few-step students (4 and 1 step)")
-TRAINERS.register("un0", f"{_T}.un0:train_un0", "gated sparse Un-0 student")
-TRAINERS.register("un0-osc", f"{_T}.oscillator:train_oscillator", "coupled-oscillator Un-0")
+_register_rows(TRAINERS, "un0_bench.training", (
+    ("teacher", "teacher:train_teacher", "the digits teacher UNet (everything derives from it)"),
+    ("judge", "judge:train_judge", "digits classifier: FID/KID features and accuracy"),
+    ("sd-int8", "int8_calibration:calibrate_int8", "int8 scales calibrated on real digits"),
+    ("sd-pruned", "pruned:train_pruned", "channel pruning + fine-tuning"),
+    ("sd-distilled", "distilled:train_distilled", "few-step students (4 and 1 step)"),
+    ("un0", "un0:train_un0", "gated sparse Un-0 student"),
+    ("un0-osc", "oscillator:train_oscillator", "coupled-oscillator Un-0"),
+))

@@ -9,6 +9,7 @@ from typing import Any
 
 from un0_bench.harness.meters.proxy import MEMORY_CAVEAT
 from un0_bench.harness.running.config import DEFAULT_GRID_GCO2_PER_KWH
+from un0_bench.harness.running.record import Record
 from un0_bench.harness.running.results import ResultStore
 from un0_bench.reports import plots, projected, units
 from un0_bench.reports.claims import (
@@ -44,7 +45,7 @@ def _data_uri(png: bytes | None) -> str | None:
     return None if png is None else "data:image/png;base64," + base64.b64encode(png).decode()
 
 
-def _sample_grids(out_dir: Path, records: list[dict[str, Any]]) -> dict[str, str]:
+def _sample_grids(out_dir: Path, records: list[Record]) -> dict[str, str]:
     grids = {}
     for r in records:
         rel = r.get("sample_grid")
@@ -57,18 +58,24 @@ def _sample_grids(out_dir: Path, records: list[dict[str, Any]]) -> dict[str, str
     return grids
 
 
-def with_ledgers(records: list[dict[str, Any]], reference: str, pue: float, lifetime_images: int) -> None:
-    """Recompute every record's ledger for this report's PUE, lifetime and reference."""
+def with_ledgers(records: list[Record], reference: str, pue: float, lifetime_images: int) -> list[Record]:
+    """The records, each with its ledger (``ledger``) for this report's PUE, lifetime and reference.
+
+    Whatever ledger a record was stored with (schema 1) is replaced: reports compute it from the run's settings.
+    """
+    out = []
     for r in records:
         ref = r if r["model"] == reference else find_reference(records, r, reference)
-        r["ledger"] = ledger(r, ref, pue=pue, lifetime_images=lifetime_images)
+        book = ledger(r, ref, pue=pue, lifetime_images=lifetime_images)
         if is_reference(r):
             # A bound (real data, noise), not a generator: its energy is shown, never an efficiency factor.
-            for entry in r["ledger"].values():
+            for entry in book.values():
                 entry["factor_vs_reference"] = None
+        out.append(r.with_fields(ledger=book))
+    return out
 
 
-def ledger_rows(records: list[dict[str, Any]], meter: str) -> list[dict[str, Any]]:
+def ledger_rows(records: list[Record], meter: str) -> list[dict[str, Any]]:
     rows = []
     for r in records:
         if r["meter"] != meter:
@@ -89,20 +96,20 @@ def ledger_rows(records: list[dict[str, Any]], meter: str) -> list[dict[str, Any
 DRAM_METER = "proxy-dram"
 
 
-def dram_priced(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def dram_priced(records: list[Record]) -> list[Record]:
     """Proxy records re-priced with their DRAM profile (``proxy_dram_j_per_image_by_part``), as meter ``proxy-dram``."""
     out = []
     for r in records:
         parts = r.get("proxy_dram_j_per_image_by_part")
         if r["meter"] != "proxy" or r.get("status") != "ok" or not parts:
             continue
-        out.append({**r, "meter": DRAM_METER, "proxy_j_per_image_by_part": parts,
-                    "energy_j_per_image": math.fsum(parts.values()), "energy_j_per_image_by_domain": {},
-                    "proxy_profile": r.get("proxy_dram_profile"), "proxy_memory_level": "DRAM"})
+        out.append(r.with_fields(meter=DRAM_METER, proxy_j_per_image_by_part=parts,
+                                 energy_j_per_image=math.fsum(parts.values()), energy_j_per_image_by_domain={},
+                                 proxy_profile=r.get("proxy_dram_profile"), proxy_memory_level="DRAM"))
     return out
 
 
-def _ledgers(records: list[dict[str, Any]], dram: list[dict[str, Any]], meters: list[str]) -> dict[str, Any]:
+def _ledgers(records: list[Record], dram: list[Record], meters: list[str]) -> dict[str, Any]:
     """Ledger rows per meter, the DRAM-priced proxy right after the proxy (side by side)."""
     out: dict[str, Any] = {}
     for m in meters:
@@ -112,7 +119,7 @@ def _ledgers(records: list[dict[str, Any]], dram: list[dict[str, Any]], meters: 
     return out
 
 
-def footprint_rows(records: list[dict[str, Any]], pue: float, grid: float) -> list[dict[str, Any]]:
+def footprint_rows(records: list[Record], pue: float, grid: float) -> list[dict[str, Any]]:
     rows = []
     for r in records:
         e = r.get("energy_j_per_image")
@@ -141,14 +148,12 @@ def build_report(out_dir: Path, options: dict[str, Any] | None = None) -> Path:
     records, failed = measured(stored), failed_cells(stored)
     opts = {**run_settings(records, options),
             "grid_gco2_per_kwh": options.get("grid_gco2_per_kwh") or DEFAULT_GRID_GCO2_PER_KWH}
-    with_ledgers(records, opts["reference"], opts["pue"], opts["lifetime_images"])
+    records = with_ledgers(records, opts["reference"], opts["pue"], opts["lifetime_images"])
     write_csv(records, out_dir / "results.csv")
     meters_with_energy = list(dict.fromkeys(r["meter"] for r in records if r.get("energy_j_per_image")))
     proxy_ledger = ledger_rows(records, "proxy")
-    dram = dram_priced(records)
-    with_ledgers(dram, opts["reference"], opts["pue"], opts["lifetime_images"])
-    for r in records:
-        r["below_detection_limit"] = below_detection_limit(r)
+    dram = with_ledgers(dram_priced(records), opts["reference"], opts["pue"], opts["lifetime_images"])
+    records = [r.with_fields(below_detection_limit=below_detection_limit(r)) for r in records]
     summary = format_summary(summary_frame(records)) if records else None
     models = list(dict.fromkeys(r["model"] for r in records))
     details = []

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from un0_bench.harness.meters.codecarbon import evidence_of
+from un0_bench.harness.running.record import Record
 from un0_bench.reports.ledger import BOUNDARIES, below_detection_limit
 
 CLAIMS_FILE = Path(__file__).with_name("claims.csv")
@@ -85,7 +86,7 @@ def is_projection(meter: str) -> bool:
     return meter.startswith("projection:")
 
 
-def is_reference(record: dict[str, Any]) -> bool:
+def is_reference(record: Record) -> bool:
     """A bound (`real` data, `noise`), not a generator: by its technique, else by its name."""
     gen = (record.get("config") or {}).get("generator") or {}
     return gen.get("technique") == "reference" or record["model"] in REFERENCE_MODELS
@@ -106,7 +107,7 @@ def _matches(model: str, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatchcase(model, p) for p in patterns)
 
 
-def _parameters(record: dict[str, Any]) -> float | None:
+def _parameters(record: Record) -> float | None:
     return ((record.get("config") or {}).get("generator") or {}).get("parameters")
 
 
@@ -123,7 +124,7 @@ def fmt_range(lo: float, hi: float) -> str:
     return f"{fmt_factor(lo).removesuffix('x')}–{fmt_factor(hi)}"
 
 
-def evidence(records: list[dict[str, Any]], meter: str) -> dict[str, Any]:
+def evidence(records: list[Record], meter: str) -> dict[str, Any]:
     """The class of evidence a meter gave in these records, with a label and the reason for the class.
 
     Decided from what the meter recorded on this host: a reading's ``evidence`` (and
@@ -150,7 +151,7 @@ def evidence(records: list[dict[str, Any]], meter: str) -> dict[str, Any]:
     return {"meter": meter, "kind": kind, "label": f"{meter} ({kind})", "reason": reason}
 
 
-def _energy(record: dict[str, Any], boundary: str) -> dict[str, Any] | None:
+def _energy(record: Record, boundary: str) -> dict[str, Any] | None:
     """Energy per image at ``boundary`` with its 95% interval, and whether it is below the detection limit.
 
     The proxy counts: its interval is the point. A device meter's boundary 3 is its energy net of idle
@@ -216,14 +217,14 @@ def cell_status(factor: float | None, ci: tuple[float, float] | None, claimed_lo
     return HOLDS if ci[0] >= claimed_low else CANNOT_TELL
 
 
-def _find(records: list[dict[str, Any]], model: str, meter: str, like: dict[str, Any] | None = None):
+def _find(records: list[Record], model: str, meter: str, like: dict[str, Any] | None = None):
     same = [r for r in records if r["model"] == model and r["meter"] == meter
             and (like is None or r["backbone"] == like["backbone"])]
     exact = [r for r in same if like is not None and r["batch_size"] == like["batch_size"]]
     return (exact or same or [None])[0]
 
 
-def _cell(mine_r: dict[str, Any], ref_r: dict[str, Any] | None, boundary: str, claimed_low: float,
+def _cell(mine_r: Record, ref_r: Record | None, boundary: str, claimed_low: float,
           model: str, reference: str) -> dict[str, Any]:
     """One meter at one boundary: the factor, its interval or a bound, the status and the detection note."""
     entry = (mine_r.get("ledger") or {}).get(boundary) or {}
@@ -262,7 +263,7 @@ def _below_note(model: str, x: dict[str, Any]) -> str:
     return f"{model}'s net energy is below the detection limit{of} (at most {x['hi']:.2g} J/image)"
 
 
-def verdict_table(records: list[dict[str, Any]], model: str, reference: str, claimed_low: float,
+def verdict_table(records: list[Record], model: str, reference: str, claimed_low: float,
                   like: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """One row per meter that measured ``model``'s energy: the factor with its 95% CI at each boundary."""
     meters = list(dict.fromkeys(r["meter"] for r in records if r["model"] == model and r.get("status") == "ok"
@@ -377,7 +378,7 @@ def _same_size_note(c: dict[str, Any], same: list[dict[str, Any]], ref: dict[str
             f"{reference}'s {_parameters(ref):,.0f} parameters{how})")
 
 
-def evaluate_claims(records: list[dict[str, Any]], reference: str,
+def evaluate_claims(records: list[Record], reference: str,
                     claims: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """One row per claim: the best fitting generator, its table over meters x boundaries, the sentences.
 
@@ -448,7 +449,7 @@ def evaluate_claims(records: list[dict[str, Any]], reference: str,
 PROJECTED_MEASURES = {"projected_energy_j": ("energy_j_per_image", "J"), "projected_time_s": ("time_s_per_image", "s")}
 
 
-def judge_projected(c: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any]:
+def judge_projected(c: dict[str, Any], records: list[Record]) -> dict[str, Any]:
     """An absolute claim against the projection of each setting it plausibly means (``claim_setting``).
 
     A setting agrees when its projected figure lies in [claimed_low, claimed_high] (the claim's own

@@ -6,7 +6,7 @@ parameters) and nowhere else.
 
 from __future__ import annotations
 
-from typing import Any
+from un0_bench.harness.running.record import Record
 
 
 def _tflop(flops: float | None) -> str:
@@ -21,7 +21,7 @@ def _millions(n: float | None) -> str:
     return "?" if n is None else f"{n / 1e6:,.2f}M"
 
 
-def format_counted(record: dict[str, Any], top_modules: int = 8) -> str:
+def format_counted(record: Record, top_modules: int = 8) -> str:
     """Lines describing one counted record: settings, totals, phases, dtypes, modules, parameters."""
     r = record
     n = r.get("images") or 1

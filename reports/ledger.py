@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 from un0_bench.harness.running.config import DEFAULT_LIFETIME_IMAGES, DEFAULT_PUE
+from un0_bench.harness.running.record import Record
 
 BOUNDARIES = ("compute", "gating", "memory", "idle", "pue", "training")
 BOUNDARY_LABELS = {
@@ -33,7 +34,7 @@ BOUNDARY_LABELS = {
 }
 
 
-def run_settings(records: list[dict[str, Any]], overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def run_settings(records: list[Record], overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Reference, PUE and lifetime of a run, from its own records (``config.run``), unless overridden.
 
     The one place the ledger's settings are decided: ``un0-bench report DIR`` of a ``--reference un0``
@@ -71,7 +72,7 @@ def derivation_energy_j(derivation: dict[str, Any] | None, meter: str) -> tuple[
     return total, "includes " + ", ".join(derivation["includes"]) if derivation.get("includes") else ""
 
 
-def below_detection_limit(record: dict[str, Any]) -> bool:
+def below_detection_limit(record: Record) -> bool:
     """Whether a record's net-of-idle energy is within its uncertainty of zero (not a measurement of the work).
 
     Records carry the verdict (``energy_net_below_detection_limit``); older ones without it are judged
@@ -88,7 +89,7 @@ def _entry(energy: float | None, why: str = "") -> dict[str, Any]:
     return {"energy_j_per_image": energy, "factor_vs_reference": None, **({"why": why} if why else {})}
 
 
-def boundaries(record: dict[str, Any], pue: float = DEFAULT_PUE,
+def boundaries(record: Record, pue: float = DEFAULT_PUE,
                lifetime_images: int = DEFAULT_LIFETIME_IMAGES) -> dict[str, dict[str, Any]]:
     """Energy per image at each boundary for one record (no factors yet)."""
     if pue < 1.0:
@@ -139,7 +140,7 @@ def boundaries(record: dict[str, Any], pue: float = DEFAULT_PUE,
     return out
 
 
-def ledger(record: dict[str, Any], reference: dict[str, Any] | None, pue: float = DEFAULT_PUE,
+def ledger(record: Record, reference: Record | None, pue: float = DEFAULT_PUE,
            lifetime_images: int = DEFAULT_LIFETIME_IMAGES) -> dict[str, dict[str, Any]]:
     """Boundaries of ``record`` with the efficiency factor vs ``reference`` (same meter).
 
@@ -159,7 +160,7 @@ def ledger(record: dict[str, Any], reference: dict[str, Any] | None, pue: float 
     return mine
 
 
-def find_reference(records: list[dict[str, Any]], record: dict[str, Any], reference: str) -> dict[str, Any] | None:
+def find_reference(records: list[Record], record: Record, reference: str) -> Record | None:
     """The reference's record for the same backbone and meter, at the same batch size if there is one."""
     same = [r for r in records if r["model"] == reference and r["backbone"] == record["backbone"]
             and r["meter"] == record["meter"]]

@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display; set before pyplot is imported anywhere in this process
 import matplotlib.pyplot as plt  # noqa: E402
+from un0_bench.harness.running.record import Record
 
 
 def _png(fig: Any) -> bytes:
@@ -18,7 +19,7 @@ def _png(fig: Any) -> bytes:
     return buf.getvalue()
 
 
-def energy_per_image(records: list[dict[str, Any]]) -> bytes | None:
+def energy_per_image(records: list[Record]) -> bytes | None:
     """Energy per image per model and meter, log scale, with 95% CI bars."""
     rows = [r for r in records if r.get("energy_j_per_image")]
     if not rows:
@@ -81,7 +82,7 @@ def ledger_factors(rows: list[dict[str, Any]], boundaries: list[str], labels: di
     return _png(fig)
 
 
-def flops_vs_joules(records: list[dict[str, Any]]) -> bytes | None:
+def flops_vs_joules(records: list[Record]) -> bytes | None:
     """Counted FLOPs against measured joules per image, one series per meter: how well counts track meters."""
     series: dict[str, list[tuple[float, float]]] = {}
     for r in records:
@@ -123,14 +124,14 @@ def _place_labels(ax: Any, fig: Any, points: list[tuple[float, float, str]]) -> 
         placed.append(text.get_window_extent(renderer))
 
 
-def generator_front(records: list[dict[str, Any]], meter: str, is_reference: Any) -> list[tuple[float, float, str]]:
+def generator_front(records: list[Record], meter: str, is_reference: Any) -> list[tuple[float, float, str]]:
     """The Pareto frontier in (energy, FID) by ``meter`` over generators only: references are bounds."""
     return pareto_front([(r["energy_j_per_image"], max(r["quality"]["fid"], 1e-6), r["model"]) for r in records
                          if r["meter"] == meter and r.get("energy_j_per_image") and not is_reference(r)
                          and (r.get("quality") or {}).get("fid") is not None])
 
 
-def energy_vs_quality(records: list[dict[str, Any]], is_reference: Any, kinds: dict[str, dict[str, Any]],
+def energy_vs_quality(records: list[Record], is_reference: Any, kinds: dict[str, dict[str, Any]],
                       ) -> bytes | None:
     """Energy per image against FID, one panel per meter (counted proxy, each measured meter).
 
@@ -208,7 +209,7 @@ def ladder(table: list[dict[str, Any]], boundaries: list[str], labels: dict[str,
     return _png(fig)
 
 
-def where_the_joules_go(records: list[dict[str, Any]], is_reference: Any) -> dict[str, dict[str, dict[str, float]]]:
+def where_the_joules_go(records: list[Record], is_reference: Any) -> dict[str, dict[str, dict[str, float]]]:
     """Per generator, proxy J/image split by phase (from ``phases``) and by part (compute, gating, memory).
 
     A record's ``phases`` cover one request of ``images`` images, so each phase's energy is divided by
@@ -271,7 +272,7 @@ def joules_stacked(split: dict[str, dict[str, dict[str, float]]]) -> bytes | Non
     return _png(fig)
 
 
-def proxy_vs_measured(records: list[dict[str, Any]], is_reference: Any) -> dict[str, dict[str, Any]]:
+def proxy_vs_measured(records: list[Record], is_reference: Any) -> dict[str, dict[str, Any]]:
     """Per measured meter: generators' (proxy, measured) J/image and a least-squares line in log10-log10.
 
     ``slope`` 1 means the meter scales with the counted figure; ``ratio`` is the median measured/proxy.

@@ -17,22 +17,23 @@ from __future__ import annotations
 
 from typing import Any
 
+from un0_bench.harness.running.record import Record
 from un0_bench.reports import units
 
 #: The factor an analog substrate must reach against the diffusion model (the design brief's claim).
 TARGET_FACTOR = 1000.0
 
 
-def is_projected(record: dict[str, Any]) -> bool:
+def is_projected(record: Record) -> bool:
     return record.get("status") == "projected" or str(record.get("meter", "")).startswith("projection:")
 
 
-def _setting(r: dict[str, Any]) -> str:
+def _setting(r: Record) -> str:
     parts = [f"{k} {r[k]}" for k in ("steps", "resolution", "guidance", "dtype") if r.get(k) is not None]
     return ", ".join(parts + [f"batch {r['batch_size']}"])
 
 
-def projected_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def projected_rows(records: list[Record]) -> list[dict[str, Any]]:
     """One row per projected record: setting, GPU, projected time and energy with its band, flags, kernel classes."""
     rows = []
     for r in records:
@@ -55,7 +56,7 @@ def projected_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def projection_notes(records: list[dict[str, Any]]) -> dict[str, Any] | None:
+def projection_notes(records: list[Record]) -> dict[str, Any] | None:
     """What the projections of this report assume and leave out, and their calibration (once)."""
     for r in records:
         if is_projected(r) and r.get("projection"):
@@ -69,7 +70,7 @@ def projection_notes(records: list[dict[str, Any]]) -> dict[str, Any] | None:
     return None
 
 
-def validation_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def validation_rows(records: list[Record]) -> list[dict[str, Any]]:
     """Published measurement vs projection of the same setting: source, setting, measured, projected, ratio.
 
     ``ratio`` is projected / measured (1.0 = the projection agrees; 0.5 = it projects half).
@@ -99,7 +100,7 @@ def _fid(published: Any) -> float | None:
     return published.get("value") if isinstance(published, dict) else published
 
 
-def scale_rows(records: list[dict[str, Any]]) -> dict[str, Any]:
+def scale_rows(records: list[Record]) -> dict[str, Any]:
     """Un-0 sizes vs the diffusion model of their dataset, digitally; and the analog break-even.
 
     For each Un-0 record with a diffusion record of the same dataset and GPU profile: the factor

@@ -11,6 +11,7 @@ import csv
 from pathlib import Path
 from typing import Any
 
+from un0_bench.harness.running.record import Record
 from un0_bench.reports.ledger import find_reference
 
 PUBLISHED = Path(__file__).with_name("published_speedups.csv")
@@ -22,7 +23,7 @@ def published() -> dict[str, dict[str, str]]:
         return {row["technique"]: row for row in csv.DictReader(f)}
 
 
-def strength_rows(records: list[dict[str, Any]], reference: str) -> list[dict[str, Any]]:
+def strength_rows(records: list[Record], reference: str) -> list[dict[str, Any]]:
     """One row per measured model whose stack holds a technique with a published figure.
 
     ``speedup``: the reference's wall time per image over the model's; ``energy``: meter -> the

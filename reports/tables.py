@@ -26,15 +26,12 @@ _QUALITY_COLUMNS = {"fid": "fid", "fid_std": "fid_std", "kid": "kid", "kid_std":
                     "samples": "quality_samples", "seeds": "quality_seeds"}
 
 
-def measured(records: list[Record]) -> list[dict[str, Any]]:
-    """The records of cells that were measured, as the dicts the reports annotate.
-
-    Failed cells are listed apart: :func:`failed_cells`.
-    """
-    return [r.to_json() for r in records if not r.failed]
+def measured(records: list[Record]) -> list[Record]:
+    """The records of cells that were measured (failed cells are listed apart: :func:`failed_cells`)."""
+    return [r for r in records if not r.failed]
 
 
-def load_records(out_dir: Path) -> list[dict[str, Any]]:
+def load_records(out_dir: Path) -> list[Record]:
     """The measured records of a folder."""
     return measured(ResultStore(out_dir).records())
 
@@ -53,7 +50,7 @@ def failed_cells(records: list[Record]) -> list[dict[str, Any]]:
     return list(cells.values())
 
 
-def results_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
+def results_frame(records: list[Record]) -> pd.DataFrame:
     """One row per record, in flat columns.
 
     The CI is split into lo/hi, uncounted ops become ``op:calls`` text, the quality figures are
@@ -76,11 +73,11 @@ def results_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=CSV_COLUMNS)
 
 
-def write_csv(records: list[dict[str, Any]], path: Path) -> None:
+def write_csv(records: list[Record], path: Path) -> None:
     results_frame(records).to_csv(path, index=False)
 
 
-def meter_statuses(records: list[dict[str, Any]]) -> list[dict[str, str]]:
+def meter_statuses(records: list[Record]) -> list[dict[str, str]]:
     """Each meter once: its status (the first non-ok reason wins), class of evidence with why, and details."""
     seen: dict[str, dict[str, str]] = {}
     for r in records:
@@ -99,7 +96,7 @@ def meter_statuses(records: list[dict[str, Any]]) -> list[dict[str, str]]:
     return list(seen.values())
 
 
-def summary_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
+def summary_frame(records: list[Record]) -> pd.DataFrame:
     """One row per (model, batch size): J/image for each meter, counts, time and quality.
 
     Energy columns are named ``J/image <meter> (<class of evidence>)``; a meter that was unavailable

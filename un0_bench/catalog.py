@@ -7,7 +7,7 @@ the registries and knows none of these names.
 
 from __future__ import annotations
 
-from un0_bench.harness.registry import BACKBONES, GENERATORS, METERS, TECHNIQUES, TRAINERS, Registry
+from un0_bench.harness.registry import BACKBONES, GENERATORS, METERS, TECHNIQUES, TRAINERS
 
 _B = "un0_bench.baselines"
 _U = "un0_bench.un0_impl"
@@ -104,29 +104,28 @@ GENERATORS.register("real", {"digits": f"{_B}.references:build_real"}, "held-out
 # --- meters --------------------------------------------------------------------------------------
 
 
-def _register_rows(registry: Registry, package: str, rows: tuple[tuple[str, str, str], ...]) -> None:
-    """Register ``(name, "module:attr" under package, one-line description)`` rows in order."""
-    for name, target, about in rows:
-        registry.register(name, f"{package}.{target}", about)
+_M = "un0_bench.harness.meters"
+METERS.register("wall", f"{_M}.wall:WallMeter", "monotonic clock; time only")
+METERS.register("proxy", f"{_M}.proxy:ProxyMeter", "counted ops x energy per op (deterministic)")
+METERS.register("rapl", f"{_M}.rapl:RaplMeter", "Linux powercap RAPL: CPU package and DRAM")
+METERS.register("nvml", f"{_M}.nvml:NvmlMeter", "NVIDIA GPU energy counter via pynvml")
+METERS.register("codecarbon", f"{_M}.codecarbon:CodecarbonMeter", "codecarbon offline tracker")
+METERS.register("zeus", f"{_M}.zeus:ZeusMeter", "ML.ENERGY Zeus (cross-check of nvml/rapl; also AMD GPUs and "
+                "Apple silicon, which the own meters lack); pip install 'un0-bench[zeus]'")
 
-
-_register_rows(METERS, "un0_bench.harness.meters", (
-    ("wall", "wall:WallMeter", "monotonic clock; time only"),
-    ("proxy", "proxy:ProxyMeter", "counted ops x energy per op (deterministic)"),
-    ("rapl", "rapl:RaplMeter", "Linux powercap RAPL: CPU package and DRAM"),
-    ("nvml", "nvml:NvmlMeter", "NVIDIA GPU energy counter via pynvml"),
-    ("codecarbon", "codecarbon:CodecarbonMeter", "codecarbon offline tracker"),
-    ("zeus", "zeus:ZeusMeter", "ML.ENERGY Zeus (cross-check of nvml/rapl; also AMD GPUs and Apple silicon, which the "
-                               "own meters lack); pip install 'un0-bench[zeus]'"),
-))
-
-# --- training targets (registration order is training order: later ones derive from earlier) ---
-_register_rows(TRAINERS, "un0_bench.training", (
-    ("teacher", "teacher:train_teacher", "the digits teacher UNet (everything derives from it)"),
-    ("judge", "judge:train_judge", "digits classifier: FID/KID features and accuracy"),
-    ("sd-int8", "int8_calibration:calibrate_int8", "int8 scales calibrated on real digits"),
-    ("sd-pruned", "pruned:train_pruned", "channel pruning + fine-tuning"),
-    ("sd-distilled", "distilled:train_distilled", "few-step students (4 and 1 step)"),
-    ("un0", "un0:train_un0", "gated sparse Un-0 student"),
-    ("un0-osc", "oscillator:train_oscillator", "coupled-oscillator Un-0"),
-))
+# --- training targets ----------------------------------------------------------------------------
+#: Target -> ("module:attr" under un0_bench.training, the targets whose shipped weights it derives from,
+#: one-line description). Registration order is training order (``train all``): parents first. A
+#: derived model's metadata includes its parents' derivation energy (and the teacher pairs' cost).
+TRAINING: dict[str, tuple[str, tuple[str, ...], str]] = {
+    "teacher": ("teacher:train_teacher", (), "the digits teacher UNet (everything derives from it)"),
+    "judge": ("judge:train_judge", (), "digits classifier: FID/KID features and accuracy"),
+    "sd-int8": ("int8_calibration:calibrate_int8", ("teacher",), "int8 scales calibrated on real digits"),
+    "sd-pruned": ("pruned:train_pruned", ("teacher",), "channel pruning + fine-tuning"),
+    "sd-distilled": ("distilled:train_distilled", ("teacher",), "few-step students (4 and 1 step)"),
+    "un0": ("un0:train_un0", ("teacher",), "gated sparse Un-0 student, on the teacher's pairs"),
+    "un0-osc": ("oscillator:train_oscillator", ("teacher",), "coupled-oscillator Un-0, on the teacher's pairs"),
+}
+for _name, (_target, _parents, _about) in TRAINING.items():
+    TRAINERS.register(_name, f"un0_bench.training.{_target}",
+                      _about + (f" (from {', '.join(_parents)})" if _parents else ""))

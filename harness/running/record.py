@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -100,11 +100,16 @@ OPTIONAL: dict[str, Check] = {
 
 
 @dataclass(frozen=True)
-class Record:
+class Record(Mapping[str, Any]):
     """One cell's result by one meter (model x backbone x batch size x meter).
 
     Units are in the names: joules, seconds, FLOPs and bytes per image. A figure a meter or a counter
     could not give is ``None`` with the reason in ``status`` or beside it, never 0.
+
+    Core fields are attributes (``record.energy_j_per_image``); every field, core or extra, can also be
+    read by its stored name as ``results.jsonl`` holds it (``record["windows"]``, ``record.get("quality")``;
+    ``dict(record) == record.to_json()``), so a reader of records is a reader of ``results.jsonl`` lines.
+    A record is never changed: :meth:`with_fields` makes another.
     """
 
     model: str = core(_text, "the model spec as the run names it (sd:steps=10)")
@@ -179,11 +184,28 @@ class Record:
             out["schema"] = self.schema
         return out
 
-    def get(self, name: str, default: Any = None) -> Any:
-        """A field by name, core or extra (``default`` when the record lacks it)."""
+    # --- read by stored name (the Mapping protocol, over the JSON form's keys) ---------------------
+    def __getitem__(self, name: str) -> Any:
+        if name == "energy_ci95_j" and self.energy_ci95_j is not None:
+            return list(self.energy_ci95_j)  # as results.jsonl holds it
         if name in _CHECKS:
             return getattr(self, name)
-        return self.extras.get(name, default)
+        if name == "schema" and self.schema is not None:
+            return self.schema
+        return self.extras[name]
+
+    def __iter__(self) -> Iterator[str]:
+        yield from _CHECKS
+        yield from self.extras
+        if self.schema is not None:
+            yield "schema"
+
+    def __len__(self) -> int:
+        return len(_CHECKS) + len(self.extras) + (self.schema is not None)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        """A field by name, core or extra, as ``results.jsonl`` holds it (``default`` when the record lacks it)."""
+        return self[name] if name in self else default
 
     @property
     def failed(self) -> bool:

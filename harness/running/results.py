@@ -160,11 +160,7 @@ class ResultStore(JsonlStore[Record]):
 
     def records(self) -> list[Record]:
         """Every valid record of the folder (each bad line refused with its number, as :meth:`load`)."""
-        return JsonlStore.load(self)
-
-    def load(self) -> list[dict[str, Any]]:  # type: ignore[override]
-        """Every valid record as ``results.jsonl`` stores it (a dict each)."""
-        return [r.to_json() for r in self.records()]
+        return self.load()
 
     def append(self, records: Iterable[Record | dict[str, Any]]) -> None:
         """Append records (a dict is read as a record first: a bad one is refused before anything is written)."""

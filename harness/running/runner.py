@@ -193,12 +193,12 @@ class Runner:
         # every ratio the same way. The reference's quality is awaited by the records judged by it.
         return ordered(out, self.config.protocol.cell_order, self.config.protocol.seed)
 
-    def run(self) -> list[dict[str, Any]]:
+    def run(self) -> list[Record]:
         """Measure every pending cell, holding the folder's lock (one writer at a time); the records written."""
         with self.store.lock():
             if self.config.output.fresh:
                 self._start_over()
-            return [r.to_json() for r in self._run()]
+            return self._run()
 
     def _run(self) -> list[Record]:
         todo = self.pending()

@@ -135,6 +135,24 @@ def test_a_record_reads_back_as_written_and_its_fields_are_typed():
     assert old.schema is None and "schema" not in old.to_json()
 
 
+
+def test_a_record_is_read_by_its_stored_names_and_never_changed():
+    written = {"schema": 2, **record("sd"), "energy_j_per_image": 1.5, "energy_ci95_j": [1.0, 2.0],
+               "quality": {"fid": 3.0}}
+    r = Record.from_json(written)
+    # Reports read records by the names results.jsonl stores, core or extra, in the stored form:
+    # 14 core fields + quality + schema = 16.
+    assert dict(r) == written and list(r) == [*Record.core_fields(), "quality", "schema"] and len(r) == 16
+    assert r["energy_ci95_j"] == [1.0, 2.0] and r["quality"] == {"fid": 3.0} and "ledger" not in r
+    with pytest.raises(KeyError):
+        r["ledger"]
+    with pytest.raises(TypeError):
+        r["model"] = "other"  # a record is never changed in place
+    # with_fields makes another record, checked like any other: the original keeps its fields.
+    annotated = r.with_fields(ledger={"compute": {}}, meter="proxy-dram")
+    assert (annotated["ledger"], annotated.meter, r.meter, "ledger" in r) == ({"compute": {}}, "proxy-dram", "wall", False)
+    with pytest.raises(RecordError, match="quality_matched"):
+        r.with_fields(quality_matched="yes")
 def test_quality_entries_share_the_store(tmp_path):
     q = QualityStore(tmp_path, warn=lambda m: None)
     from un0_bench.harness.running.results import QualityEntry

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from un0_bench.harness.running.record import SCHEMA_VERSION, Record
 from un0_bench.harness.running.results import ResultStore
 
 ENV = {"cpu": "Test CPU", "versions": {"torch": "2.13.0"}}
@@ -14,7 +15,7 @@ CODECARBON_TDP = {"estimate": True, "methods": {"cpu": "TDP x load", "ram": "siz
 
 def record(model: str, meter: str, energy: float | None, *, flops: float = 1e9, fid: float | None = 5.0,
            accuracy: float = 0.97, matched: bool | None = True, parts: dict[str, float] | None = None,
-           derivation: dict[str, Any] | None = None, status: str = "ok", **extra: Any) -> dict[str, Any]:
+           derivation: dict[str, Any] | None = None, status: str = "ok", **extra: Any) -> Record:
     r = {
         "model": model, "backbone": "digits", "batch_size": 8, "meter": meter, "status": status, "images": 8,
         "energy_j_per_image": energy, "energy_ci95_j": None if energy is None else [energy * 0.9, energy * 1.1],
@@ -29,10 +30,10 @@ def record(model: str, meter: str, energy: float | None, *, flops: float = 1e9, 
     if parts is not None:
         r["proxy_j_per_image_by_part"] = parts
     r.update(extra)
-    return r
+    return Record.from_json({"schema": SCHEMA_VERSION, **r})
 
 
-def proxy(model: str, compute: float, gating: float = 0.0, memory: float = 0.0, **kw: Any) -> dict[str, Any]:
+def proxy(model: str, compute: float, gating: float = 0.0, memory: float = 0.0, **kw: Any) -> Record:
     parts = {"compute": compute, "gating": gating, "memory": memory, "gating_memory": 0.0}
     return record(model, "proxy", compute + gating + memory, parts=parts, **kw)
 

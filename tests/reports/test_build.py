@@ -62,7 +62,7 @@ def test_claims_pick_the_best_quality_matched_model():
     records = suite()
     from un0_bench.reports.build import with_ledgers
 
-    with_ledgers(records, "sd", pue=1.0, lifetime_images=1_000_000)
+    records = with_ledgers(records, "sd", pue=1.0, lifetime_images=1_000_000)
     rows = {r["claim"].split()[0]: r for r in evaluate_claims(records, "sd")}
     un0 = rows["Un-0"]
     # 1.0 / 0.0005 = 2,000x at active compute; at the widest boundary sd is 2.0 J + 1,000 J / 1e6 images
@@ -130,9 +130,7 @@ def load_with_ledgers(out_dir):
     from un0_bench.reports.build import with_ledgers
     from un0_bench.reports.tables import load_records
 
-    records = load_records(out_dir)
-    with_ledgers(records, "sd", pue=1.0, lifetime_images=1_000_000)
-    return records
+    return with_ledgers(load_records(out_dir), "sd", pue=1.0, lifetime_images=1_000_000)
 
 
 def test_net_within_its_uncertainty_is_below_detection_limit(tmp_path):

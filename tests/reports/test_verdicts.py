@@ -49,8 +49,7 @@ def un0(meter: str, net: float, gross: float | None = None, **kw):
 
 
 def verdict(records, claims=(CLAIM,)):
-    with_ledgers(records, "sd", pue=1.0, lifetime_images=1_000_000)
-    return evaluate_claims(records, "sd", list(claims))[0]
+    return evaluate_claims(with_ledgers(records, "sd", pue=1.0, lifetime_images=1_000_000), "sd", list(claims))[0]
 
 
 def cells(row, meter):
@@ -156,7 +155,7 @@ def test_net_energy_below_the_detection_limit_gives_a_bound_never_a_negative_end
 
 def test_one_window_cannot_tell():
     row = verdict([*sd_records("rapl"), proxy("un0", compute=0.0001, fid=4.2),
-                   un0("rapl", 0.001, energy_ci95_j=[None, None])])
+                   un0("rapl", 0.001, energy_ci95_j=None)])
     # 2.0 / 0.001 = 2,000x but no interval
     assert row["overall"] == CANNOT_TELL
     assert row["headline"] == ("Cannot tell on measured energy (rapl) at net of idle: 2,000x ≥ 1,000x, but one "
@@ -234,7 +233,7 @@ def test_references_never_win_nor_sit_on_the_frontier():
     row = verdict(recs, [claim])
     # noise and real would give 1e9x; sd-int8 is the only generator: 1.0 / 0.4 = 2.5x
     assert row["model"] == "sd-int8" and row["factor"] == 2.5
-    noise = next(r for r in recs if r["model"] == "noise")
+    noise = next(r for r in with_ledgers(recs, "sd", pue=1.0, lifetime_images=1_000_000) if r["model"] == "noise")
     assert all(e["factor_vs_reference"] is None for e in noise["ledger"].values())
     assert noise["ledger"]["compute"]["energy_j_per_image"] == 1e-9
     # Without the bounds, sd (1.0 J, FID 4.0) and sd-int8 (0.4 J, FID 4.1) are both on the frontier.
@@ -262,9 +261,8 @@ def test_where_the_joules_go_per_image_by_phase_and_part():
 def test_where_the_joules_go_by_layer_group_keeps_the_six_costliest():
     from un0_bench.reports.plots import joules_stacked, where_the_joules_go
 
-    rec = proxy("sd", compute=0.1)
     # Eight groups of 8, 7, ..., 1 J: the six costliest by name, the last two (2 + 1 J) as "other modules".
-    rec["proxy_j_per_image_by_module"] = {f"UNet2DModel.g{k}": float(k) for k in range(1, 9)}
+    rec = proxy("sd", compute=0.1, proxy_j_per_image_by_module={f"UNet2DModel.g{k}": float(k) for k in range(1, 9)})
     split = where_the_joules_go([rec], is_reference)
     assert split["sd"]["module"] == {**{f"UNet2DModel.g{k}": float(k) for k in range(8, 2, -1)}, "other modules": 3.0}
     assert joules_stacked(split)[:8] == b"\x89PNG\r\n\x1a\n"

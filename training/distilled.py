@@ -22,21 +22,18 @@ pairs (counted and scaled, since the pairs usually come from the shared cache).
 from __future__ import annotations
 
 import copy
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from un0_bench.backbones.ddim import SCHEDULER_CONFIG, ddim_sample, ddim_step, make_scheduler
-from un0_bench.backbones.digits import IMAGE_SHAPE, WEIGHTS_DIR
+from un0_bench.backbones.ddim import SCHEDULER_CONFIG, ddim_step, make_scheduler
+from un0_bench.backbones.digits import WEIGHTS_DIR
 from un0_bench.baselines.distilled import SAMPLERS, SHIPPED_STEPS, STORAGE, StudentSampler, pack_int8, student_config
-from un0_bench.harness.core.generator import image_noise
-from un0_bench.harness.counters.ops import OpCounter
 from un0_bench.harness.weights.checkpoints import file_sha256, save_checkpoint
-from un0_bench.harness.weights.derivation import TrainingEnergy, metered_training
+from un0_bench.harness.weights.derivation import metered_training
 from un0_bench.training.loop import ema_update, one_cycle, run_steps, training_metadata
-from un0_bench.training.pairs import teacher_pairs
+from un0_bench.training.pairs import teacher_pairs, teacher_pairs_energy
 
 #: ``un0-bench train sd-distilled`` writes ``<stem>-4.safetensors`` and ``<stem>-1.safetensors`` beside this.
 DEFAULT_OUT = WEIGHTS_DIR / "sd-distilled.safetensors"
@@ -133,32 +130,6 @@ def distill_student(teacher: torch.nn.Module, pairs: tuple[torch.Tensor, torch.T
     return ema, train_step, losses
 
 
-def teacher_pairs_energy(teacher: torch.nn.Module, n: int, steps: int = 50, batch: int = 16) -> dict[str, Any]:
-    """What sampling ``n`` teacher pairs costs, as a parent-metadata dict for ``add_parent``.
-
-    The pairs usually come from the shared on-disk cache, so their cost is not metered while a
-    student trains. Instead one DDIM step of a ``batch``-image batch is counted (proxy) and one
-    ``steps``-step batch is timed (wall), and both are scaled to ``n`` images.
-    """
-    noise = image_noise(0, 0, batch, IMAGE_SHAPE)
-    labels = torch.arange(batch) % 10
-    t0 = time.perf_counter()
-    ddim_sample(teacher, steps, noise, labels)
-    batch_s = time.perf_counter() - t0
-    # Every DDIM step runs the same network on the same shapes, so one counted step (network and
-    # update) times the number of steps is the whole sampler's count.
-    with OpCounter() as counter:
-        ddim_sample(teacher, 1, noise, labels)
-    batches = n / batch
-    energy = TrainingEnergy()
-    energy.add_proxy(counter.counts(images=batch), round(steps * batches))
-    energy.by_meter["proxy"]["note"] = (f"counted one DDIM step of a {batch}-image batch x {steps} steps "
-                                        f"x {batches:g} batches")
-    energy.by_meter["wall"] = {"status": "ok", "energy_j": None, "duration_s": batch_s * batches,
-                               "note": f"timed one {batch}-image {steps}-step batch x {batches:g} (estimate)"}
-    return {"energy": energy.by_meter, "pairs": n, "teacher_steps": steps}
-
-
 def train_distilled(steps: int | None = None, seed: int | None = None, out: Path | None = None) -> dict[str, Any]:
     """Train both students (4 and 1 steps) and write ``<out stem>-4`` and ``<out stem>-1`` weights.
 
@@ -179,7 +150,7 @@ def train_distilled(steps: int | None = None, seed: int | None = None, out: Path
     teacher, teacher_meta = load_teacher(TEACHER_FILE)
     teacher_sha256 = file_sha256(TEACHER_FILE)
     pairs = teacher_pairs(PAIRS)
-    pairs_meta = teacher_pairs_energy(teacher, PAIRS)
+    pairs_meta = teacher_pairs_energy(PAIRS, teacher=teacher)
     command = (f"un0-bench train sd-distilled --seed {seed}" + (f" --steps {steps}" if steps is not None else "")
                + (f" --out {out}" if out != DEFAULT_OUT else ""))
     metas: dict[int, dict[str, Any]] = {}

@@ -12,7 +12,7 @@ from un0_bench.backbones.digits import WEIGHTS_DIR
 from un0_bench.harness.weights.checkpoints import load_checkpoint, save_checkpoint
 from un0_bench.harness.weights.derivation import metered_training
 from un0_bench.training.loop import one_cycle, run_steps, train_command, training_metadata
-from un0_bench.training.pairs import teacher_pairs
+from un0_bench.training.pairs import teacher_pairs, teacher_pairs_energy
 from un0_bench.un0_impl.oscillator import SHIPPED, OscillatorConfig, OscillatorNet, _pack_state
 
 #: The shipped run. ``integration_steps``: Euler steps while training (dt = T / 8); the generator
@@ -87,6 +87,7 @@ def train_oscillator(steps: int | None = None, seed: int | None = None, out: Pat
     state = _pack_state(net)
     energy.count_proxy(train_step, batch_size, steps)
     energy.add_parent("teacher", teacher_meta)
+    energy.add_parent("teacher_pairs", teacher_pairs_energy(n_pairs))
     meta = training_metadata(
         kind="digits-un0-osc", config=cfg.to_dict(), energy=energy, losses=losses,
         command=train_command("un0-osc", steps=steps, seed=seed) + (f" (n={n}: train_oscillator(n={n}))"

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from un0_bench.backbones.teacher import TEACHER_FILE, load_teacher
 
 #: Seeds of training pairs start here, far from the seeds benchmarks use (0 upwards).
 PAIRS_SEED_BASE = 1_000_000
+
+#: Images per teacher batch when the pairs are made (their cost is counted at this batch too).
+PAIRS_BATCH = 256
 
 
 def _cache_dir() -> Path:
@@ -19,7 +24,7 @@ def _cache_dir() -> Path:
 
 
 @torch.no_grad()
-def teacher_pairs(n: int, steps: int = 50, batch_size: int = 256, path: Path = TEACHER_FILE
+def teacher_pairs(n: int, steps: int = 50, batch_size: int = PAIRS_BATCH, path: Path = TEACHER_FILE
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``n`` (noise, label, image) triples from the teacher's deterministic DDIM map.
 
@@ -62,3 +67,49 @@ def teacher_pairs(n: int, steps: int = 50, batch_size: int = 256, path: Path = T
     torch.save({"noise": noise, "labels": labels, "images": images}, cache.with_suffix(".tmp"))
     cache.with_suffix(".tmp").replace(cache)
     return noise, labels, images
+
+
+def teacher_pairs_energy(n: int, steps: int = 50, batch: int = PAIRS_BATCH, teacher: torch.nn.Module | None = None
+                         ) -> dict[str, Any]:
+    """What making ``n`` teacher pairs costs: the ``teacher_pairs`` parent every student's metadata includes.
+
+    The pairs usually come from the on-disk cache, so their cost is not metered while a student
+    trains. One DDIM step of a ``batch``-image batch (the batch :func:`teacher_pairs` samples in) is
+    counted op by op (the proxy figure, deterministic) and another is timed (the wall figure, an
+    estimate); both are scaled to ``steps`` steps of ``n / batch`` batches. One step stands for all:
+    every step runs the same network on the same shapes.
+
+    Args:
+        n: Pairs (a multiple of ``batch``).
+        steps: DDIM steps of the teacher per pair.
+        batch: Images per teacher batch.
+        teacher: The teacher UNet (default: the shipped one, loaded).
+
+    Returns:
+        ``{"energy": {meter: entry}, "pairs": n, "teacher_steps": steps}``, as ``add_parent`` takes it.
+    """
+    from un0_bench.backbones.ddim import ddim_sample
+    from un0_bench.backbones.digits_data import IMAGE_SHAPE
+    from un0_bench.harness.core.generator import image_noise
+    from un0_bench.harness.counters.ops import OpCounter
+    from un0_bench.harness.weights.derivation import TrainingEnergy
+
+    if n < 1 or n % batch:
+        raise ValueError(f"teacher_pairs_energy: n ({n}) must be a positive multiple of batch ({batch})")
+    unet = load_teacher(TEACHER_FILE)[0] if teacher is None else teacher
+    noise = image_noise(PAIRS_SEED_BASE, 0, batch, IMAGE_SHAPE)
+    labels = torch.arange(batch) % 10
+    with OpCounter() as counter:
+        ddim_sample(unet, 1, noise, labels)
+    t0 = time.perf_counter()
+    ddim_sample(unet, 1, noise, labels)
+    step_s = time.perf_counter() - t0
+    batches = n // batch
+    energy = TrainingEnergy()
+    energy.add_proxy(counter.counts(images=batch), steps * batches)
+    energy.by_meter["proxy"]["note"] = (f"teacher_pairs({n}, steps={steps}): counted one DDIM step of a {batch}-image "
+                                        f"batch x {steps} steps x {batches} batches; the pairs are cached on disk, "
+                                        "shared by the students")
+    energy.by_meter["wall"] = {"status": "ok", "energy_j": None, "duration_s": step_s * steps * batches,
+                               "note": f"timed one DDIM step of a {batch}-image batch x {steps} x {batches} (estimate)"}
+    return {"energy": energy.by_meter, "pairs": n, "teacher_steps": steps}

@@ -15,16 +15,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from un0_bench.backbones.ddim import ddim_sample
-from un0_bench.backbones.digits import IMAGE_SHAPE
 from un0_bench.backbones.teacher import load_teacher
-from un0_bench.harness.core.generator import image_noise
-from un0_bench.harness.counters.ops import OpCounter
-from un0_bench.harness.meters.proxy import DEFAULT_PROFILE, proxy_energy
 from un0_bench.harness.weights.checkpoints import save_checkpoint
 from un0_bench.harness.weights.derivation import metered_training
 from un0_bench.training.loop import ema_update, run_steps, train_command, training_metadata
-from un0_bench.training.pairs import teacher_pairs
+from un0_bench.training.pairs import teacher_pairs, teacher_pairs_energy
 from un0_bench.un0_impl.gated import (
     FP16_STORED,
     INT8_STORED,
@@ -139,20 +134,6 @@ def forward_train(net: Un0Net, z: torch.Tensor, labels: torch.Tensor, keeps: lis
     return result
 
 
-def _teacher_pairs_cost(n: int, steps: int = 50, images: int = 2) -> dict[str, Any]:
-    """Counted proxy cost of making ``n`` teacher pairs: one counted ``images``-image run, scaled."""
-    unet, _ = load_teacher()
-    noise = image_noise(0, 0, images, IMAGE_SHAPE)
-    with OpCounter() as c:
-        ddim_sample(unet, steps, noise, torch.arange(images))
-    counts = c.counts(images=images)
-    scale = n / images
-    return {"proxy": {"status": "ok", "energy_j": proxy_energy(counts).total_j * scale,
-                      "flops": counts.flops() * scale, "profile": DEFAULT_PROFILE,
-                      "note": f"teacher_pairs({n}, steps={steps}): counted cost of {images} images x {scale:g}; "
-                              "the pairs are cached on disk and shared by every student"}}
-
-
 def train_un0(steps: int | None = None, seed: int | None = None, out: Path | None = None, *,
               config: dict[str, Any] | None = None,
               pairs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> dict[str, Any]:
@@ -228,7 +209,7 @@ def train_un0(steps: int | None = None, seed: int | None = None, out: Path | Non
     energy.count_proxy(train_step, classes * cfg["per_class"], steps)
     if teacher_meta is not None:
         energy.add_parent("teacher", teacher_meta)
-        energy.add_parent("teacher_pairs", {"energy": _teacher_pairs_cost(cfg["pairs"])})
+        energy.add_parent("teacher_pairs", teacher_pairs_energy(cfg["pairs"]))
     meta = training_metadata(
         kind="un0-gated", config=config, energy=energy, losses=losses,
         command=train_command("un0", steps=steps, seed=seed), train={**cfg, "steps": steps, "seed": seed},

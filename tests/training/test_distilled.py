@@ -78,7 +78,7 @@ def test_train_writes_both_students_that_build_loads(tmp_path, monkeypatch):
         assert energy["proxy"]["flops"] > 0
         assert energy["includes"]["teacher"] == teacher_meta["energy"]
         pairs = energy["includes"]["teacher_pairs"]["proxy"]
-        assert pairs["energy_j"] > 0 and "x 50 steps x 256 batches" in pairs["note"]  # 4,096 pairs = 256 x 16
+        assert pairs["energy_j"] > 0 and "x 50 steps x 16 batches" in pairs["note"]  # 4,096 pairs = 16 x 256
         assert saved["storage"].startswith("int8")
         packed, _ = load_checkpoint(tmp_path / f"sd-distilled-{k}.safetensors")
         assert packed["conv_in.weight"].dtype == torch.int8 and packed["conv_in.bias"].dtype == torch.float32

@@ -25,7 +25,7 @@ class CpuTimes:
     """CPU time counters at one moment, in seconds."""
 
     busy_s: float  # every process on every core (``/proc/stat``: all but idle and iowait)
-    own_s: float  # this process, all its threads (``/proc/<pid>/stat`` utime + stime)
+    own_s: float  # this process, all its threads, and its waited-for children (``/proc/<pid>/stat``)
 
 
 class HostProbe:
@@ -54,7 +54,9 @@ class HostProbe:
             values = [int(v) for v in fields[1:9]]
             busy = sum(values) - values[3] - values[4]
             own_fields = (self.proc / str(self.pid) / "stat").read_text().rsplit(")", 1)[1].split()
-            own = int(own_fields[11]) + int(own_fields[12])  # utime, stime (fields 14, 15 of the line)
+            # utime, stime, cutime, cstime (fields 14-17 of the line): the children this process has waited
+            # for are its own work (the command of `un0-bench run -- CMD`, a meter's helper), not another's.
+            own = sum(int(v) for v in own_fields[11:15])
         except (OSError, ValueError, IndexError):
             return None
         return CpuTimes(busy_s=busy / self.hz, own_s=own / self.hz)

@@ -134,11 +134,12 @@ def test_warm_up_runs_until_two_calls_agree_with_a_bound() -> None:
                    clock=clock)["calls"] == 0
 
 
-def fake_proc(root: Path, busy: int, own: int, load: str = "1.50 0.75 0.25 2/97 123") -> None:
+def fake_proc(root: Path, busy: int, own: int, load: str = "1.50 0.75 0.25 2/97 123", children: int = 0) -> None:
     (root / "4242").mkdir(parents=True, exist_ok=True)
     # cpu user nice system idle iowait irq softirq steal: busy = all but idle (5th) and iowait (6th)
     (root / "stat").write_text(f"cpu  {busy} 0 0 99999 777 0 0 0 0 0\ncpu0 1 2 3 4\n")
-    (root / "4242" / "stat").write_text(f"4242 (python (x)) R 1 2 3 4 5 6 7 8 9 10 {own} 0 0 0\n")
+    # ... utime stime cutime cstime: this process's ticks, then its waited-for children's
+    (root / "4242" / "stat").write_text(f"4242 (python (x)) R 1 2 3 4 5 6 7 8 9 10 {own} 0 {children} 0\n")
     (root / "loadavg").write_text(load + "\n")
 
 
@@ -158,3 +159,9 @@ def test_host_state_flags_other_processes_cpu_time(tmp_path: Path) -> None:
     quiet = probe.window(probe.times(), probe.times(), duration_s=2.0)
     assert quiet["other_cpu_s"] == 0.0 and quiet["other_load"] is False
     assert HostProbe(tmp_path / "none", tmp_path / "none").times() is None  # not Linux: no figure
+    # A child this process waited for (the command `un0-bench run -- CMD` measures) is its own work:
+    # 250 ticks busy, 100 ours and 150 our child's, so nobody else's.
+    fake_proc(proc, busy=1000, own=100)
+    before = probe.times()
+    fake_proc(proc, busy=1250, own=200, children=150)
+    assert probe.window(before, probe.times(), duration_s=2.0)["other_cpu_s"] == 0.0

@@ -203,3 +203,15 @@ def test_failed_cells_are_listed_apart_until_measured(tmp_path):
     write(tmp_path, [record("un0", "wall", None)])
     build_report(tmp_path)
     assert "Failed cells" not in (tmp_path / "summary.md").read_text()
+
+
+def test_compare_prints_each_claims_verdict_with_its_factor(tmp_path, capsys):
+    from un0_bench.commands.compare import print_verdicts
+
+    write(tmp_path, suite())
+    print_verdicts(tmp_path)
+    out = capsys.readouterr().out
+    # The Un-0 claim (1,000x) against sd: 1.0 / 0.0005 = 2,000x at active compute, by the proxy (the ledger's
+    # factors, recomputed from the run's settings: a verdict without them would say "not measured").
+    claim = next(block for block in out.split("claim: ")[1:] if block.startswith("Un-0"))
+    assert "(un0 vs sd)" in claim and "2,000x" in claim and "not measured" not in claim.splitlines()[1]

@@ -141,7 +141,7 @@ def print_verdicts(out: Path) -> None:
 
     records = load_records(out)
     settings = run_settings(records)
-    with_ledgers(records, settings["reference"], settings["pue"], settings["lifetime_images"])
+    records = with_ledgers(records, settings["reference"], settings["pue"], settings["lifetime_images"])
     for row in headline_claims(evaluate_claims(records, settings["reference"])):
         vs = f" ({row['model']} vs {settings['reference']})" if row["model"] else ""
         print(f"claim: {row['claim']}{vs}\n  {row['headline']}" + "".join(f"\n    {s}" for s in row["others"]))

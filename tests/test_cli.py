@@ -26,6 +26,8 @@ def run(capsys, *argv):
         (["compare", "--models", "sd", "--backbone", "digit"], "unknown backbone 'digit'. Did you mean 'digits'"),
         (["compare", "--models", "sd:steps=0"], "steps must be an integer >= 1"),
         (["train", "teachr"], "Did you mean 'teacher'"),
+        (["train", "all", "--batch-size", "8"],
+         "--batch-size does not apply to judge, sd-int8, sd-distilled, un0, un0-osc"),
         (["compare", "--models", "sd", "--reference", "sdd"], "unknown generator 'sdd'. Did you mean 'sd'"),
         (["compare", "--models", "sd", "--prompts", "p.txt"], "--prompts applies to diffusers:PATH backbones only"),
         (["compare", "--models", "sd", "--dtype", "fp16"], "--dtype applies to diffusers:PATH backbones only"),

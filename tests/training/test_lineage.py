@@ -8,7 +8,9 @@ student that learns from the teacher's pairs must include their cost, recorded b
 
 from __future__ import annotations
 
+import inspect
 import json
+import shlex
 
 import pytest
 from un0_bench.backbones.digits import WEIGHTS_DIR
@@ -18,6 +20,7 @@ from un0_bench.training.pairs import teacher_pairs_energy
 
 from tests.training.test_reproduce import FILES
 from un0_bench.catalog import TRAINING
+from un0_bench.cli import build_parser
 
 #: The students that learn the teacher's noise -> image map, and how many pairs each learns from.
 PAIRS = {"sd-distilled": distilled.PAIRS, "un0": un0.TRAIN_DEFAULTS["pairs"],
@@ -40,6 +43,18 @@ def test_each_shipped_file_includes_what_it_derives_from(target):
     for name in FILES[target]:
         includes = set(_shipped(name)["energy"].get("includes", {}))
         assert includes == set(TRAINING[target][1]) | ({"teacher_pairs"} if target in PAIRS else set()), name
+
+
+@pytest.mark.parametrize("target", list(FILES))
+def test_each_shipped_command_is_one_un0_bench_train_accepts(target):
+    # The command in a file's metadata is how a user reproduces it: it must parse, name its target and
+    # pass only options the target's trainer takes (teacher.json's ``--batch-size 128`` once did not parse).
+    for name in FILES[target]:
+        argv = shlex.split(_shipped(name)["command"])
+        args = build_parser().parse_args(argv[1:])
+        assert (argv[0], args.command, args.target) == ("un0-bench", "train", target), name
+        options = {k for k in ("steps", "batch_size", "seed") if getattr(args, k) is not None}
+        assert options <= set(inspect.signature(TRAINERS.get(target)).parameters), name
 
 
 @pytest.mark.parametrize("target", list(PAIRS))

@@ -14,11 +14,18 @@ from typing import Any
 import torch
 from un0_bench.backbones.digits import IMAGE_SHAPE, load_data, prompt_labels, to_unit
 from un0_bench.harness.core.backbone import Backbone
-from un0_bench.harness.core.generator import GenerationRequest, GenerationResult, Generator, image_noise
+from un0_bench.harness.core.generator import NOT_TRAINED, GenerationRequest, GenerationResult, Generator, image_noise
 from un0_bench.harness.core.spec import takes
 
 
-class NoiseGenerator(Generator):
+class Reference(Generator):
+    """A bound, not a generator to beat: nothing was trained for it."""
+
+    def derivation(self) -> dict[str, Any]:
+        return NOT_TRAINED
+
+
+class NoiseGenerator(Reference):
     """Uniform random images in [0, 1], one seeded draw per image; the prompt is checked, then ignored.
 
     Image ``i`` is the per-image Gaussian noise every generator starts from (``image_noise``, seeded
@@ -41,7 +48,7 @@ class NoiseGenerator(Generator):
                 "distribution": "uniform on [0, 1] per pixel", "parameters": 0}
 
 
-class RealGenerator(Generator):
+class RealGenerator(Reference):
     """Held-out real digits: for a prompt naming digit ``k``, a held-out real ``k``.
 
     The ``j``-th prompt of a request that names ``k`` (``j`` counts from 0 over the whole request)

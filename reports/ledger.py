@@ -55,10 +55,16 @@ def run_settings(records: list[Record], overrides: dict[str, Any] | None = None)
 def derivation_energy_j(derivation: dict[str, Any] | None, meter: str) -> tuple[float | None, str]:
     """Energy (J) a model's derivation took by ``meter``, including what it was derived from.
 
+    ``derivation`` is what the record stored: ``None`` when the generator recorded no derivation (its
+    training energy is unknown), ``{}`` when nothing was trained (:data:`NOT_TRAINED`).
+
     Returns ``(energy_j, note)``; ``energy_j`` is None when the meter did not measure some part.
     """
+    if derivation is None:
+        # NB: unknown, not zero: a pipeline's pretraining, a user's own generator.
+        return None, "training energy not recorded for this model"
     if not derivation:
-        return 0.0, "no derivation recorded (nothing was trained for this model)"
+        return 0.0, "nothing was trained for this model"
     own = derivation.get(meter)
     if not isinstance(own, dict) or own.get("energy_j") is None:
         status = own.get("status") if isinstance(own, dict) else "not recorded"

@@ -58,6 +58,10 @@ class GenerationResult:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+#: The derivation of a generator that needed no training (the references): nothing to charge.
+NOT_TRAINED: dict[str, Any] = {"energy": {}, "note": "nothing was trained"}
+
+
 class Generator(abc.ABC):
     """An image generator under test.
 
@@ -84,9 +88,11 @@ class Generator(abc.ABC):
         """Facts for a report: parameters, dtype, steps, backbone, technique. JSON-serialisable."""
 
     def derivation(self) -> dict[str, Any] | None:
-        """Metadata of the training or calibration that produced this model, or ``None``.
+        """Metadata of the training or calibration that produced this model.
 
-        The ledger's "amortised training" boundary reads ``energy`` from it (per meter).
+        The ledger's "amortised training" boundary reads ``energy`` from it (per meter). ``None``: not
+        recorded, so that boundary is unknown (a pipeline's pretraining); a generator that needed no
+        training at all returns :data:`NOT_TRAINED`, which the ledger charges as 0 J.
         """
         return None
 

@@ -10,12 +10,14 @@ from un0_bench.harness.running.results import ResultStore
 
 ENV = {"cpu": "Test CPU", "versions": {"torch": "2.13.0"}}
 #: What codecarbon recorded on a host without RAPL or NVML (before it recorded its class of evidence).
+#: ``derivation_energy`` of a model for which nothing was trained (``None`` would say: not recorded, unknown).
+NOTHING_TRAINED: dict[str, Any] = {}
 CODECARBON_TDP = {"estimate": True, "methods": {"cpu": "TDP x load", "ram": "size model"}, "tdp_w": 8.0}
 
 
 def record(model: str, meter: str, energy: float | None, *, flops: float = 1e9, fid: float | None = 5.0,
            accuracy: float = 0.97, matched: bool | None = True, parts: dict[str, float] | None = None,
-           derivation: dict[str, Any] | None = None, status: str = "ok", **extra: Any) -> Record:
+           derivation: dict[str, Any] | None = NOTHING_TRAINED, status: str = "ok", **extra: Any) -> Record:
     r = {
         "model": model, "backbone": "digits", "batch_size": 8, "meter": meter, "status": status, "images": 8,
         "energy_j_per_image": energy, "energy_ci95_j": None if energy is None else [energy * 0.9, energy * 1.1],

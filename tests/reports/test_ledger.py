@@ -48,6 +48,26 @@ def test_training_unmeasured_by_a_meter_is_null():
     assert boundaries(r)["training"]["energy_j_per_image"] is None
 
 
+def test_training_never_recorded_is_unknown_and_nothing_trained_is_zero():
+    # A pipeline's pretraining or a user's generator: no derivation recorded, so no figure (not + 0 J).
+    unknown = boundaries(proxy("sd", compute=1.0, derivation=None))["training"]
+    assert unknown["energy_j_per_image"] is None and unknown["why"] == "training energy not recorded for this model"
+    assert derivation_energy_j(None, "proxy") == (None, "training energy not recorded for this model")
+    # A reference (noise, real data) needed no training: boundary 6 is boundary 5 + 0 J.
+    assert derivation_energy_j({}, "proxy") == (0.0, "nothing was trained for this model")
+    nothing = boundaries(proxy("noise", compute=1.0), pue=1.5)
+    assert nothing["training"]["energy_j_per_image"] == nothing["pue"]["energy_j_per_image"] == 1.5
+
+
+def test_references_say_nothing_was_trained():
+    from un0_bench.backbones.digits import DigitsBackbone
+    from un0_bench.harness.core.generator import NOT_TRAINED
+    from un0_bench.harness.core.stack import make_generator
+
+    for name in ("noise", "real"):
+        assert make_generator(name, DigitsBackbone()).derivation() is NOT_TRAINED
+
+
 def test_pue_below_one_refused():
     with pytest.raises(ValueError, match="PUE"):
         boundaries(proxy("sd", 1.0), pue=0.9)

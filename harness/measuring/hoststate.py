@@ -89,7 +89,7 @@ class HostProbe:
 
         Returns:
             ``load_average`` (1, 5, 15 min at the end), ``other_cpu_s`` (CPU seconds of every other
-            process during the window), ``affinity`` (the cores this process may run on),
+            process during the window; ``None`` where unknown), ``affinity`` (the cores this process may run on),
             ``governors`` (the CPU frequency governors in use; ``None`` where the host exposes none,
             as VMs do) and ``other_load`` (True when ``other_cpu_s`` exceeds
             :data:`OTHER_CPU_SHARE_FLAG` of one core over the window).
@@ -97,7 +97,11 @@ class HostProbe:
         other = None
         if before is not None and after is not None:
             # NB: counters tick at USER_HZ (10 ms), so a window's figure is good to about 0.02 CPU s.
-            other = max(0.0, (after.busy_s - before.busy_s) - (after.own_s - before.own_s))
+            diff = (after.busy_s - before.busy_s) - (after.own_s - before.own_s)
+            # A child reaped in the window brings all its CPU time at once, also what it used before the
+            # window: then this process seems to have used more than the host, and the others' share is
+            # unknown (None), not 0.
+            other = max(0.0, diff) if diff >= -2.0 / self.hz else None
         return {
             "load_average": self._load_average(),
             "other_cpu_s": other,

@@ -184,6 +184,14 @@ class _Axis:
             if f.type in ("float", float) and (isinstance(v, bool) or not isinstance(v, (int, float))
                                                  or not math.isfinite(v)):
                 raise UserError(f"{_flag(f)} must be a finite number, got {v!r}")
+            if str(f.type).startswith("tuple[") and v is not None:
+                # NB: a string is a sequence too: "sd" would be read as the models "s" and "d".
+                item = str(f.type)[len("tuple["):].split(",")[0]
+                kind = {"str": str, "int": int}.get(item, object)
+                if isinstance(v, str) or not isinstance(v, tuple) or \
+                        any(not isinstance(x, kind) or isinstance(x, bool) for x in v):
+                    raise UserError(f"{_flag(f)} must be a list of {'strings' if kind is str else 'integers'}, "
+                                    f"got {v!r}")
 
     def validate(self) -> None:
         self._check_kinds()

@@ -20,6 +20,7 @@ import torch
 from un0_bench.harness.core.backbone import Backbone
 from un0_bench.harness.core.generator import GenerationRequest, GenerationResult, Generator
 from un0_bench.harness.errors import UserError
+from un0_bench.harness.running.record import Record
 
 #: The backbone kind (and spec) of records measured from a callable.
 KIND = "callable"
@@ -168,7 +169,7 @@ class Measurement:
             images (``None``: the meter could not measure it); phases are :func:`window` blocks.
         phase_duration_s: Phase -> seconds in one call.
         status: Meter -> ``"ok"`` or the reason it could not measure.
-        records: The records written, one per meter.
+        records: The records written, one per meter (``dict(record)`` is its JSON form).
     """
 
     model: str
@@ -183,10 +184,10 @@ class Measurement:
     phase_energy_j: dict[str, dict[str, float | None]]
     phase_duration_s: dict[str, float]
     status: dict[str, str]
-    records: list[dict[str, Any]] = field(repr=False)
+    records: list[Record] = field(repr=False)
 
     @classmethod
-    def from_records(cls, records: list[dict[str, Any]], out: Path, images_per_call: int) -> Measurement:
+    def from_records(cls, records: list[Record], out: Path, images_per_call: int) -> Measurement:
         first = records[0]
         phases = {p: v for p, v in (first.get("phases") or {}).items() if p != "other"}
         by = {r["meter"]: r for r in records}
@@ -232,7 +233,7 @@ _SET_HERE = ("models", "backbone", "images", "batch_sizes", "reference", "out", 
 
 def measure_generator(generator: Generator, backbone: Backbone, *, name: str, out: str | Path,
                       meters: list[str] | str, images: int, meter_registry: Any = None,
-                      before: Callable[[], Any] | None = None, **options: Any) -> list[dict[str, Any]]:
+                      before: Callable[[], Any] | None = None, **options: Any) -> list[Record]:
     """Measure one ready generator on ``backbone`` by the runner, as the model ``name``; return its records.
 
     ``before`` runs after every option is checked and before the runner writes anything (a probe
@@ -264,7 +265,7 @@ def measure_generator(generator: Generator, backbone: Backbone, *, name: str, ou
     if before is not None:
         before()
     runner.run()
-    stored = ResultStore(config.output.out).load()
+    stored = ResultStore(config.output.out).records()
     records = [r for r in stored if r["model"] == name and r["backbone"] == backbone.kind]
     failed = [r["status"] for r in records if r["status"].startswith("failed")]
     if failed or not records:

@@ -4,7 +4,7 @@ A :class:`Record` has typed core fields (every record has them), a schema versio
 other field as written (protocol statistics, per-domain and per-phase figures, quality, placement),
 checked against :data:`OPTIONAL` where their type is known. The cell builds records
 (:meth:`Record.measured`), the runner builds the record of a cell that could not be measured
-(:meth:`Record.failed`), the store writes :meth:`Record.to_json` and reads :meth:`Record.from_json`,
+(:meth:`Record.failed_cell`), the store writes :meth:`Record.to_json` and reads :meth:`Record.from_json`,
 which refuses a missing or mistyped field by its name. On disk the field names are those of schema
 versions 1 and 2.
 """
@@ -118,7 +118,7 @@ class Record(Mapping[str, Any]):
     meter: str = core(_text, "the meter's name (its parameters are in meter_spec)")
     status: str = core(_text, "ok, unavailable: <reason> or failed: <reason>")
     images: int = core(_count, "images per metered window")
-    energy_j_per_image: float | None = core(_or_null(_number), "median energy per image (J), gross")
+    energy_j_per_image: float | None = core(_or_null(_number), "windows' total energy / their images (J), gross")
     energy_ci95_j: tuple[float, float] | None = core(_or_null(_interval), "its 95% interval (J)")
     flops_per_image: float | None = core(_or_null(_number), "FLOPs counted per image")
     bytes_per_image: float | None = core(_or_null(_number), "bytes moved per image")
@@ -227,10 +227,6 @@ class Record(Mapping[str, Any]):
 
     @classmethod
     def _of(cls, values: Mapping[str, Any]) -> Record:
-        names = cls.core_fields()
-        missing = [k for k in names if k not in values]
-        if missing:
-            raise RecordError(missing[0], f"missing (a record lacks {', '.join(missing)})")
         return cls.from_json({**values, "schema": SCHEMA_VERSION})
 
     def with_fields(self, **extra: Any) -> Record:

@@ -59,3 +59,15 @@ def test_the_executor_axis_refuses_ray_options_without_ray(options, message):
     with pytest.raises(UserError, match=f"^{message}$"):
         ExecutorConfig(**options).validate()
     ExecutorConfig(executor="ray:10.0.0.1:6379", **options).validate()  # accepted with ray
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"models": "sd"}, "--models must be a list of strings, got 'sd'"),  # not the models "s" and "d"
+    ({"models": ["sd"], "meters": "proxy"}, "--meters must be a list of strings, got 'proxy'"),
+    ({"models": ["sd"], "images": 4, "batch_sizes": [2.5]}, "--batch-size must be a list of integers, got (2.5,)"),
+    ({"models": ["sd"], "images": 4, "batch_sizes": [True]}, "--batch-size must be a list of integers, got (True,)"),
+])
+def test_a_config_built_in_code_is_checked_like_the_cli(tmp_path, options, message):
+    with pytest.raises(UserError) as e:
+        RunConfig.of(out=tmp_path / "out", **options).validate()
+    assert str(e.value) == message

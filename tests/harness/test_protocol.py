@@ -165,3 +165,8 @@ def test_host_state_flags_other_processes_cpu_time(tmp_path: Path) -> None:
     before = probe.times()
     fake_proc(proc, busy=1250, own=200, children=150)
     assert probe.window(before, probe.times(), duration_s=2.0)["other_cpu_s"] == 0.0
+    # A child that ran mostly before the window, reaped in it: 400 ticks of ours against 250 on the host,
+    # so what the others used is unknown, not 0 (and not flagged as if known).
+    fake_proc(proc, busy=1250, own=200, children=300)
+    unknown = probe.window(before, probe.times(), duration_s=2.0)
+    assert unknown["other_cpu_s"] is None and unknown["other_load"] is False

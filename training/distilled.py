@@ -173,7 +173,7 @@ def train_distilled(steps: int | None = None, seed: int | None = None, out: Path
                 "train": {**hp, "seed": seed, "pairs": PAIRS,
                           "loss": "on-policy: at every student step, the output that makes DDIM's x0 the "
                                   "teacher's image (noise or x0 MSE)"},
-                "teacher_pairs": {"n": PAIRS, "teacher_steps": 50},
+                "teacher_pairs": {"n": pairs_meta["pairs"], "teacher_steps": pairs_meta["teacher_steps"]},
                 "teacher_sha256": teacher_sha256,
                 "storage": STORAGE,
             },

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,7 @@ from un0_bench.harness.weights.checkpoints import load_checkpoint, save_checkpoi
 from un0_bench.harness.weights.derivation import metered_training
 from un0_bench.training.loop import one_cycle, run_steps, train_command, training_metadata
 from un0_bench.training.pairs import teacher_pairs, teacher_pairs_energy
-from un0_bench.un0_impl.oscillator import SHIPPED, OscillatorConfig, OscillatorNet, _pack_state
+from un0_bench.un0_impl.oscillator import SHIPPED, OscillatorConfig, OscillatorNet, pack_state
 
 #: The shipped run. ``integration_steps``: Euler steps while training (dt = T / 8); the generator
 #: integrates the same ODE with ``steps`` (default 32) at inference.
@@ -78,13 +77,11 @@ def train_oscillator(steps: int | None = None, seed: int | None = None, out: Pat
         symmetrize_(net)
         return float(loss.detach())
 
-    t0 = time.perf_counter()
     with metered_training() as energy:
         losses = run_steps(train_step, steps, f"train un0-osc (n={n})", scheduler=sched)
-    train_s = time.perf_counter() - t0
     # Count one more training step for the proxy figure; it perturbs the weights by one step, so the
     # weights are saved from a copy taken before it.
-    state = _pack_state(net)
+    state = pack_state(net)
     energy.count_proxy(train_step, batch_size, steps)
     energy.add_parent("teacher", teacher_meta)
     energy.add_parent("teacher_pairs", teacher_pairs_energy(n_pairs))
@@ -95,7 +92,7 @@ def train_oscillator(steps: int | None = None, seed: int | None = None, out: Pat
         train={"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
                "integration_steps": integration_steps, "teacher_pairs": n_pairs,
                "loss": "L1 to the teacher's 50-step DDIM image from the same noise"},
-        extra={"train_wall_s": train_s},
+        extra={},
     )
     save_checkpoint(Path(out), state, meta)
     return meta

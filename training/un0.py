@@ -156,10 +156,10 @@ def train_un0(steps: int | None = None, seed: int | None = None, out: Path | Non
     config = copy.deepcopy(UN0_CONFIG if config is None else config)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
-    teacher_meta = None
+    teacher = teacher_meta = None
     if pairs is None:
         pairs = teacher_pairs(cfg["pairs"])
-        _, teacher_meta = load_teacher()
+        teacher, teacher_meta = load_teacher()
     noise, labels, images = pairs
     z_all = noise.flatten(1)  # (N, 256)
     y_all = images.flatten(1)  # (N, 256)
@@ -209,7 +209,7 @@ def train_un0(steps: int | None = None, seed: int | None = None, out: Path | Non
     energy.count_proxy(train_step, classes * cfg["per_class"], steps)
     if teacher_meta is not None:
         energy.add_parent("teacher", teacher_meta)
-        energy.add_parent("teacher_pairs", teacher_pairs_energy(cfg["pairs"]))
+        energy.add_parent("teacher_pairs", teacher_pairs_energy(cfg["pairs"], teacher=teacher))
     meta = training_metadata(
         kind="un0-gated", config=config, energy=energy, losses=losses,
         command=train_command("un0", steps=steps, seed=seed), train={**cfg, "steps": steps, "seed": seed},

@@ -58,6 +58,7 @@ __all__ = [
     "PhaseDecoder",
     "PhaseEncoder",
     "build",
+    "pack_state",
     "digital_counts",
     "load_oscillator",
     "naive_coupling",
@@ -256,7 +257,7 @@ def naive_coupling(theta: torch.Tensor, coupling: torch.Tensor) -> torch.Tensor:
 # float32. Quality is measured on the stored (rounded) weights.
 
 
-def _pack_state(net: OscillatorNet) -> dict[str, torch.Tensor]:
+def pack_state(net: OscillatorNet) -> dict[str, torch.Tensor]:
     state = {k: v.detach().clone() for k, v in net.state_dict().items()}
     k = state.pop("dynamics.coupling")
     rows, cols = torch.triu_indices(k.shape[0], k.shape[0])

@@ -144,7 +144,6 @@ class GatedMLP(nn.Module):
             index = index.clone()
         return CompactMLP(w1, b1, w2t, index)
 
-    # -- training: class-grouped bands with a straight-through top-k -------------------------------
 
 
 class SubnetCache:

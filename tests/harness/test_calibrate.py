@@ -106,15 +106,18 @@ def test_codecarbon_on_this_host_is_revealed_proportional_to_time():
         # would count as another process: warm it up outside the probed span.
         meter.start()
         meter.stop()
-        before, t0 = probe.times(), time.perf_counter()
-        samples = run_workloads(meter, WORKLOADS, window_s=0.2, windows=1)
+        for _ in range(3):  # a shared host is busy now and then: up to three tries for a quiet span
+            before, t0 = probe.times(), time.perf_counter()
+            samples = run_workloads(meter, WORKLOADS, window_s=0.2, windows=1)
+            state = probe.window(before, probe.times(), time.perf_counter() - t0)
+            if not state["other_load"]:
+                break
     finally:
         meter.close()
-    state = probe.window(before, probe.times(), time.perf_counter() - t0)
     if not all(s.details.get("estimate") for s in samples):
         pytest.skip("codecarbon measures this host (RAPL or NVML), it does not estimate")
     if state["other_load"]:
-        pytest.skip(f"other processes used {state['other_cpu_s']:.2f} CPU s while the windows ran (more than "
-                    f"{OTHER_CPU_SHARE_FLAG:.0%} of a core): codecarbon's machine-wide load moved with them")
+        pytest.skip(f"three tries, none quiet: other processes used {state['other_cpu_s']:.2f} CPU s in the last "
+                    f"(more than {OTHER_CPU_SHARE_FLAG:.0%} of a core): codecarbon's machine-wide load moved with them")
     fit = fit_samples(samples)
     assert fit.proportional_to_time, fit.finding

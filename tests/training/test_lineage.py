@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import json
 import shlex
+from pathlib import Path
 
 import pytest
 from un0_bench.backbones.digits import WEIGHTS_DIR
@@ -61,6 +62,11 @@ def test_each_shipped_command_is_one_un0_bench_train_accepts(target):
 def test_the_shipped_teacher_pairs_cost_is_the_one_estimators(target):
     # Counted, so deterministic: one DDIM step of a 256-image batch through the teacher x 50 steps x n / 256.
     made = teacher_pairs_energy(PAIRS[target])["energy"]["proxy"]
+    # The same work seen another way: a pair is one 50-step DDIM image of the teacher, which is what the
+    # gate counts for `sd` through the generator (bench/baseline.json), per image, to within the few
+    # batch-size-dependent sampler ops (1e-6).
+    sd = json.loads((Path(__file__).parents[2] / "bench" / "baseline.json").read_text())["models"]["sd"]
+    assert made["flops"] / PAIRS[target] == pytest.approx(sd["flops_per_image"], rel=1e-6)
     for name in FILES[target]:
         shipped = _shipped(name)["energy"]["includes"]["teacher_pairs"]["proxy"]
         assert (shipped["flops"], shipped["energy_j"], shipped["note"]) == \

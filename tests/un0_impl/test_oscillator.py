@@ -15,11 +15,11 @@ from un0_bench.un0_impl.oscillator import (
     OscillatorConfig,
     OscillatorGenerator,
     OscillatorNet,
-    _pack_state,
     _unpack_state,
     digital_counts,
     load_oscillator,
     naive_coupling,
+    pack_state,
 )
 
 from tests.contract import GeneratorContract
@@ -166,7 +166,7 @@ def test_weights_round_trip_keeps_k_symmetric(tmp_path):
 
     net = tiny_net()
     symmetrize_(net)
-    state = _pack_state(net)
+    state = pack_state(net)
     # Upper triangle in float16: N(N+1)/2 values.
     assert state["dynamics.coupling_triu_f16"].dtype == torch.float16
     assert state["dynamics.coupling_triu_f16"].numel() == TINY.n * (TINY.n + 1) // 2

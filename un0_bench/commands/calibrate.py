@@ -53,3 +53,4 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     print(f"  finding: {fit['finding']}")
     print(f"profile {name!r} written to {out / 'profiles.csv'} (fit and samples in {out / 'fit.json'}); use it with\n"
           f"  UN0_BENCH_PROFILES={out / 'profiles.csv'} un0-bench compare ... --meters proxy:profile={name}")
+    return 0

@@ -7,7 +7,8 @@ from typing import Any
 
 
 def add_parser(sub: Any) -> None:
-    sub.add_parser("list", help="generators, backbones and meters (and whether each meter works here)")
+    sub.add_parser("list", help="generators, techniques, backbones, meters (and whether each works here), "
+                                         "training targets, architectures")
 
 
 def cmd_list(args: argparse.Namespace) -> int:

@@ -144,7 +144,7 @@ def build_report(out_dir: Path, options: dict[str, Any] | None = None) -> Path:
 
     options = options or {}
     out_dir = Path(out_dir)
-    stored = ResultStore(out_dir).records()  # read once: each bad line is reported once
+    stored = ResultStore(out_dir).load()  # read once: each bad line is reported once
     records, failed = measured(stored), failed_cells(stored)
     opts = {**run_settings(records, options),
             "grid_gco2_per_kwh": options.get("grid_gco2_per_kwh") or DEFAULT_GRID_GCO2_PER_KWH}

@@ -33,7 +33,7 @@ def measured(records: list[Record]) -> list[Record]:
 
 def load_records(out_dir: Path) -> list[Record]:
     """The measured records of a folder."""
-    return measured(ResultStore(out_dir).records())
+    return measured(ResultStore(out_dir).load())
 
 
 def failed_cells(records: list[Record]) -> list[dict[str, Any]]:

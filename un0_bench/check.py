@@ -138,7 +138,7 @@ def from_run(folder: Path) -> dict[str, dict[str, float]]:
 
     if not (folder / "results.jsonl").is_file():
         raise UserError(f"{folder} has no results.jsonl (measure into it first)")
-    records = [r for r in ResultStore(folder).records() if r.status == "ok"]
+    records = [r for r in ResultStore(folder).load() if r.status == "ok"]
     backbones = {r.backbone for r in records}
     first_batch: dict[tuple[str, str], int] = {}
     out: dict[str, dict[str, float]] = {}

@@ -81,12 +81,6 @@ def grid_png(images: torch.Tensor, per_row: int = 10, scale: int = 4) -> bytes:
     return buffer.getvalue()
 
 
-def save_grid(images: torch.Tensor, path: Path, per_row: int = 10, scale: int = 4) -> None:
-    """Save up to two rows of images ``(N, C, H, W)`` in [0, 1] as one PNG (nearest upscaling)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(grid_png(images, per_row, scale))
-
-
 # --- what a worker measures -------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Cell:

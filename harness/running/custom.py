@@ -265,7 +265,7 @@ def measure_generator(generator: Generator, backbone: Backbone, *, name: str, ou
     if before is not None:
         before()
     runner.run()
-    stored = ResultStore(config.output.out).records()
+    stored = ResultStore(config.output.out).load()
     records = [r for r in stored if r["model"] == name and r["backbone"] == backbone.kind]
     failed = [r["status"] for r in records if r["status"].startswith("failed")]
     if failed or not records:

@@ -150,17 +150,13 @@ def _record(value: Any) -> Record:
 class ResultStore(JsonlStore[Record]):
     """``DIR/results.jsonl``: the folder's :class:`Record` s; read what is finished, append new ones, one writer.
 
-    :meth:`load` gives the records' JSON form (what the reports read); :meth:`records` the typed records.
+    :meth:`load` gives every valid record (each bad line refused with its number).
     """
 
     def __init__(self, out_dir: Path, warn: Callable[[str], None] | None = None) -> None:
         self.out_dir = Path(out_dir)
         self.lock_path = self.out_dir / LOCK_FILE
         super().__init__(self.out_dir / RESULTS_FILE, Record.from_json, Record.to_json, warn)
-
-    def records(self) -> list[Record]:
-        """Every valid record of the folder (each bad line refused with its number, as :meth:`load`)."""
-        return self.load()
 
     def append(self, records: Iterable[Record | dict[str, Any]]) -> None:
         """Append records (a dict is read as a record first: a bad one is refused before anything is written)."""
@@ -172,7 +168,7 @@ class ResultStore(JsonlStore[Record]):
 
     def finished(self, canonical: Callable[[Record], str]) -> set[CellKey]:
         """The cells resume skips: measured under any name of their model (``canonical``), failed ones excluded."""
-        return {(canonical(r), r.backbone, r.batch_size, r.meter) for r in self.records() if not r.failed}
+        return {(canonical(r), r.backbone, r.batch_size, r.meter) for r in self.load() if not r.failed}
 
     def refuse_if_locked(self) -> None:
         """Pre-flight: refuse now if a live process holds the folder (:meth:`lock` checks again)."""

@@ -17,14 +17,14 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from un0_bench.harness.core.generator import GenerationRequest, GenerationResult, Generator
+from un0_bench.harness.core.generator import GenerationRequest, Generator
 from un0_bench.harness.core.stack import Stack, build, resolve_checked
 from un0_bench.harness.errors import UserError
 from un0_bench.harness.measuring.hoststate import HostProbe
 from un0_bench.harness.measuring.protocol import ordered
 from un0_bench.harness.registry import BACKBONES, GENERATORS, METERS, TECHNIQUES, Registry
-from un0_bench.harness.running.cell import BenchSpec, Cell, CellResult, save_grid, slug
-from un0_bench.harness.running.config import RunConfig, flag_of
+from un0_bench.harness.running.cell import BenchSpec, Cell, CellResult, slug
+from un0_bench.harness.running.config import DEFAULT_BATCH_SIZE, RunConfig, flag_of
 from un0_bench.harness.running.plan import RunPlan, load_backbone, make_meter, preflight, resolve_meters
 from un0_bench.harness.running.record import Record, identity
 from un0_bench.harness.running.results import QualityEntry, QualityStore, ResultStore, check_writable
@@ -32,7 +32,7 @@ from un0_bench.harness.running.results import QualityEntry, QualityStore, Result
 if TYPE_CHECKING:
     from un0_bench.harness.executors import Executor
 
-__all__ = ["RunConfig", "RunPlan", "Runner", "load_backbone", "make_meter", "resolve_meters", "save_grid", "slug"]
+__all__ = ["RunConfig", "RunPlan", "Runner", "load_backbone", "make_meter", "resolve_meters", "slug"]
 
 
 def _shown(value: Any) -> str:
@@ -112,7 +112,7 @@ class Runner:
         differ: dict[str, Any] = {}
         weights_now = {s.canonical: s.weights() for _, s in plan.stacks}
         changed: dict[str, str] = {}
-        for record in self.store.records():
+        for record in self.store.load():
             if record.backbone != backbone:
                 continue  # another backbone's cells: a separate comparison in the same folder
             spec = record.get("meter_spec")
@@ -307,8 +307,7 @@ class Runner:
                                                 quality.quality_seeds, q)])
         self._load_quality()[model] = q
 
-    def _quality(self, model: str, generator: Generator | None = None,
-                 measured: GenerationResult | None = None) -> dict[str, Any] | None:
+    def _quality(self, model: str) -> dict[str, Any] | None:
         """Quality of ``model`` by the backbone's evaluator, computed once per output folder (quality.jsonl).
 
         Cells judge their own model's quality; this measures here only what no cell judged (the
@@ -320,10 +319,10 @@ class Runner:
             return cache[model]
         if self.config.quality.quality_samples == 0:
             return None
-        if generator is None or measured is None:
-            generator = self.make_generator(model)
-            measured = generator.generate(GenerationRequest(tuple(self.backbone.default_prompts(protocol.images)),
-                                                            seed=protocol.seed, batch_size=min(16, protocol.images)))
+        generator = self.make_generator(model)
+        measured = generator.generate(GenerationRequest(tuple(self.backbone.default_prompts(protocol.images)),
+                                                        seed=protocol.seed,
+                                                        batch_size=min(DEFAULT_BATCH_SIZE, protocol.images)))
         self.on_event("quality", {"model": model})
         q = self.backbone.evaluate_quality(generator, measured, self.quality_options)
         if q is None:

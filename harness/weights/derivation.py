@@ -31,9 +31,9 @@ class TrainingEnergy:
 
     def add_proxy(self, step_counts: Any, steps: int, profile: str = DEFAULT_PROFILE) -> None:
         """Charge ``steps`` training steps at the proxy cost of one counted step."""
-        from un0_bench.harness.meters.proxy import load_profiles, proxy_energy
+        from un0_bench.harness.meters.proxy import get_profile, proxy_energy
 
-        per_step = proxy_energy(step_counts, load_profiles()[profile])
+        per_step = proxy_energy(step_counts, get_profile(profile))
         self.by_meter["proxy"] = {
             "status": "ok",
             "energy_j": per_step.total_j * steps,

@@ -210,7 +210,7 @@ def test_a_killed_worker_is_retried_then_recorded_failed_and_an_error_is_not_ret
     # The report lists them; a rerun measures them again (a failed cell is not a finished one).
     from un0_bench.reports.tables import failed_cells
 
-    failed = failed_cells(ResultStore(cfg.output.out).records())
+    failed = failed_cells(ResultStore(cfg.output.out).load())
     assert sorted((f["model"], f["meters"]) for f in failed) == [("bad", ["wall"]), ("boom", ["wall"])]
     assert [(m, bs) for m, bs, _ in Runner(cfg, **registries(log)).pending()] == [("boom", 2), ("bad", 2)]
 

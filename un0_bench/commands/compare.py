@@ -118,7 +118,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     plan = runner.plan
     canonical = {s.canonical for _, s in plan.stacks}
-    mine = [r for r in ResultStore(out).records() if r.backbone == cfg.sweep.backbone
+    mine = [r for r in ResultStore(out).load() if r.backbone == cfg.sweep.backbone
             and (r.model in plan.models or runner.canonical_of(r) in canonical)]
     print_records(measured(mine))
     for f in failed_cells(mine):

@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     from un0_bench.harness.running.results import ResultStore
     from un0_bench.harness.running.runner import Runner
     from un0_bench.reports.build import build_report
+    from un0_bench.reports.tables import measured
 
     t0 = time.perf_counter()
     models = models_list(args.models) if args.models else list(SUITES[args.suite])
@@ -69,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"bench: error: {e}", file=sys.stderr)
         return 2
-    records = [r for r in ResultStore(args.out).load() if r["model"] in models]
+    # Measured records only, as compare prints them (a failed cell is the report's "failed cells" section).
+    records = [r for r in measured(ResultStore(args.out).load()) if r["model"] in models]
     print_records(records)
     cells = {(r["model"], r["batch_size"]): r for r in records}.values()
     idle_s = sum(r.get("idle_added_s") or 0.0 for r in cells)

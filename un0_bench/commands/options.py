@@ -8,6 +8,7 @@ from typing import Any
 
 from un0_bench.harness.errors import UserError
 from un0_bench.harness.running.config import non_negative, positive_int
+from un0_bench.harness.running.record import Record
 
 
 def ledger_options(p: argparse.ArgumentParser, overrides: bool = False) -> None:
@@ -45,7 +46,7 @@ def work_options(p: argparse.ArgumentParser, guidance: Callable[[str], float]) -
                         "architecture's)")
 
 
-def print_records(records: list[dict[str, Any]]) -> None:
+def print_records(records: list[Record]) -> None:
     """The summary table (one row per model and batch size), then each meter's status once."""
     import pandas as pd
 
